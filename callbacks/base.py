@@ -1,0 +1,156 @@
+"""The machinery every dynscope diagnostic callback shares.
+
+Scheduling, choosing the batch to measure on, building the objective through the loss protocol,
+timing, logging on rank zero, and failure handling: a diagnostic that fails warns once and is
+skipped for that step; the user's training goes on (unless ``strict=True``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch.utils._pytree import tree_map
+
+from dynscope.objective import Objective
+
+from ._lightning import CallbackBase
+from .logging import log_scalars, tag
+from .protocol import LossProtocolError, module_objective, quiet_logging
+from .schedule import Schedule, ScheduleKind
+
+
+class DiagnosticCallback(CallbackBase):
+    """Base class: subclasses set ``group`` and implement :meth:`measure`.
+
+    Args:
+        every_n_steps: period of the ``"steps"`` schedule (in optimizer steps).
+        schedule: ``"steps"``, ``"log"`` (log-spaced steps) or ``"epoch"`` (each epoch's end).
+        points_per_decade: density of the ``"log"`` schedule.
+        loss_fn: ``loss_fn(outputs, targets)`` for ``(x, y)`` batches, when the module does not
+            define ``dynscope_loss`` (see :mod:`dynscope.callbacks.protocol`).
+        fixed_batch: measure on the first training batch seen, every time (comparable values
+            across steps) instead of the current training batch.
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"``.
+        strict: re-raise errors inside the diagnostic instead of warning once and skipping.
+    """
+
+    group = "diagnostic"
+    needs_snapshot = False
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 50,
+        schedule: ScheduleKind = "steps",
+        points_per_decade: int = 10,
+        loss_fn: Optional[Callable] = None,
+        fixed_batch: bool = False,
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        self.schedule = Schedule(schedule, every_n_steps, points_per_decade)
+        self.loss_fn = loss_fn
+        self.fixed_batch = fixed_batch
+        self.mode = mode
+        self.strict = strict
+        self.seconds_spent = 0.0
+        self.num_measurements = 0
+        self.last_metrics: Dict[str, float] = {}
+        self._last_step = -1
+        self._batch: Any = None
+        self._warned: set = set()
+        self._snapshot_step: Optional[int] = None
+
+    # -- what subclasses implement -----------------------------------------------------------
+    def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        """Compute the metrics: a dict ``{metric or metric/layer: value}`` (without the prefix)."""
+        raise NotImplementedError
+
+    def before_update(self, trainer, pl_module, batch) -> None:
+        """Called before the optimizer step of a step that will be measured (if ``needs_snapshot``)."""
+
+    def check_module(self, trainer, pl_module) -> None:
+        """Raise early (at ``setup``) when the module cannot be measured."""
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def objective(self, pl_module, batch) -> Objective:
+        return module_objective(pl_module, batch, self.loss_fn, mode=self.mode)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"dynscope {type(self).__name__}: {message}", RuntimeWarning, stacklevel=2)
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.check_module(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1
+        if self.needs_snapshot and self._snapshot_step != step and self.schedule.due(step):
+            self._snapshot_step = step
+            self.before_update(trainer, pl_module, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.schedule.at_epoch_end:
+            self._batch = batch
+            return
+        if step != self._last_step and self.schedule.due(step):
+            self.run(trainer, pl_module, batch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.schedule.at_epoch_end and self._batch is not None:
+            self.run(trainer, pl_module, self._batch)
+            self._batch = None
+
+    def run(self, trainer, pl_module, batch) -> Dict[str, float]:
+        """Measure now on ``batch`` (or the fixed batch), log, and return the metrics."""
+        step = trainer.global_step
+        self._last_step = step
+        if self.fixed_batch:
+            if self._batch is None or self.schedule.at_epoch_end:
+                self._batch = _detached_copy(batch)
+            batch = self._batch
+        start = time.perf_counter()
+        try:
+            with quiet_logging(pl_module):
+                metrics = self.measure(trainer, pl_module, batch)
+        except LossProtocolError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a failing diagnostic must not end the run
+            if self.strict:
+                raise
+            self.warn_once(type(error).__name__, f"skipped at step {step}: {type(error).__name__}: {error}")
+            metrics = {}
+        finally:
+            self.seconds_spent += time.perf_counter() - start
+        self.num_measurements += 1
+        self.last_metrics = metrics
+        log_scalars(trainer, {tag(self.group, k): v for k, v in metrics.items()}, step)
+        return metrics
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "seconds_spent": self.seconds_spent,
+            "num_measurements": self.num_measurements,
+            "stretch": self.schedule.stretch,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step", -1)
+        self.seconds_spent = state_dict.get("seconds_spent", 0.0)
+        self.num_measurements = state_dict.get("num_measurements", 0)
+        self.schedule.stretch = state_dict.get("stretch", 1.0)
+
+
+def _detached_copy(batch: Any) -> Any:
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch)

@@ -1,0 +1,37 @@
+"""Writing dynscope scalars and text entries through the trainer's loggers (rank zero only)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from ._lightning import is_global_zero
+
+PREFIX = "dynscope"
+
+
+def tag(group: str, metric: str, layer: str | None = None) -> str:
+    """``dynscope/<group>/<metric>`` or ``dynscope/<group>/<metric>/<layer>``."""
+    parts = [PREFIX, group, metric] + ([layer] if layer else [])
+    return "/".join(parts)
+
+
+def log_scalars(trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send finite scalars to every logger of the trainer, on global rank zero."""
+    if not metrics or not is_global_zero(trainer):
+        return
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    if not clean:
+        return
+    for logger in getattr(trainer, "loggers", []) or []:
+        logger.log_metrics(clean, step=step)
+
+
+def log_text(trainer, name: str, text: str, step: int) -> None:
+    """A text entry (TensorBoard's Text tab) on loggers that support it; others are skipped."""
+    if not is_global_zero(trainer):
+        return
+    for logger in getattr(trainer, "loggers", []) or []:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text(name, text, global_step=step)

@@ -1,0 +1,53 @@
+"""When a diagnostic runs: every N steps, at log-spaced steps, or at the end of each epoch."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+ScheduleKind = Literal["steps", "log", "epoch"]
+
+
+class Schedule:
+    """Decides at which optimizer steps a diagnostic is due.
+
+    Args:
+        kind: ``"steps"`` every ``every_n_steps`` steps (and at step 0 after the first update);
+            ``"log"`` at log-spaced steps, ``points_per_decade`` per factor of ten (dense early,
+            sparse late: for quantities that evolve over orders of magnitude of steps);
+            ``"epoch"`` at the end of each training epoch.
+        every_n_steps: the period for ``"steps"``.
+        points_per_decade: the density for ``"log"``.
+        stretch: a factor (>= 1) by which an overhead budget slows the schedule down.
+
+    Example:
+        >>> s = Schedule("log", points_per_decade=4)
+        >>> [step for step in range(1, 200) if s.due(step)]
+        [1, 2, 4, 6, 10, 18, 32, 57, 100, 178]
+    """
+
+    def __init__(self, kind: ScheduleKind = "steps", every_n_steps: int = 50, points_per_decade: int = 10) -> None:
+        if kind not in ("steps", "log", "epoch"):
+            raise ValueError(f"schedule must be 'steps', 'log' or 'epoch', got {kind!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if points_per_decade < 1:
+            raise ValueError(f"points_per_decade must be >= 1, got {points_per_decade}")
+        self.kind = kind
+        self.every_n_steps = every_n_steps
+        self.points_per_decade = points_per_decade
+        self.stretch = 1.0
+
+    def due(self, step: int) -> bool:
+        """Whether a step-based schedule fires after optimizer step ``step`` (1-based)."""
+        if self.kind == "epoch" or step < 1:
+            return False
+        if self.kind == "steps":
+            period = max(1, int(round(self.every_n_steps * self.stretch)))
+            return step == 1 or step % period == 0
+        density = self.points_per_decade / self.stretch
+        return step == 1 or math.floor(density * math.log10(step)) > math.floor(density * math.log10(step - 1))
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.kind == "epoch"

@@ -1,0 +1,367 @@
+"""Batched Hessian-vector products.
+
+Three kernels compute ``H v`` for a batch of vectors ``V`` (leading dimension = probes):
+
+* ``"forward"``: forward-over-reverse, ``vmap(v -> jvp(grad(L), theta, v))``. One traced program for
+  all probes, no retained graph.
+* ``"reverse"``: reverse-over-reverse on one retained graph, ``autograd.grad(grad(L), theta, V,
+  is_grads_batched=True)``. The gradient graph is built once and reused for every chunk.
+* ``"loop"``: the same retained graph, one ``autograd.grad`` per probe. Works for every op.
+
+``method="auto"`` tries them in that order on the first chunk, remembers what worked on the
+objective, and falls back when an op has no batching rule or forward-mode rule (for example
+forward-over-reverse raises "ZeroTensors are immutable" on Linear-Tanh-Linear with MSELoss in
+torch 2.13). Probes are processed in chunks sized to a memory cap; a chunk that runs out of memory
+is halved and retried.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Union
+
+import torch
+from torch.func import grad, jvp
+
+from .objective import Objective, check_finite
+
+Method = Literal["auto", "forward", "reverse", "loop"]
+Vectors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+DEFAULT_MEMORY_CAP = 2 * 1024**3
+_ORDER = ("forward", "reverse", "loop")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if isinstance(error, oom_type):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def activation_numel(objective: Objective) -> int:
+    """Number of activation values one forward pass produces (cached on the objective)."""
+    cached = getattr(objective, "_activation_numel", None)
+    if cached is not None:
+        return cached
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in objective.model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with objective.measuring(), torch.no_grad():
+            objective.loss(objective.params)
+    finally:
+        for h in handles:
+            h.remove()
+    objective._activation_numel = max(total, 1)
+    return objective._activation_numel
+
+
+def default_chunk_size(objective: Objective, num_vectors: int, memory_cap: int = DEFAULT_MEMORY_CAP) -> int:
+    """Probes per chunk so that a chunk's working memory stays under ``memory_cap`` bytes.
+
+    Per probe we budget a gradient, a tangent and an HVP (three parameter-sized tensors) plus the
+    forward and backward activations (about three activation-sized tensors).
+    """
+    itemsize = torch.finfo(objective.dtype).bits // 8
+    per_probe = itemsize * (3 * objective.layout.numel + 3 * activation_numel(objective))
+    return int(max(1, min(num_vectors, memory_cap // max(per_probe, 1))))
+
+
+class _Kernel:
+    """HVP of one objective at its current parameters, for chunks of flat vectors ``[k, n]``."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.layout = objective.layout
+        self._graph = None  # (params, grads, used indices) for the reverse and loop kernels
+        self.method_used: Optional[str] = None
+
+    def _retained_graph(self):
+        if self._graph is None:
+            params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in self.objective.params.items())
+            loss = check_finite(self.objective.loss(params), "the loss")
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            self._graph = (list(params.values()), grads, used)
+        return self._graph
+
+    def _second(self, vs: List[torch.Tensor], batched: bool) -> List[torch.Tensor]:
+        params, grads, used = self._retained_graph()
+        out = [torch.zeros_like(v) for v in vs]
+        if not used:
+            return out
+        hv = torch.autograd.grad(
+            [grads[i] for i in used],
+            params,
+            grad_outputs=[vs[i] for i in used],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return [torch.zeros_like(v) if h is None else h for v, h in zip(vs, hv)]
+
+    def run(self, method: str, chunk: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        if method == "forward":
+            params = self.objective.params
+            randomness = "same" if self.objective.mode == "train" else "error"
+
+            def one(v: torch.Tensor) -> torch.Tensor:
+                tangent = layout.unflatten(v)
+                _, hv = jvp(grad(self.objective.loss), (params,), (tangent,))
+                return layout.flatten(hv, batch_dims=0)
+
+            out = torch.vmap(one, randomness=randomness)(chunk)
+        elif method == "reverse":
+            vs = list(layout.unflatten(chunk).values())
+            out = layout.flatten(OrderedDict(zip(layout.names, self._second(vs, batched=True))), batch_dims=1)
+        elif method == "loop":
+            rows = []
+            for v in chunk:
+                vs = list(layout.unflatten(v).values())
+                rows.append(layout.flatten(OrderedDict(zip(layout.names, self._second(vs, batched=False))), 0))
+            out = torch.stack(rows)
+        else:
+            raise ValueError(f"unknown HVP method {method!r}; use one of 'auto', {', '.join(map(repr, _ORDER))}")
+        return out.detach()
+
+
+def hvp_flat(
+    objective: Objective,
+    vectors: torch.Tensor,
+    *,
+    method: Method = "auto",
+    chunk_size: Optional[int] = None,
+    memory_cap: int = DEFAULT_MEMORY_CAP,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """``H v`` for flat vectors ``[m, n]`` (``n`` = parameter count); returns ``[m, n]``.
+
+    ``reduce`` (optional) is applied to each chunk's result, e.g. an all-reduce mean over data
+    parallel ranks so that ``H`` is the Hessian of the global objective.
+    """
+    op = HessianOperator(objective, method=method, chunk_size=chunk_size, memory_cap=memory_cap, reduce=reduce)
+    return op.matmat(vectors)
+
+
+def _apply(
+    kernel: _Kernel,
+    vectors: torch.Tensor,
+    method: Method,
+    chunk_size: Optional[int],
+    memory_cap: int,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> torch.Tensor:
+    objective = kernel.objective
+    if vectors.dim() != 2 or vectors.shape[1] != objective.layout.numel:
+        raise ValueError(
+            f"vectors must have shape [num_vectors, {objective.layout.numel}], got {tuple(vectors.shape)}"
+        )
+    vectors = vectors.to(device=objective.device, dtype=objective.dtype)
+    m = vectors.shape[0]
+    if m == 0:
+        return vectors.clone()
+    chunk = chunk_size or default_chunk_size(objective, m, memory_cap)
+    if method != "auto":
+        candidates = [method]
+    elif m == 1:  # one vector: nothing to batch, the retained graph is cheapest
+        candidates = ["loop"]
+    else:
+        chosen = getattr(objective, "_hvp_method", None)
+        candidates = [chosen] if chosen else list(_ORDER)
+    results, start = [], 0
+    with objective.measuring():
+        while start < m:
+            part = vectors[start : start + chunk]
+            try:
+                out = _first_that_works(kernel, candidates, part)
+            except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can shrink
+                if is_out_of_memory(error) and chunk > 1:
+                    chunk = max(1, chunk // 2)
+                    warnings.warn(f"dynscope: HVP chunk ran out of memory, retrying with {chunk} probes")
+                    continue
+                raise
+            if len(candidates) > 1:
+                candidates = [kernel.method_used]
+                objective._hvp_method = kernel.method_used
+            results.append(reduce(out) if reduce is not None else out)
+            start += part.shape[0]
+    return check_finite(torch.cat(results), "a Hessian-vector product")
+
+
+def _first_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tensor) -> torch.Tensor:
+    errors = []
+    for name in candidates:
+        try:
+            out = kernel.run(name, part)
+            kernel.method_used = name
+            return out
+        except Exception as error:  # noqa: BLE001 - an unsupported op shows up as any error type
+            if is_out_of_memory(error) or len(candidates) == 1:
+                raise
+            errors.append(f"{name}: {type(error).__name__}: {error}")
+    raise RuntimeError("no HVP kernel works for this model:\n  " + "\n  ".join(errors))
+
+
+def hvp(
+    objective: Objective,
+    vectors: Vectors,
+    *,
+    method: Method = "auto",
+    chunk_size: Optional[int] = None,
+    memory_cap: int = DEFAULT_MEMORY_CAP,
+) -> Vectors:
+    """Hessian-vector products of the objective's loss for a batch of vectors.
+
+    Args:
+        objective: the loss as a function of the parameters (:class:`dynscope.Objective`).
+        vectors: a dict ``{name: [m, *shape]}`` laid out like the parameters with a leading probe
+            dimension, or a flat tensor ``[m, n]``. A single vector (no probe dimension) works too.
+        method: ``"auto"`` (default), ``"forward"``, ``"reverse"`` or ``"loop"``; see the module
+            docstring.
+        chunk_size: probes per batched call; default: as many as fit in ``memory_cap`` bytes.
+
+    Returns:
+        ``H v`` in the same form as ``vectors``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective, hvp
+        >>> model = nn.Linear(3, 1)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> obj = Objective(model, nn.functional.mse_loss, (x, y))
+        >>> v = {n: torch.randn(4, *p.shape) for n, p in model.named_parameters()}
+        >>> hvp(obj, v)["weight"].shape
+        torch.Size([4, 1, 3])
+    """
+    layout = objective.layout
+    if isinstance(vectors, torch.Tensor):
+        single = vectors.dim() == 1
+        flat = vectors.unsqueeze(0) if single else vectors
+        out = hvp_flat(objective, flat, method=method, chunk_size=chunk_size, memory_cap=memory_cap)
+        return out[0] if single else out
+    layout.check(vectors)
+    first = vectors[layout.names[0]]
+    single = first.dim() == len(layout.shapes[0])
+    flat = layout.flatten(vectors, batch_dims=0 if single else 1)
+    flat = flat.unsqueeze(0) if single else flat
+    out = hvp_flat(objective, flat, method=method, chunk_size=chunk_size, memory_cap=memory_cap)
+    out = layout.unflatten(out)
+    return OrderedDict((n, t[0]) for n, t in out.items()) if single else out
+
+
+class HessianOperator:
+    """The Hessian of an objective as a linear operator on flat vectors.
+
+    Estimators (:func:`dynscope.hessian_trace`, :func:`dynscope.top_eigenvalues`) take any object
+    with ``size``, ``dtype``, ``device``, ``matmat(V: [m, n]) -> [m, n]`` and, for per-layer
+    results, ``layout``. This one counts the matvecs it performs in ``num_matvecs``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective
+        >>> obj = Objective(nn.Linear(2, 1), nn.functional.mse_loss, (torch.randn(8, 2), torch.randn(8, 1)))
+        >>> op = HessianOperator(obj)
+        >>> op.matmat(torch.eye(op.size)).shape
+        torch.Size([3, 3])
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        *,
+        method: Method = "auto",
+        chunk_size: Optional[int] = None,
+        memory_cap: int = DEFAULT_MEMORY_CAP,
+        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        self.objective = objective
+        self.layout = objective.layout
+        self.size = objective.layout.numel
+        self.dtype = objective.dtype
+        self.device = objective.device
+        self.num_matvecs = 0
+        self._kernel = _Kernel(objective)
+        self._kw: Dict = dict(method=method, chunk_size=chunk_size, memory_cap=memory_cap, reduce=reduce)
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H V`` for ``V`` of shape ``[m, n]``; the gradient graph is built once per operator."""
+        self.num_matvecs += vectors.shape[0]
+        return _apply(self._kernel, vectors, **self._kw)
+
+
+class MatrixOperator:
+    """An explicit symmetric matrix as an operator (for tests, quadratics and small models).
+
+    Example:
+        >>> import torch
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0])))
+        >>> op.matmat(torch.tensor([[1.0, 1.0]]))
+        tensor([[3., 1.]])
+    """
+
+    def __init__(self, matrix: torch.Tensor, layout=None) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.size = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.layout = layout
+        self.num_matvecs = 0
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += vectors.shape[0]
+        return vectors @ self.matrix.T
+
+
+class ScaledOperator:
+    """``D A D`` for an operator ``A`` and a diagonal ``D = diag(scale)``.
+
+    With ``scale = P^{-1/2}`` its eigenvalues are those of the preconditioned Hessian ``P^{-1} H``
+    (the sharpness that governs the stability of Adam-type steps).
+
+    Example:
+        >>> import torch
+        >>> op = ScaledOperator(MatrixOperator(torch.eye(2) * 4.0), torch.tensor([0.5, 1.0]))
+        >>> op.matmat(torch.eye(2))
+        tensor([[1., 0.],
+                [0., 4.]])
+    """
+
+    def __init__(self, op, scale: torch.Tensor) -> None:
+        if scale.shape != (op.size,):
+            raise ValueError(f"scale must have shape [{op.size}], got {tuple(scale.shape)}")
+        self.op = op
+        self.scale = scale.to(device=op.device, dtype=op.dtype)
+        self.size, self.dtype, self.device = op.size, op.dtype, op.device
+        self.layout = getattr(op, "layout", None)
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.op.num_matvecs
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.op.matmat(vectors * self.scale) * self.scale
+
+
+def as_operator(target, **kwargs):
+    """An :class:`Objective` becomes a :class:`HessianOperator`; operators pass through."""
+    if isinstance(target, Objective):
+        return HessianOperator(target, **kwargs)
+    if isinstance(target, torch.Tensor):
+        return MatrixOperator(target)
+    if not hasattr(target, "matmat"):
+        raise TypeError(f"expected an Objective, a matrix or an operator with matmat(), got {type(target).__name__}")
+    return target

@@ -1,0 +1,281 @@
+"""The side-effect-free objective: the loss of one batch as a pure function of the parameters.
+
+Every curvature and noise metric in dynscope needs ``L(theta)`` for a fixed batch. :class:`Objective`
+builds it with :func:`torch.func.functional_call`, so that measuring never touches the model: no
+parameter, ``.grad``, buffer (BatchNorm running statistics) or RNG state changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .params import ParamDict, ParamLayout, detached_params
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+ForwardFn = Callable[[nn.Module, Any], Any]
+SampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class NonFiniteError(ValueError):
+    """A loss, gradient or Hessian-vector product that should be finite is not."""
+
+
+class NotPerSampleError(ValueError):
+    """The loss cannot be split into one value per sample (a batch-level loss)."""
+
+
+def check_finite(value: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"{what} is not finite ({value.flatten()[:4].tolist()}...); the metric is undefined here")
+    return value
+
+
+def _accepts_reduction(fn: Callable) -> bool:
+    try:
+        return "reduction" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def per_sample_loss_fn(loss_fn: LossFn) -> Optional[LossFn]:
+    """A version of ``loss_fn`` that returns one loss per sample, or ``None`` if it is not known how.
+
+    torch loss modules are copied with ``reduction="none"``; functions with a ``reduction``
+    keyword (``F.cross_entropy``, ``F.mse_loss``, ...) get ``reduction="none"`` passed.
+    """
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        unreduced = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+        return unreduced
+    if _accepts_reduction(loss_fn):
+        return lambda outputs, targets: loss_fn(outputs, targets, reduction="none")
+    return None
+
+
+class _Call(nn.Module):
+    """Wraps ``fn(model, batch)`` as a module so functional_call can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.model, batch)
+
+
+def _default_forward(model: nn.Module, inputs: Any) -> Any:
+    return model(inputs)
+
+
+def batch_size_of(batch: Any) -> int:
+    leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
+    if not leaves:
+        raise ValueError("the batch holds no tensors")
+    if leaves[0].dim() == 0:
+        raise ValueError("the batch's tensors need a leading batch dimension, got a scalar")
+    return int(leaves[0].shape[0])
+
+
+class Objective:
+    """The mean loss of one batch as a pure function of the model's parameters.
+
+    Args:
+        model: the network. It is never modified: parameters are read, not written.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a mean-reduced loss (any torch loss
+            module or function, or your own callable).
+        batch: ``(inputs, targets)``; ``outputs = forward_fn(model, inputs)``.
+        forward_fn: how to get outputs from inputs, default ``model(inputs)``. Use it for
+            inputs that are dicts or tuples, e.g. ``lambda m, x: m(**x)``.
+        sample_loss_fn: the general hook for any batch structure: ``sample_loss_fn(model, batch)``
+            returns one loss per sample (shape ``[B]``), or a scalar for a loss that is not a
+            mean over samples (then only curvature metrics work). Replaces ``loss_fn`` and
+            ``forward_fn``; the objective is the mean of the returned losses.
+        mode: ``"eval"`` (default) runs the model in eval mode: dropout off, BatchNorm uses its
+            running statistics, so the objective is deterministic. ``"train"`` runs it in train
+            mode: BatchNorm normalises with the batch statistics (its running statistics are
+            updated on a private copy only), dropout is active and draws a fresh mask per
+            evaluation from a forked RNG.
+        param_names: restrict the parameters to these names (default: all with
+            ``requires_grad``).
+
+    Per-sample losses come from the same functions: ``loss_fn`` with ``reduction="none"``
+    where it takes one (torch losses do), otherwise from evaluating ``loss_fn`` on one sample at a
+    time (vectorised with :func:`torch.vmap`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> obj = Objective(model, nn.functional.cross_entropy, batch)
+        >>> obj.batch_size, obj.layout.numel
+        (8, 26)
+        >>> float(obj.value()) > 0
+        True
+        >>> obj.sample_losses().shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Optional[LossFn] = None,
+        batch: Any = None,
+        *,
+        forward_fn: Optional[ForwardFn] = None,
+        sample_loss_fn: Optional[SampleLossFn] = None,
+        mode: Literal["eval", "train"] = "eval",
+        param_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        if batch is None:
+            raise ValueError("Objective needs a batch")
+        if loss_fn is None and sample_loss_fn is None:
+            raise ValueError("Objective needs loss_fn(outputs, targets) or sample_loss_fn(model, batch)")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if sample_loss_fn is None:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError(
+                    "with loss_fn the batch must be (inputs, targets); for other batch structures "
+                    "pass sample_loss_fn(model, batch) -> per-sample losses"
+                )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.forward_fn = forward_fn or _default_forward
+        self.mode = mode
+        self.batch_size = batch_size_of(batch)
+        if self.batch_size == 0:
+            raise ValueError("the batch is empty")
+        self.params: ParamDict = detached_params(model, param_names)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters to measure")
+        if param_names is not None and len(self.params) != len(set(param_names)):
+            missing = sorted(set(param_names) - set(self.params))
+            raise ValueError(f"unknown or frozen parameter names: {missing}")
+        self.layout = ParamLayout.from_params(self.params)
+        self._buffers = OrderedDict((n, b) for n, b in model.named_buffers())
+        self._sample_loss_fn = sample_loss_fn
+        self._unreduced = None if loss_fn is None else per_sample_loss_fn(loss_fn)
+        if sample_loss_fn is not None:
+            self._module = _Call(model, sample_loss_fn)
+        else:
+            self._module = _Call(model, lambda m, b: self.forward_fn(m, b[0]))
+        self._prefix = "model."
+
+    # -- pure functions of the parameters ---------------------------------------------------
+    def _call(self, params: Mapping[str, torch.Tensor], batch: Any) -> Any:
+        state = {self._prefix + n: t for n, t in params.items()}
+        buffers = self._buffers
+        if self.mode == "train":  # BatchNorm updates its running stats in place: give it copies
+            buffers = OrderedDict((n, b.clone()) for n, b in buffers.items())
+        state.update({self._prefix + n: b for n, b in buffers.items()})
+        return functional_call(self._module, state, (batch,), tie_weights=True, strict=False)
+
+    def outputs(self, params: Optional[Mapping[str, torch.Tensor]] = None, batch: Any = None) -> Any:
+        """The model's outputs on the batch (only for ``(inputs, targets)`` objectives)."""
+        if self._sample_loss_fn is not None:
+            raise ValueError("outputs() is not defined for an objective built from sample_loss_fn")
+        return self._call(self.params if params is None else params, self.batch if batch is None else batch)
+
+    def loss(self, params: Mapping[str, torch.Tensor], batch: Any = None) -> torch.Tensor:
+        """The scalar objective at ``params``: a pure function for torch.func transforms."""
+        batch = self.batch if batch is None else batch
+        if self._sample_loss_fn is not None:
+            losses = self._call(params, batch)
+            return losses.mean() if losses.dim() > 0 else losses
+        return self.loss_fn(self._call(params, batch), batch[1])
+
+    def sample_losses(self, params: Optional[Mapping[str, torch.Tensor]] = None, batch: Any = None) -> torch.Tensor:
+        """One loss per sample, shape ``[B]``; raises :class:`NotPerSampleError` for a batch-level loss."""
+        params = self.params if params is None else params
+        batch = self.batch if batch is None else batch
+        if self._sample_loss_fn is not None:
+            losses = self._call(params, batch)
+            if losses.dim() != 1 or losses.shape[0] != batch_size_of(batch):
+                raise NotPerSampleError(
+                    f"sample_loss_fn returned shape {tuple(losses.shape)}, expected one loss per sample "
+                    f"([{batch_size_of(batch)}]); return per-sample losses (reduction='none') to enable "
+                    "per-sample metrics"
+                )
+            return losses
+        outputs = self._call(params, batch)
+        if self._unreduced is not None:
+            losses = self._unreduced(outputs, batch[1])
+            if losses.dim() > 1:  # e.g. MSE keeps the feature dims: average them per sample
+                losses = losses.reshape(losses.shape[0], -1).mean(1)
+            return losses
+        one = lambda o, t: self.loss_fn(o.unsqueeze(0), t.unsqueeze(0))  # noqa: E731
+        return torch.vmap(one)(outputs, batch[1])
+
+    def sample_loss(self, params: Mapping[str, torch.Tensor], sample: Any) -> torch.Tensor:
+        """The loss of a single sample (a batch element without its batch dimension).
+
+        Pure and vmappable over samples: ``vmap(grad(obj.sample_loss), in_dims=(None, 0))``.
+        """
+        batch = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+        return self.sample_losses(params, batch)[0]
+
+    # -- conveniences at the current parameters --------------------------------------------
+    def value(self) -> torch.Tensor:
+        """The loss at the current parameters; raises :class:`NonFiniteError` if not finite."""
+        with self.measuring(), torch.no_grad():
+            return check_finite(self.loss(self.params).detach(), "the loss")
+
+    def gradient(self) -> ParamDict:
+        """The gradient of the loss at the current parameters (does not touch ``.grad``)."""
+        with self.measuring():
+            params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in self.params.items())
+            loss = check_finite(self.loss(params), "the loss")
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return OrderedDict(
+            (n, torch.zeros_like(p) if g is None else g) for (n, p), g in zip(self.params.items(), grads)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Run the enclosed code in the objective's mode, restoring the model's modes and all RNGs.
+
+        Scaled-dot-product attention uses its math kernel inside (the fused ones cannot be
+        differentiated twice).
+
+        Nested use is cheap and safe.
+        """
+        if getattr(self, "_depth", 0):
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        modes = [(m, m.training) for m in self.model.modules()]
+        devices = sorted({p.device.index or 0 for p in self.params.values() if p.is_cuda})
+        self._depth = 1
+        try:
+            # Fused attention kernels have no double-backward or forward-AD rules; the math one has.
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+                self.model.train(self.mode == "train")
+                yield
+        finally:
+            self._depth = 0
+            for m, training in modes:
+                m.training = training

@@ -1,0 +1,68 @@
+"""Directional sharpness (Pan and Li 2023) and the coordinate clipping they propose.
+
+Pan and Li, "Toward understanding why Adam converges faster than SGD for Transformers" (2023):
+the loss decrease of a step ``u`` is governed by ``u^T H u``; the *directional sharpness*
+``S(u) = u^T H u / ||u||^2`` of the update direction is lower for Adam than for SGD, and clipping
+the largest coordinates of the update lowers it further.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+
+from .hvp import hvp
+from .objective import Objective, check_finite
+from .params import ParamDict
+
+
+def directional_sharpness(objective: Objective, direction: Mapping[str, torch.Tensor], **hvp_kwargs) -> float:
+    """``u^T H u / ||u||^2`` for a direction ``u`` shaped like the parameters (one HVP).
+
+    ``direction`` may be a dict over a subset of the objective's parameters only if the objective
+    was built for that subset; it must match the objective's parameter names and shapes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective, directional_sharpness
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> obj = Objective(nn.Linear(2, 1, bias=False), nn.functional.mse_loss, (x, torch.zeros(2, 1)))
+        >>> # H = 2 X^T X / B = diag(1, 4); along the second coordinate the sharpness is 4
+        >>> round(directional_sharpness(obj, {"weight": torch.tensor([[0.0, 3.0]])}), 5)
+        4.0
+    """
+    layout = objective.layout
+    layout.check(direction, batch_dims=0)
+    u = layout.flatten(direction, batch_dims=0).to(device=objective.device, dtype=objective.dtype)
+    norm_sq = float((u.double() ** 2).sum())
+    if norm_sq == 0.0:
+        raise ValueError("the direction is zero; directional sharpness is undefined")
+    check_finite(u, "the direction")
+    hu = hvp(objective, u, **hvp_kwargs)
+    return float((u.double() * hu.double()).sum()) / norm_sq
+
+
+def clip_top_coordinates(update: Mapping[str, torch.Tensor], fraction: float, threshold: float) -> ParamDict:
+    """Pan and Li's coordinate clipping: the top ``fraction`` of coordinates by magnitude are
+    clipped to ``threshold`` (sign kept); the others are unchanged.
+
+    Example:
+        >>> import torch
+        >>> clip_top_coordinates({"w": torch.tensor([0.1, -5.0, 0.2, 3.0])}, fraction=0.5, threshold=1.0)["w"]
+        tensor([ 0.1000, -1.0000,  0.2000,  1.0000])
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    flat = torch.cat([t.reshape(-1) for t in update.values()])
+    count = int(round(fraction * flat.numel()))
+    if count == 0:
+        return OrderedDict((n, t.clone()) for n, t in update.items())
+    cutoff = flat.abs().kthvalue(flat.numel() - count + 1).values
+    out = OrderedDict()
+    for name, t in update.items():
+        big = t.abs() >= cutoff
+        out[name] = torch.where(big, t.clamp(-threshold, threshold), t)
+    return out

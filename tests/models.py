@@ -1,0 +1,106 @@
+"""Tiny models and Lightning modules shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pytorch_lightning as pl
+
+
+def mlp(sizes=(4, 8, 3), act=nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """Conv-BatchNorm-ReLU-pool-Linear on 1x8x8 images."""
+
+    def __init__(self, channels: int = 4, classes: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * 4 * 4, classes)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(self.drop(h.flatten(1)))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, one pre-LN attention block (nn.MultiheadAttention), GELU MLP, mean-pool head."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, heads: int = 2, seq: int = 5, classes: int = 3, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(seq, dim) * 0.1)
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, dropout=dropout)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.ff(self.ln2(h))
+        return self.head(h.mean(1))
+
+
+class Classifier(pl.LightningModule):
+    """A LightningModule around any network, with cross-entropy and SGD."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05, momentum: float = 0.0, optimizer: str = "sgd"):
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.momentum = momentum
+        self.optimizer_name = optimizer
+        self.criterion = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.criterion(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def classification_data(n: int = 64, shape=(4,), classes: int = 3, seed: int = 0, vocab: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    if vocab is not None:
+        x = torch.randint(0, vocab, (n, *shape), generator=g)
+    else:
+        x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def loader(x, y, batch_size: int = 16, shuffle: bool = False):
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
