@@ -1,0 +1,246 @@
+"""Softmax collapse and naive loss minimisation (Prieto et al. 2025, "Grokking at the edge of
+numerical stability").
+
+Softmax collapse (SC): once one logit exceeds the others by enough, ``sum_k exp(z_k - max z)``
+rounds to exactly ``1`` in the dtype the loss is computed in, so that sample's cross-entropy and
+its gradient are exactly zero and it stops contributing to learning. The margin needed depends on
+the dtype: the other classes' relative mass must fall below half a unit in the last place of 1,
+about ``2^-24`` for float32, ``2^-11`` for float16, ``2^-8`` for bfloat16 and ``2^-53`` for
+float64. Rather than compare against these thresholds, the test here is the computation itself,
+done in the dtype.
+
+Naive loss minimisation (NLM): after the training set is fitted, the cheapest way to lower the
+loss further is to scale the logits up, and the gradient aligns with the weights themselves;
+:func:`nlm_alignment` reports ``cos(theta, -grad)`` (near 1 under NLM).
+
+Logits here have the class dimension last: ``[..., C]``, with targets shaped ``[...]``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTypeLike = Union[None, str, torch.dtype]
+
+SUPPORTED_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: DTypeLike, default: torch.dtype) -> torch.dtype:
+    """``dtype`` as a torch dtype (a name like ``"bfloat16"`` or a dtype); ``None`` means ``default``.
+
+    Example:
+        >>> resolve_dtype("bfloat16", torch.float32), resolve_dtype(None, torch.float64)
+        (torch.bfloat16, torch.float64)
+    """
+    if dtype is None:
+        dtype = default
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in SUPPORTED_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(SUPPORTED_DTYPES)}")
+        return SUPPORTED_DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in SUPPORTED_DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(SUPPORTED_DTYPES)}")
+    return dtype
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits need a class dimension (last), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    return logits.detach().reshape(-1, logits.shape[-1])
+
+
+def _targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex():
+        raise TypeError("targets must be an integer tensor of class indices")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match logits of shape {tuple(logits.shape)} "
+            "(expected the logits' shape without the last, class, dimension)"
+        )
+    return targets.detach().reshape(-1).to(device=logits.device, dtype=torch.long)
+
+
+def collapsed_rows(logits: torch.Tensor, dtype: DTypeLike = None) -> torch.Tensor:
+    """Boolean ``[N]`` (rows of ``logits`` flattened to ``[N, C]``): ``sum exp(z - max z) == 1`` in ``dtype``.
+
+    Example:
+        >>> collapsed_rows(torch.tensor([[30.0, 0.0], [1.0, 0.0]])).tolist()
+        [True, False]
+    """
+    rows = _rows(logits)
+    z = rows.to(resolve_dtype(dtype, rows.dtype))
+    mass = torch.exp(z - z.max(dim=-1, keepdim=True).values).sum(dim=-1)
+    return mass == 1
+
+
+def zero_loss_rows(
+    logits: torch.Tensor, targets: torch.Tensor, dtype: DTypeLike = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """Boolean ``[N]``: torch's cross-entropy of the row, computed in ``dtype``, is exactly zero.
+
+    Rows whose target is ``ignore_index`` are ``False``.
+
+    Example:
+        >>> zero_loss_rows(torch.tensor([[30.0, 0.0], [30.0, 0.0]]), torch.tensor([0, 1])).tolist()
+        [True, False]
+    """
+    rows = _rows(logits)
+    labels = _targets(logits, targets)
+    z = rows.to(resolve_dtype(dtype, rows.dtype))
+    keep = labels != ignore_index
+    bad = keep & ((labels < 0) | (labels >= rows.shape[-1]))
+    if bool(bad.any()):
+        raise ValueError(f"targets must be class indices in [0, {rows.shape[-1]}) or ignore_index={ignore_index}")
+    losses = F.cross_entropy(z, labels, reduction="none", ignore_index=ignore_index)
+    return keep & (losses == 0)
+
+
+def softmax_collapse(logits: torch.Tensor, dtype: DTypeLike = None) -> float:
+    """The fraction of samples in softmax collapse: ``sum_k exp(z_k - max z) == 1`` exactly in ``dtype``.
+
+    Args:
+        logits: ``[..., C]`` (class dimension last); every row is a sample.
+        dtype: the dtype the loss is computed in (``torch.float32``, ``torch.bfloat16``,
+            ``torch.float16``, ``torch.float64`` or their names); default: the logits' dtype.
+
+    A collapsed sample has exactly zero softmax cross-entropy if its label is the arg-max, and an
+    exactly zero gradient on the logits if its label is not. Reference: Prieto et al. 2025,
+    "Grokking at the edge of numerical stability".
+
+    Example:
+        >>> z = torch.tensor([[20.0, 0.0], [10.0, 0.0]])   # e^-20 < 2^-24 < e^-10
+        >>> softmax_collapse(z)
+        0.5
+        >>> softmax_collapse(z, dtype=torch.float64), softmax_collapse(z, dtype="bfloat16")
+        (0.0, 1.0)
+    """
+    collapsed = collapsed_rows(logits, dtype)
+    if collapsed.numel() == 0:
+        raise ValueError("no samples: logits have no rows")
+    return float(collapsed.double().mean())
+
+
+def zero_loss_fraction(
+    logits: torch.Tensor, targets: torch.Tensor, dtype: DTypeLike = None, ignore_index: int = -100
+) -> float:
+    """The fraction of samples whose cross-entropy, computed by torch in ``dtype``, is exactly 0.
+
+    Args:
+        logits: ``[..., C]`` (class dimension last).
+        targets: class indices shaped like ``logits`` without its last dimension.
+        dtype: as in :func:`softmax_collapse`.
+        ignore_index: targets with this value are left out (as in ``F.cross_entropy``).
+
+    Example:
+        >>> z = torch.tensor([[20.0, 0.0], [20.0, 0.0], [1.0, 0.0]])
+        >>> zero_loss_fraction(z, torch.tensor([0, 1, 0]))
+        0.3333333333333333
+        >>> zero_loss_fraction(z, torch.tensor([0, -100, -100]))
+        1.0
+    """
+    zero = zero_loss_rows(logits, targets, dtype, ignore_index)
+    kept = int((_targets(logits, targets) != ignore_index).sum())
+    if kept == 0:
+        raise ValueError("no samples: every target is ignore_index or logits have no rows")
+    return int(zero.sum()) / kept
+
+
+def logit_gaps(logits: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float64: the largest minus the second-largest logit of each row (needs ``C >= 2``).
+
+    Example:
+        >>> logit_gaps(torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 4.0]])).tolist()
+        [0.5, 0.0]
+    """
+    rows = _rows(logits)
+    if rows.shape[-1] < 2:
+        raise ValueError("the logit gap needs at least two classes")
+    top = rows.double().topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+def max_logit_gap(logits: torch.Tensor) -> float:
+    """The mean over samples of (largest logit - second-largest logit), in float64.
+
+    The margin by which the winning class leads: SC sets in once it exceeds about
+    ``ln(2^24) + ln(C - 1)`` (float32), ``ln(2^11) + ln(C - 1)`` (float16) or
+    ``ln(2^8) + ln(C - 1)`` (bfloat16).
+
+    Example:
+        >>> max_logit_gap(torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 2.0]]))
+        1.25
+    """
+    return float(logit_gaps(logits).mean())
+
+
+@dataclass(frozen=True)
+class NLMAlignment:
+    """``cos(theta, -grad)`` over all parameters (``global_cos``) and per tensor (``per_tensor``).
+
+    Undefined values (a zero weight or gradient) are ``nan``.
+    """
+
+    global_cos: float
+    per_tensor: Dict[str, float]
+
+
+def _cos(dot: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:
+    denom = (a2 * b2).sqrt()
+    return float(dot / denom) if float(denom) > 0 else float("nan")
+
+
+def nlm_alignment(
+    model: nn.Module, grads: Optional[Mapping[str, torch.Tensor]] = None
+) -> NLMAlignment:
+    """Naive-loss-minimisation alignment ``cos(theta, -grad)``, per parameter tensor and global.
+
+    Positive and near 1 when gradient descent mostly scales the weights up (Prieto et al. 2025).
+
+    Args:
+        model: the network; its trainable parameters are ``theta``.
+        grads: ``{name: gradient}`` to use instead of the parameters' ``.grad`` (e.g. from
+            :meth:`dynscope.Objective.gradient`). Parameters without a gradient are skipped.
+
+    Nothing is modified. Dot products are accumulated in float64.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        >>> lin.weight.grad = torch.tensor([[-6.0, -8.0]])   # -grad is along theta
+        >>> a = nlm_alignment(lin)
+        >>> a.global_cos, a.per_tensor
+        (1.0, {'weight': 1.0})
+    """
+    dot = a2 = b2 = torch.zeros((), dtype=torch.float64)
+    per_tensor: Dict[str, float] = OrderedDict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = p.grad if grads is None else grads.get(name)
+        if g is None:
+            continue
+        if g.shape != p.shape:
+            raise ValueError(f"gradient of {name!r} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+        theta, minus_g = p.detach().double().flatten(), -g.detach().double().flatten().to(p.device)
+        d, t2, m2 = theta @ minus_g, theta @ theta, minus_g @ minus_g
+        per_tensor[name] = _cos(d, t2, m2)
+        dot, a2, b2 = dot + d.cpu(), a2 + t2.cpu(), b2 + m2.cpu()
+    if not per_tensor:
+        raise ValueError("no parameter has a gradient: run backward first or pass grads=")
+    return NLMAlignment(_cos(dot, a2, b2), dict(per_tensor))
