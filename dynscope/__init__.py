@@ -11,6 +11,11 @@ from .objective import NonFiniteError, NotPerSampleError, Objective
 from .params import ParamLayout
 from .sharpness import clip_top_coordinates, directional_sharpness
 from .trace import TraceResult, hessian_trace
+from .noise import NoiseScaleResult, SNRResult, TwoBatchNoiseScale, gradient_noise_scale, gradient_snr, two_batch_noise_scale
+from .persample import GradientMoments, per_sample_grads, per_sample_moments
+from .regions import LocalComplexityResult, NotPiecewiseLinearWarning, local_complexity, orthonormal_directions, random_points_in_box
+from .collapse import NLMAlignment, max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
+from . import nn, optim  # noqa: E402  dynscope.nn (StableMax, CrossEntropy), dynscope.optim (OrthoGrad)
 
 __version__ = "0.1.0"
 
@@ -29,4 +34,23 @@ __all__ = [
     "hessian_trace",
     "hvp",
     "top_eigenvalues",
+    "GradientMoments",
+    "NoiseScaleResult",
+    "SNRResult",
+    "TwoBatchNoiseScale",
+    "gradient_noise_scale",
+    "gradient_snr",
+    "per_sample_grads",
+    "per_sample_moments",
+    "two_batch_noise_scale",
+    "LocalComplexityResult",
+    "NotPiecewiseLinearWarning",
+    "local_complexity",
+    "orthonormal_directions",
+    "random_points_in_box",
+    "NLMAlignment",
+    "max_logit_gap",
+    "nlm_alignment",
+    "softmax_collapse",
+    "zero_loss_fraction",
 ]

@@ -181,7 +181,8 @@ class Objective:
         if self.mode == "train":  # BatchNorm updates its running stats in place: give it copies
             buffers = OrderedDict((n, b.clone()) for n, b in buffers.items())
         state.update({self._prefix + n: b for n, b in buffers.items()})
-        return functional_call(self._module, state, (batch,), tie_weights=True, strict=False)
+        with self.measuring():
+            return functional_call(self._module, state, (batch,), tie_weights=True, strict=False)
 
     def outputs(self, params: Optional[Mapping[str, torch.Tensor]] = None, batch: Any = None) -> Any:
         """The model's outputs on the batch (only for ``(inputs, targets)`` objectives)."""

@@ -1,0 +1,255 @@
+"""Gradient noise: signal-to-noise ratios and the gradient noise scale.
+
+All quantities come from the per-sample gradients ``g_i`` of a batch of ``B`` samples, where
+``g_i`` is the gradient of sample ``i``'s own loss, so that for a mean-reduced loss the batch
+gradient is ``G_B = mean_i g_i`` (see :mod:`dynscope.persample`). Variances are unbiased
+(``ddof=1``) over the samples.
+
+* GSNR (Liu et al. 2020, "Understanding why neural networks generalize well through GSNR of
+  parameters"; Cockpit's MeanGSNR): per coordinate ``snr_j = mean_i(g_ij)**2 / var_i(g_ij)``,
+  averaged over the coordinates whose variance is not zero.
+* Block g-SNR of SGD-SaI (Xu et al. 2024, "No more Adam: learning rate scaling at initialization
+  is all you need"): per parameter tensor ``||G_p|| / std(G_p)``, the standard deviation taken
+  over the elements of that tensor's batch gradient (``ddof=0``).
+* Gradient noise scale (McCandlish et al. 2018, "An empirical model of large-batch training"):
+  ``B_simple = tr(Sigma) / |G|**2`` with ``tr(Sigma)`` the summed per-coordinate variance of the
+  per-sample gradients and ``|G|**2`` the squared norm of the batch gradient ``G_B``; the batch size
+  beyond which larger batches stop paying off. When only gradient norms at two batch sizes are
+  known (one device's batch vs the all-reduced one under DDP), :func:`two_batch_noise_scale` gives
+  their unbiased estimates, and :class:`TwoBatchNoiseScale` smooths them with an EMA.
+
+Note: Cockpit's MeanGSNR uses the biased variance plus ``eps=1e-5`` in the denominator, so it is
+``(B-1)/B`` times ours where the variance dominates ``eps``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
+
+import torch
+
+from .hvp import DEFAULT_MEMORY_CAP
+from .objective import Objective
+from .persample import GradientMoments, Method, per_sample_moments
+
+Target = Union[Objective, GradientMoments]
+
+
+def _moments(target: Target, method: Method, chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
+    if isinstance(target, GradientMoments):
+        return target
+    if isinstance(target, Objective):
+        return per_sample_moments(target, method, chunk_size=chunk_size, memory_cap=memory_cap)
+    raise TypeError(f"expected an Objective or GradientMoments, got {type(target).__name__}")
+
+
+@dataclass
+class SNRResult:
+    """Gradient signal-to-noise ratios.
+
+    ``value``: mean per-coordinate GSNR over every coordinate with non-zero variance;
+    ``per_layer``: the same mean within each parameter tensor (NaN if all its coordinates have zero
+    variance); ``block``: the SGD-SaI block g-SNR ``||G_p|| / std(G_p)`` per tensor (NaN where the
+    elements' standard deviation is 0, e.g. a one-element tensor); ``num_coordinates``: how many
+    coordinates entered ``value``; ``batch_size``: ``B``.
+    """
+
+    value: float
+    per_layer: Dict[str, float]
+    block: Dict[str, float]
+    num_coordinates: int
+    batch_size: int
+
+
+@dataclass
+class NoiseScaleResult:
+    """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|**2`` (McCandlish et al. 2018).
+
+    ``trace_sigma``: summed unbiased per-coordinate variance of the per-sample gradients;
+    ``grad_sq_norm``: ``|G_B|**2`` of the batch gradient; ``per_layer``: ``tr(Sigma_p) / |G_p|**2``
+    per tensor; ``batch_size``: ``B``. ``value / batch_size > 1`` means a larger batch would still
+    reduce the gradient noise usefully. ``value`` is ``inf`` when the gradient is exactly zero.
+    """
+
+    value: float
+    trace_sigma: float
+    grad_sq_norm: float
+    per_layer: Dict[str, float]
+    batch_size: int
+
+
+def gradient_snr(
+    target: Target,
+    *,
+    method: Method = "auto",
+    chunk_size: Optional[int] = None,
+    memory_cap: int = DEFAULT_MEMORY_CAP,
+) -> SNRResult:
+    """Per-coordinate gradient SNR (Liu et al. 2020), per layer, and the SGD-SaI block g-SNR.
+
+    Args:
+        target: an :class:`~dynscope.Objective` (per-sample gradients are computed with
+            :func:`~dynscope.per_sample_moments`) or precomputed :class:`GradientMoments`.
+        method, chunk_size, memory_cap: passed to :func:`~dynscope.per_sample_moments`.
+
+    Example:
+        >>> import torch
+        >>> from dynscope.persample import GradientMoments
+        >>> g = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]])  # 3 samples, 2 coordinates
+        >>> snr = gradient_snr(GradientMoments.from_samples({"w": g}))
+        >>> snr.value  # coordinate 0: 2**2 / 1; coordinate 1 has zero variance and is left out
+        4.0
+        >>> snr.num_coordinates
+        1
+    """
+    moments = _moments(target, method, chunk_size, memory_cap)
+    variance = moments.variance()
+    total, count = 0.0, 0
+    per_layer, block = OrderedDict(), OrderedDict()
+    for name, mean in moments.mean.items():
+        var = variance[name]
+        nonzero = var > 0
+        snr = mean[nonzero].square() / var[nonzero]
+        layer_sum, layer_count = float(snr.sum()), int(nonzero.sum())
+        per_layer[name] = layer_sum / layer_count if layer_count else math.nan
+        total, count = total + layer_sum, count + layer_count
+        block[name] = block_gsnr(mean)
+    return SNRResult(total / count if count else math.nan, per_layer, block, count, moments.count)
+
+
+def block_gsnr(gradient: torch.Tensor) -> float:
+    """``||g|| / std(g)`` over the elements of one tensor's gradient (SGD-SaI, Xu et al. 2024).
+
+    The population standard deviation (``ddof=0``) of the elements; NaN where it is 0.
+
+    Example:
+        >>> import torch
+        >>> block_gsnr(torch.tensor([3.0, -1.0]))  # ||g|| = sqrt(10), std = 2
+        1.5811388300841898
+        >>> block_gsnr(torch.tensor([2.0, 2.0]))
+        nan
+    """
+    g = gradient.detach().double().reshape(-1)
+    std = float(g.std(correction=0)) if g.numel() > 1 else 0.0
+    return float(g.norm()) / std if std > 0 else math.nan
+
+
+def gradient_noise_scale(
+    target: Target,
+    *,
+    method: Method = "auto",
+    chunk_size: Optional[int] = None,
+    memory_cap: int = DEFAULT_MEMORY_CAP,
+) -> NoiseScaleResult:
+    """The simple noise scale ``B_simple = tr(Sigma) / |G_B|**2`` from per-sample gradients.
+
+    ``Sigma`` is the per-sample gradient covariance (only its trace is needed: the unbiased
+    per-coordinate variances, summed); ``G_B`` is the batch gradient (the mean of the per-sample
+    gradients). McCandlish et al. (2018) define ``B_simple`` with the true gradient ``G``; with the
+    batch gradient, ``E|G_B|**2 = |G|**2 + tr(Sigma)/B``, so this estimate is biased low when
+    ``B_simple`` is comparable to ``B`` or larger.
+
+    Example:
+        >>> import torch
+        >>> from dynscope.persample import GradientMoments
+        >>> g = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1), unbiased variances (2, 2)
+        >>> gradient_noise_scale(GradientMoments.from_samples({"w": g})).value  # 4 / 5
+        0.8
+    """
+    moments = _moments(target, method, chunk_size, memory_cap)
+    variance = moments.variance()
+    trace, sq_norm, per_layer = 0.0, 0.0, OrderedDict()
+    for name, mean in moments.mean.items():
+        layer_trace, layer_sq = float(variance[name].sum()), float(mean.square().sum())
+        per_layer[name] = _ratio(layer_trace, layer_sq)
+        trace, sq_norm = trace + layer_trace, sq_norm + layer_sq
+    return NoiseScaleResult(_ratio(trace, sq_norm), trace, sq_norm, per_layer, moments.count)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0:
+        return numerator / denominator
+    return math.inf if numerator > 0 else math.nan
+
+
+@dataclass
+class TwoBatchEstimate:
+    """Unbiased estimates from two batch sizes: ``value = trace_sigma / grad_sq_norm``."""
+
+    value: float
+    trace_sigma: float
+    grad_sq_norm: float
+
+
+def two_batch_noise_scale(small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int) -> TwoBatchEstimate:
+    """McCandlish et al.'s (2018, appendix A.1) unbiased estimates from two gradient norms.
+
+    With ``|G_s|**2`` the squared norm of a gradient averaged over ``B_s`` samples and ``|G_b|**2``
+    over ``B_b > B_s`` samples::
+
+        |G|**2    ~ (B_b |G_b|**2 - B_s |G_s|**2) / (B_b - B_s)
+        tr(Sigma) ~ (|G_s|**2 - |G_b|**2) / (1/B_s - 1/B_b)
+
+    Each estimate is unbiased but noisy (single estimates can be negative); average many, or
+    smooth them with :class:`TwoBatchNoiseScale`, before taking the ratio.
+
+    Example:
+        >>> est = two_batch_noise_scale(small_sq_norm=3.0, big_sq_norm=1.5, small_batch=1, big_batch=4)
+        >>> est.grad_sq_norm, est.trace_sigma, est.value
+        (1.0, 2.0, 2.0)
+    """
+    if not 0 < small_batch < big_batch:
+        raise ValueError(f"need 0 < small_batch < big_batch, got {small_batch} and {big_batch}")
+    b_s, b_b = float(small_batch), float(big_batch)
+    grad_sq = (b_b * big_sq_norm - b_s * small_sq_norm) / (b_b - b_s)
+    trace = (small_sq_norm - big_sq_norm) / (1.0 / b_s - 1.0 / b_b)
+    return TwoBatchEstimate(_ratio(trace, grad_sq), trace, grad_sq)
+
+
+class TwoBatchNoiseScale:
+    """The two-batch estimator with exponential moving averages of ``tr(Sigma)`` and ``|G|**2``.
+
+    McCandlish et al. smooth numerator and denominator separately and take the ratio of the
+    averages (the ratio of noisy single estimates is badly biased). ``ema=0`` disables smoothing.
+    The averages are bias-corrected like Adam's, so early values are not pulled towards 0.
+
+    Example:
+        >>> est = TwoBatchNoiseScale(ema=0.5)
+        >>> est.update(3.0, 1.5, 1, 4).value
+        2.0
+        >>> est.update(5.0, 2.0, 1, 4).value  # |G|^2 = 1, tr = 4 -> averages 1, 3.333
+        3.3333333333333335
+    """
+
+    def __init__(self, ema: float = 0.9) -> None:
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        self.ema = ema
+        self.trace_sigma = 0.0
+        self.grad_sq_norm = 0.0
+        self.num_updates = 0
+
+    def update(self, small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int) -> TwoBatchEstimate:
+        """Fold in one pair of gradient norms; returns the smoothed estimate."""
+        est = two_batch_noise_scale(small_sq_norm, big_sq_norm, small_batch, big_batch)
+        if not (math.isfinite(est.trace_sigma) and math.isfinite(est.grad_sq_norm)):
+            raise ValueError("the gradient norms must be finite")
+        self.num_updates += 1
+        self.trace_sigma = self.ema * self.trace_sigma + (1.0 - self.ema) * est.trace_sigma
+        self.grad_sq_norm = self.ema * self.grad_sq_norm + (1.0 - self.ema) * est.grad_sq_norm
+        correction = 1.0 - self.ema**self.num_updates
+        trace, grad_sq = self.trace_sigma / correction, self.grad_sq_norm / correction
+        return TwoBatchEstimate(_ratio(trace, grad_sq), trace, grad_sq)
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"ema": self.ema, "trace_sigma": self.trace_sigma, "grad_sq_norm": self.grad_sq_norm,
+                "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.ema = float(state.get("ema", self.ema))
+        self.trace_sigma = float(state.get("trace_sigma", 0.0))
+        self.grad_sq_norm = float(state.get("grad_sq_norm", 0.0))
+        self.num_updates = int(state.get("num_updates", 0))
