@@ -1,0 +1,238 @@
+"""The LinearRegions callback: local complexity at training, held-out and random points."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from dynscope.regions import PIECEWISE_LINEAR, SMOOTH, local_complexity, random_points_in_box
+
+from .base import DiagnosticCallback
+from .protocol import LossProtocolError
+
+INPUTS_HELP = (
+    "LinearRegions reads the inputs of (x, y) batches or of tensor batches; for other batch structures "
+    "define `dynscope_inputs(self, batch) -> x` on the LightningModule (then `module(x)` is the forward)"
+)
+
+
+def module_inputs(module, batch: Any) -> torch.Tensor:
+    """The model inputs of ``batch``: ``module.dynscope_inputs(batch)``, ``x`` of ``(x, y)``, or the tensor."""
+    hook = getattr(module, "dynscope_inputs", None)
+    if callable(hook):
+        inputs = hook(batch)
+    elif isinstance(batch, torch.Tensor):
+        inputs = batch
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        inputs = batch[0]
+    else:
+        raise LossProtocolError(f"cannot find the inputs in a batch of type {type(batch).__name__}: {INPUTS_HELP}")
+    if not isinstance(inputs, torch.Tensor):
+        raise LossProtocolError(f"the inputs must be a tensor, got {type(inputs).__name__}: {INPUTS_HELP}")
+    return inputs
+
+
+@contextlib.contextmanager
+def rngs_preserved() -> Iterator[None]:
+    """Python's, numpy's and torch's global RNGs come back as they were (dataset transforms may draw)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _first_loader(loaders: Any) -> Any:
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def sample_inputs(loader: Any, module, num_points: int, seed: int) -> Optional[torch.Tensor]:
+    """``num_points`` inputs drawn from a dataloader's dataset (seeded, without replacement).
+
+    Map-style datasets are indexed directly (the loader's sampler and its RNG are not touched) and
+    collated with the loader's ``collate_fn``; iterable ones are read from the start. ``None`` when
+    there is no loader.
+    """
+    loader = _first_loader(loader)
+    if loader is None:
+        return None
+    dataset = getattr(loader, "dataset", None)
+    with rngs_preserved(), torch.no_grad():
+        indexable = not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__")
+        if dataset is not None and indexable and len(dataset):
+            generator = torch.Generator().manual_seed(seed)
+            indices = torch.randperm(len(dataset), generator=generator)[:num_points].tolist()
+            collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+            return module_inputs(module, collate([dataset[i] for i in indices])).detach().cpu().clone()
+        pieces, count = [], 0
+        for batch in loader:
+            inputs = module_inputs(module, batch).detach().cpu()
+            pieces.append(inputs)
+            count += inputs.shape[0]
+            if count >= num_points:
+                break
+        return torch.cat(pieces)[:num_points].clone() if pieces else None
+
+
+class LinearRegions(DiagnosticCallback):
+    """Linear-region density (local complexity) at training, held-out and random points.
+
+    Humayun, Balestriero, Baraniuk (2024), "Deep networks always grok and here is why": the number
+    of neurons whose activation kink cuts a small cross-polytope around a point (see
+    :func:`dynscope.local_complexity`). During grokking it falls, rises and falls again at the
+    training points ("region migration"), over orders of magnitude of steps, hence the
+    log-spaced schedule by default.
+
+    Logged under ``dynscope/regions/``:
+
+    * ``lc_train``: mean LC at ``num_points`` training inputs, drawn once (seeded) from the training
+      dataloader's dataset (or, for a dataset that cannot be indexed, the inputs of the first
+      measured batch) and kept for the whole run (and in checkpoints), so the curve is comparable
+      across steps.
+    * ``lc_test``: at held-out inputs drawn the same way from ``trainer.val_dataloaders``. There is
+      none when the run has no validation (no validation dataloader, or a module without
+      ``validation_step``); Lightning builds the loader at the sanity check or the first
+      validation, so with ``num_sanity_val_steps=0`` ``lc_test`` starts after the first validation.
+    * ``lc_random``: at points uniform in the bounding box of the training sample.
+    * per layer: ``lc_train/<layer>`` (and ``lc_test/<layer>``, ``lc_random/<layer>``).
+
+    With several radii every tag gets the suffix ``/r=<radius>`` (``lc_train/r=0.05``,
+    ``lc_train/<layer>/r=0.05``); with one radius the tags are plain. The model is measured in eval
+    mode; training is unaffected. Inputs are ``x`` of ``(x, y)`` batches or
+    ``module.dynscope_inputs(batch)``; the forward is ``module(x)``. All ranks compute the same
+    values (same points); rank zero logs. A model with smooth activations (GELU, ...) gets one
+    warning and nothing is logged.
+
+    Args:
+        radii: neighbourhood radius or radii, in input units; choose them small compared to the
+            distance between data points.
+        num_directions: directions of the cross-polytope (``2 *`` as many vertices per point),
+            capped at the input size.
+        num_points: training points.
+        num_test_points: held-out points (0: no ``lc_test``).
+        num_random_points: random points (0: no ``lc_random``).
+        per_layer: also log the per-layer values.
+        functional: also count ``F.relu``-style calls inside ``forward`` methods (needed for models
+            that do not use activation modules); see :func:`dynscope.local_complexity`.
+        seed: seed of the sampled points and of the directions.
+        chunk_size: points per batched forward (default: about 8192 vertices per forward).
+        Scheduling (``schedule="log"`` by default, ``points_per_decade``, ``every_n_steps``) and
+        ``strict``: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from dynscope.callbacks import LinearRegions
+        >>> callback = LinearRegions(radii=[0.05, 0.2], num_directions=8, num_points=128)
+        >>> trainer = pl.Trainer(callbacks=[callback], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+    """
+
+    group = "regions"
+
+    def __init__(
+        self,
+        radii: Union[float, Sequence[float]] = (0.1,),
+        num_directions: int = 25,
+        num_points: int = 256,
+        num_test_points: int = 256,
+        num_random_points: int = 256,
+        *,
+        per_layer: bool = True,
+        functional: bool = False,
+        schedule: str = "log",
+        points_per_decade: int = 4,
+        every_n_steps: int = 50,
+        seed: int = 0,
+        chunk_size: Optional[int] = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade, strict=strict
+        )
+        radii = (radii,) if isinstance(radii, (int, float)) else tuple(radii)
+        if not radii or any(not (isinstance(r, (int, float)) and r > 0) for r in radii):
+            raise ValueError(f"radii must be one or more positive numbers, got {radii!r}")
+        if num_directions < 1:
+            raise ValueError(f"num_directions must be >= 1, got {num_directions}")
+        if num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {num_points}")
+        if num_test_points < 0 or num_random_points < 0:
+            raise ValueError("num_test_points and num_random_points must be >= 0")
+        self.radii = tuple(float(r) for r in radii)
+        self.num_directions = num_directions
+        self.num_points = num_points
+        self.num_test_points = num_test_points
+        self.num_random_points = num_random_points
+        self.per_layer = per_layer
+        self.functional = functional
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.train_points: Optional[torch.Tensor] = None
+        self.test_points: Optional[torch.Tensor] = None
+        self.random_points: Optional[torch.Tensor] = None
+        self._not_applicable = False
+
+    def check_module(self, trainer, pl_module) -> None:
+        if not self.functional and not any(isinstance(m, PIECEWISE_LINEAR + SMOOTH) for m in pl_module.modules()):
+            raise ValueError(
+                f"LinearRegions: {type(pl_module).__name__} has no ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh or "
+                "Hardsigmoid module; if its forward calls F.relu (or torch.relu, x.relu()), pass functional=True"
+            )
+
+    def _ensure_points(self, trainer, pl_module, batch) -> None:
+        if self.train_points is None:
+            points = sample_inputs(trainer.train_dataloader, pl_module, self.num_points, self.seed)
+            if points is None:
+                points = module_inputs(pl_module, batch).detach().cpu()[: self.num_points].clone()
+            self.train_points = points
+        if self.random_points is None and self.num_random_points:
+            self.random_points = random_points_in_box(self.train_points, self.num_random_points, self.seed + 1)
+        if self.test_points is None and self.num_test_points:
+            self.test_points = sample_inputs(trainer.val_dataloaders, pl_module, self.num_test_points, self.seed + 2)
+
+    def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        if self._not_applicable:
+            return {}
+        self._ensure_points(trainer, pl_module, batch)
+        dim = self.train_points[0].numel()
+        if self.num_directions > dim:
+            self.warn_once("directions", f"num_directions={self.num_directions} capped at the input size {dim}")
+        directions = min(self.num_directions, dim)
+        out: Dict[str, float] = {}
+        for radius in self.radii:
+            suffix = "" if len(self.radii) == 1 else f"/r={radius:g}"
+            for name, points in (("train", self.train_points), ("test", self.test_points), ("random", self.random_points)):
+                if points is None:
+                    continue
+                result = local_complexity(
+                    pl_module, points, radius, directions, seed=self.seed, chunk_size=self.chunk_size,
+                    functional=self.functional,
+                )
+                if not result.applicable:
+                    self._not_applicable = True
+                    return {}
+                out[f"lc_{name}{suffix}"] = result.total
+                if self.per_layer:
+                    out.update({f"lc_{name}/{layer}{suffix}": v for layer, v in result.per_layer.items()})
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(train_points=self.train_points, test_points=self.test_points, random_points=self.random_points)
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.train_points = state_dict.get("train_points")
+        self.test_points = state_dict.get("test_points")
+        self.random_points = state_dict.get("random_points")
