@@ -7,7 +7,11 @@ gradient is ``G_B = mean_i g_i`` (see :mod:`dynscope.persample`). Variances are 
 
 * GSNR (Liu et al. 2020, "Understanding why neural networks generalize well through GSNR of
   parameters"; Cockpit's MeanGSNR): per coordinate ``snr_j = mean_i(g_ij)**2 / var_i(g_ij)``,
-  averaged over the coordinates whose variance is not zero.
+  averaged over the coordinates whose variance is not zero. Numerically "zero" means at the level
+  of floating-point rounding: a coordinate counts when its per-sample standard deviation exceeds
+  ``64 eps`` times the largest root-mean-square per-sample gradient in its tensor (``eps`` of the
+  gradients' dtype). Without this floor, gradients that are zero in exact arithmetic but not in
+  floating point (the key bias of attention: softmax ignores a shift) would add SNRs of pure noise.
 * Block g-SNR of SGD-SaI (Xu et al. 2024, "No more Adam: learning rate scaling at initialization
   is all you need"): per parameter tensor ``||G_p|| / std(G_p)``, the standard deviation taken
   over the elements of that tensor's batch gradient (``ddof=0``).
@@ -36,6 +40,7 @@ from .objective import Objective
 from .persample import GradientMoments, Method, per_sample_moments
 
 Target = Union[Objective, GradientMoments]
+ROUNDING_FLOOR = 64  # per-sample spreads below ROUNDING_FLOOR * eps * (largest RMS gradient) count as zero
 
 
 def _moments(target: Target, method: Method, chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
@@ -111,7 +116,9 @@ def gradient_snr(
     per_layer, block = OrderedDict(), OrderedDict()
     for name, mean in moments.mean.items():
         var = variance[name]
-        nonzero = var > 0
+        second = mean.square() + moments.sq_dev[name] / moments.count  # mean_i g_i**2
+        floor = (ROUNDING_FLOOR * moments.eps) ** 2 * float(second.max()) if second.numel() else 0.0
+        nonzero = var > floor
         snr = mean[nonzero].square() / var[nonzero]
         layer_sum, layer_count = float(snr.sum()), int(nonzero.sum())
         per_layer[name] = layer_sum / layer_count if layer_count else math.nan

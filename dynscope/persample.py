@@ -51,7 +51,9 @@ class GradientMoments:
 
     ``mean[name]`` is the batch gradient ``G_B = mean_i g_i``; ``sq_dev[name]`` is
     ``sum_i (g_i - G_B)**2`` elementwise, so the unbiased per-coordinate variance is
-    ``sq_dev / (count - 1)``. ``methods[name]`` is ``"hooks"`` or ``"vmap"``.
+    ``sq_dev / (count - 1)``. ``methods[name]`` is ``"hooks"`` or ``"vmap"``. ``eps`` is the
+    machine epsilon of the dtype the gradients were computed in (0 for exact inputs): variances
+    at the level of its rounding noise are treated as zero by :func:`~dynscope.gradient_snr`.
 
     Example:
         >>> import torch
@@ -65,6 +67,7 @@ class GradientMoments:
     mean: "OrderedDict[str, torch.Tensor]"
     sq_dev: "OrderedDict[str, torch.Tensor]"
     methods: Dict[str, str] = field(default_factory=dict)
+    eps: float = 0.0
 
     @classmethod
     def from_samples(cls, grads: Dict[str, torch.Tensor], method: str = "vmap") -> "GradientMoments":
@@ -76,7 +79,7 @@ class GradientMoments:
         """Moments from ``sum_i g_i`` and ``sum_i g_i**2`` (rounding can make tiny variances 0)."""
         mean = OrderedDict((n, s.double() / count) for n, s in sums.items())
         sq_dev = OrderedDict((n, (sq_sums[n].double() - mean[n] * sums[n].double()).clamp_min(0)) for n in sums)
-        return cls(count, mean, sq_dev, {n: method for n in sums})
+        return cls(count, mean, sq_dev, {n: method for n in sums}, _eps(next(iter(sq_sums.values()))))
 
     def variance(self) -> "OrderedDict[str, torch.Tensor]":
         """Unbiased (``ddof=1``) per-coordinate variance of the per-sample gradients."""
@@ -109,17 +112,22 @@ class GradientMoments:
             mean[k] = (s / count).reshape(shape)
             sq_dev[k] = (q - s * s / count).clamp_min(0).reshape(shape)
             start += size
-        return GradientMoments(count, mean, sq_dev, dict(self.methods))
+        return GradientMoments(count, mean, sq_dev, dict(self.methods), self.eps)
+
+
+def _eps(t: torch.Tensor) -> float:
+    return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
 
 
 def _chunk_moments(chunk: Dict[str, torch.Tensor], method: str) -> GradientMoments:
-    count = int(next(iter(chunk.values())).shape[0])
+    first = next(iter(chunk.values()))
+    count = int(first.shape[0])
     mean, sq_dev = OrderedDict(), OrderedDict()
     for name, g in chunk.items():
         g = g.detach().double()
         mean[name] = g.mean(0)
         sq_dev[name] = (g - mean[name]).square().sum(0)
-    return GradientMoments(count, mean, sq_dev, {n: method for n in chunk})
+    return GradientMoments(count, mean, sq_dev, {n: method for n in chunk}, _eps(first))
 
 
 def _merge(a: Optional[GradientMoments], b: GradientMoments) -> GradientMoments:
@@ -132,7 +140,7 @@ def _merge(a: Optional[GradientMoments], b: GradientMoments) -> GradientMoments:
         delta = b.mean[name] - a.mean[name]
         mean[name] = a.mean[name] + delta * (b.count / n)
         sq_dev[name] = a.sq_dev[name] + b.sq_dev[name] + delta.square() * (a.count * b.count / n)
-    return GradientMoments(n, mean, sq_dev, {**a.methods, **b.methods})
+    return GradientMoments(n, mean, sq_dev, {**a.methods, **b.methods}, max(a.eps, b.eps))
 
 
 def _combine(parts: Sequence[GradientMoments], order: Sequence[str]) -> GradientMoments:
@@ -147,6 +155,7 @@ def _combine(parts: Sequence[GradientMoments], order: Sequence[str]) -> Gradient
         OrderedDict((n, mean[n]) for n in order),
         OrderedDict((n, sq_dev[n]) for n in order),
         {n: methods[n] for n in order},
+        max(part.eps for part in parts),
     )
 
 
@@ -189,12 +198,14 @@ def check_per_sample(objective: Objective) -> None:
             "BatchNorm in train mode normalises with statistics of the whole batch, so samples are not "
             "independent and per-sample gradients are undefined; measure with mode='eval'"
         )
+    # two separate measuring() blocks: each forks the RNG afresh, so train-mode dropout draws the same masks
     with objective.measuring(), torch.no_grad():
         losses = objective.sample_losses(objective.params)
-        if losses.dim() != 1 or losses.shape[0] != objective.batch_size:
-            raise NotPerSampleError(
-                f"expected one loss per sample (shape [{objective.batch_size}]), got shape {tuple(losses.shape)}"
-            )
+    if losses.dim() != 1 or losses.shape[0] != objective.batch_size:
+        raise NotPerSampleError(
+            f"expected one loss per sample (shape [{objective.batch_size}]), got shape {tuple(losses.shape)}"
+        )
+    with objective.measuring(), torch.no_grad():
         loss = objective.loss(objective.params)
     mean, total = float(losses.double().mean()), float(loss)
     if not math.isclose(mean, total, rel_tol=1e-4, abs_tol=1e-6 * max(1.0, float(losses.abs().double().mean()))):
@@ -317,7 +328,9 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
     name_of = {id(p): n for n, p in model.named_parameters()}
     seq_first = set()
     for module in model.modules():
-        if getattr(module, "batch_first", True) is False:  # e.g. nn.TransformerEncoderLayer: [T, B, D] inside
+        # a sequence-first module (or one holding one, like nn.TransformerEncoderLayer) feeds its layers
+        # [T, B, ...]: their leading dimension is not the batch
+        if any(getattr(m, "batch_first", True) is False for m in (module, *module.children())):
             seq_first.update(id(m) for m in module.modules())
     plan = OrderedDict()
     for module in model.modules():

@@ -1,0 +1,159 @@
+"""The GradientNoise callback: per-sample gradient SNR, block g-SNR and the gradient noise scale."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from dynscope.noise import TwoBatchNoiseScale, gradient_noise_scale, gradient_snr
+from dynscope.objective import NotPerSampleError
+from dynscope.persample import per_sample_moments
+
+from .base import DiagnosticCallback
+from .distributed import sum_over_ranks, world_size
+from .protocol import LossProtocolError, find_loss_fn
+
+PER_SAMPLE_HELP = (
+    "GradientNoise needs the loss as a mean of independent per-sample losses. Ways out: return one loss per "
+    "sample (shape [B], e.g. reduction='none') from `dynscope_loss(self, batch)`; or use a mean-reduced "
+    "loss_fn that accepts `reduction=` (torch losses do) without class weights; keep BatchNorm out of "
+    "mode='train'. A batch-level loss (contrastive, listwise, ...) has no per-sample gradients: use the "
+    "Curvature callback for it instead"
+)
+
+
+class GradientNoise(DiagnosticCallback):
+    """Gradient signal-to-noise and noise scale from per-sample gradients of the training batch.
+
+    Logged under ``dynscope/noise/``:
+
+    * ``gsnr``: mean per-coordinate GSNR ``mean_i(g_ij)**2 / var_i(g_ij)`` over coordinates with
+      non-zero variance (Liu et al. 2020; Cockpit's MeanGSNR up to its biased variance and eps),
+      and per parameter tensor under ``gsnr/<layer>``.
+    * ``block_gsnr/<layer>``: SGD-SaI's ``||G_p|| / std(G_p)`` per tensor (Xu et al. 2024).
+    * ``noise_scale``: ``B_simple = tr(Sigma) / |G_B|**2`` (McCandlish et al. 2018) and
+      ``noise_scale_over_batch = B_simple / B``: above 1, a larger batch would still help.
+    * ``grad_norm``: ``||G_B||``, the norm of the batch gradient.
+    * under DDP also ``noise_scale_two_batch``: the two-batch estimate from this rank's gradient
+      vs the all-reduced one, EMA-smoothed (``two_batch_ema``).
+
+    ``g_i`` is the gradient of sample ``i``'s own loss; the batch gradient is ``G_B = mean_i g_i``;
+    variances are unbiased. Under DDP the per-sample moments of all ranks are summed (one
+    all-reduce of ``2P`` numbers), so ``B`` is the global batch. Per-sample gradients come from the
+    hook fast path for Linear, Conv1d/2d and Embedding layers and from ``vmap`` for the rest (see
+    :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``.
+
+    The loss must be a mean of per-sample losses (checked on the first measurement); otherwise
+    training stops with a :class:`~dynscope.callbacks.LossProtocolError` saying how to provide
+    per-sample losses.
+
+    Args:
+        per_layer: log ``gsnr/<layer>``.
+        block: log ``block_gsnr/<layer>``.
+        method: ``"auto"`` (hooks where they apply) or ``"vmap"``.
+        chunk_size: samples per vmap chunk (default: sized to ``memory_cap_mb``).
+        memory_cap_mb: working memory cap for per-sample gradients, in MiB.
+        two_batch_ema: EMA factor of the two-batch estimator under DDP (0 = no smoothing).
+        Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> import torch.nn.functional as F
+        >>> from dynscope.callbacks import GradientNoise
+        >>> callback = GradientNoise(every_n_steps=100, loss_fn=F.cross_entropy)
+        >>> trainer = pl.Trainer(callbacks=[callback], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+    """
+
+    group = "noise"
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        loss_fn=None,
+        *,
+        per_layer: bool = True,
+        block: bool = True,
+        method: str = "auto",
+        chunk_size: Optional[int] = None,
+        memory_cap_mb: int = 2048,
+        two_batch_ema: float = 0.9,
+        schedule: str = "steps",
+        points_per_decade: int = 10,
+        fixed_batch: bool = False,
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            schedule=schedule,
+            points_per_decade=points_per_decade,
+            loss_fn=loss_fn,
+            fixed_batch=fixed_batch,
+            mode=mode,
+            strict=strict,
+        )
+        if method not in ("auto", "vmap"):
+            raise ValueError(f"method must be 'auto' or 'vmap', got {method!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")
+        if memory_cap_mb < 1:
+            raise ValueError(f"memory_cap_mb must be at least 1, got {memory_cap_mb}")
+        self.per_layer = per_layer
+        self.block = block
+        self.method = method
+        self.chunk_size = chunk_size
+        self.memory_cap_mb = memory_cap_mb
+        self.two_batch = TwoBatchNoiseScale(two_batch_ema)
+        self._checked = False
+
+    def check_module(self, trainer, pl_module) -> None:
+        find_loss_fn(pl_module, self.loss_fn)
+        if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
+            raise LossProtocolError(
+                "GradientNoise(mode='train') cannot measure a model with BatchNorm: in train mode it mixes the "
+                "samples of a batch, so per-sample gradients are undefined; use mode='eval' (the default)"
+            )
+
+    def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        objective = self.objective(pl_module, batch)
+        try:
+            moments = per_sample_moments(
+                objective, self.method, chunk_size=self.chunk_size,
+                memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
+            )
+        except NotPerSampleError as error:
+            raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
+        self._checked = True
+        out: Dict[str, float] = {}
+        reduce = sum_over_ranks(trainer)
+        if reduce is not None:
+            local = moments
+            moments = moments.all_reduced(reduce)
+            if world_size(trainer) > 1 and moments.count > local.count:
+                small = float(sum(m.square().sum() for m in local.mean.values()))
+                big = float(sum(m.square().sum() for m in moments.mean.values()))
+                out["noise_scale_two_batch"] = self.two_batch.update(small, big, local.count, moments.count).value
+        snr = gradient_snr(moments)
+        noise = gradient_noise_scale(moments)
+        out["gsnr"] = snr.value
+        out["noise_scale"] = noise.value
+        out["noise_scale_over_batch"] = noise.value / moments.count
+        out["grad_norm"] = math.sqrt(noise.grad_sq_norm)
+        if self.per_layer:
+            out.update({f"gsnr/{name}": v for name, v in snr.per_layer.items()})
+        if self.block:
+            out.update({f"block_gsnr/{name}": v for name, v in snr.block.items()})
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["two_batch"] = self.two_batch.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "two_batch" in state_dict:
+            self.two_batch.load_state_dict(state_dict["two_batch"])

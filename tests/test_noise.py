@@ -1,0 +1,402 @@
+"""Per-sample gradients, gradient SNR, noise scale and the GradientNoise callback."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pytorch_lightning as pl
+from dynscope import (
+    NotPerSampleError,
+    Objective,
+    TwoBatchNoiseScale,
+    gradient_noise_scale,
+    gradient_snr,
+    per_sample_grads,
+    per_sample_moments,
+    two_batch_noise_scale,
+)
+from dynscope.callbacks import GradientNoise, LossProtocolError
+from dynscope.persample import GradientMoments, default_sample_chunk
+from models import Classifier, SmallCNN, TinyTransformer, classification_data, loader, mlp, trainer
+from observer import assert_same_weights, trained_weights
+
+
+# -- references -------------------------------------------------------------------------------------
+
+
+def looped_grads(model, loss_fn, x, y):
+    """Per-sample gradients with one plain autograd call per sample: ``{name: [B, *shape]}``."""
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)])
+    return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
+
+
+def numpy_stats(grads, eps=None):
+    """GSNR, per-layer GSNR, block g-SNR and B_simple from ``{name: [B, ...]}`` with numpy.
+
+    A coordinate counts for GSNR when its per-sample std exceeds ``64 eps`` times the largest
+    RMS per-sample gradient of its tensor (the documented rounding floor).
+    """
+    eps = eps if eps is not None else float(np.finfo(np.dtype(str(next(iter(grads.values())).dtype).split(".")[1])).eps)
+    flat = {n: g.detach().double().numpy().reshape(g.shape[0], -1) for n, g in grads.items()}
+    allg = np.concatenate(list(flat.values()), axis=1)
+    mean, var = allg.mean(0), allg.var(0, ddof=1)
+    counts = {n: (g.var(0, ddof=1) > (64 * eps) ** 2 * np.max(np.mean(g**2, 0))) for n, g in flat.items()}
+    nz = np.concatenate(list(counts.values()))
+    per_layer, block = {}, {}
+    for n, g in flat.items():
+        m, v, keep = g.mean(0), g.var(0, ddof=1), counts[n]
+        per_layer[n] = float(np.mean(m[keep] ** 2 / v[keep])) if keep.any() else math.nan
+        block[n] = float(np.linalg.norm(m) / np.std(m)) if np.std(m) > 0 else math.nan
+    return {
+        "gsnr": float(np.mean(mean[nz] ** 2 / var[nz])),
+        "per_layer": per_layer,
+        "block": block,
+        "noise_scale": float(var.sum() / (mean**2).sum()),
+        "grad_sq_norm": float((mean**2).sum()),
+    }
+
+
+def assert_close_dict(a, b, **kw):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.allclose(a[n], b[n], **kw), n
+
+
+# -- linear regression against numpy on closed-form per-sample gradients -----------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_linear_regression_gsnr_and_noise_scale_match_numpy(method):
+    rng = np.random.default_rng(0)
+    B, d = 32, 4
+    x = rng.normal(size=(B, d))
+    x[:, 2] = 0.0  # that weight's per-sample gradients are all 0: zero variance, left out of the mean
+    y = x @ rng.normal(size=d) + 0.3 * rng.normal(size=B) + 1.0
+    w, b = rng.normal(size=d) * 0.5, 0.2
+    model = nn.Linear(d, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(w)[None])
+        model.bias.fill_(b)
+    # l_i = (w.x_i + b - y_i)^2, so g_i = 2 r_i (x_i, 1): an explicit loop in numpy
+    gw, gb = np.zeros((B, 1, d)), np.zeros((B, 1))
+    for i in range(B):
+        r = x[i] @ w + b - y[i]
+        gw[i, 0], gb[i, 0] = 2 * r * x[i], 2 * r
+    ref = numpy_stats({"weight": torch.from_numpy(gw), "bias": torch.from_numpy(gb)})
+    obj = Objective(model, F.mse_loss, (torch.from_numpy(x), torch.from_numpy(y)[:, None]))
+
+    moments = per_sample_moments(obj, method)
+    snr, noise = gradient_snr(moments), gradient_noise_scale(moments)
+    assert snr.value == pytest.approx(ref["gsnr"], rel=1e-9)
+    assert snr.num_coordinates == d  # 3 weights + bias
+    for n in ("weight", "bias"):
+        assert snr.per_layer[n] == pytest.approx(ref["per_layer"][n], rel=1e-9)
+        assert snr.block[n] == pytest.approx(ref["block"][n], rel=1e-9, nan_ok=True)
+    assert noise.value == pytest.approx(ref["noise_scale"], rel=1e-9)
+    assert noise.grad_sq_norm == pytest.approx(ref["grad_sq_norm"], rel=1e-9)
+    assert math.isnan(snr.block["bias"])  # one element: std = 0, guarded
+    # the same numbers straight from the objective
+    assert gradient_snr(obj, method=method).value == pytest.approx(ref["gsnr"], rel=1e-9)
+    assert gradient_noise_scale(obj, method=method).value == pytest.approx(ref["noise_scale"], rel=1e-9)
+    expected_method = "hooks" if method == "auto" else "vmap"
+    assert set(moments.methods.values()) == {expected_method}
+
+
+# -- per-sample gradients against a per-sample autograd loop -----------------------------------------
+
+
+def _cases():
+    torch.manual_seed(0)
+    yield "mlp", mlp((4, 6, 3)), classification_data(10, (4,))
+    torch.manual_seed(0)
+    cnn = SmallCNN(channels=2)
+    cnn.bn.running_mean.uniform_(-0.5, 0.5)  # non-trivial eval-mode statistics
+    yield "cnn", cnn, classification_data(6, (1, 8, 8))
+    torch.manual_seed(0)
+    yield "transformer", TinyTransformer(dim=4, heads=2), classification_data(6, (5,), vocab=11)
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_per_sample_grads_equal_a_per_sample_autograd_loop(case):
+    _, model, (x, y) = case
+    obj = Objective(model, F.cross_entropy, (x, y))
+    got = per_sample_grads(obj, chunk_size=4)  # chunks of 4, 4, 2 (or 4, 2)
+    ref = looped_grads(model, F.cross_entropy, x, y)
+    assert_close_dict(got, ref, atol=1e-6, rtol=1e-4)
+    assert_close_dict(per_sample_grads(obj), got, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_moments_match_looped_gradients_with_numpy(case):
+    _, model, (x, y) = case
+    model = model.double()  # tiny variances make float32 GSNR a poor reference
+    x = x.double() if x.is_floating_point() else x
+    ref = numpy_stats(looped_grads(model, F.cross_entropy, x, y))
+    obj = Objective(model, F.cross_entropy, (x, y))
+    snr, noise = gradient_snr(obj), gradient_noise_scale(obj)
+    assert snr.value == pytest.approx(ref["gsnr"], rel=1e-8)
+    assert noise.value == pytest.approx(ref["noise_scale"], rel=1e-8)
+    for n, v in ref["per_layer"].items():
+        assert snr.per_layer[n] == pytest.approx(v, rel=1e-8, nan_ok=True), n
+        assert snr.block[n] == pytest.approx(ref["block"][n], rel=1e-8, nan_ok=True), n
+
+
+# -- the hook fast path equals the vmap path -----------------------------------------------------------
+
+
+class Mixed(nn.Module):
+    """Every layer kind the fast path handles, and the cases where it must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 5, padding_idx=0)
+        self.conv1 = nn.Conv1d(5, 4, 3, padding="same", dilation=2)
+        self.conv2 = nn.Conv2d(1, 3, 3, stride=2, padding=1, bias=False)
+        self.seq = nn.Linear(4, 4)  # sees [B, T, 4] and is called twice
+        self.shared = nn.Linear(4, 4)  # also used directly through F.linear: must fall back
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4 + 3, 3)
+
+    def forward(self, batch):
+        tokens, image = batch
+        h = self.conv1(self.embed(tokens).transpose(1, 2)).transpose(1, 2)  # [B, T, 4]
+        h = self.seq(torch.tanh(self.seq(h)))
+        h = self.shared(h) + F.linear(h.flip(1), self.shared.weight)
+        h = F.gelu(self.norm(h)).mean(1)
+        c = self.conv2(image).mean((2, 3))
+        return self.head(torch.cat([h, c], 1))
+
+
+def _mixed_objective(batch_size=9):
+    torch.manual_seed(0)
+    model = Mixed().double()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 7, (batch_size, 6), generator=g)
+    tokens[0, :3] = 0  # padding tokens get no gradient
+    tokens[1] = 3  # one token repeated: its per-sample rows add up before squaring
+    image = torch.randn(batch_size, 1, 7, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch_size,), generator=g)
+    return Objective(model, F.cross_entropy, ((tokens, image), y), forward_fn=lambda m, inputs: m(inputs))
+
+
+def test_fast_path_equals_vmap_path_on_every_supported_layer_kind():
+    obj = _mixed_objective()
+    fast, slow = per_sample_moments(obj, chunk_size=4), per_sample_moments(obj, "vmap", chunk_size=4)
+    assert fast.methods == {
+        "embed.weight": "hooks", "conv1.weight": "hooks", "conv1.bias": "hooks", "conv2.weight": "hooks",
+        "seq.weight": "hooks", "seq.bias": "hooks", "shared.weight": "vmap", "shared.bias": "hooks",
+        "norm.weight": "vmap", "norm.bias": "vmap", "head.weight": "hooks", "head.bias": "hooks",
+    }
+    assert set(slow.methods.values()) == {"vmap"}
+    assert fast.count == slow.count == 9
+    assert_close_dict(fast.mean, slow.mean, atol=1e-12, rtol=1e-9)
+    assert_close_dict(fast.sq_dev, slow.sq_dev, atol=1e-12, rtol=1e-8)
+    # and both equal the materialised per-sample gradients
+    assert_close_dict(GradientMoments.from_samples(per_sample_grads(obj)).sq_dev, slow.sq_dev, atol=1e-12, rtol=1e-9)
+
+
+def test_fast_path_chunks_its_per_layer_gradients_to_the_memory_cap():
+    obj = _mixed_objective()
+    tiny = per_sample_moments(obj, memory_cap=1)  # one sample per chunk everywhere
+    assert_close_dict(tiny.sq_dev, per_sample_moments(obj).sq_dev, atol=1e-12, rtol=1e-9)
+    assert default_sample_chunk(obj, obj.layout.numel, memory_cap=1) == 1
+    assert default_sample_chunk(obj, obj.layout.numel) == obj.batch_size
+
+
+def test_fast_path_on_the_transformer_equals_vmap():
+    torch.manual_seed(0)
+    model = TinyTransformer(dim=4, heads=2).double()
+    x, y = classification_data(8, (5,), vocab=11)
+    obj = Objective(model, F.cross_entropy, (x, y))
+    fast, slow = per_sample_moments(obj), per_sample_moments(obj, "vmap")
+    hooked = {n for n, m in fast.methods.items() if m == "hooks"}
+    assert hooked == {"embed.weight", "ff.0.weight", "ff.0.bias", "ff.2.weight", "ff.2.bias", "head.weight", "head.bias"}
+    assert_close_dict(fast.sq_dev, slow.sq_dev, atol=1e-12, rtol=1e-9)
+
+
+def test_sequence_first_layers_fall_back_to_vmap():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=False).double()
+    model = nn.Sequential(layer)
+    x = torch.randn(6, 6, 4, dtype=torch.float64)  # [T, B, D] with T == B: the batch dim cannot be told apart
+    y = torch.randn(6, 6, 4, dtype=torch.float64)
+    obj = Objective(model, F.mse_loss, (x, y))
+    # the mean over the first dim is not a per-sample loss here; just check the plan refuses the layers
+    from dynscope.persample import _hook_plan
+
+    assert _hook_plan(obj) == {}
+
+
+# -- the decomposition is checked ---------------------------------------------------------------------
+
+
+def test_losses_that_are_not_a_mean_of_per_sample_losses_are_refused():
+    x, y = classification_data(8, (4,))
+    model = mlp((4, 5, 3))
+    for loss in (nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))):
+        with pytest.raises(NotPerSampleError, match="not the mean of the per-sample losses"):
+            gradient_snr(Objective(model, loss, (x, y)))
+    batch_level = Objective(model, sample_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), batch=(x, y))
+    with pytest.raises(NotPerSampleError, match="one loss per sample"):
+        gradient_noise_scale(batch_level)
+    with pytest.raises(NotPerSampleError, match="BatchNorm in train mode"):
+        gradient_snr(Objective(SmallCNN(), F.cross_entropy, classification_data(4, (1, 8, 8)), mode="train"))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        gradient_snr(Objective(model, F.cross_entropy, (x[:1], y[:1])))
+    with pytest.raises(ValueError, match="method must be"):
+        per_sample_moments(Objective(model, F.cross_entropy, (x, y)), "backpack")
+
+
+def test_dict_batches_through_sample_loss_fn():
+    torch.manual_seed(0)
+    model = mlp((3, 4, 2))
+    batch = {"x": torch.randn(6, 3), "y": torch.randint(0, 2, (6,)), "tag": "not a tensor"}
+    obj = Objective(model, sample_loss_fn=lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"), batch=batch)
+    ref = looped_grads(model, F.cross_entropy, batch["x"], batch["y"])
+    assert_close_dict(per_sample_grads(obj, chunk_size=4), ref, atol=1e-6)
+    assert gradient_snr(obj).value == pytest.approx(numpy_stats(ref)["gsnr"], rel=1e-4)
+
+
+def test_moments_all_reduced_over_ranks_equal_the_whole_batch():
+    torch.manual_seed(0)
+    model = mlp((4, 6, 3)).double()
+    x, y = classification_data(10, (4,))
+    x = x.double()
+    whole = per_sample_moments(Objective(model, F.cross_entropy, (x, y)))
+    a = per_sample_moments(Objective(model, F.cross_entropy, (x[:3], y[:3])))
+    b = per_sample_moments(Objective(model, F.cross_entropy, (x[3:], y[3:])))
+    sent = {}
+    b.all_reduced(lambda t: sent.setdefault("b", t))  # what rank b contributes
+    merged = a.all_reduced(lambda t: t + sent["b"])
+    assert merged.count == 10
+    assert_close_dict(merged.mean, whole.mean, atol=1e-12)
+    assert_close_dict(merged.sq_dev, whole.sq_dev, atol=1e-10)
+
+
+# -- the two-batch estimator --------------------------------------------------------------------------
+
+
+def test_two_batch_estimator_recovers_a_known_noise_scale():
+    g = torch.Generator().manual_seed(0)
+    d, b_small, b_big, n = 16, 8, 64, 3000
+    G = torch.randn(d, generator=g, dtype=torch.float64)
+    G = G / G.norm()  # |G|^2 = 1
+    std = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    true = float((std**2).sum() / G.square().sum())  # tr(Sigma) / |G|^2
+    samples = G + std * torch.randn(n, b_big, d, generator=g, dtype=torch.float64)
+    small = samples[:, :b_small].mean(1).square().sum(1)  # one device's batch
+    big = samples.mean(1).square().sum(1)  # the all-reduced batch
+    smoothed = TwoBatchNoiseScale(ema=0.995)
+    for s, bg in zip(small.tolist(), big.tolist()):
+        est = smoothed.update(s, bg, b_small, b_big)
+    assert est.value == pytest.approx(true, rel=0.05)
+    mean_est = two_batch_noise_scale(float(small.mean()), float(big.mean()), b_small, b_big)
+    assert mean_est.value == pytest.approx(true, rel=0.05)
+    assert mean_est.grad_sq_norm == pytest.approx(1.0, rel=0.05)
+    # the per-sample estimator on one big batch of the same distribution
+    one_batch = GradientMoments.from_samples({"g": samples[:50].reshape(-1, d)})
+    assert gradient_noise_scale(one_batch).value == pytest.approx(true, rel=0.05)
+    with pytest.raises(ValueError, match="small_batch < big_batch"):
+        two_batch_noise_scale(1.0, 1.0, 8, 8)
+    with pytest.raises(ValueError, match="ema"):
+        TwoBatchNoiseScale(ema=1.0)
+    restored = TwoBatchNoiseScale()
+    restored.load_state_dict(smoothed.state_dict())
+    assert restored.update(1.0, 0.5, 1, 2).value == smoothed.update(1.0, 0.5, 1, 2).value
+
+
+# -- the callback -------------------------------------------------------------------------------------
+
+
+class Recorder(pl.loggers.logger.Logger):
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+def test_callback_logs_the_documented_tags_with_reference_values():
+    torch.manual_seed(0)
+    net = mlp((4, 6, 3))
+    module = Classifier(net, lr=0.1)
+    x, y = classification_data(32, (4,))
+    callback = GradientNoise(every_n_steps=2, fixed_batch=True)
+    recorder = Recorder()
+    trainer(max_steps=4, callbacks=[callback], logger=recorder).fit(module, loader(x, y, batch_size=8))
+    steps = [s for s, m in recorder.metrics if "dynscope/noise/gsnr" in m]
+    assert steps[-2:] == [2, 4]
+    logged = [m for s, m in recorder.metrics if s == 4 and "dynscope/noise/gsnr" in m][0]
+    names = [n for n, _ in module.named_parameters()]
+    expected = {"dynscope/noise/" + k for k in ("gsnr", "noise_scale", "noise_scale_over_batch", "grad_norm")}
+    expected |= {f"dynscope/noise/gsnr/{n}" for n in names} | {f"dynscope/noise/block_gsnr/{n}" for n in names}
+    expected -= {f"dynscope/noise/block_gsnr/{n}" for n in names if module.get_parameter(n).numel() == 1}
+    assert set(logged) == expected
+    # step 4 is the last step: the weights now are the ones it measured, on the first batch (fixed)
+    ref = numpy_stats({"net." + k: v for k, v in looped_grads(net, F.cross_entropy, x[:8], y[:8]).items()})
+    assert logged["dynscope/noise/gsnr"] == pytest.approx(ref["gsnr"], rel=1e-3)
+    assert logged["dynscope/noise/noise_scale"] == pytest.approx(ref["noise_scale"], rel=1e-4)
+    assert logged["dynscope/noise/noise_scale_over_batch"] == pytest.approx(ref["noise_scale"] / 8, rel=1e-4)
+    assert logged["dynscope/noise/grad_norm"] == pytest.approx(math.sqrt(ref["grad_sq_norm"]), rel=1e-5)
+    for n in names:
+        assert logged[f"dynscope/noise/gsnr/{n}"] == pytest.approx(ref["per_layer"][n], rel=1e-3)
+    state = callback.state_dict()
+    fresh = GradientNoise()
+    fresh.load_state_dict(state)
+    assert fresh.num_measurements == len(steps) and fresh.two_batch.state_dict() == callback.two_batch.state_dict()
+
+
+class BatchLevel(Classifier):
+    def dynscope_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)  # a scalar: not per sample
+
+
+def test_callback_stops_with_a_clear_error_on_a_batch_level_loss():
+    x, y = classification_data(16, (4,))
+    with pytest.raises(LossProtocolError, match="dynscope_loss"):
+        trainer(max_steps=2, callbacks=[GradientNoise(every_n_steps=1)]).fit(BatchLevel(mlp()), loader(x, y, 8))
+    with pytest.raises(LossProtocolError, match="BatchNorm"):
+        trainer(max_steps=1, callbacks=[GradientNoise(mode="train")]).fit(
+            Classifier(SmallCNN()), loader(*classification_data(8, (1, 8, 8)), 4)
+        )
+    for bad in (dict(method="loop"), dict(chunk_size=0), dict(memory_cap_mb=0), dict(two_batch_ema=1.5)):
+        with pytest.raises(ValueError):
+            GradientNoise(**bad)
+
+
+def test_observer_effect_with_gradient_noise():
+    baseline = trained_weights([], steps=12)
+    measured = trained_weights([GradientNoise(every_n_steps=2)], steps=12)
+    assert_same_weights(baseline, measured)
+
+
+def test_observer_effect_in_train_mode_with_dropout():
+    def net():
+        return nn.Sequential(nn.Flatten(), mlp((64, 16, 3), dropout=0.3))
+
+    baseline = trained_weights([], steps=8, net_factory=net)
+    measured = trained_weights([GradientNoise(every_n_steps=1, mode="train")], steps=8, net_factory=net)
+    assert_same_weights(baseline, measured)
