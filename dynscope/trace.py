@@ -83,12 +83,13 @@ def hutch_plus_plus(op, num_matvecs: int, seed: Optional[int] = None) -> TraceRe
     g_cols = num_matvecs - 2 * k
     probes = rademacher(k + g_cols, op.size, seed, op.dtype, op.device)
     s, g = probes[:k], probes[k:]
-    q = torch.linalg.qr(op.matmat(s).double().T).Q.T  # [k, n], orthonormal rows
+    q = torch.linalg.qr(op.matmat(s).double().T).Q.T  # [min(k, n), n], orthonormal rows
+    kq = q.shape[0]
     g = g.double()
     g = g - (g @ q.T) @ q
     hq = op.matmat(torch.cat([q, g]).to(op.dtype)).double()
-    head = q * hq[:k]
-    tail = g * hq[k:] / g_cols
+    head = q * hq[:kq]
+    tail = g * hq[kq:] / g_cols
     contributions = head.sum(0) + tail.sum(0)
     return TraceResult(
         value=float(contributions.sum()),
