@@ -1,0 +1,455 @@
+"""Softmax collapse diagnostics (SoftmaxCollapse) and the automatic StableMax switch (AutoStableMax).
+
+Both follow Prieto et al. 2025, "Grokking at the edge of numerical stability"; the metric
+definitions are in :mod:`dynscope.collapse`, StableMax in :mod:`dynscope.nn`, the orthogonal
+gradient in :mod:`dynscope.optim`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.utils._pytree import tree_map
+
+from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
+from dynscope.nn import CrossEntropy
+from dynscope.optim import OrthoGrad
+
+from .base import DiagnosticCallback
+from .distributed import sum_over_ranks
+from .logging import log_scalars, log_text, tag
+from .protocol import LossProtocolError, module_logits
+
+log = logging.getLogger("dynscope")
+
+EVENTS = "dynscope/mitigation/events"
+
+
+def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval"):
+    """``(logits, targets)`` of ``module`` on ``batch`` without changing anything about training.
+
+    Runs under ``torch.no_grad()`` with all RNGs forked. ``mode="eval"`` evaluates in eval mode
+    (dropout off, BatchNorm running statistics); ``"train"`` in train mode, with every buffer
+    (BatchNorm running statistics) restored afterwards. The modules' train/eval flags are restored.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    saved = [(b, b.clone()) for b in module.buffers()] if mode == "train" else []
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            module.train(mode == "train")
+            return module_logits(module, batch)
+    finally:
+        for m, training in flags:
+            m.training = training
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def collapse_counts(logits: torch.Tensor, targets: torch.Tensor, dtype, ignore_index: int) -> torch.Tensor:
+    """float64 ``[samples, collapsed, zero_loss, gap_sum, correct]`` over non-ignored samples.
+
+    Sums, so that batches and ranks combine by adding.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+        raise LossProtocolError(
+            f"SoftmaxCollapse needs class logits shaped [..., C], got {getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    keep = targets.detach().reshape(-1).to(logits.device) != ignore_index
+    collapsed = collapsed_rows(logits, dtype)[keep]
+    zero = zero_loss_rows(logits, targets, dtype, ignore_index)[keep]
+    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
+    labels = targets.detach().reshape(-1).to(logits.device)[keep]
+    gaps = logit_gaps(rows).sum() if rows.shape[-1] >= 2 else torch.tensor(float("nan"))
+    correct = (rows.argmax(-1) == labels).sum()
+    parts = [keep.sum(), collapsed.sum(), zero.sum(), gaps, correct]
+    return torch.stack([torch.as_tensor(p, dtype=torch.float64).to(logits.device) for p in parts])
+
+
+def fractions(counts: torch.Tensor, prefix: str = "", accuracy: str = "train_accuracy") -> Dict[str, float]:
+    n, collapsed, zero, gaps, correct = counts.tolist()
+    if n == 0:
+        return {}
+    return {
+        f"{prefix}sc_fraction": collapsed / n,
+        f"{prefix}zero_loss_fraction": zero / n,
+        f"{prefix}max_logit_gap": gaps / n,
+        accuracy: correct / n,
+    }
+
+
+class SoftmaxCollapse(DiagnosticCallback):
+    """Softmax collapse, zero-loss fraction, logit gap, accuracy and NLM alignment during training.
+
+    Logged under ``dynscope/collapse/`` (Prieto et al. 2025, "Grokking at the edge of numerical
+    stability"):
+
+    * ``sc_fraction``: fraction of samples with ``sum_k exp(z_k - max z) == 1`` exactly in
+      ``dtype`` (:func:`dynscope.softmax_collapse`).
+    * ``zero_loss_fraction``: fraction whose softmax cross-entropy in ``dtype`` is exactly 0.
+    * ``max_logit_gap``: mean over samples of (largest logit - second-largest logit).
+    * ``train_accuracy``: arg-max accuracy on the measured batch.
+    * ``nlm_cos`` and ``nlm_cos/<parameter>``: ``cos(theta, -grad)`` of the training gradient
+      (:func:`dynscope.nlm_alignment`), near 1 under naive loss minimisation.
+    * with ``held_data="val"``: ``held_sc_fraction``, ``held_zero_loss_fraction``,
+      ``held_max_logit_gap`` and ``held_accuracy`` on the first ``held_batches`` validation
+      batches (fetched once, then the same batches every time).
+
+    Logits come from ``module.dynscope_logits(batch) -> (logits, targets)`` or ``(module(x), y)``
+    (see :mod:`dynscope.callbacks.protocol`), evaluated after the optimizer step of a scheduled
+    step, on that step's batch, under ``no_grad`` with forked RNGs: in eval mode by default
+    (dropout off, BatchNorm running statistics), or ``mode="train"`` (buffers restored after).
+    Rows whose target is ``ignore_index`` are left out; the class dimension is the last one.
+
+    ``nlm_cos`` is read from the parameters' ``.grad`` in ``on_before_optimizer_step`` of the
+    scheduled step (read only): the real batch gradient at the weights it was taken at, after any
+    gradient accumulation and (under DDP) already averaged over ranks, before clipping. The logit
+    metrics are summed over ranks before dividing.
+
+    Args:
+        every_n_steps: period in optimizer steps (one extra forward pass per check).
+        dtype: the dtype the loss is computed in (``"float32"``, ``"bfloat16"``, ``"float16"``,
+            ``"float64"``); default: the logits' dtype. Under ``"*-mixed"`` precision the logits
+            are computed outside autocast here (float32), which matches autocast's float32
+            cross-entropy.
+        nlm: log ``nlm_cos``.
+        per_layer: log ``nlm_cos/<parameter>`` too.
+        held_data: ``"none"`` or ``"val"`` (the trainer's validation data).
+        held_batches: how many validation batches make up the held set.
+        ignore_index: target value to leave out.
+        Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from dynscope.callbacks import SoftmaxCollapse
+        >>> callback = SoftmaxCollapse(every_n_steps=10, dtype="float32")
+        >>> trainer = pl.Trainer(callbacks=[callback], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+    """
+
+    group = "collapse"
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        dtype: Optional[str] = None,
+        *,
+        nlm: bool = True,
+        per_layer: bool = True,
+        held_data: str = "none",
+        held_batches: int = 1,
+        ignore_index: int = -100,
+        schedule: str = "steps",
+        points_per_decade: int = 10,
+        fixed_batch: bool = False,
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade,
+            fixed_batch=fixed_batch, mode=mode, strict=strict,
+        )
+        if dtype is not None:
+            resolve_dtype(dtype, torch.float32)  # raises on an unsupported name
+        if held_data not in ("none", "val"):
+            raise ValueError(f"held_data must be 'none' or 'val', got {held_data!r}")
+        if held_batches < 1:
+            raise ValueError(f"held_batches must be >= 1, got {held_batches}")
+        self.dtype = dtype
+        self.nlm = nlm
+        self.per_layer = per_layer
+        self.held_data = held_data
+        self.held_batches = held_batches
+        self.ignore_index = ignore_index
+        self._alignment: Optional[tuple] = None  # (step, NLMAlignment)
+        self._held: Optional[List[Any]] = None
+
+    # -- gradients: read in the step they belong to ------------------------------------------------
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step + 1
+        if not self.nlm or not (self.schedule.at_epoch_end or self.schedule.due(step)):
+            return
+        try:
+            self._alignment = (step, nlm_alignment(pl_module))
+        except Exception as error:  # noqa: BLE001 - a diagnostic must not end the run
+            if self.strict:
+                raise
+            self.warn_once("nlm", f"nlm_cos skipped: {type(error).__name__}: {error}")
+            self._alignment = None
+
+    # -- the measurement ---------------------------------------------------------------------------------
+    def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        reduce = sum_over_ranks(trainer)
+        out: Dict[str, float] = {}
+        logits, targets = measured_logits(pl_module, batch, self.mode)
+        counts = collapse_counts(logits, targets, self.dtype, self.ignore_index)
+        out.update(fractions(reduce(counts) if reduce else counts))
+        if self.held_data == "val":
+            held = self._held_counts(trainer, pl_module)
+            if held is not None:
+                out.update(fractions(reduce(held) if reduce else held, "held_", "held_accuracy"))
+        if self.nlm and self._alignment is not None and (
+            self.schedule.at_epoch_end or self._alignment[0] == trainer.global_step
+        ):
+            alignment: NLMAlignment = self._alignment[1]
+            out["nlm_cos"] = alignment.global_cos
+            if self.per_layer:
+                out.update({f"nlm_cos/{name}": v for name, v in alignment.per_tensor.items()})
+        return out
+
+    def _held_counts(self, trainer, pl_module) -> Optional[torch.Tensor]:
+        if not self._held:  # fetched once; retried while there is none yet
+            self._held = _first_batches(_val_loader(trainer, pl_module), self.held_batches)
+        if not self._held:
+            self.warn_once("held", "held_data='val' but the trainer has no validation data; held metrics skipped")
+            return None
+        total = None
+        for cpu_batch in self._held:
+            batch = trainer.strategy.batch_to_device(cpu_batch) if hasattr(trainer, "strategy") else cpu_batch
+            logits, targets = measured_logits(pl_module, batch, self.mode)
+            counts = collapse_counts(logits, targets, self.dtype, self.ignore_index)
+            total = counts if total is None else total + counts
+        return total
+
+
+def _val_loader(trainer, pl_module):
+    """The first validation dataloader: the trainer's, else the one given to ``fit``, else the hooks'."""
+    loaders = getattr(trainer, "val_dataloaders", None)  # set once Lightning has run validation
+    sources = [
+        lambda: trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader(),  # what fit() was given
+        lambda: trainer.datamodule.val_dataloader(),
+        lambda: pl_module.val_dataloader(),
+    ]
+    for source in sources:
+        if loaders is not None:
+            break
+        try:
+            loaders = source()
+        except Exception:  # noqa: BLE001 - Lightning raises when there is no such data or hook
+            loaders = None
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    return loaders
+
+
+def _first_batches(loader, n: int) -> List[Any]:
+    if loader is None:
+        return []
+    batches = []
+    for batch in loader:
+        batches.append(tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, batch))
+        if len(batches) >= n:
+            break
+    return batches
+
+
+def switchable_losses(pl_module) -> List[CrossEntropy]:
+    """Every :class:`dynscope.nn.CrossEntropy` among the module's submodules."""
+    return [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
+
+
+class AutoStableMax(SoftmaxCollapse):
+    """Switches the module's :class:`dynscope.nn.CrossEntropy` to StableMax when softmax collapse sets in.
+
+    Measures everything :class:`SoftmaxCollapse` does (same tags) and, while not yet switched,
+    checks after each measurement:
+
+    * SC trigger: ``sc_fraction >= threshold`` for ``patience`` consecutive checks;
+    * NLM trigger (``nlm_trigger=True``): ``train_accuracy >= accuracy_threshold`` and
+      ``nlm_cos >= nlm_threshold`` for ``patience`` consecutive checks.
+
+    When one fires, every ``CrossEntropy`` in the module gets ``mode = "stablemax"`` (from the
+    next optimizer step on) and, with ``orthograd=True``, the trainer's optimizers are wrapped in
+    :class:`dynscope.optim.OrthoGrad` in place (``trainer.strategy.optimizers``; works with
+    automatic and manual optimization; LR schedulers keep their optimizer). The decision is
+    summed over ranks, so every rank switches at the same step. A check that failed does not
+    count.
+
+    Logged at every check: ``dynscope/mitigation/stablemax`` (0 before, 1 from the triggering
+    check on) and, with ``orthograd=True``, ``dynscope/mitigation/orthograd``; at the switch, a
+    text entry ``dynscope/mitigation/events`` saying when, why and the values that triggered it.
+    ``triggered_step``, ``reason`` and ``trigger_values`` hold the same (``None`` before). The
+    switch is part of the callback's checkpoint state and re-applied on resume.
+
+    Defaults: ``threshold=0.1``: healthy float32 training has essentially no collapsed samples
+    (it takes a logit margin of about 17 + ln(C - 1)); in Prieto et al.'s runs, once collapse
+    starts it spreads to most of the training set and learning stalls, so acting when a tenth of
+    the batch already has exactly zero gradient leaves the rest still learning. ``patience=3``
+    ignores one-off spikes from a batch of easy samples. ``nlm_threshold=0.9``: the gradient then
+    mostly scales the weights. ``every_n_steps=10`` (a check is one forward pass).
+
+    Args:
+        threshold: SC fraction that counts as collapse.
+        patience: consecutive checks the condition must hold.
+        orthograd: also wrap the optimizers in OrthoGrad.
+        nlm_trigger: enable the NLM trigger.
+        nlm_threshold: ``nlm_cos`` that counts as NLM.
+        accuracy_threshold: train accuracy that counts as fitted.
+        Other arguments: see :class:`SoftmaxCollapse`.
+
+    Raises at setup (``LossProtocolError``) when the module holds no ``dynscope.nn.CrossEntropy``.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> from dynscope.callbacks import AutoStableMax
+        >>> callback = AutoStableMax(threshold=0.1, patience=3, orthograd=True)
+        >>> trainer = pl.Trainer(callbacks=[callback], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+        >>> callback.triggered_step is None
+        True
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.1,
+        patience: int = 3,
+        every_n_steps: int = 10,
+        orthograd: bool = False,
+        *,
+        nlm_trigger: bool = False,
+        nlm_threshold: float = 0.9,
+        accuracy_threshold: float = 1.0,
+        dtype: Optional[str] = None,
+        per_layer: bool = True,
+        held_data: str = "none",
+        held_batches: int = 1,
+        ignore_index: int = -100,
+        schedule: str = "steps",
+        points_per_decade: int = 10,
+        fixed_batch: bool = False,
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            every_n_steps, dtype, nlm=True, per_layer=per_layer, held_data=held_data, held_batches=held_batches,
+            ignore_index=ignore_index, schedule=schedule, points_per_decade=points_per_decade,
+            fixed_batch=fixed_batch, mode=mode, strict=strict,
+        )
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold is a fraction of samples in (0, 1], got {threshold}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if not -1.0 <= nlm_threshold <= 1.0:
+            raise ValueError(f"nlm_threshold is a cosine in [-1, 1], got {nlm_threshold}")
+        if not 0.0 <= accuracy_threshold <= 1.0:
+            raise ValueError(f"accuracy_threshold must be in [0, 1], got {accuracy_threshold}")
+        self.threshold = threshold
+        self.patience = patience
+        self.orthograd = orthograd
+        self.nlm_trigger = nlm_trigger
+        self.nlm_threshold = nlm_threshold
+        self.accuracy_threshold = accuracy_threshold
+        self.active = False
+        self.triggered_step: Optional[int] = None
+        self.reason: Optional[str] = None
+        self.trigger_values: Optional[Dict[str, float]] = None
+        self._sc_streak = 0
+        self._nlm_streak = 0
+
+    def check_module(self, trainer, pl_module) -> None:
+        if not switchable_losses(pl_module):
+            raise LossProtocolError(
+                f"AutoStableMax needs a switchable loss, but {type(pl_module).__name__} holds no "
+                "dynscope.nn.CrossEntropy: compute the loss with one kept on the module, e.g. "
+                "`self.criterion = dynscope.nn.CrossEntropy()` in __init__"
+            )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.active:  # resumed from a checkpoint taken after the switch
+            self._apply(trainer, pl_module)
+
+    # -- deciding -------------------------------------------------------------------------------
+    def run(self, trainer, pl_module, batch) -> Dict[str, float]:
+        metrics = super().run(trainer, pl_module, batch)
+        step = trainer.global_step
+        if not self.active:
+            fire = self._update_streaks(metrics)
+            reduce = sum_over_ranks(trainer)
+            if reduce is not None:
+                votes = reduce(torch.tensor(float(fire is not None), device=pl_module.device))
+                if float(votes) > 0 and fire is None:
+                    fire = "another rank's check fired"
+            if fire is not None:
+                self._trigger(trainer, pl_module, step, fire, metrics)
+        scalars = {tag("mitigation", "stablemax"): float(self.active)}
+        if self.orthograd:
+            scalars[tag("mitigation", "orthograd")] = float(self.active)
+        log_scalars(trainer, scalars, step)
+        return metrics
+
+    def _update_streaks(self, metrics: Dict[str, float]) -> Optional[str]:
+        """Advance the consecutive-check counters; the reason to switch now, or ``None``."""
+        if not metrics:
+            return None
+        sc = metrics.get("sc_fraction")
+        if sc is not None:
+            self._sc_streak = self._sc_streak + 1 if sc >= self.threshold else 0
+        if self.nlm_trigger:
+            acc, cos = metrics.get("train_accuracy"), metrics.get("nlm_cos")
+            hit = acc is not None and cos is not None and acc >= self.accuracy_threshold and cos >= self.nlm_threshold
+            self._nlm_streak = self._nlm_streak + 1 if hit else 0
+        checks = f"{self.patience} consecutive check{'s' if self.patience > 1 else ''}"
+        if self._sc_streak >= self.patience:
+            return f"softmax collapse: sc_fraction >= {self.threshold:g} for {checks}"
+        if self.nlm_trigger and self._nlm_streak >= self.patience:
+            return (
+                f"naive loss minimisation: nlm_cos >= {self.nlm_threshold:g} with train_accuracy >= "
+                f"{self.accuracy_threshold:g} for {checks}"
+            )
+        return None
+
+    def _trigger(self, trainer, pl_module, step: int, reason: str, metrics: Dict[str, float]) -> None:
+        self.active = True
+        self.triggered_step = step
+        self.reason = reason
+        keys = ("sc_fraction", "zero_loss_fraction", "max_logit_gap", "train_accuracy", "nlm_cos")
+        self.trigger_values = {k: float(metrics[k]) for k in keys if k in metrics}
+        count = self._apply(trainer, pl_module)
+        action = f"switched {count} CrossEntropy loss{'es' if count != 1 else ''} to StableMax"
+        if self.orthograd:
+            action += " and wrapped the optimizer in OrthoGrad"
+        values = ", ".join(f"{k}={v:.6g}" for k, v in self.trigger_values.items())
+        text = f"step {step}: {action} (from step {step + 1} on). Why: {reason}. Values: {values}."
+        log.info("dynscope AutoStableMax: %s", text)
+        log_text(trainer, EVENTS, text, step)
+
+    def _apply(self, trainer, pl_module) -> int:
+        losses = switchable_losses(pl_module)
+        for loss in losses:
+            loss.mode = "stablemax"
+        if self.orthograd:
+            wrap_optimizers(trainer)
+        return len(losses)
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            active=self.active, triggered_step=self.triggered_step, reason=self.reason,
+            trigger_values=self.trigger_values, sc_streak=self._sc_streak, nlm_streak=self._nlm_streak,
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.active = bool(state_dict.get("active", False))
+        self.triggered_step = state_dict.get("triggered_step")
+        self.reason = state_dict.get("reason")
+        self.trigger_values = state_dict.get("trigger_values")
+        self._sc_streak = int(state_dict.get("sc_streak", 0))
+        self._nlm_streak = int(state_dict.get("nlm_streak", 0))
+
+
+def wrap_optimizers(trainer) -> None:
+    """Wrap each of the trainer's optimizers in :class:`~dynscope.optim.OrthoGrad` (once), in place.
+
+    Goes through ``trainer.strategy.optimizers``' setter so that Lightning rebuilds the
+    ``LightningOptimizer`` wrappers the training loop steps.
+    """
+    strategy = trainer.strategy
+    strategy.optimizers = [o if isinstance(o, OrthoGrad) else OrthoGrad(o) for o in strategy.optimizers]

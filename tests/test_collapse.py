@@ -1,0 +1,302 @@
+"""Softmax collapse metrics (core) and the SoftmaxCollapse / AutoStableMax callbacks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import Classifier, classification_data, loader, mlp, trainer
+from observer import assert_same_weights, trained_weights
+from pytorch_lightning.loggers.logger import Logger
+
+from dynscope import max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
+from dynscope.callbacks import AutoStableMax, LossProtocolError, SoftmaxCollapse
+from dynscope.nn import CrossEntropy
+from dynscope.optim import OrthoGrad
+
+# half a unit in the last place of 1: the other classes' relative mass below it rounds away
+HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+
+
+def _margin_logits(margins, classes=2):
+    """Rows ``[m, 0, ..., 0]``: the other classes' relative mass is ``(classes - 1) e^-m``."""
+    z = torch.zeros(len(margins), classes, dtype=torch.float64)
+    z[:, 0] = torch.tensor(margins, dtype=torch.float64)
+    return z
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ULP))
+def test_softmax_collapse_per_dtype_with_wide_margins(dtype):
+    u = HALF_ULP[dtype]
+    classes = 4
+    collapsed = math.log((classes - 1) * 64 / u)  # mass u / 64: rounds to exactly 1
+    alive = math.log((classes - 1) / (64 * u))  # mass 64 u: clearly above 1
+    z = _margin_logits([collapsed, alive, alive, 0.0], classes)
+    assert softmax_collapse(z.to(dtype)) == 0.25
+    assert softmax_collapse(z, dtype=dtype) == 0.25
+    assert softmax_collapse(z, dtype=str(dtype).removeprefix("torch.")) == 0.25
+    # label on the winner: loss exactly 0 only for the collapsed row; on a loser: never 0
+    assert zero_loss_fraction(z, torch.tensor([0, 0, 0, 0]), dtype=dtype) == 0.25
+    assert zero_loss_fraction(z.to(dtype), torch.tensor([1, 0, -100, -100])) == 0.0
+    assert zero_loss_fraction(z.to(dtype), torch.tensor([0, -100, 0, -100])) == 0.5
+
+
+def test_collapse_depends_on_the_dtype_and_the_shift():
+    z = _margin_logits([10.0, 20.0, 45.0])  # e^-10 = 4.5e-5, e^-20 = 2.1e-9, e^-45 = 2.9e-20
+    assert softmax_collapse(z, dtype="bfloat16") == 1.0
+    assert softmax_collapse(z, dtype="float32") == pytest.approx(2 / 3)
+    assert softmax_collapse(z, dtype="float64") == pytest.approx(1 / 3)
+    assert softmax_collapse(z + 1000.0) == softmax_collapse(z)  # only differences matter
+    seq = z.float().reshape(1, 3, 2).expand(2, 3, 2)  # [B, T, C], class dimension last
+    assert softmax_collapse(seq) == pytest.approx(2 / 3)
+    assert zero_loss_fraction(seq, torch.zeros(2, 3, dtype=torch.long)) == pytest.approx(2 / 3)
+
+
+def test_max_logit_gap():
+    z = torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 1.0], [2.0, 2.0, -1.0]])
+    assert max_logit_gap(z) == pytest.approx((0.5 + 3.0 + 0.0) / 3)
+
+
+def test_nlm_alignment_closed_form():
+    lin = nn.Linear(2, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        lin.bias.copy_(torch.tensor([2.0]))
+    lin.weight.grad = torch.tensor([[-3.0, -4.0]])  # -g = theta: cos 1
+    lin.bias.grad = torch.tensor([5.0])  # -g = -5: cos -1
+    got = nlm_alignment(lin)
+    assert got.per_tensor == {"weight": pytest.approx(1.0), "bias": pytest.approx(-1.0)}
+    # global: (25 - 10) / (sqrt(25 + 4) sqrt(25 + 25))
+    assert got.global_cos == pytest.approx(15 / math.sqrt(29 * 50))
+    lin.bias.grad = None  # tensors without a gradient are left out
+    assert nlm_alignment(lin).per_tensor == {"weight": pytest.approx(1.0)}
+    other = nlm_alignment(lin, grads={"weight": torch.tensor([[4.0, -3.0]])})
+    assert other.per_tensor == {"weight": pytest.approx(0.0)}
+
+
+def test_core_bad_input_is_named():
+    z = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        softmax_collapse(z, dtype="int8")
+    with pytest.raises(TypeError, match="floating point"):
+        softmax_collapse(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not match"):
+        zero_loss_fraction(z, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="class indices"):
+        zero_loss_fraction(z, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="two classes"):
+        max_logit_gap(torch.randn(3, 1))
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        nlm_alignment(nn.Linear(2, 2))
+
+
+# -- Lightning ---------------------------------------------------------------------------------
+class Recorder(Logger):
+    """Keeps every scalar and text entry it is sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.scalars, self.texts = {}, []
+
+    name = "recorder"
+    version = 0
+
+    @property
+    def experiment(self):
+        return self
+
+    def add_text(self, name, text, global_step=None):
+        self.texts.append((name, text, global_step))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        for key, value in metrics.items():
+            self.scalars.setdefault(key, []).append((step, value))
+
+
+class Switchable(Classifier):
+    """Classifier whose loss is dynscope's CrossEntropy; remembers the mode of every step."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(net, **kwargs)
+        self.criterion = CrossEntropy()
+        self.modes = []
+
+    def training_step(self, batch, batch_idx):
+        self.modes.append(self.criterion.mode)
+        return super().training_step(batch, batch_idx)
+
+
+def _confident_net(seed=0, scale=150.0):
+    """An MLP whose last layer is scaled up: large logit margins, many rows in float32 collapse."""
+    torch.manual_seed(seed)
+    net = mlp((4, 8, 3))
+    with torch.no_grad():
+        net[-1].weight.mul_(scale)
+    return net
+
+
+def _full_batch(n=64, seed=0):
+    x, y = classification_data(n, (4,), seed=seed)
+    return x, y, loader(x, y, batch_size=n)
+
+
+def test_softmax_collapse_logs_reference_values():
+    x, y, data = _full_batch()
+    module = Classifier(_confident_net(), lr=0.01)
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    rec = Recorder()
+    callback = SoftmaxCollapse(every_n_steps=1, strict=True)
+    trainer(max_steps=1, callbacks=[callback], logger=rec).fit(module, data)
+
+    with torch.no_grad():  # logits metrics: after the step, on the batch
+        z = module.net(x)
+    mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
+    top = z.double().topk(2, -1).values
+    expected = {
+        "sc_fraction": (mass == 1).double().mean().item(),
+        "zero_loss_fraction": (F.cross_entropy(z, y, reduction="none") == 0).double().mean().item(),
+        "max_logit_gap": (top[:, 0] - top[:, 1]).mean().item(),
+        "train_accuracy": (z.argmax(-1) == y).double().mean().item(),
+    }
+    assert 0.1 < expected["sc_fraction"] < 0.9  # the model is in partial collapse: a real test
+    for name, value in expected.items():
+        assert rec.scalars[f"dynscope/collapse/{name}"] == [(1, pytest.approx(value, rel=1e-12))]
+
+    # nlm_cos: the gradient of the step, at the weights before it
+    ref = Classifier(_confident_net(), lr=0.01)
+    ref.load_state_dict(initial)
+    F.cross_entropy(ref.net(x), y).backward()
+    thetas = {n: p.detach().flatten() for n, p in ref.named_parameters()}
+    grads = {n: -p.grad.flatten() for n, p in ref.named_parameters()}
+    for n in thetas:
+        cos = F.cosine_similarity(thetas[n].double(), grads[n].double(), dim=0).item()
+        assert rec.scalars[f"dynscope/collapse/nlm_cos/{n}"] == [(1, pytest.approx(cos, rel=1e-9, abs=1e-12))]
+    total = F.cosine_similarity(torch.cat(list(thetas.values())).double(), torch.cat(list(grads.values())).double(), dim=0)
+    assert rec.scalars["dynscope/collapse/nlm_cos"] == [(1, pytest.approx(total.item(), rel=1e-9))]
+
+
+def test_softmax_collapse_on_held_validation_data():
+    x, y, data = _full_batch()
+    xv, yv = classification_data(32, (4,), seed=5)
+    module = Classifier(_confident_net(), lr=0.01)
+    rec = Recorder()
+    callback = SoftmaxCollapse(every_n_steps=2, held_data="val", held_batches=2, strict=True)
+    trainer(max_steps=2, callbacks=[callback], logger=rec, num_sanity_val_steps=0, limit_val_batches=0).fit(
+        module, data, loader(xv, yv, batch_size=16)
+    )
+    with torch.no_grad():
+        z = module.net(xv)
+    mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
+    assert [step for step, _ in rec.scalars["dynscope/collapse/held_sc_fraction"]] == [1, 2]  # step 1 is always due
+    assert rec.scalars["dynscope/collapse/held_sc_fraction"][-1] == (2, pytest.approx((mass == 1).double().mean().item()))
+    acc = (z.argmax(-1) == yv).double().mean().item()
+    assert rec.scalars["dynscope/collapse/held_accuracy"][-1] == (2, pytest.approx(acc))
+
+
+def test_observer_effect_with_softmax_collapse_on():
+    baseline = trained_weights([], steps=8)
+    assert_same_weights(baseline, trained_weights([SoftmaxCollapse(every_n_steps=1, strict=True)], steps=8))
+    assert_same_weights(baseline, trained_weights([SoftmaxCollapse(every_n_steps=2, mode="train", strict=True)], steps=8))
+
+
+LR = 0.002  # small enough that the scaled-up model stays collapsed for a few steps
+
+
+def _auto_run(steps, callback, ckpt=None):
+    x, y, data = _full_batch()
+    module = Switchable(_confident_net(scale=300.0), lr=LR)
+    rec = Recorder()
+    fit_trainer = trainer(max_steps=steps, callbacks=[callback], logger=rec)
+    fit_trainer.fit(module, data, ckpt_path=ckpt)
+    return module, rec, fit_trainer
+
+
+def test_auto_stablemax_fires_logs_and_applies_orthograd(tmp_path):
+    from dynscope.callbacks._lightning import CallbackBase
+
+    class UpdateProbe(CallbackBase):
+        """Records each step's weights and raw gradient, and the update the optimizer made."""
+
+        def __init__(self):
+            self.steps = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self._before = [(p.detach().clone(), p.grad.clone()) for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = [p.detach().clone() for p in pl_module.parameters()]
+            self.steps.append([(w, g, a - w) for (w, g), a in zip(self._before, after)])
+
+    callback = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, orthograd=True, strict=True)
+    probe = UpdateProbe()
+    x, y, data = _full_batch()
+    module = Switchable(_confident_net(scale=300.0), lr=LR)
+    rec = Recorder()
+    fit_trainer = trainer(max_steps=5, callbacks=[callback, probe], logger=rec)
+    fit_trainer.fit(module, data)
+
+    sc = rec.scalars["dynscope/collapse/sc_fraction"]
+    assert sc[0][1] >= 0.1 and sc[1][1] >= 0.1  # the condition held at steps 1 and 2
+    assert callback.active and callback.triggered_step == 2
+    assert "sc_fraction >= 0.1 for 2 consecutive checks" in callback.reason
+    assert callback.trigger_values["sc_fraction"] == sc[1][1]
+    assert rec.scalars["dynscope/mitigation/stablemax"] == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0)]
+    assert rec.scalars["dynscope/mitigation/orthograd"] == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0)]
+    assert [(name, step) for name, _, step in rec.texts] == [("dynscope/mitigation/events", 2)]
+    assert "StableMax" in rec.texts[0][1] and "OrthoGrad" in rec.texts[0][1] and "step 2" in rec.texts[0][1]
+    assert module.modes == ["softmax", "softmax", "stablemax", "stablemax", "stablemax"]
+    assert isinstance(fit_trainer.optimizers[0], OrthoGrad) and fit_trainer.global_step == 5
+
+    ulp = torch.finfo(torch.float32).eps
+    for step, tensors in enumerate(probe.steps, start=1):
+        for w, g, update in tensors:
+            w64, g64 = w.double(), g.double()
+            if step <= 2:  # plain SGD
+                expected = -LR * g64
+            else:  # g_perp = g - (w.g / w.w) w rescaled to |g|: orthogonal to w, same norm
+                perp = g64 - (w64 * g64).sum() / (w64 * w64).sum() * w64
+                expected = -LR * perp * g64.norm() / perp.norm()
+                assert abs(float((expected * w64).sum())) < 1e-12 * float(expected.norm() * w64.norm())
+            # the float32 weights round the update to about one ulp of the weight
+            assert ((update.double() - expected).abs() <= 2 * ulp * w64.abs() + 1e-9).all(), f"step {step}"
+
+
+def test_auto_stablemax_stays_on_after_resume(tmp_path):
+    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, orthograd=True, strict=True)
+    _, _, fit_trainer = _auto_run(3, first)
+    assert first.triggered_step == 2
+    path = str(tmp_path / "switched.ckpt")
+    fit_trainer.save_checkpoint(path)
+
+    # the resumed run cannot trigger by itself (patience too long): the switch must come from the checkpoint
+    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, orthograd=True, strict=True)
+    module, rec, resumed = _auto_run(5, second, ckpt=path)
+    assert second.active and second.triggered_step == 2 and second.reason == first.reason
+    assert module.modes == ["stablemax", "stablemax"]
+    assert rec.scalars["dynscope/mitigation/stablemax"] == [(4, 1.0), (5, 1.0)]
+    assert isinstance(resumed.optimizers[0], OrthoGrad) and rec.texts == []
+
+
+def test_auto_stablemax_nlm_trigger():
+    callback = AutoStableMax(threshold=1.0, patience=1, every_n_steps=1, nlm_trigger=True, nlm_threshold=-1.0,
+                             accuracy_threshold=0.0, strict=True)
+    module, rec, _ = _auto_run(2, callback)
+    assert callback.triggered_step == 1 and "naive loss minimisation" in callback.reason
+    assert module.modes == ["softmax", "stablemax"]
+
+
+def test_auto_stablemax_needs_a_switchable_loss():
+    _, _, data = _full_batch(16)
+    with pytest.raises(LossProtocolError, match="dynscope.nn.CrossEntropy"):
+        trainer(max_steps=1, callbacks=[AutoStableMax()]).fit(Classifier(mlp()), data)
+    with pytest.raises(ValueError, match="threshold"):
+        AutoStableMax(threshold=0.0)
+    with pytest.raises(ValueError, match="held_data"):
+        SoftmaxCollapse(held_data="test")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        SoftmaxCollapse(dtype="half-ish")
