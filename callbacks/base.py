@@ -90,6 +90,9 @@ class DiagnosticCallback(CallbackBase):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self.check_module(trainer, pl_module)
+            from .dashboard import write_layout  # custom-scalars layout, merged across dynscope callbacks
+
+            write_layout(trainer, getattr(self, "dashboard_groups", None) or (self.group,))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step + 1

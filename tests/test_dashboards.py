@@ -1,0 +1,139 @@
+"""The TensorBoard side: the custom-scalars layout, how the callbacks write it, mitigation events."""
+
+from __future__ import annotations
+
+import glob
+import re
+
+import pytest
+
+import pytorch_lightning as pl
+from dashboard_logs import run_logs  # noqa: F401 - the session fixture
+from dynscope.callbacks import Curvature
+from dynscope.callbacks.dashboard import log_mitigation_event, write_layout
+from dynscope.dashboards.events import EVENTS_TAG, parse_event, read_logs
+from dynscope.dashboards.groups import GROUPS, STABILITY_LINE_TAG, chart_for_tag
+from dynscope.dashboards.layout import build_layout
+from models import Classifier, classification_data, loader, mlp, trainer
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+# Every tag the product promises (issue #7), with a layer name or radius where it has one.
+PROMISED_TAGS = [
+    "dynscope/curvature/" + m for m in (
+        "hessian_trace", "hessian_trace_stderr", "hessian_trace/net.0.weight", "lambda_max", "lambda_max_converged",
+        "preconditioned_lambda_max", "eos_threshold", "eos_ratio", "trace_ratio", "update_sharpness", "grad_sharpness")
+] + [
+    "dynscope/noise/" + m for m in (
+        "gsnr", "gsnr/net.0.weight", "block_gsnr/net.0.weight", "noise_scale", "noise_scale_over_batch", "grad_norm")
+] + [
+    "dynscope/collapse/" + m for m in (
+        "sc_fraction", "zero_loss_fraction", "nlm_cos", "nlm_cos/fc.weight", "max_logit_gap", "train_accuracy")
+] + [
+    "dynscope/regions/" + m for m in (
+        "lc_train", "lc_test", "lc_random", "lc_train/net.1", "lc_test/r=0.1", "lc_random/net.1/r=0.5")
+] + ["dynscope/gva/" + m for m in ("metric", "metric_ema", "amplification", "loss")] + [
+    "dynscope/mitigation/" + m for m in ("stablemax", "orthograd", "ema")
+] + ["dynscope/overhead"]
+
+
+def layouts_in(log_dir):
+    """Every custom-scalars layout written into the run's event files, in order."""
+    found = []
+    for path in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(path).Load():
+            for value in event.summary.value:
+                if value.tag == "custom_scalars__config__":
+                    found.append(layout_pb2.Layout.FromString(value.tensor.string_val[0]))
+    return found
+
+
+def charts(layout):
+    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+
+
+def test_every_promised_tag_has_a_place():
+    for tag in PROMISED_TAGS:
+        group = GROUPS[tag.split("/")[1]]
+        metric = tag.split("/")[2] if tag.count("/") >= 2 else ""
+        assert chart_for_tag(tag) is not None or metric in group.table_only, tag
+
+
+def test_chart_regexes_pick_their_series_only():
+    layout = build_layout(GROUPS)
+    regexes = charts(layout)
+
+    def shown_by(title):
+        return sorted(t for t in PROMISED_TAGS if any(re.match(r, t) for r in regexes[title]))
+
+    assert shown_by("Hessian trace tr(H) ± standard error") == ["dynscope/curvature/hessian_trace"]
+    assert shown_by("Hessian trace per layer") == ["dynscope/curvature/hessian_trace/net.0.weight"]
+    assert shown_by("Local complexity: train / test / random") == [
+        "dynscope/regions/lc_random", "dynscope/regions/lc_test", "dynscope/regions/lc_test/r=0.1",
+        "dynscope/regions/lc_train"]
+    assert shown_by("Local complexity per layer") == [
+        "dynscope/regions/lc_random/net.1/r=0.5", "dynscope/regions/lc_train/net.1"]
+    assert shown_by("Mitigations active (0/1)") == [f"dynscope/mitigation/{m}" for m in ("ema", "orthograd", "stablemax")]
+    for title in ("Edge-of-stability ratio (stable < 1)", "Trace stability ratio lr·tr(H)/2 (stable ≤ 1)",
+                  "Noise scale / batch size (critical = 1)"):
+        assert any(re.match(r, STABILITY_LINE_TAG) for r in regexes[title]), title
+
+
+def test_layout_categories_follow_the_catalogue():
+    layout = build_layout(["mitigation", "curvature", "not-a-group"])
+    assert [(c.title, c.closed) for c in layout.category] == [
+        ("Curvature", False), ("Curvature · per layer", True), ("Mitigations", False)]
+
+
+def test_callbacks_write_one_merged_layout_per_run(run_logs):
+    layouts = layouts_in(run_logs.log_dir)
+    # curvature, noise, collapse, regions, gva, then mitigation + overhead: one rewrite per new group
+    assert len(layouts) == 6
+    assert [c.title for c in layouts[0].category] == ["Curvature", "Curvature · per layer"]
+    assert [c.title for c in layouts[-1].category if not c.closed] == [
+        "Curvature", "Gradient noise", "Softmax collapse", "Linear regions", "Amplification", "Mitigations", "Overhead"]
+    # the latest layout's regexes match series the run really logged
+    run = read_logs(run_logs.log_dir)["."]
+    regexes = charts(layouts[-1])
+    eos = [t for t in run.scalars if any(re.match(r, t) for r in regexes["Edge-of-stability ratio (stable < 1)"])]
+    assert sorted(eos) == ["dynscope/curvature/eos_ratio", STABILITY_LINE_TAG]
+    assert run.scalars[STABILITY_LINE_TAG].steps.tolist() == [0, run_logs.max_steps]
+    assert set(run.scalars[STABILITY_LINE_TAG].values.tolist()) == {1.0}
+
+
+def test_mitigation_event_text_reaches_tensorboard(run_logs):
+    run = read_logs(run_logs.log_dir)["."]
+    (step, text), = run.texts[EVENTS_TAG]
+    assert step == 9
+    assert parse_event(text) == {"mitigation": "stablemax", "action": "on", "step": 9,
+                                 "reason": "softmax collapse 0.31 > 0.30", "values": {"sc_fraction": "0.31"}}
+    series = run.scalars["dynscope/mitigation/stablemax"]
+    assert series.values[series.steps < 9].max() == 0.0 and series.values[series.steps >= 9].min() == 1.0
+
+
+def test_layouts_of_separate_runs_do_not_mix(tmp_path):
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="solo", default_hp_metric=False)
+    x, y = classification_data(32)
+    run = trainer(max_steps=2, logger=logger, callbacks=[Curvature(every_n_steps=1, num_matvecs=2, eigen=False)])
+    run.fit(Classifier(mlp()), loader(x, y))
+    logger.experiment.flush()
+    (layout,) = layouts_in(logger.log_dir)
+    assert [c.title for c in layout.category] == ["Curvature", "Curvature · per layer"]
+
+
+def test_without_tensorboard_nothing_is_written(tmp_path):
+    csv = trainer(logger=pl.loggers.CSVLogger(str(tmp_path)), max_steps=1)
+    assert write_layout(csv, ["curvature"]) is None
+    assert write_layout(trainer(logger=False), ["curvature"]) is None
+    log_mitigation_event(csv, "ema", True, "amplification 9 > 5", {"amplification": 9.0}, step=3)  # no add_text: skipped
+
+
+@pytest.mark.parametrize("groups", [["curvature"], ["noise", "gva"]])
+def test_write_layout_merges_repeated_calls(tmp_path, groups):
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="merge")
+    t = trainer(logger=logger, max_steps=5)
+    assert write_layout(t, groups) == groups
+    assert write_layout(t, ["collapse"]) == sorted(groups + ["collapse"], key=list(GROUPS).index)
+    assert write_layout(t, groups) == sorted(groups + ["collapse"], key=list(GROUPS).index)
+    logger.experiment.flush()
+    assert len(layouts_in(logger.log_dir)) == 2  # the repeated call wrote nothing
