@@ -199,9 +199,9 @@ def test_softmax_collapse_on_held_validation_data():
 
 
 def test_observer_effect_with_softmax_collapse_on():
-    baseline = trained_weights([], steps=8)
-    assert_same_weights(baseline, trained_weights([SoftmaxCollapse(every_n_steps=1, strict=True)], steps=8))
-    assert_same_weights(baseline, trained_weights([SoftmaxCollapse(every_n_steps=2, mode="train", strict=True)], steps=8))
+    baseline = trained_weights([], steps=6)
+    assert_same_weights(baseline, trained_weights([SoftmaxCollapse(every_n_steps=1, strict=True)], steps=6))
+    assert_same_weights(baseline, trained_weights([SoftmaxCollapse(every_n_steps=2, mode="train", strict=True)], steps=6))
 
 
 LR = 0.002  # small enough that the scaled-up model stays collapsed for a few steps
