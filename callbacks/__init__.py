@@ -5,8 +5,20 @@ dynscope its loss is described in :mod:`dynscope.callbacks.protocol`.
 """
 
 from .base import DiagnosticCallback
+from .collapse import AutoStableMax, SoftmaxCollapse
 from .curvature import Curvature
+from .noise import GradientNoise
 from .protocol import LossProtocolError
+from .regions import LinearRegions
 from .schedule import Schedule
 
-__all__ = ["Curvature", "DiagnosticCallback", "LossProtocolError", "Schedule"]
+__all__ = [
+    "AutoStableMax",
+    "Curvature",
+    "DiagnosticCallback",
+    "GradientNoise",
+    "LinearRegions",
+    "LossProtocolError",
+    "Schedule",
+    "SoftmaxCollapse",
+]
