@@ -124,9 +124,10 @@ def _chunk_moments(chunk: Dict[str, torch.Tensor], method: str) -> GradientMomen
     count = int(first.shape[0])
     mean, sq_dev = OrderedDict(), OrderedDict()
     for name, g in chunk.items():
-        g = g.detach().double()
-        mean[name] = g.mean(0)
-        sq_dev[name] = (g - mean[name]).square().sum(0)
+        # var_mean keeps no [chunk, P] temporaries (a float64 copy would double the chunk's memory)
+        var, avg = torch.var_mean(g.detach(), dim=0, correction=0)
+        mean[name] = avg.double()
+        sq_dev[name] = var.double() * count
     return GradientMoments(count, mean, sq_dev, {n: method for n in chunk}, _eps(first))
 
 
@@ -219,12 +220,12 @@ def check_per_sample(objective: Objective) -> None:
 def default_sample_chunk(objective: Objective, numel: int, memory_cap: int = DEFAULT_MEMORY_CAP) -> int:
     """Samples per vmap chunk so that its working memory stays under ``memory_cap`` bytes.
 
-    Per sample we budget two gradient-sized tensors (the gradient and its copy in the output) and
-    three times the sample's share of the forward activations.
+    Per sample we budget three gradient-sized tensors (vmap's per-sample gradient, its copy in the
+    output, one temporary) and three times the sample's share of the forward activations.
     """
     itemsize = torch.finfo(objective.dtype).bits // 8
     per_sample_act = activation_numel(objective) / objective.batch_size
-    per_sample = itemsize * (2 * numel + 3 * per_sample_act)
+    per_sample = itemsize * (3 * numel + 3 * per_sample_act)
     return int(max(1, min(objective.batch_size, memory_cap // max(per_sample, 1))))
 
 
