@@ -206,7 +206,7 @@ class _Counter:
                 f"multiple of the {rows} vertices sent through the model; local_complexity needs a batch-major model"
             )
         values = pre.detach().reshape(self.num_points, self.group, -1)
-        low, high = values.amin(1), values.amax(1)
+        low, high = torch.aminmax(values, dim=1)
         crossed = torch.zeros_like(low, dtype=torch.bool)
         for kink in kinks:
             crossed |= (low < kink) & (high > kink)

@@ -385,8 +385,8 @@ def test_linear_regions_every_step_leaves_training_bit_identical():
     baseline = trained_weights([])
     callback = LinearRegions(
         radii=[0.2], num_directions=4, num_points=16, num_random_points=8, functional=True,
-        schedule="steps", every_n_steps=2, strict=True,
+        schedule="steps", every_n_steps=3, strict=True,
     )
     measured = trained_weights([callback])
     assert_same_weights(baseline, measured)
-    assert callback.num_measurements == 16 and "lc_train/net.relu" in callback.last_metrics
+    assert callback.num_measurements == 11 and "lc_train/net.relu" in callback.last_metrics
