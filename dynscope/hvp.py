@@ -8,16 +8,18 @@ Three kernels compute ``H v`` for a batch of vectors ``V`` (leading dimension = 
   is_grads_batched=True)``. The gradient graph is built once and reused for every chunk.
 * ``"loop"``: the same retained graph, one ``autograd.grad`` per probe. Works for every op.
 
-``method="auto"`` tries them in that order on the first chunk, remembers what worked on the
-objective, and falls back when an op has no batching rule or forward-mode rule (for example
-forward-over-reverse raises "ZeroTensors are immutable" on Linear-Tanh-Linear with MSELoss in
-torch 2.13). Probes are processed in chunks sized to a memory cap; a chunk that runs out of memory
+``method="auto"`` runs the first chunk with each of them, keeps the fastest that works and
+remembers the choice for the model; kernels that fail are skipped, which covers ops without a
+batching or forward-mode rule (for example forward-over-reverse raises "ZeroTensors are immutable"
+on Linear-Tanh-Linear with MSELoss in torch 2.13). A single vector always uses the retained graph. Probes are processed in chunks sized to a memory cap; a chunk that runs out of memory
 is halved and retried.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Callable, Dict, List, Literal, Mapping, Optional, Union
 
@@ -31,6 +33,7 @@ Vectors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 DEFAULT_MEMORY_CAP = 2 * 1024**3
 _ORDER = ("forward", "reverse", "loop")
+_CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -176,14 +179,14 @@ def _apply(
     elif m == 1:  # one vector: nothing to batch, the retained graph is cheapest
         candidates = ["loop"]
     else:
-        chosen = getattr(objective, "_hvp_method", None)
+        chosen = getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
         candidates = [chosen] if chosen else list(_ORDER)
     results, start = [], 0
     with objective.measuring():
         while start < m:
             part = vectors[start : start + chunk]
             try:
-                out = _first_that_works(kernel, candidates, part)
+                out = _fastest_that_works(kernel, candidates, part)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can shrink
                 if is_out_of_memory(error) and chunk > 1:
                     chunk = max(1, chunk // 2)
@@ -192,24 +195,41 @@ def _apply(
                 raise
             if len(candidates) > 1:
                 candidates = [kernel.method_used]
-                objective._hvp_method = kernel.method_used
+                objective._hvp_method = _CHOSEN[objective.model] = kernel.method_used
             results.append(reduce(out) if reduce is not None else out)
             start += part.shape[0]
     return check_finite(torch.cat(results), "a Hessian-vector product")
 
 
-def _first_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tensor) -> torch.Tensor:
-    errors = []
+def _fastest_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tensor) -> torch.Tensor:
+    """Run ``part`` with every candidate kernel that works and keep the fastest.
+
+    Which kernel wins depends on the model and the device (vmapped forward-over-reverse can be
+    far slower than the batched reverse pass, e.g. through attention on CPU), so the choice is
+    measured once per model and remembered.
+    """
+    if len(candidates) == 1:
+        kernel.method_used = candidates[0]
+        return kernel.run(candidates[0], part)
+    errors, best = [], None
     for name in candidates:
         try:
+            if name != "forward":
+                kernel._retained_graph()  # built once and reused: not part of the per-chunk cost
+            start = time.perf_counter()
             out = kernel.run(name, part)
-            kernel.method_used = name
-            return out
+            elapsed = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - an unsupported op shows up as any error type
-            if is_out_of_memory(error) or len(candidates) == 1:
+            if is_out_of_memory(error):
                 raise
             errors.append(f"{name}: {type(error).__name__}: {error}")
-    raise RuntimeError("no HVP kernel works for this model:\n  " + "\n  ".join(errors))
+            continue
+        if best is None or elapsed < best[0]:
+            best = (elapsed, name, out)
+    if best is None:
+        raise RuntimeError("no HVP kernel works for this model:\n  " + "\n  ".join(errors))
+    kernel.method_used = best[1]
+    return best[2]
 
 
 def hvp(
