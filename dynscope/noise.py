@@ -103,7 +103,7 @@ def gradient_snr(
     Example:
         >>> import torch
         >>> from dynscope.persample import GradientMoments
-        >>> g = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]])  # 3 samples, 2 coordinates
+        >>> g = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]], dtype=torch.float64)  # 3 samples, 2 coords
         >>> snr = gradient_snr(GradientMoments.from_samples({"w": g}))
         >>> snr.value  # coordinate 0: 2**2 / 1; coordinate 1 has zero variance and is left out
         4.0
