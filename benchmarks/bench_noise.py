@@ -237,6 +237,7 @@ def _memory_child(spec_json: str) -> None:
     if fn is None:
         print(json.dumps({"mib": None}))
         return
+    fn()  # warm-up: first-call initialisation (thread pools, functorch) is not the call's memory
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _status_kib("VmRSS")
