@@ -18,9 +18,11 @@ class UserError(Exception):
 
 # name -> (module, one-line description). Each module has `add_arguments(parser)` and `run(args)`.
 DEMOS = {
+    "grokking": ("dynscope.cli.demo_grokking", "softmax collapse in modular addition, with and without AutoStableMax"),
     "curvature": ("dynscope.cli.demo_curvature", "curvature of a small MLP on synthetic data"),
+    "gva": ("dynscope.cli.demo_gva", "variance amplification in behaviour cloning, damped by AutoEMA"),
 }
-DEFAULT_DEMO = "curvature"
+DEFAULT_DEMO = "grokking"
 
 
 def _demo(args: argparse.Namespace) -> int:
