@@ -1,0 +1,333 @@
+"""Gradient variance amplification (GVA): long-horizon metrics that swing while the loss is flat.
+
+Block et al. 2023, "Butterfly effects of SGD noise: error amplification in behavior cloning and
+autoregression": minibatch noise that barely moves the one-step training loss can make a
+long-horizon metric ``J`` (closed-loop rollout cost, autoregressive generation error) swing
+between consecutive iterates. The paper gives no scalar; dynscope uses two:
+
+* :func:`variance_amplification`, from a history of evaluations:
+  ``A = (std(dJ) / |mean J|) / (std(dL) / |mean L|)``, ``d`` the difference between
+  consecutive evaluations. ``A >> 1``: the metric's relative swing is much larger than the
+  loss's.
+* :func:`amplification_probe`, from the current parameters alone: the same ratio for steps along
+  sampled minibatch-noise directions.
+
+An exponential moving average of the iterates damps the swing (see
+:class:`dynscope.callbacks.AutoEMA`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .objective import Objective, batch_size_of, check_finite
+
+Metric = Callable[[nn.Module], float]
+
+
+def _series(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray([float(v) for v in values], dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds non-finite values: {array[~np.isfinite(array)][:4].tolist()}")
+    return array
+
+
+def relative_swing(values: Sequence[float]) -> float:
+    """``std(dv) / |mean v|``: the spread of consecutive changes relative to the level.
+
+    ``std`` is the population standard deviation (``ddof=0``). ``inf`` when the values average
+    to exactly zero but change, ``nan`` when they are all zero.
+
+    Example:
+        >>> relative_swing([1.0, 3.0, 1.0, 3.0])   # d = [2, -2, 2]: std 2 * sqrt(2) / 3, mean 2
+        0.9428090415820634
+    """
+    v = _series(values, "values")
+    if v.size < 3:
+        raise ValueError(f"need at least 3 values (2 differences), got {v.size}")
+    return _ratio(float(np.std(np.diff(v))), abs(float(np.mean(v))))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator == 0.0:
+        return math.nan if numerator == 0.0 else math.inf
+    return numerator / denominator
+
+
+def variance_amplification(
+    long_horizon_values: Sequence[float], losses: Sequence[float], window: Optional[int] = None
+) -> float:
+    """Gradient variance amplification over a window of consecutive evaluations.
+
+    ``A = (std(dJ) / |mean J|) / (std(dL) / |mean L|)`` where ``J`` are the long-horizon metric's
+    values, ``L`` the training losses at the same iterates, ``d`` the difference between
+    consecutive evaluations and ``std``, ``mean`` are taken over the last ``window`` evaluations
+    (all of them when ``window`` is ``None``). ``A`` is about 1 when the metric moves, relatively,
+    as much as the loss; ``A >> 1`` is the amplification of Block et al. 2023 ("Butterfly effects
+    of SGD noise"). The standard deviations' ``ddof`` cancels in the ratio.
+
+    Zero denominators: when the loss does not change over the window (``std(dL) == 0``) or the
+    metric averages to exactly 0, the ratio has a zero denominator and the result is ``inf`` if the
+    numerator is positive, ``nan`` if it is 0 as well (nothing moves: undefined). Likewise a zero
+    ``|mean L|`` makes the loss's relative swing infinite and ``A = 0`` (or ``nan``).
+
+    Args:
+        long_horizon_values: ``J`` at consecutive evaluations (same length as ``losses``).
+        losses: ``L`` at the same evaluations.
+        window: how many of the most recent evaluations to use (>= 3).
+
+    Raises:
+        ValueError: lengths differ, fewer than 3 evaluations, a bad window or non-finite values.
+
+    Example:
+        >>> J = [10.0, 12.0, 10.0, 12.0]      # swings by 2 around 11
+        >>> L = [1.00, 1.01, 1.00, 1.01]      # swings by 0.01 around 1.005
+        >>> round(variance_amplification(J, L), 6)   # (2 / 11) / (0.01 / 1.005)
+        18.272727
+    """
+    j = _series(long_horizon_values, "long_horizon_values")
+    loss = _series(losses, "losses")
+    if j.size != loss.size:
+        raise ValueError(f"long_horizon_values and losses must have the same length, got {j.size} and {loss.size}")
+    if window is not None:
+        if int(window) != window or window < 3:
+            raise ValueError(f"window must be an integer >= 3, got {window!r}")
+        j, loss = j[-int(window):], loss[-int(window):]
+    if j.size < 3:
+        raise ValueError(f"need at least 3 evaluations (2 differences), got {j.size}")
+    # A = (std dJ * |mean L|) / (std dL * |mean J|), so a zero |mean L| gives 0 rather than nan.
+    numerator = float(np.std(np.diff(j))) * abs(float(np.mean(loss)))
+    denominator = float(np.std(np.diff(loss))) * abs(float(np.mean(j)))
+    return _ratio(numerator, denominator)
+
+
+# -- the probe ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What :func:`amplification_probe` measured.
+
+    Attributes:
+        amplification: ``metric_change / loss_change`` (``inf``/``nan`` rules as in
+            :func:`variance_amplification`).
+        metric_change: RMS over directions of ``|J(theta + delta) - J(theta)|``, divided by ``|J(theta)|``.
+        loss_change: RMS over directions of ``|L(theta + delta) - L(theta)|``, divided by ``|L(theta)|``.
+        metric: ``J(theta)``.
+        loss: ``L(theta)``, the objective's loss (mean over its whole batch).
+        step_norm: mean ``||delta||`` over the directions.
+        num_directions: how many noise directions were used.
+    """
+
+    amplification: float
+    metric_change: float
+    loss_change: float
+    metric: float
+    loss: float
+    step_norm: float
+    num_directions: int
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the enclosed code with ``module`` in eval mode, under ``no_grad``, with all RNGs forked.
+
+    The train/eval flag of every submodule is restored afterwards, so evaluating a metric does not
+    change training (eval mode: dropout off, BatchNorm uses and keeps its running statistics).
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            module.eval()
+            yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def evaluate_metric(metric: Metric, module: nn.Module) -> float:
+    """``float(metric(module))`` inside :func:`evaluating`; raises ``ValueError`` if not finite."""
+    with evaluating(module):
+        value = metric(module)
+    value = float(value.item() if isinstance(value, torch.Tensor) else value)
+    if not math.isfinite(value):
+        raise ValueError(f"the long-horizon metric returned {value}; it must be finite (clip it, e.g. max_cost=)")
+    return value
+
+
+@contextlib.contextmanager
+def _shifted(model: nn.Module, delta: "OrderedDict[str, torch.Tensor]") -> Iterator[None]:
+    """Temporarily add ``delta`` to the named parameters; the exact old values are written back."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in delta}
+    try:
+        with torch.no_grad():
+            for n, d in delta.items():
+                params[n].add_(d.to(params[n].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
+def _minibatches(batch: Any, size: int, count: int, generator: torch.Generator) -> List[Any]:
+    n = batch_size_of(batch)
+    if not 1 <= size < n:
+        raise ValueError(f"minibatch_size must be in [1, {n}) (the objective's batch has {n} samples), got {size}")
+    out = []
+    for _ in range(count):
+        index = torch.randperm(n, generator=generator)[:size]
+        out.append(tree_map(lambda t: t[index.to(t.device)] if isinstance(t, torch.Tensor) else t, batch))
+    return out
+
+
+def amplification_probe(
+    objective: Objective,
+    metric: Metric,
+    *,
+    lr: float,
+    minibatch_size: Optional[int] = None,
+    batches: Optional[Sequence[Any]] = None,
+    num_directions: int = 8,
+    seed: int = 0,
+) -> ProbeResult:
+    """Variance amplification at the current parameters, without a history of evaluations.
+
+    Samples minibatch-noise directions ``xi_b = g_b - g_bar``: the gradient ``g_b`` of minibatch
+    ``b`` minus the mean gradient ``g_bar`` over the ``num_directions`` minibatches. Each is the
+    part of an SGD step that the minibatch's noise contributes, so the probe moves the parameters
+    by ``delta_b = -lr * xi_b`` (the size of one optimizer step with learning rate ``lr``) and
+    reports::
+
+        A = (rms_b |J(theta + delta_b) - J(theta)| / |J(theta)|) / (rms_b |L(theta + delta_b) - L(theta)| / |L(theta)|)
+
+    ``J`` is ``metric(model)`` (evaluated in eval mode under ``no_grad`` with forked RNGs),
+    ``L`` the objective's loss on its whole batch.
+
+    What it estimates: consecutive SGD iterates differ by ``-lr (g_bar + xi_t)``; across iterates
+    the mean step is common and the fluctuation is ``-lr xi_t``, so to first order
+    ``std(dJ) ~ lr * rms(grad J . xi)`` and ``std(dL) ~ lr * rms(grad L . xi)``. The probe
+    therefore estimates the history-based :func:`variance_amplification` at the current
+    parameters, by finite differences (it also sees curvature along ``xi`` that a first-order
+    estimate would miss), for plain SGD steps with no momentum; for other optimizers pass the
+    effective step size as ``lr``. It does not see how the noise accumulates over many steps.
+
+    The model's parameters are shifted in place and written back exactly (bit for bit) after
+    each evaluation; gradients come from the objective (``.grad`` is not touched).
+
+    Args:
+        objective: the loss; its batch is the data the mean gradient and ``L`` are taken over.
+        metric: ``metric(model) -> float``, the long-horizon metric (see :mod:`dynscope.rollouts`).
+        lr: the step size (learning rate).
+        minibatch_size: sample minibatches of this size from the objective's batch (without
+            replacement within a minibatch) ...
+        batches: ... or give the minibatches explicitly (``num_directions`` is then their count).
+        num_directions: how many minibatches (noise directions) to sample (>= 2).
+        seed: seed of the minibatch sampling.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(3, 1)
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> obj = Objective(model, nn.functional.mse_loss, (x, y))
+        >>> probe = amplification_probe(obj, lambda m: float(m.weight.sum() ** 2), lr=0.1, minibatch_size=8)
+        >>> probe.num_directions, probe.amplification > 0
+        (8, True)
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if batches is None:
+        if minibatch_size is None:
+            raise ValueError("give minibatch_size (minibatches are sampled from the objective's batch) or batches")
+        if num_directions < 2:
+            raise ValueError(f"num_directions must be >= 2 (the noise is measured against their mean), got {num_directions}")
+        generator = torch.Generator().manual_seed(seed)
+        batches = _minibatches(objective.batch, int(minibatch_size), num_directions, generator)
+    elif len(batches) < 2:
+        raise ValueError(f"need at least 2 minibatches, got {len(batches)}")
+    model = objective.model
+    names = list(objective.params)
+    grads = [_gradient(objective, b) for b in batches]
+    mean = OrderedDict((n, sum(g[n] for g in grads) / len(grads)) for n in names)
+
+    base_loss = float(objective.value())
+    base_metric = evaluate_metric(metric, model)
+    metric_changes, loss_changes, norms = [], [], []
+    for g in grads:
+        delta = OrderedDict((n, -lr * (g[n] - mean[n])) for n in names)
+        norms.append(math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values())))
+        with _shifted(model, delta):
+            metric_changes.append(evaluate_metric(metric, model) - base_metric)
+            loss_changes.append(float(objective.value()) - base_loss)
+    rms = lambda v: math.sqrt(sum(x * x for x in v) / len(v))  # noqa: E731
+    metric_change = _ratio(rms(metric_changes), abs(base_metric))
+    loss_change = _ratio(rms(loss_changes), abs(base_loss))
+    if math.isinf(loss_change):
+        amplification = 0.0 if math.isfinite(metric_change) else math.nan
+    else:
+        amplification = _ratio(metric_change, loss_change) if math.isfinite(metric_change) else math.inf
+    return ProbeResult(
+        amplification=amplification, metric_change=metric_change, loss_change=loss_change, metric=base_metric,
+        loss=base_loss, step_norm=sum(norms) / len(norms), num_directions=len(grads),
+    )
+
+
+def _gradient(objective: Objective, batch: Any) -> "OrderedDict[str, torch.Tensor]":
+    with objective.measuring():
+        params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
+        loss = check_finite(objective.loss(params, batch), "the minibatch loss")
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return OrderedDict((n, torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads))
+
+
+# -- the EMA that damps it ----------------------------------------------------------------------
+
+EMA_WARMUPS = ("inverse", "polynomial", "none")
+
+
+def ema_decay(t: int, decay: float = 0.99, warmup: str = "inverse", power: float = 0.75) -> float:
+    """The decay of an EMA of the iterates at its ``t``-th update (``t >= 1``; update 0 copies).
+
+    ``theta_bar <- decay_t * theta_bar + (1 - decay_t) * theta``, i.e. ``beta_t = 1 - decay_t`` in
+    the notation of the design notes. The warm-up keeps a young average from being dominated by
+    the weights it was started from:
+
+    * ``"inverse"``: ``decay_t = min(decay, (1 + t) / (10 + t))``;
+    * ``"polynomial"``: ``decay_t = min(decay, 1 - (1 + t) ** -power)``;
+    * ``"none"``: ``decay_t = decay``.
+
+    Example:
+        >>> ema_decay(1), ema_decay(1000)
+        (0.18181818181818182, 0.99)
+        >>> ema_decay(3, decay=0.999, warmup="polynomial", power=1.0)
+        0.75
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if warmup not in EMA_WARMUPS:
+        raise ValueError(f"warmup must be one of {EMA_WARMUPS}, got {warmup!r}")
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power}")
+    if t < 1:
+        raise ValueError(f"t counts updates after the first (which copies), so t >= 1; got {t}")
+    if warmup == "inverse":
+        return min(decay, (1.0 + t) / (10.0 + t))
+    if warmup == "polynomial":
+        return min(decay, 1.0 - (1.0 + t) ** -power)
+    return decay
