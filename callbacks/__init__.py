@@ -4,6 +4,7 @@ Each callback works with ``pytorch_lightning`` and ``lightning.pytorch`` alike. 
 dynscope its loss is described in :mod:`dynscope.callbacks.protocol`.
 """
 
+from .amplification import AutoEMA, VarianceAmplification
 from .base import DiagnosticCallback
 from .collapse import AutoStableMax, SoftmaxCollapse
 from .curvature import Curvature
@@ -13,6 +14,8 @@ from .regions import LinearRegions
 from .schedule import Schedule
 
 __all__ = [
+    "AutoEMA",
+    "VarianceAmplification",
     "AutoStableMax",
     "Curvature",
     "DiagnosticCallback",

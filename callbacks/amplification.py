@@ -1,0 +1,456 @@
+"""Gradient variance amplification (VarianceAmplification) and the automatic EMA of the weights (AutoEMA).
+
+Block et al. 2023, "Butterfly effects of SGD noise": the definitions are in
+:mod:`dynscope.amplification`, ready-made long-horizon metrics in :mod:`dynscope.rollouts`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+
+from dynscope.amplification import EMA_WARMUPS, ema_decay, evaluate_metric, variance_amplification
+
+from ._lightning import lightning_package
+from .base import DiagnosticCallback, _detached_copy
+from .dashboard import log_mitigation_event
+from .distributed import mean_over_ranks, sum_over_ranks
+from .logging import log_scalars, tag
+from .protocol import find_loss_fn
+
+log = logging.getLogger("dynscope")
+
+MetricSpec = Union[Callable[[torch.nn.Module], float], str]
+LOSS_SOURCES = ("reference", "train")
+
+
+def resolve_metric(metric: MetricSpec) -> Callable[[torch.nn.Module], float]:
+    """A callable, or ``"package.module:function"`` imported (for LightningCLI YAML)."""
+    if callable(metric):
+        return metric
+    if isinstance(metric, str) and ":" in metric:
+        module_name, _, attr = metric.partition(":")
+        target = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+        if callable(target):
+            return target
+    raise TypeError(f"metric must be a callable metric(module) -> float or 'package.module:function', got {metric!r}")
+
+
+class VarianceAmplification(DiagnosticCallback):
+    """Logs a long-horizon metric, the training loss, and their variance amplification.
+
+    Every ``every_n_steps`` optimizer steps (after the step), logged under ``dynscope/gva/``:
+
+    * ``metric``: ``J = metric(module)``, evaluated in eval mode under ``torch.no_grad`` with all
+      RNGs forked and every submodule's train/eval flag restored, so it does not change training;
+    * ``loss``: the loss ``L`` compared against (``loss=``):
+
+      - ``"reference"`` (default): the mean loss on a fixed reference set, the first
+        ``reference_batches`` training batches (kept), evaluated at the current weights through
+        dynscope's loss protocol in ``mode`` (see :mod:`dynscope.callbacks.protocol`). The data is
+        the same at every evaluation, so ``dL`` is purely the iterate-to-iterate change, as in the
+        definition. Evaluations start once the reference set is complete.
+      - ``"train"``: the mean of the training-step losses (``training_step``'s output) since the
+        previous evaluation. Needs no loss protocol, but batch-to-batch sampling noise adds to
+        ``std(dL)`` and biases the amplification low.
+    * ``amplification``: :func:`dynscope.variance_amplification` over the last ``window``
+      evaluations, ``(std(dJ)/|mean J|) / (std(dL)/|mean L|)``, from the first full window on (not
+      logged while undefined: both series flat).
+
+    Under DDP ``J`` and ``L`` are averaged over ranks, so every rank sees the same values. The
+    window is part of the checkpoint state.
+
+    Args:
+        metric: ``metric(module) -> float``, e.g. ``functools.partial(dynscope.rollouts.rollout_cost,
+            dynamics=..., x0=..., horizon=50)``; or ``"package.module:function"`` (YAML).
+        every_n_steps: period of the evaluations, in optimizer steps (``schedule="steps"``).
+        window: evaluations per amplification estimate (>= 3).
+        loss: ``"reference"`` or ``"train"`` (above).
+        reference_batches: size of the reference set, in training batches.
+        loss_fn: ``loss_fn(module(x), y)`` for the reference loss when the module has no
+            ``dynscope_loss``/``loss_fn``/``criterion``.
+        schedule: ``"steps"`` or ``"epoch"`` (evaluate at each epoch's end). Log-spaced schedules
+            are refused: differences of unevenly spaced iterates are not comparable.
+        mode: the mode of the reference loss, ``"eval"`` or ``"train"``.
+        strict: re-raise errors inside the diagnostic instead of warning once and skipping.
+
+    Example:
+        >>> import functools, torch, pytorch_lightning as pl
+        >>> from dynscope.rollouts import linear_dynamics, rollout_cost
+        >>> from dynscope.callbacks import VarianceAmplification
+        >>> A, B = torch.tensor([[1.1, 0.3], [0.0, 0.9]]), torch.tensor([[0.0], [1.0]])
+        >>> cost = functools.partial(rollout_cost, dynamics=linear_dynamics(A, B),
+        ...                          x0=torch.randn(16, 2), horizon=30, max_cost=1e4)
+        >>> callback = VarianceAmplification(metric=cost, every_n_steps=10, window=20)
+        >>> trainer = pl.Trainer(callbacks=[callback], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+    """
+
+    group = "gva"
+
+    def __init__(
+        self,
+        metric: MetricSpec,
+        every_n_steps: int = 10,
+        window: int = 20,
+        *,
+        loss: str = "reference",
+        reference_batches: int = 1,
+        loss_fn: Optional[Callable] = None,
+        schedule: str = "steps",
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        if schedule not in ("steps", "epoch"):
+            raise ValueError(
+                f"schedule must be 'steps' or 'epoch' (consecutive evaluations must be evenly spaced), got {schedule!r}"
+            )
+        super().__init__(every_n_steps=every_n_steps, schedule=schedule, loss_fn=loss_fn, mode=mode, strict=strict)
+        if int(window) != window or window < 3:
+            raise ValueError(f"window must be an integer >= 3 (two differences at least), got {window!r}")
+        if loss not in LOSS_SOURCES:
+            raise ValueError(f"loss must be one of {LOSS_SOURCES}, got {loss!r}")
+        if reference_batches < 1:
+            raise ValueError(f"reference_batches must be >= 1, got {reference_batches}")
+        self.metric = resolve_metric(metric)
+        self.window = int(window)
+        self.loss = loss
+        self.reference_batches = reference_batches
+        self.every_n_steps = every_n_steps
+        self.metrics: deque = deque(maxlen=self.window)
+        self.losses: deque = deque(maxlen=self.window)
+        self.steps: deque = deque(maxlen=self.window)
+        self._reference: List[Any] = []
+        self._train_losses: List[float] = []
+
+    @property
+    def state_key(self) -> str:
+        # several instances can share a trainer (and a checkpoint) when their settings differ
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, window=self.window, loss=self.loss, reference_batches=self.reference_batches
+        )
+
+    def check_module(self, trainer, pl_module) -> None:
+        if self.loss == "reference":
+            find_loss_fn(pl_module, self.loss_fn)
+
+    # -- when ----------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.loss == "reference" and len(self._reference) < self.reference_batches:
+            self._reference.append(_detached_copy(batch))
+        if self.loss == "train":
+            value = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(value, torch.Tensor):
+                self._train_losses.append(float(value.detach()))
+        step = trainer.global_step
+        if self.schedule.at_epoch_end:
+            self._batch = batch
+        elif step != self._last_step and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module, batch)
+
+    # -- what ------------------------------------------------------------------------------------------
+    def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        loss = self._loss(pl_module)
+        if loss is None:
+            return {}
+        j = evaluate_metric(self.metric, pl_module)
+        reduce = mean_over_ranks(trainer)
+        if reduce is not None:
+            both = reduce(torch.tensor([j, loss], dtype=torch.float64, device=pl_module.device))
+            j, loss = (float(v) for v in both)
+        self.metrics.append(j)
+        self.losses.append(loss)
+        self.steps.append(trainer.global_step)
+        out = {"metric": j, "loss": loss}
+        if len(self.metrics) == self.window:
+            out["amplification"] = variance_amplification(self.metrics, self.losses)
+        return out
+
+    def _loss(self, pl_module) -> Optional[float]:
+        if self.loss == "train":
+            if not self._train_losses:
+                return None
+            value = sum(self._train_losses) / len(self._train_losses)
+            self._train_losses = []
+            return value
+        if len(self._reference) < self.reference_batches:
+            return None
+        values = [float(self.objective(pl_module, b).value()) for b in self._reference]
+        return sum(values) / len(values)
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            metrics=list(self.metrics), losses=list(self.losses), steps=list(self.steps),
+            reference=[_detached_copy(b) for b in self._reference], train_losses=list(self._train_losses),
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.metrics = deque(state_dict.get("metrics", []), maxlen=self.window)
+        self.losses = deque(state_dict.get("losses", []), maxlen=self.window)
+        self.steps = deque(state_dict.get("steps", []), maxlen=self.window)
+        self._reference = list(state_dict.get("reference", []))
+        self._train_losses = list(state_dict.get("train_losses", []))
+
+
+class WarmupEMA:
+    """``multi_avg_fn`` for :class:`torch.optim.swa_utils.AveragedModel`: an EMA with the warm-up
+    schedule of :func:`dynscope.amplification.ema_decay` (non-float buffers are copied).
+
+    Example:
+        >>> import torch
+        >>> from torch.optim.swa_utils import AveragedModel
+        >>> net = torch.nn.Linear(1, 1, bias=False)
+        >>> ema = AveragedModel(net, multi_avg_fn=WarmupEMA(decay=0.5, warmup="none"))
+        >>> for value in (1.0, 3.0, 5.0):
+        ...     _ = net.weight.data.fill_(value)
+        ...     ema.update_parameters(net)
+        >>> ema.module.weight.item()   # 1, then 0.5*1 + 0.5*3 = 2, then 0.5*2 + 0.5*5
+        3.5
+    """
+
+    def __init__(self, decay: float = 0.99, warmup: str = "inverse", power: float = 0.75) -> None:
+        ema_decay(1, decay, warmup, power)  # validates
+        self.decay, self.warmup, self.power = decay, warmup, power
+
+    @torch.no_grad()
+    def __call__(self, averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged) -> None:
+        d = ema_decay(int(num_averaged), self.decay, self.warmup, self.power)
+        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+        for a, c in zip(averaged, current):
+            if not torch.is_floating_point(a):
+                a.copy_(c)
+
+
+class AutoEMA(VarianceAmplification):
+    """Starts an EMA of the weights when variance amplification persists, and evaluates with it.
+
+    Measures everything :class:`VarianceAmplification` does (same tags) and, while the EMA is off,
+    counts consecutive evaluations whose windowed ``amplification`` exceeds ``threshold``
+    (``inf`` counts, an undefined ``nan`` does not). After ``patience`` of them it starts an
+    exponential moving average of the weights, ``theta_bar <- decay_t theta_bar + (1 - decay_t)
+    theta`` after every optimizer step, from the weights of the triggering step, with the warm-up
+    schedule of :func:`dynscope.amplification.ema_decay` (``decay``, ``warmup``, ``power``).
+
+    The averaging is Lightning's ``WeightAveraging`` callback (of the Lightning package whose
+    ``Trainer`` runs it) holding a :class:`torch.optim.swa_utils.AveragedModel` with the
+    :class:`WarmupEMA` update; once the EMA is on, it behaves as Lightning's weight averaging does:
+
+    * validation runs with the EMA weights (swapped in and back out around each validation epoch);
+    * checkpoints hold the EMA weights in ``state_dict`` and the online weights in
+      ``current_model_state`` (plus ``averaging_state``); resuming restores both, the EMA's update
+      count (its place in the warm-up) and this callback's state;
+    * when training ends, the EMA weights are copied into the module.
+
+    Before the trigger nothing of this happens (checkpoints and validation are the plain ones).
+
+    From the evaluation after the trigger on, each also logs ``dynscope/gva/metric_ema`` (the metric at the
+    EMA weights) and, over a full window of EMA evaluations, ``dynscope/gva/amplification_ema``
+    (the EMA metric's relative swing against the same online loss). Logged at every evaluation:
+    ``dynscope/mitigation/ema`` (0 before, 1 from the triggering evaluation on); at the trigger, a
+    text entry ``dynscope/mitigation/events`` with the step, the reason and the values.
+    ``active``, ``triggered_step``, ``reason`` and ``trigger_values`` hold the same. The decision is
+    summed over ranks, so every rank starts at the same step.
+
+    Args:
+        metric: the long-horizon metric (see :class:`VarianceAmplification`).
+        threshold: amplification that counts as amplified (``A = 1``: the metric moves, relatively,
+            as much as the loss).
+        patience: consecutive evaluations (each over the window ending there) above ``threshold``.
+        decay: the EMA's decay after warm-up (the average spans about ``1 / (1 - decay)`` steps).
+        warmup: ``"inverse"``, ``"polynomial"`` or ``"none"`` (see ``ema_decay``).
+        power: exponent of the ``"polynomial"`` warm-up.
+        use_buffers: average the buffers too (Lightning's default) instead of copying them.
+        device: where the EMA weights live (default: the module's device), e.g. ``"cpu"``.
+        Other arguments: see :class:`VarianceAmplification`.
+
+    Example:
+        >>> import torch, pytorch_lightning as pl
+        >>> from dynscope.callbacks import AutoEMA
+        >>> callback = AutoEMA(metric=lambda m: float(m(torch.ones(1, 2)).abs().sum()), threshold=10.0,
+        ...                    patience=3, decay=0.99, warmup="inverse")
+        >>> trainer = pl.Trainer(callbacks=[callback], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+        >>> callback.active, callback.triggered_step
+        (False, None)
+    """
+
+    def __init__(
+        self,
+        metric: MetricSpec,
+        threshold: float = 10.0,
+        patience: int = 3,
+        every_n_steps: int = 10,
+        window: int = 20,
+        decay: float = 0.99,
+        warmup: str = "inverse",
+        power: float = 0.75,
+        *,
+        use_buffers: bool = True,
+        device: Optional[str] = None,
+        loss: str = "reference",
+        reference_batches: int = 1,
+        loss_fn: Optional[Callable] = None,
+        schedule: str = "steps",
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            metric, every_n_steps, window, loss=loss, reference_batches=reference_batches, loss_fn=loss_fn,
+            schedule=schedule, mode=mode, strict=strict,
+        )
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if warmup not in EMA_WARMUPS:
+            raise ValueError(f"warmup must be one of {EMA_WARMUPS}, got {warmup!r}")
+        self.threshold = threshold
+        self.patience = patience
+        self.update = WarmupEMA(decay, warmup, power)
+        self.use_buffers = use_buffers
+        self.device = device
+        self.active = False
+        self.triggered_step: Optional[int] = None
+        self.reason: Optional[str] = None
+        self.trigger_values: Optional[Dict[str, float]] = None
+        self.metrics_ema: deque = deque(maxlen=self.window)
+        self._streak = 0
+        self._averaging = None  # Lightning's WeightAveraging, built in setup
+        self._pending_averaging_state: Optional[Dict[str, Any]] = None
+
+    @property
+    def ema_module(self) -> Optional[torch.nn.Module]:
+        """The module holding the EMA weights (a copy of the LightningModule), once set up."""
+        average = getattr(self._averaging, "_average_model", None)
+        return None if average is None else average.module
+
+    # -- Lightning's weight averaging, driven by the trigger -------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        averaging_cls = lightning_package(trainer).callbacks.WeightAveraging
+        self._averaging = averaging_cls(device=self.device, use_buffers=self.use_buffers, multi_avg_fn=self.update)
+        self._averaging.setup(trainer, pl_module, stage)
+        if self._pending_averaging_state is not None:
+            self._averaging.load_state_dict(self._pending_averaging_state)
+            self._pending_averaging_state = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.active:  # update first, so the evaluation of this step sees this step's EMA
+            self._averaging.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.active and self._averaging is not None:
+            self._averaging.on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.active and self._averaging is not None:
+            self._averaging.on_validation_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.active and self._averaging is not None:
+            self._averaging.on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        if self.active and self._averaging is not None:
+            self._averaging.on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        if self._averaging is not None and "current_model_state" in checkpoint and "averaging_state" in checkpoint:
+            self._averaging.on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    # -- measuring and deciding --------------------------------------------------------------------
+    def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        out = super().measure(trainer, pl_module, batch)
+        if out and self.active and self.ema_module is not None:
+            j_ema = evaluate_metric(self.metric, self.ema_module)
+            reduce = mean_over_ranks(trainer)
+            if reduce is not None:
+                j_ema = float(reduce(torch.tensor(j_ema, dtype=torch.float64, device=pl_module.device)))
+            self.metrics_ema.append(j_ema)
+            out["metric_ema"] = j_ema
+            if len(self.metrics_ema) == self.window:
+                out["amplification_ema"] = variance_amplification(self.metrics_ema, list(self.losses))
+        return out
+
+    def run(self, trainer, pl_module, batch) -> Dict[str, float]:
+        metrics = super().run(trainer, pl_module, batch)
+        step = trainer.global_step
+        if not self.active:
+            fire = self._update_streak(metrics)
+            reduce = sum_over_ranks(trainer)
+            if reduce is not None:
+                votes = reduce(torch.tensor(float(fire is not None), device=pl_module.device))
+                if float(votes) > 0 and fire is None:
+                    fire = "another rank's check fired"
+            if fire is not None:
+                self._trigger(trainer, pl_module, step, fire, metrics)
+                return metrics
+        if metrics:
+            log_scalars(trainer, {tag("mitigation", "ema"): float(self.active)}, step)
+        return metrics
+
+    def _update_streak(self, metrics: Dict[str, float]) -> Optional[str]:
+        a = metrics.get("amplification")
+        if a is None:
+            return None
+        self._streak = self._streak + 1 if a > self.threshold else 0  # nan compares False
+        if self._streak >= self.patience:
+            checks = f"{self.patience} consecutive evaluation{'s' if self.patience > 1 else ''}"
+            return f"variance amplification > {self.threshold:g} for {checks} (window of {self.window})"
+        return None
+
+    def _trigger(self, trainer, pl_module, step: int, reason: str, metrics: Dict[str, float]) -> None:
+        self.active = True
+        self.triggered_step = step
+        self.reason = reason
+        self.trigger_values = {k: float(metrics[k]) for k in ("amplification", "metric", "loss") if k in metrics}
+        self._averaging.on_train_batch_end(trainer, pl_module, None, None, 0)  # the first update copies the weights
+        d = self.update
+        values = dict(self.trigger_values, decay=d.decay)
+        text = log_mitigation_event(
+            trainer, "ema", True,
+            f"{reason}; EMA of the weights from this step on (decay {d.decay:g}, {d.warmup} warm-up), "
+            "used for validation and logged as dynscope/gva/metric_ema",
+            values, step,
+        )
+        log.info("dynscope AutoEMA: %s", text)
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            active=self.active, triggered_step=self.triggered_step, reason=self.reason,
+            trigger_values=self.trigger_values, streak=self._streak, metrics_ema=list(self.metrics_ema),
+            averaging=None if self._averaging is None else self._averaging.state_dict(),
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.active = bool(state_dict.get("active", False))
+        self.triggered_step = state_dict.get("triggered_step")
+        self.reason = state_dict.get("reason")
+        self.trigger_values = state_dict.get("trigger_values")
+        self._streak = int(state_dict.get("streak", 0))
+        self.metrics_ema = deque(state_dict.get("metrics_ema", []), maxlen=self.window)
+        averaging = state_dict.get("averaging")
+        if averaging is not None:
+            if self._averaging is not None:
+                self._averaging.load_state_dict(averaging)
+            else:
+                self._pending_averaging_state = averaging
