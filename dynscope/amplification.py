@@ -223,7 +223,9 @@ def amplification_probe(
     therefore estimates the history-based :func:`variance_amplification` at the current
     parameters, by finite differences (it also sees curvature along ``xi`` that a first-order
     estimate would miss), for plain SGD steps with no momentum; for other optimizers pass the
-    effective step size as ``lr``. It does not see how the noise accumulates over many steps.
+    effective step size as ``lr``. It does not see how the noise accumulates over many steps: in
+    the behaviour-cloning demo (``dynscope demo gva``) the history-based ratio separates the unstable
+    system (about 7) from the stable one (about 1) while the probe gives about 6 for both.
 
     The model's parameters are shifted in place and written back exactly (bit for bit) after
     each evaluation; gradients come from the objective (``.grad`` is not touched).
