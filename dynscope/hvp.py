@@ -315,6 +315,10 @@ class HessianOperator:
         self._kernel = _Kernel(objective)
         self._kw: Dict = dict(method=method, chunk_size=chunk_size, memory_cap=memory_cap, reduce=reduce)
 
+    def measuring(self):
+        """Hold the objective's measuring context across many matvecs (saves its set-up per call)."""
+        return self.objective.measuring()
+
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``[m, n]``; the gradient graph is built once per operator."""
         self.num_matvecs += vectors.shape[0]
