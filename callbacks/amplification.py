@@ -18,7 +18,7 @@ from dynscope.amplification import EMA_WARMUPS, ema_decay, evaluate_metric, vari
 from ._lightning import lightning_package
 from .base import DiagnosticCallback, _detached_copy
 from .dashboard import log_mitigation_event
-from .distributed import mean_over_ranks, sum_over_ranks
+from .distributed import any_rank, mean_over_ranks
 from .logging import log_scalars, tag
 from .protocol import find_loss_fn
 
@@ -392,11 +392,8 @@ class AutoEMA(VarianceAmplification):
         step = trainer.global_step
         if not self.active:
             fire = self._update_streak(metrics)
-            reduce = sum_over_ranks(trainer)
-            if reduce is not None:
-                votes = reduce(torch.tensor(float(fire is not None), device=pl_module.device))
-                if float(votes) > 0 and fire is None:
-                    fire = "another rank's check fired"
+            if any_rank(trainer, fire is not None, pl_module.device) and fire is None:
+                fire = "another rank's check fired"
             if fire is not None:
                 self._trigger(trainer, pl_module, step, fire, metrics)
                 return metrics

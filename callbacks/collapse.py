@@ -18,7 +18,7 @@ from dynscope.nn import CrossEntropy
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
-from .distributed import sum_over_ranks
+from .distributed import any_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
 
@@ -369,11 +369,8 @@ class AutoStableMax(SoftmaxCollapse):
         step = trainer.global_step
         if not self.active:
             fire = self._update_streaks(metrics)
-            reduce = sum_over_ranks(trainer)
-            if reduce is not None:
-                votes = reduce(torch.tensor(float(fire is not None), device=pl_module.device))
-                if float(votes) > 0 and fire is None:
-                    fire = "another rank's check fired"
+            if any_rank(trainer, fire is not None, pl_module.device) and fire is None:
+                fire = "another rank's check fired"
             if fire is not None:
                 self._trigger(trainer, pl_module, step, fire, metrics)
         scalars = {tag("mitigation", "stablemax"): float(self.active)}

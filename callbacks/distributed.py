@@ -28,3 +28,14 @@ def sum_over_ranks(trainer) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         return None
     strategy = trainer.strategy
     return lambda t: strategy.reduce(t.clone(), reduce_op="sum")
+
+
+def any_rank(trainer, flag: bool, device=None) -> bool:
+    """Whether ``flag`` is true on at least one rank; the same answer on every rank.
+
+    A collective under DDP: every rank must call it at the same point.
+    """
+    reduce = sum_over_ranks(trainer)
+    if reduce is None:
+        return flag
+    return float(reduce(torch.tensor(float(flag), device=device))) > 0
