@@ -17,10 +17,11 @@ Example:
     >>> path = write_report(logdir, os.path.join(logdir, "report.html"))
     >>> "Edge-of-stability ratio" in open(path).read()
     True
-    >>> write_report(os.path.join(logdir, "missing"))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    dynscope.dashboards.report.ReportError: log directory .../missing does not exist
+    >>> try:
+    ...     write_report(os.path.join(logdir, "missing"))
+    ... except ReportError as error:  # a user error: the CLI prints it without a traceback
+    ...     print(error)  # doctest: +ELLIPSIS
+    log directory .../missing does not exist
 """
 
 from __future__ import annotations
