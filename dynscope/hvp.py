@@ -99,9 +99,8 @@ class _Kernel:
 
     def _second(self, vs: List[torch.Tensor], batched: bool) -> List[torch.Tensor]:
         params, grads, used = self._retained_graph()
-        out = [torch.zeros_like(v) for v in vs]
         if not used:
-            return out
+            return [torch.zeros_like(v) for v in vs]
         hv = torch.autograd.grad(
             [grads[i] for i in used],
             params,
@@ -128,11 +127,11 @@ class _Kernel:
             vs = list(layout.unflatten(chunk).values())
             out = layout.flatten(OrderedDict(zip(layout.names, self._second(vs, batched=True))), batch_dims=1)
         elif method == "loop":
-            rows = []
-            for v in chunk:
-                vs = list(layout.unflatten(v).values())
-                rows.append(layout.flatten(OrderedDict(zip(layout.names, self._second(vs, batched=False))), 0))
-            out = torch.stack(rows)
+            out = torch.empty_like(chunk)
+            slices = list(layout.slices().values())
+            for row, v in zip(out, chunk):
+                for sl, h in zip(slices, self._second(list(layout.unflatten(v).values()), batched=False)):
+                    row[sl] = h.reshape(-1)
         else:
             raise ValueError(f"unknown HVP method {method!r}; use one of 'auto', {', '.join(map(repr, _ORDER))}")
         return out.detach()
