@@ -58,13 +58,17 @@ def _per_layer(op, contributions: torch.Tensor) -> Dict[str, float]:
 def hutchinson(op, num_matvecs: int, seed: Optional[int] = None) -> TraceResult:
     """Hutchinson's estimator ``(1/m) sum_i z_i^T H z_i`` with Rademacher ``z_i``."""
     z = rademacher(num_matvecs, op.size, seed, op.dtype, op.device)
-    products = (z * op.matmat(z)).double()  # [m, n]: z_i * (H z_i), coordinate-wise
-    samples = products.sum(1)
+    hz = op.matmat(z)
+    layout = getattr(op, "layout", None)
+    blocks = layout.slices() if layout is not None else {"": slice(0, op.size)}
+    # z_i^T H z_i per probe and per block, accumulated in float64 without an [m, n] float64 copy
+    per_block = OrderedDict((name, torch.sum(z[:, sl] * hz[:, sl], dim=1, dtype=torch.float64)) for name, sl in blocks.items())
+    samples = torch.stack(list(per_block.values())).sum(0)
     stderr = float(samples.std(unbiased=True) / math.sqrt(num_matvecs)) if num_matvecs > 1 else math.nan
     return TraceResult(
         value=float(samples.mean()),
         stderr=stderr,
-        per_layer=_per_layer(op, products.mean(0)),
+        per_layer=OrderedDict((n, float(v.mean())) for n, v in per_block.items()) if layout is not None else {},
         num_matvecs=num_matvecs,
         method="hutchinson",
     )
