@@ -80,7 +80,7 @@ def tensorboard(run_logs, tmp_path_factory):
         log.close()
 
 
-def test_tensorboard_serves_the_layout_and_its_series(tensorboard):
+def test_tensorboard_serves_the_layout_and_its_series(tensorboard, run_logs):
     layout = get_json(f"{tensorboard}/data/plugin/custom_scalars/layout")
     open_titles = [c["title"] for c in layout["category"] if not c.get("closed")]
     assert open_titles == CATEGORY_TITLES
@@ -88,14 +88,15 @@ def test_tensorboard_serves_the_layout_and_its_series(tensorboard):
     matched = {}
     for regex in chart["multiline"]["tag"]:
         query = urllib.parse.urlencode({"run": "run/version_0", "tag": regex})
-        matched.update(get_json(f"{tensorboard}/data/plugin/custom_scalars/scalars?{query}")["payload"])
+        matched.update(get_json(f"{tensorboard}/data/plugin/custom_scalars/scalars?{query}")["tag_to_events"])
     assert sorted(matched) == ["dynscope/curvature/eos_ratio", "dynscope/reference/stability_line"]
-    assert len(matched["dynscope/curvature/eos_ratio"]) == 7  # every second step of 14
+    curvature = next(c for c in run_logs.callbacks if type(c).__name__ == "Curvature")
+    assert len(matched["dynscope/curvature/eos_ratio"]) == curvature.num_measurements
 
 
 def test_custom_scalars_dashboard_renders_in_chromium(tensorboard, tmp_path):
     wanted = CATEGORY_TITLES + CHART_TITLES
-    with Browser(width=1400, height=1600, timeout=60) as browser:
+    with Browser(width=1400, height=1600, timeout=120) as browser:
         browser.call("Emulation.setFocusEmulationEnabled", enabled=True)
         browser.goto(f"{tensorboard}/#custom_scalars")
         found = browser.wait_for(lambda v: v is not None and len(v) == len(wanted), deep_find(wanted), timeout=45, interval=1)
