@@ -49,7 +49,7 @@ def make_data(n: int, seed: int):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=600, help="full-batch GD steps (default: 600)")
+    parser.add_argument("--steps", type=int, default=400, help="full-batch GD steps (default: 400)")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate (default: 0.1, so 2/lr = 20)")
     parser.add_argument("--width", type=int, default=64, help="hidden width (default: 64)")
     parser.add_argument("--every", type=int, default=25, help="measure every N steps (default: 25)")
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         for step, loss, m in history.rows
     ]
     print(f"\nFull-batch GD, lr = {args.lr}: the edge of stability is lambda_max = 2/lr = {2 / args.lr:g}")
-    print_table(["step", "loss", "tr(H)", "lambda_max", "eos_ratio", "update S(u)"], rows[:: max(1, len(rows) // 12)] + rows[-1:])
+    shown = rows[:: max(1, len(rows) // 12)]
+    shown += [row for row in rows[-1:] if row not in shown]
+    print_table(["step", "loss", "tr(H)", "lambda_max", "eos_ratio", "update S(u)"], shown)
     print(f"\ndiagnostics took {curvature.seconds_spent:.1f} s; TensorBoard: tensorboard --logdir {os.path.dirname(logdir)}")
     return 0
