@@ -99,7 +99,9 @@ def test_custom_scalars_dashboard_renders_in_chromium(tensorboard, tmp_path):
     with Browser(width=1400, height=1600, timeout=120) as browser:
         browser.call("Emulation.setFocusEmulationEnabled", enabled=True)
         browser.goto(f"{tensorboard}/#custom_scalars")
-        found = browser.wait_for(lambda v: v is not None and len(v) == len(wanted), deep_find(wanted), timeout=45, interval=1)
+        found = browser.wait_for(lambda v: v is not None and len(v) == len(wanted), deep_find(wanted), timeout=90, interval=1)
+        if sorted(found or []) != sorted(wanted):
+            browser.screenshot(os.path.join(screenshots_dir(tmp_path), "tensorboard_custom_scalars_failed.png"))
         assert sorted(found or []) == sorted(wanted)
         # charts fill in as their data arrives: give them a moment, then keep a picture for people
         browser.wait_for(bool, deep_find(["dynscope/curvature/eos_ratio"]), timeout=15, interval=1)
