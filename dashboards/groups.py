@@ -97,7 +97,7 @@ _GROUPS = (
             "grad_sharpness": "gᵀHg/‖g‖² along the gradient.",
         },
         (
-            Chart("Hessian trace tr(H) ± standard error", ("hessian_trace",), "tr(H)", band="hessian_trace_stderr"),
+            Chart("Hessian trace tr(H)", ("hessian_trace",), "tr(H)", band="hessian_trace_stderr"),
             Chart("Top eigenvalue λ_max vs EoS threshold", ("lambda_max", "preconditioned_lambda_max", "eos_threshold"), "eigenvalue"),
             Chart("Edge-of-stability ratio (stable < 1)", ("eos_ratio",), "λ_max / threshold", reference=1.0),
             Chart("Trace stability ratio lr·tr(H)/2 (stable ≤ 1)", ("trace_ratio",), "lr·tr(H)/2", reference=1.0),

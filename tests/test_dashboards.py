@@ -66,7 +66,7 @@ def test_chart_regexes_pick_their_series_only():
     def shown_by(title):
         return sorted(t for t in PROMISED_TAGS if any(re.match(r, t) for r in regexes[title]))
 
-    assert shown_by("Hessian trace tr(H) ± standard error") == ["dynscope/curvature/hessian_trace"]
+    assert shown_by("Hessian trace tr(H)") == ["dynscope/curvature/hessian_trace"]
     assert shown_by("Hessian trace per layer") == ["dynscope/curvature/hessian_trace/net.0.weight"]
     assert shown_by("Local complexity: train / test / random") == [
         "dynscope/regions/lc_random", "dynscope/regions/lc_test", "dynscope/regions/lc_test/r=0.1",
