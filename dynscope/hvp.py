@@ -148,8 +148,10 @@ def hvp_flat(
 ) -> torch.Tensor:
     """``H v`` for flat vectors ``[m, n]`` (``n`` = parameter count); returns ``[m, n]``.
 
-    ``reduce`` (optional) is applied to each chunk's result, e.g. an all-reduce mean over data
-    parallel ranks so that ``H`` is the Hessian of the global objective.
+    ``reduce`` (optional) is applied once to the whole result, e.g. an all-reduce mean over data
+    parallel ranks so that ``H`` is the Hessian of the global objective. One call per product,
+    whatever the chunking (which may differ between ranks after an out-of-memory retry), and the
+    finiteness check comes after it, so every rank raises on the same product.
     """
     op = HessianOperator(objective, method=method, chunk_size=chunk_size, memory_cap=memory_cap, reduce=reduce)
     return op.matmat(vectors)
@@ -195,9 +197,10 @@ def _apply(
             if len(candidates) > 1:
                 candidates = [kernel.method_used]
                 objective._hvp_method = _CHOSEN[objective.model] = kernel.method_used
-            results.append(reduce(out) if reduce is not None else out)
+            results.append(out)
             start += part.shape[0]
-    return check_finite(torch.cat(results), "a Hessian-vector product")
+    out = torch.cat(results)
+    return check_finite(reduce(out) if reduce is not None else out, "a Hessian-vector product")
 
 
 def _fastest_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tensor) -> torch.Tensor:
