@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -141,6 +142,19 @@ class VarianceAmplification(DiagnosticCallback):
             find_loss_fn(pl_module, self.loss_fn)
 
     # -- when ----------------------------------------------------------------------------------------
+    deferrable = False  # differences of unevenly spaced iterates are not comparable
+
+    def scheduled(self, step: int) -> bool:
+        return step % (self.every_n_steps * int(self.schedule.stretch)) == 0
+
+    def set_stretch(self, stretch: float) -> None:
+        """Slow down by a power of two (evenly spaced evaluations); a new spacing starts a new window."""
+        factor = 2 ** max(0, math.ceil(math.log2(max(stretch, 1.0)) - 1e-9))
+        if factor != self.schedule.stretch:
+            self.schedule.stretch = float(factor)
+            for series in (self.metrics, self.losses, self.steps):
+                series.clear()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.loss == "reference" and len(self._reference) < self.reference_batches:
             self._reference.append(_detached_copy(batch))
@@ -148,11 +162,7 @@ class VarianceAmplification(DiagnosticCallback):
             value = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(value, torch.Tensor):
                 self._train_losses.append(float(value.detach()))
-        step = trainer.global_step
-        if self.schedule.at_epoch_end:
-            self._batch = batch
-        elif step != self._last_step and step % self.every_n_steps == 0:
-            self.run(trainer, pl_module, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # -- what ------------------------------------------------------------------------------------------
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
@@ -352,6 +362,12 @@ class AutoEMA(VarianceAmplification):
         if self.active:  # update first, so the evaluation of this step sees this step's EMA
             self._averaging.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def set_stretch(self, stretch: float) -> None:
+        before = self.schedule.stretch
+        super().set_stretch(stretch)
+        if self.schedule.stretch != before:
+            self.metrics_ema.clear()
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.active and self._averaging is not None:

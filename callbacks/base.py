@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dynscope.objective import Objective
 
@@ -39,6 +39,7 @@ class DiagnosticCallback(CallbackBase):
 
     group = "diagnostic"
     needs_snapshot = False
+    deferrable = True  # may run later than scheduled when a budget says so (False: evenly spaced)
 
     def __init__(
         self,
@@ -65,6 +66,12 @@ class DiagnosticCallback(CallbackBase):
         self._batch: Any = None
         self._warned: set = set()
         self._snapshot_step: Optional[int] = None
+        self._pending = False  # due, not yet measured (an overhead budget may defer a measurement)
+        self._planned_step = -1  # the optimizer step planned for at its first micro-batch
+        self._run_at: Optional[int] = None  # the optimizer step after which to measure
+        self._micro: List[Any] = []  # earlier micro-batches of an accumulated step to measure
+        # Set by DynScope: budget_gate(callback, step) -> whether a due measurement may run now.
+        self.budget_gate: Optional[Callable[["DiagnosticCallback", int], bool]] = None
 
     # -- what subclasses implement -----------------------------------------------------------
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
@@ -94,23 +101,55 @@ class DiagnosticCallback(CallbackBase):
 
             write_layout(trainer, getattr(self, "dashboard_groups", None) or (self.group,))
 
+    def scheduled(self, step: int) -> bool:
+        """Whether the schedule asks for a measurement after optimizer step ``step``."""
+        return self.schedule.due(step)
+
+    def wants(self, step: int) -> bool:
+        """Whether a measurement is due (or still pending) after optimizer step ``step``."""
+        return not self.schedule.at_epoch_end and (self._pending or self.scheduled(step))
+
+    def will_measure(self, step: int) -> bool:
+        """Whether this callback measures after optimizer step ``step`` (decided at its first micro-batch)."""
+        return self._run_at == step
+
+    def set_stretch(self, stretch: float) -> None:
+        """Slow the schedule down by ``stretch`` (an overhead budget does this; < 1 speeds it up)."""
+        self.schedule.stretch = float(stretch)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step + 1
-        if self.needs_snapshot and self._snapshot_step != step and self.schedule.due(step):
-            self._snapshot_step = step
-            self.before_update(trainer, pl_module, batch)
+        if step == self._planned_step:  # a later micro-batch of the same optimizer step
+            return
+        self._planned_step = step
+        self._micro = []
+        self._run_at = None
+        if not self.wants(step):
+            return
+        self._pending = True
+        if self.budget_gate is None or self.budget_gate(self, step):
+            self._run_at = step
+            if self.needs_snapshot:
+                self._snapshot_step = step
+                self.before_update(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
         if self.schedule.at_epoch_end:
             self._batch = batch
             return
-        if step != self._last_step and self.schedule.due(step):
-            self.run(trainer, pl_module, batch)
+        if self._run_at is None:
+            return
+        if trainer.global_step < self._run_at:  # accumulating gradients: the optimizer has not stepped yet
+            self._micro.append(batch)
+            return
+        batch = join_batches(self._micro + [batch], self.warn_once) if self._micro else batch
+        self._micro, self._run_at, self._pending = [], None, False
+        self.run(trainer, pl_module, batch)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.schedule.at_epoch_end and self._batch is not None:
-            self.run(trainer, pl_module, self._batch)
+            if self.budget_gate is None or self.budget_gate(self, trainer.global_step):
+                self.run(trainer, pl_module, self._batch)
             self._batch = None
 
     def run(self, trainer, pl_module, batch) -> Dict[str, float]:
@@ -146,6 +185,7 @@ class DiagnosticCallback(CallbackBase):
             "seconds_spent": self.seconds_spent,
             "num_measurements": self.num_measurements,
             "stretch": self.schedule.stretch,
+            "pending": self._pending,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -153,7 +193,27 @@ class DiagnosticCallback(CallbackBase):
         self.seconds_spent = state_dict.get("seconds_spent", 0.0)
         self.num_measurements = state_dict.get("num_measurements", 0)
         self.schedule.stretch = state_dict.get("stretch", 1.0)
+        self._pending = bool(state_dict.get("pending", False))
 
 
 def _detached_copy(batch: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch)
+
+
+def join_batches(batches: List[Any], warn: Callable[[str, str], None]) -> Any:
+    """The micro-batches of an accumulated optimizer step as one batch (tensors joined on dim 0).
+
+    Lightning averages the micro-batches' mean losses, which equals the mean loss of the joined
+    batch when the micro-batches are of equal size. Batches that cannot be joined (other leaves
+    than tensors with a batch dimension, different structures) fall back to the last micro-batch.
+    """
+    flat = [tree_flatten(b) for b in batches]
+    leaves0, spec = flat[0]
+    joinable = all(s == spec for _, s in flat) and all(
+        isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 for leaves, _ in flat for leaf in leaves
+    )
+    if not joinable:
+        warn("join", "the micro-batches of an accumulated step cannot be joined (tensors with a batch dimension "
+                     "expected); measuring on the last micro-batch instead")
+        return batches[-1]
+    return tree_unflatten([torch.cat(parts) for parts in zip(*(leaves for leaves, _ in flat))], spec)

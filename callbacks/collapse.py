@@ -170,7 +170,7 @@ class SoftmaxCollapse(DiagnosticCallback):
     # -- gradients: read in the step they belong to ------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step + 1
-        if not self.nlm or not (self.schedule.at_epoch_end or self.schedule.due(step)):
+        if not self.nlm or not (self.schedule.at_epoch_end or self.will_measure(step)):
             return
         try:
             self._alignment = (step, nlm_alignment(pl_module))
