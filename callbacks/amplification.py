@@ -19,7 +19,7 @@ from dynscope.amplification import EMA_WARMUPS, ema_decay, evaluate_metric, vari
 from ._lightning import lightning_package
 from .base import DiagnosticCallback, _detached_copy
 from .dashboard import log_mitigation_event
-from .distributed import any_rank, mean_over_ranks
+from .distributed import any_rank, mean_over_ranks, on_every_rank
 from .logging import log_scalars, tag
 from .protocol import find_loss_fn
 
@@ -166,10 +166,14 @@ class VarianceAmplification(DiagnosticCallback):
 
     # -- what ------------------------------------------------------------------------------------------
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        loss = self._loss(pl_module)
-        if loss is None:
+        def local():
+            loss = self._loss(pl_module)
+            return None if loss is None else (evaluate_metric(self.metric, pl_module), loss)
+
+        values = on_every_rank(trainer, local, pl_module.device)
+        if values is None:
             return {}
-        j = evaluate_metric(self.metric, pl_module)
+        j, loss = values
         reduce = mean_over_ranks(trainer)
         if reduce is not None:
             both = reduce(torch.tensor([j, loss], dtype=torch.float64, device=pl_module.device))

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from dynscope.objective import Objective
 
 from ._lightning import CallbackBase
+from .distributed import unsupported_strategy
 from .logging import log_scalars, tag
 from .protocol import LossProtocolError, module_objective, quiet_logging
 from .schedule import Schedule, ScheduleKind
@@ -66,6 +67,7 @@ class DiagnosticCallback(CallbackBase):
         self._batch: Any = None
         self._warned: set = set()
         self._snapshot_step: Optional[int] = None
+        self.disabled = False  # set when the strategy cannot be measured
         self._pending = False  # due, not yet measured (an overhead budget may defer a measurement)
         self._planned_step = -1  # the optimizer step planned for at its first micro-batch
         self._run_at: Optional[int] = None  # the optimizer step after which to measure
@@ -96,6 +98,13 @@ class DiagnosticCallback(CallbackBase):
     # -- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
+            reason = unsupported_strategy(trainer)
+            if reason is not None:
+                if self.strict:
+                    raise RuntimeError(f"dynscope {type(self).__name__}: {reason}")
+                self.warn_once("strategy", f"disabled: {reason}")
+                self.disabled = True
+                return
             self.check_module(trainer, pl_module)
             from .dashboard import write_layout  # custom-scalars layout, merged across dynscope callbacks
 
@@ -107,7 +116,7 @@ class DiagnosticCallback(CallbackBase):
 
     def wants(self, step: int) -> bool:
         """Whether a measurement is due (or still pending) after optimizer step ``step``."""
-        return not self.schedule.at_epoch_end and (self._pending or self.scheduled(step))
+        return not (self.disabled or self.schedule.at_epoch_end) and (self._pending or self.scheduled(step))
 
     def will_measure(self, step: int) -> bool:
         """Whether this callback measures after optimizer step ``step`` (decided at its first micro-batch)."""
@@ -147,7 +156,7 @@ class DiagnosticCallback(CallbackBase):
         self.run(trainer, pl_module, batch)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.schedule.at_epoch_end and self._batch is not None:
+        if self.schedule.at_epoch_end and self._batch is not None and not self.disabled:
             if self.budget_gate is None or self.budget_gate(self, trainer.global_step):
                 self.run(trainer, pl_module, self._batch)
             self._batch = None

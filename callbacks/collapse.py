@@ -18,7 +18,7 @@ from dynscope.nn import CrossEntropy
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
-from .distributed import any_rank, sum_over_ranks
+from .distributed import any_rank, on_every_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
 
@@ -184,8 +184,9 @@ class SoftmaxCollapse(DiagnosticCallback):
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         reduce = sum_over_ranks(trainer)
         out: Dict[str, float] = {}
-        logits, targets = measured_logits(pl_module, batch, self.mode)
-        counts = collapse_counts(logits, targets, self.dtype, self.ignore_index)
+        counts = on_every_rank(trainer, lambda: collapse_counts(
+            *measured_logits(pl_module, batch, self.mode), self.dtype, self.ignore_index
+        ), pl_module.device)
         out.update(fractions(reduce(counts) if reduce else counts))
         if self.held_data == "val":
             held = self._held_counts(trainer, pl_module)

@@ -12,7 +12,7 @@ from dynscope import HessianOperator, ScaledOperator, hessian_trace, top_eigenva
 from dynscope.params import detached_params
 
 from .base import DiagnosticCallback
-from .distributed import mean_over_ranks
+from .distributed import mean_over_ranks, on_every_rank
 from .protocol import find_loss_fn
 
 
@@ -153,7 +153,8 @@ class Curvature(DiagnosticCallback):
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         objective = self.objective(pl_module, batch)
-        objective.value()  # raises on a non-finite loss before spending any HVP
+        # raises (on every rank) on a non-finite loss before spending any HVP
+        on_every_rank(trainer, objective.value, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
         op = HessianOperator(objective, chunk_size=self.chunk_size, reduce=reduce)

@@ -12,7 +12,7 @@ from dynscope.objective import NotPerSampleError
 from dynscope.persample import per_sample_moments
 
 from .base import DiagnosticCallback
-from .distributed import sum_over_ranks, world_size
+from .distributed import on_every_rank, sum_over_ranks, world_size
 from .protocol import LossProtocolError, find_loss_fn
 
 PER_SAMPLE_HELP = (
@@ -120,10 +120,10 @@ class GradientNoise(DiagnosticCallback):
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         objective = self.objective(pl_module, batch)
         try:
-            moments = per_sample_moments(
+            moments = on_every_rank(trainer, lambda: per_sample_moments(
                 objective, self.method, chunk_size=self.chunk_size,
                 memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
-            )
+            ), pl_module.device)
         except NotPerSampleError as error:
             raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
         self._checked = True
