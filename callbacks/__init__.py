@@ -11,6 +11,7 @@ from .curvature import Curvature
 from .noise import GradientNoise
 from .protocol import LossProtocolError
 from .regions import LinearRegions
+from .suite import DynScope
 from .schedule import Schedule
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "AutoStableMax",
     "Curvature",
     "DiagnosticCallback",
+    "DynScope",
     "GradientNoise",
     "LinearRegions",
     "LossProtocolError",

@@ -1,0 +1,409 @@
+"""DynScope: every dynscope diagnostic in one callback, kept under an overhead budget."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ._lightning import CallbackBase
+from .amplification import AutoEMA, MetricSpec, VarianceAmplification
+from .base import DiagnosticCallback
+from .budget import Allowance, power_of_two_at_least, share_budget
+from .collapse import AutoStableMax, SoftmaxCollapse
+from .curvature import Curvature
+from .dashboard import write_layout
+from .distributed import mean_over_ranks
+from .logging import PREFIX, log_scalars
+from .noise import GradientNoise
+from .protocol import LossProtocolError
+from .regions import LinearRegions
+
+Options = Union[bool, Dict[str, Any]]
+MITIGATIONS = ("stablemax", "orthograd", "ema")
+
+# Base cadences of the suite (the budget stretches them); any of it can be overridden per diagnostic.
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "curvature": dict(every_n_steps=50, num_matvecs=16, eigen_max_iter=30),
+    "noise": dict(every_n_steps=25),
+    "collapse": dict(every_n_steps=10),
+    "regions": dict(
+        schedule="log", points_per_decade=4, functional=True, num_directions=16, num_points=128, num_test_points=128,
+        num_random_points=128,
+    ),
+    "gva": dict(every_n_steps=10, window=20),
+}
+
+# What a first measurement is expected to cost, in training steps, before one has been timed: an
+# HVP costs about 2 to 4 steps (trace probes, about 20 Lanczos steps, 2 sharpness products).
+PRIOR_STEPS = {"curvature": 3.0 * (16 + 20 + 2), "noise": 4.0, "collapse": 1.0, "regions": 30.0, "gva": 3.0}
+
+SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged over ranks) at least this often
+
+
+def near_event(name: str, metrics: Dict[str, float], previous: Dict[str, float]) -> bool:
+    """Whether a diagnostic's latest values say something is about to happen (measure it more often).
+
+    Curvature: ``eos_ratio >= 0.8`` (approaching the edge of stability). Collapse: any sample in
+    softmax collapse or at exactly zero loss (SC onset). Variance amplification: above 1 and rising.
+    """
+    if name == "curvature":
+        return metrics.get("eos_ratio", 0.0) >= 0.8
+    if name == "collapse":
+        return metrics.get("sc_fraction", 0.0) > 0 or metrics.get("zero_loss_fraction", 0.0) > 0
+    if name == "gva":
+        a, before = metrics.get("amplification"), previous.get("amplification")
+        return a is not None and a > 1.0 and (before is None or a > before)
+    return False
+
+
+class DynScope(CallbackBase):
+    """Every dynscope diagnostic in one callback, with an overhead budget.
+
+    On by default, each with the cadence in :data:`DEFAULTS` (the budget stretches them):
+    :class:`Curvature` (``dynscope/curvature/...``), :class:`GradientNoise` (``dynscope/noise/...``),
+    :class:`SoftmaxCollapse` (``dynscope/collapse/...``) and :class:`LinearRegions`
+    (``dynscope/regions/...``, for models with piecewise-linear activations); with ``metric=``
+    also :class:`VarianceAmplification` (``dynscope/gva/...``). A diagnostic that does not apply to
+    the model (no loss dynscope can use, a loss that is not per sample, outputs that are not class
+    logits, no ReLU-type activations) is dropped with one warning; training goes on.
+
+    Mitigations are opt-in: ``mitigate=("stablemax",)`` uses :class:`AutoStableMax` for the
+    collapse checks (add ``"orthograd"`` to wrap the optimizer in OrthoGrad too), ``"ema"`` uses
+    :class:`AutoEMA` for the variance amplification (needs ``metric``).
+
+    **The budget.** ``budget=0.05`` keeps the time spent in dynscope (every hook, timed) under 5% of
+    the training time (wall time of the fit minus dynscope's): a due measurement runs only when
+    the time saved up allows its expected cost (its last measured cost; before the first, an
+    estimate in training steps), otherwise it waits; and each diagnostic's cadence is stretched by
+    a power of two so that their combined cost fits the budget, cheap ones first (see
+    :mod:`dynscope.callbacks.budget`). Near an event (``eos_ratio`` approaching 1, SC onset,
+    amplification rising: :func:`near_event`) a diagnostic gets ``tighten`` times the share and
+    may run up to ``tighten`` times more often than its base cadence. Variance amplification keeps
+    evenly spaced evaluations: it is never deferred, only slowed down by doubling (which starts a
+    new window). Expensive diagnostics may therefore run rarely, or not at all in a short run:
+    ``budget=None`` runs every cadence as configured. Logged: ``dynscope/overhead`` (the fraction
+    of training time spent in dynscope), ``dynscope/overhead/<diagnostic>`` and
+    ``dynscope/overhead/stretch/<diagnostic>``. Under DDP the budget's inputs are averaged over
+    ranks, so every rank measures at the same steps.
+
+    Args:
+        loss_fn: ``loss_fn(module(x), y)`` for ``(x, y)`` batches, unless the module defines
+            ``dynscope_loss`` (see :mod:`dynscope.callbacks.protocol`).
+        budget: fraction of training time dynscope may use, or ``None`` for no budget.
+        curvature, noise, collapse, regions: ``False`` to leave a diagnostic out, or a dict of
+            arguments for its callback (merged into :data:`DEFAULTS`).
+        metric: the long-horizon metric for variance amplification (a callable ``metric(module)
+            -> float`` or ``"package.module:function"``); ``None`` leaves it out.
+        gva: arguments for :class:`VarianceAmplification` / :class:`AutoEMA`.
+        extra: more diagnostics (``DiagnosticCallback`` instances, by name) to run under the same
+            budget; before their first measurement each is expected to cost one training step.
+        mitigate: any of ``"stablemax"``, ``"orthograd"``, ``"ema"``.
+        tighten: how much more budget share, and how much faster a cadence, near an event.
+        mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
+        strict: re-raise errors (a diagnostic that does not apply, a failing measurement) instead
+            of warning and going on.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> import torch.nn.functional as F
+        >>> from dynscope.callbacks import DynScope
+        >>> scope = DynScope(loss_fn=F.cross_entropy, budget=0.05, mitigate=("stablemax",))
+        >>> sorted(scope.callbacks)
+        ['collapse', 'curvature', 'noise', 'regions']
+        >>> trainer = pl.Trainer(callbacks=[scope], max_steps=10, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        loss_fn: Optional[Callable] = None,
+        *,
+        budget: Optional[float] = 0.05,
+        curvature: Options = True,
+        noise: Options = True,
+        collapse: Options = True,
+        regions: Options = True,
+        metric: Optional[MetricSpec] = None,
+        gva: Optional[Dict[str, Any]] = None,
+        extra: Optional[Dict[str, DiagnosticCallback]] = None,
+        mitigate: Sequence[str] = (),
+        tighten: float = 4.0,
+        mode: str = "eval",
+        strict: bool = False,
+    ) -> None:
+        mitigate = (mitigate,) if isinstance(mitigate, str) else tuple(mitigate)
+        unknown = [m for m in mitigate if m not in MITIGATIONS]
+        if unknown:
+            raise ValueError(f"mitigate takes any of {MITIGATIONS}, got {unknown}")
+        if "ema" in mitigate and metric is None:
+            raise ValueError("mitigate=('ema',) needs metric=: the EMA is switched on by its variance amplification")
+        if "orthograd" in mitigate and "stablemax" not in mitigate:
+            raise ValueError("'orthograd' is applied with the StableMax switch: use mitigate=('stablemax', 'orthograd')")
+        if tighten < 1:
+            raise ValueError(f"tighten must be >= 1, got {tighten}")
+        self.loss_fn = loss_fn
+        self.mitigate = mitigate
+        self.tighten = float(tighten)
+        self.strict = strict
+        self.allowance = Allowance(budget) if budget is not None else None
+        self.budget = budget
+
+        common = dict(mode=mode, strict=strict)
+        built: Dict[str, DiagnosticCallback] = OrderedDict()
+        if curvature is not False:
+            built["curvature"] = Curvature(loss_fn=loss_fn, **common, **_options("curvature", curvature))
+        if noise is not False:
+            built["noise"] = GradientNoise(loss_fn=loss_fn, **common, **_options("noise", noise))
+        if collapse is not False:
+            kind = AutoStableMax if "stablemax" in mitigate else SoftmaxCollapse
+            extra = {"orthograd": True} if "orthograd" in mitigate else {}
+            built["collapse"] = kind(**common, **extra, **_options("collapse", collapse))
+        if regions is not False:
+            built["regions"] = LinearRegions(strict=strict, **_options("regions", regions))
+        if metric is not None:
+            kind = AutoEMA if "ema" in mitigate else VarianceAmplification
+            built["gva"] = kind(metric, loss_fn=loss_fn, **common, **_options("gva", gva or {}))
+        for name, child in (extra or {}).items():
+            if name in built or not isinstance(child, DiagnosticCallback):
+                raise ValueError(f"extra takes new names for DiagnosticCallback instances, got {name!r}: {child!r}")
+            built[name] = child
+        self.callbacks = built
+        for child in built.values():
+            if self.allowance is not None:
+                child.budget_gate = self._gate
+
+        self.seconds = 0.0  # in dynscope's hooks, this fit and the ones before a resume
+        self.elapsed_before = 0.0  # wall time of the fit before a resume
+        self.costs: Dict[str, float] = {}  # seconds per measurement (EMA), once measured
+        self.near: Dict[str, bool] = {name: False for name in built}
+        self._fit_start: Optional[float] = None
+        self._start_step = 0
+        self._planned = -1
+        self._admitted: List[str] = []
+        self._counts: Dict[str, int] = {}
+        self._spent: Dict[str, float] = {}
+        self._step_seconds = 0.0
+        self._previous: Dict[str, Dict[str, float]] = {}
+
+    # -- the budget ---------------------------------------------------------------------------------
+    def training_seconds(self) -> float:
+        """Wall time of the fit so far (resumes included) minus the time spent in dynscope."""
+        if self._fit_start is None:
+            return 0.0
+        return max(self.elapsed_before + time.perf_counter() - self._fit_start - self.seconds, 0.0)
+
+    def overhead(self) -> float:
+        """Time in dynscope as a fraction of the training time (``nan`` before any training)."""
+        train = self.training_seconds()
+        return self.seconds / train if train > 0 else math.nan
+
+    def _expected(self, name: str, step_seconds: float) -> float:
+        return self.costs.get(name, PRIOR_STEPS.get(name, 1.0) * step_seconds)
+
+    def _gate(self, child: DiagnosticCallback, step: int) -> bool:
+        name = self._name(child)
+        if step == self._planned:
+            return name in self._admitted
+        return not child.deferrable or self.allowance.admit(self._expected(name, self._step_seconds))  # epoch ends
+
+    def _plan(self, trainer, step: int) -> None:
+        """At the first micro-batch of each optimizer step: update the cadences, admit due measurements."""
+        self._admitted = []
+        if step % SYNC_EVERY and not any(child.wants(step) for child in self.callbacks.values()):
+            return  # nothing due: the cadences are refreshed every SYNC_EVERY steps
+        reduce = mean_over_ranks(trainer)
+        names = list(self.callbacks)
+        seconds, training = self.seconds, self.training_seconds()
+        costs = [self.costs.get(n, -1.0) for n in names]
+        near = [float(self.near.get(n, False)) for n in names]
+        if reduce is not None:  # the same numbers on every rank, so the same decisions
+            synced = reduce(torch.tensor([seconds, training, *costs, *near], dtype=torch.float64)).tolist()
+            seconds, training = synced[:2]
+            costs, near = synced[2 : 2 + len(names)], synced[2 + len(names) :]
+            self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
+            self.near = {n: v > 0 for n, v in zip(names, near)}
+        steps = max(trainer.global_step - self._start_step, 1)
+        self._step_seconds = training / steps
+        self.allowance.update(seconds, training)
+        self._restretch(step)
+        wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
+        wanting.sort(key=lambda n: (not self.near.get(n, False), self._expected(n, self._step_seconds)))
+        self._admitted = [
+            n for n in wanting
+            if self.allowance.admit(self._expected(n, self._step_seconds)) or not self.callbacks[n].deferrable
+        ]
+
+    def _restretch(self, step: int) -> None:
+        if self._step_seconds <= 0:
+            return
+        rates, weights, floors = {}, {}, {}
+        for name, child in self.callbacks.items():
+            if child.schedule.at_epoch_end:
+                continue
+            rates[name] = self._expected(name, self._step_seconds) / _base_period(child, step)
+            near = self.near.get(name, False)
+            weights[name] = self.tighten if near else 1.0
+            floors[name] = 1.0 / self.tighten if near and child.deferrable else 1.0
+        raw = share_budget(rates, self.allowance.budget * self._step_seconds, weights, floors)
+        for name, stretch in raw.items():
+            child = self.callbacks[name]
+            stretch = power_of_two_at_least(stretch)
+            if not child.deferrable:
+                stretch = max(stretch, child.schedule.stretch)  # only ever slowed down (evenly spaced)
+            if stretch != child.schedule.stretch:
+                child.set_stretch(stretch)
+
+    def _after_measurements(self, trainer) -> None:
+        measured = False
+        for name, child in self.callbacks.items():
+            count = child.num_measurements
+            if count == self._counts.get(name, 0):
+                continue
+            measured = True
+            cost = child.seconds_spent - self._spent.get(name, 0.0)
+            self.costs[name] = cost if name not in self.costs else 0.5 * self.costs[name] + 0.5 * cost
+            self.near[name] = near_event(name, child.last_metrics, self._previous.get(name, {}))
+            self._previous[name] = dict(child.last_metrics)
+            self._counts[name] = count
+            self._spent[name] = child.seconds_spent
+        if measured or trainer.global_step % 50 == 0:
+            self._log(trainer)
+
+    def _log(self, trainer) -> None:
+        train = self.training_seconds()
+        if train <= 0:
+            return
+        scalars = {f"{PREFIX}/overhead": self.seconds / train}
+        for name, child in self.callbacks.items():
+            scalars[f"{PREFIX}/overhead/{name}"] = child.seconds_spent / train
+            scalars[f"{PREFIX}/overhead/stretch/{name}"] = child.schedule.stretch
+        log_scalars(trainer, scalars, trainer.global_step)
+
+    # -- the children -------------------------------------------------------------------------------
+    def _name(self, child: DiagnosticCallback) -> str:
+        return next(n for n, c in self.callbacks.items() if c is child)
+
+    def _each(self, hook: str, *args, **kwargs) -> None:
+        """Call ``hook`` on every diagnostic; one that raises is dropped with a warning (unless strict)."""
+        start = time.perf_counter()
+        try:
+            for name, child in list(self.callbacks.items()):
+                try:
+                    getattr(child, hook)(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - a diagnostic must not end the user's run
+                    mitigation = (name == "collapse" and "stablemax" in self.mitigate) or (
+                        name == "gva" and "ema" in self.mitigate
+                    )
+                    if mitigation or (self.strict and not _does_not_apply(error)):
+                        raise
+                    self._drop(name, error)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _drop(self, name: str, error: BaseException) -> None:
+        why = "does not apply to this model" if _does_not_apply(error) else "failed"
+        warnings.warn(
+            f"dynscope DynScope: {name} {why} and is left out of this run: {type(error).__name__}: {error}",
+            RuntimeWarning, stacklevel=3,
+        )
+        self.callbacks.pop(name, None)
+
+    # -- Lightning hooks ------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._each("setup", trainer, pl_module, stage)
+        if stage == "fit":
+            write_layout(trainer, ("overhead",))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+        self._start_step = trainer.global_step
+        self._step_seconds = 0.0
+        self._counts = {n: c.num_measurements for n, c in self.callbacks.items()}
+        self._spent = {n: c.seconds_spent for n, c in self.callbacks.items()}
+        self._each("on_train_start", trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        start = time.perf_counter()
+        step = trainer.global_step + 1
+        if self.allowance is not None and step != self._planned:
+            self._plan(trainer, step)
+            self._planned = step
+        self.seconds += time.perf_counter() - start
+        self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._each("on_before_optimizer_step", trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+        self._after_measurements(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._each("on_train_epoch_end", trainer, pl_module)
+        self._after_measurements(trainer)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._each("on_validation_epoch_start", trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._each("on_validation_epoch_end", trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._each("on_train_end", trainer, pl_module)
+        self._log(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        self._each("on_save_checkpoint", trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        self._each("on_load_checkpoint", trainer, pl_module, checkpoint)
+
+    # -- checkpointing ----------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        elapsed = self.elapsed_before + (time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0)
+        return {
+            "callbacks": {name: child.state_dict() for name, child in self.callbacks.items()},
+            "seconds": self.seconds,
+            "elapsed": elapsed,
+            "costs": dict(self.costs),
+            "near": dict(self.near),
+            "previous": {n: dict(m) for n, m in self._previous.items()},
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        for name, state in state_dict.get("callbacks", {}).items():
+            if name in self.callbacks:
+                self.callbacks[name].load_state_dict(state)
+        self.seconds = float(state_dict.get("seconds", 0.0))
+        self.elapsed_before = float(state_dict.get("elapsed", 0.0))
+        self.costs = dict(state_dict.get("costs", {}))
+        self.near.update(state_dict.get("near", {}))
+        self._previous = {n: dict(m) for n, m in state_dict.get("previous", {}).items()}
+
+
+def _does_not_apply(error: BaseException) -> bool:
+    """Errors that say a diagnostic cannot measure this model (rather than that it failed)."""
+    return isinstance(error, (LossProtocolError, ValueError))
+
+
+def _options(name: str, given: Options) -> Dict[str, Any]:
+    if given is True:
+        given = {}
+    if not isinstance(given, dict):
+        raise TypeError(f"{name} takes True, False or a dict of arguments for its callback, got {given!r}")
+    return {**DEFAULTS[name], **given}
+
+
+def _base_period(child: DiagnosticCallback, step: int) -> float:
+    """Steps between two measurements at the child's base cadence, around ``step``."""
+    schedule = child.schedule
+    if schedule.kind == "log":
+        return max(1.0, step * math.log(10) / schedule.points_per_decade)
+    return float(getattr(child, "every_n_steps", schedule.every_n_steps))
+
+
