@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers.logger import Logger
 
 
 def mlp(sizes=(4, 8, 3), act=nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
@@ -104,3 +105,29 @@ def trainer(**kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+class Recorder(Logger):
+    """A logger that keeps everything it is sent: ``scalars[tag] = [(step, value), ...]``, ``rows``
+    (one ``(step, metrics)`` per call) and ``texts`` (a stand-in for TensorBoard's writer)."""
+
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.scalars, self.rows, self.texts = {}, [], []
+
+    @property
+    def experiment(self):
+        return self
+
+    def add_text(self, tag, text, global_step=None):
+        self.texts.append((tag, text, global_step))
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+        for k, v in metrics.items():
+            self.scalars.setdefault(k, []).append((step, v))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass

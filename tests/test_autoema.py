@@ -8,38 +8,14 @@ import functools
 import pytest
 import torch
 import pytorch_lightning as pl
-from pytorch_lightning.loggers.logger import Logger
 
 from dynscope import variance_amplification
 from dynscope.callbacks import AutoEMA, VarianceAmplification
 from dynscope.cli.demo_gva import expert_data, make_module, make_system, rollout_metric
+from models import Recorder
 from observer import assert_same_weights, trained_weights
 
 THRESHOLD_ALWAYS = 1e-9  # any moving metric exceeds it: AutoEMA fires as soon as the patience allows
-
-
-class Recorder(Logger):
-    """Keeps every scalar and text entry (a stand-in for TensorBoard's writer)."""
-
-    def __init__(self):
-        super().__init__()
-        self.scalars, self.texts = {}, []
-
-    name, version = "recorder", 0
-
-    @property
-    def experiment(self):
-        return self
-
-    def add_text(self, tag, text, global_step=None):
-        self.texts.append((tag, text, global_step))
-
-    def log_metrics(self, metrics, step=None):
-        for k, v in metrics.items():
-            self.scalars.setdefault(k, []).append((step, v))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
 
 
 class Weights(pl.Callback):

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Classifier, classification_data, loader, mlp, trainer
+from models import Classifier, Recorder, classification_data, loader, mlp, trainer
 from observer import assert_same_weights, trained_weights
-from pytorch_lightning.loggers.logger import Logger
 
 from dynscope import max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
 from dynscope.callbacks import AutoStableMax, LossProtocolError, SoftmaxCollapse
@@ -93,31 +92,6 @@ def test_core_bad_input_is_named():
 
 
 # -- Lightning ---------------------------------------------------------------------------------
-class Recorder(Logger):
-    """Keeps every scalar and text entry it is sent."""
-
-    def __init__(self):
-        super().__init__()
-        self.scalars, self.texts = {}, []
-
-    name = "recorder"
-    version = 0
-
-    @property
-    def experiment(self):
-        return self
-
-    def add_text(self, name, text, global_step=None):
-        self.texts.append((name, text, global_step))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        for key, value in metrics.items():
-            self.scalars.setdefault(key, []).append((step, value))
-
-
 class Switchable(Classifier):
     """Classifier whose loss is dynscope's CrossEntropy; remembers the mode of every step."""
 

@@ -21,7 +21,7 @@ from dynscope import (
 )
 from dynscope.callbacks import GradientNoise, LossProtocolError
 from dynscope.persample import GradientMoments, default_sample_chunk
-from models import Classifier, SmallCNN, TinyTransformer, classification_data, loader, mlp, trainer
+from models import Classifier, Recorder, SmallCNN, TinyTransformer, classification_data, loader, mlp, trainer
 from observer import assert_same_weights, trained_weights
 
 
@@ -318,26 +318,6 @@ def test_two_batch_estimator_recovers_a_known_noise_scale():
 # -- the callback -------------------------------------------------------------------------------------
 
 
-class Recorder(pl.loggers.logger.Logger):
-    def __init__(self):
-        super().__init__()
-        self.metrics = []
-
-    @property
-    def name(self):
-        return "recorder"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-
 def test_callback_logs_the_documented_tags_with_reference_values():
     torch.manual_seed(0)
     net = mlp((4, 6, 3))
@@ -346,9 +326,9 @@ def test_callback_logs_the_documented_tags_with_reference_values():
     callback = GradientNoise(every_n_steps=2, fixed_batch=True)
     recorder = Recorder()
     trainer(max_steps=4, callbacks=[callback], logger=recorder).fit(module, loader(x, y, batch_size=8))
-    steps = [s for s, m in recorder.metrics if "dynscope/noise/gsnr" in m]
+    steps = [s for s, m in recorder.rows if "dynscope/noise/gsnr" in m]
     assert steps[-2:] == [2, 4]
-    logged = [m for s, m in recorder.metrics if s == 4 and "dynscope/noise/gsnr" in m][0]
+    logged = [m for s, m in recorder.rows if s == 4 and "dynscope/noise/gsnr" in m][0]
     names = [n for n, _ in module.named_parameters()]
     expected = {"dynscope/noise/" + k for k in ("gsnr", "noise_scale", "noise_scale_over_batch", "grad_norm")}
     expected |= {f"dynscope/noise/gsnr/{n}" for n in names} | {f"dynscope/noise/block_gsnr/{n}" for n in names}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytorch_lightning as pl
-from models import Classifier, SmallCNN, classification_data, loader, mlp, trainer
+from models import Classifier, Recorder, SmallCNN, classification_data, loader, mlp, trainer
 from observer import assert_same_weights, trained_weights
 
 from dynscope import NotPiecewiseLinearWarning, local_complexity, orthonormal_directions
@@ -291,26 +291,6 @@ def test_directions_are_orthonormal_seeded_and_leave_the_global_rng_alone():
 
 
 # -- the callback --------------------------------------------------------------------------------------
-class Recorder(pl.loggers.Logger):
-    def __init__(self):
-        super().__init__()
-        self.metrics = {}
-
-    name = "recorder"
-    version = 0
-
-    @property
-    def experiment(self):
-        return None
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        for k, v in metrics.items():
-            self.metrics.setdefault(k, []).append((step, v))
-
-
 class Validated(Classifier):
     def validation_step(self, batch, batch_idx):
         return self.criterion(self(batch[0]), batch[1])
@@ -339,8 +319,8 @@ def test_linear_regions_logs_train_test_random_with_fixed_points():
     module, recorder, (x, xv) = fit(callback)
     base = "dynscope/regions/"
     expected = {f"{base}lc_{s}{layer}" for s in ("train", "test", "random") for layer in ("", "/net.1", "/net.3")}
-    assert expected <= set(recorder.metrics)
-    assert [step for step, _ in recorder.metrics[base + "lc_train"]] == [1, 3, 6]
+    assert expected <= set(recorder.scalars)
+    assert [step for step, _ in recorder.scalars[base + "lc_train"]] == [1, 3, 6]
     assert callback.train_points.shape == (20, 4) and rows_of(callback.train_points, x)
     assert callback.test_points.shape == (10, 4) and rows_of(callback.test_points, xv)
     low, high = callback.train_points.amin(0), callback.train_points.amax(0)
@@ -348,8 +328,8 @@ def test_linear_regions_logs_train_test_random_with_fixed_points():
     assert bool(((callback.random_points >= low) & (callback.random_points <= high)).all())
     for name, points in (("train", callback.train_points), ("random", callback.random_points)):
         final = local_complexity(module, points, 0.3, 3)  # the last measurement is at the final weights
-        assert recorder.metrics[f"{base}lc_{name}"][-1][1] == pytest.approx(final.total)
-        assert recorder.metrics[f"{base}lc_{name}/net.3"][-1][1] == pytest.approx(final.per_layer["net.3"])
+        assert recorder.scalars[f"{base}lc_{name}"][-1][1] == pytest.approx(final.total)
+        assert recorder.scalars[f"{base}lc_{name}/net.3"][-1][1] == pytest.approx(final.per_layer["net.3"])
 
     restored = LinearRegions()
     restored.load_state_dict(callback.state_dict())
@@ -361,13 +341,13 @@ def test_several_radii_get_suffixes_and_no_val_loader_means_no_lc_test():
     callback = LinearRegions(radii=[0.1, 0.5], num_directions=2, num_points=8, num_random_points=4,
                              per_layer=True, schedule="steps", every_n_steps=100)
     _, recorder, _ = fit(callback, with_val=False, steps=2)
-    tags = set(recorder.metrics)
+    tags = set(recorder.scalars)
     for r in ("0.1", "0.5"):
         assert {f"dynscope/regions/lc_train/r={r}", f"dynscope/regions/lc_random/r={r}",
                 f"dynscope/regions/lc_train/net.1/r={r}"} <= tags
     assert not any("lc_test" in t for t in tags)
     assert "dynscope/regions/lc_train" not in tags
-    small, large = (recorder.metrics[f"dynscope/regions/lc_train/r={r}"][0][1] for r in ("0.1", "0.5"))
+    small, large = (recorder.scalars[f"dynscope/regions/lc_train/r={r}"][0][1] for r in ("0.1", "0.5"))
     assert small <= large  # nested neighbourhoods along the same directions
 
 
@@ -378,7 +358,7 @@ def test_linear_regions_fails_early_without_activation_modules_and_skips_smooth_
     callback = LinearRegions(num_directions=2, num_points=8, schedule="steps", every_n_steps=1)
     with pytest.warns(NotPiecewiseLinearWarning):
         _, recorder, _ = fit(callback, net=mlp((4, 8, 3), act=nn.GELU), steps=3)
-    assert not any(t.startswith("dynscope/regions") for t in recorder.metrics)
+    assert not any(t.startswith("dynscope/regions") for t in recorder.scalars)
 
 
 def test_linear_regions_every_step_leaves_training_bit_identical():
