@@ -7,8 +7,9 @@ gradient in :mod:`dynscope.optim`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_map
@@ -27,10 +28,24 @@ log = logging.getLogger("dynscope")
 EVENTS = "dynscope/mitigation/events"
 
 
-def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval"):
+def training_precision(trainer) -> Tuple[ContextManager, Optional[str]]:
+    """The context training runs its forward in, and the dtype its softmax loss is computed in.
+
+    Under ``"*-mixed"`` precision the forward runs under autocast (logits in bfloat16/float16) and
+    autocast computes cross-entropy in float32 from them; otherwise the loss is in the logits' dtype
+    (``None``: take it from the logits).
+    """
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    context = plugin.forward_context() if hasattr(plugin, "forward_context") else contextlib.nullcontext()
+    mixed = str(getattr(trainer, "precision", "")).endswith("-mixed")
+    return context, ("float32" if mixed else None)
+
+
+def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval", context: Optional[ContextManager] = None):
     """``(logits, targets)`` of ``module`` on ``batch`` without changing anything about training.
 
-    Runs under ``torch.no_grad()`` with all RNGs forked. ``mode="eval"`` evaluates in eval mode
+    Runs under ``torch.no_grad()`` with all RNGs forked, inside ``context`` (e.g. the autocast of
+    mixed-precision training, so that the logits are the ones training sees). ``mode="eval"`` evaluates in eval mode
     (dropout off, BatchNorm running statistics); ``"train"`` in train mode, with every buffer
     (BatchNorm running statistics) restored afterwards. The modules' train/eval flags are restored.
     """
@@ -38,7 +53,7 @@ def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval"):
     saved = [(b, b.clone()) for b in module.buffers()] if mode == "train" else []
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), (context or contextlib.nullcontext()):
             module.train(mode == "train")
             return module_logits(module, batch)
     finally:
@@ -54,9 +69,15 @@ def collapse_counts(logits: torch.Tensor, targets: torch.Tensor, dtype, ignore_i
 
     Sums, so that batches and ranks combine by adding.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
         raise LossProtocolError(
-            f"SoftmaxCollapse needs class logits shaped [..., C], got {getattr(logits, 'shape', type(logits).__name__)}"
+            "SoftmaxCollapse needs class logits shaped [..., C] with C >= 2, got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+        raise LossProtocolError(
+            "SoftmaxCollapse needs integer class targets (soft or regression targets have no softmax collapse); "
+            f"got {getattr(targets, 'dtype', type(targets).__name__)}"
         )
     keep = targets.detach().reshape(-1).to(logits.device) != ignore_index
     collapsed = collapsed_rows(logits, dtype)[keep]
@@ -112,9 +133,10 @@ class SoftmaxCollapse(DiagnosticCallback):
     Args:
         every_n_steps: period in optimizer steps (one extra forward pass per check).
         dtype: the dtype the loss is computed in (``"float32"``, ``"bfloat16"``, ``"float16"``,
-            ``"float64"``); default: the logits' dtype. Under ``"*-mixed"`` precision the logits
-            are computed outside autocast here (float32), which matches autocast's float32
-            cross-entropy.
+            ``"float64"``); default: the logits' dtype, or float32 under ``"*-mixed"`` precision,
+            where the logits are computed under the trainer's autocast (bfloat16/float16, as in
+            training) and autocast computes cross-entropy in float32 from them. Pass the half
+            dtype if your loss is computed in it (e.g. a hand-written log-softmax under autocast).
         nlm: log ``nlm_cos``.
         per_layer: log ``nlm_cos/<parameter>`` too.
         held_data: ``"none"`` or ``"val"`` (the trainer's validation data).
@@ -184,8 +206,9 @@ class SoftmaxCollapse(DiagnosticCallback):
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         reduce = sum_over_ranks(trainer)
         out: Dict[str, float] = {}
+        context, loss_dtype = training_precision(trainer)
         counts = on_every_rank(trainer, lambda: collapse_counts(
-            *measured_logits(pl_module, batch, self.mode), self.dtype, self.ignore_index
+            *measured_logits(pl_module, batch, self.mode, context), self.dtype or loss_dtype, self.ignore_index
         ), pl_module.device)
         out.update(fractions(reduce(counts) if reduce else counts))
         if self.held_data == "val":
@@ -210,8 +233,9 @@ class SoftmaxCollapse(DiagnosticCallback):
         total = None
         for cpu_batch in self._held:
             batch = trainer.strategy.batch_to_device(cpu_batch) if hasattr(trainer, "strategy") else cpu_batch
-            logits, targets = measured_logits(pl_module, batch, self.mode)
-            counts = collapse_counts(logits, targets, self.dtype, self.ignore_index)
+            context, loss_dtype = training_precision(trainer)
+            logits, targets = measured_logits(pl_module, batch, self.mode, context)
+            counts = collapse_counts(logits, targets, self.dtype or loss_dtype, self.ignore_index)
             total = counts if total is None else total + counts
         return total
 

@@ -72,7 +72,9 @@ class Curvature(DiagnosticCallback):
       2023).
 
     Everything is measured after the optimizer step of a scheduled step, on that step's batch (or
-    the fixed batch), at the new parameters.
+    the fixed batch; with gradient accumulation, the step's micro-batches joined), at the new
+    parameters. Under ``"*-mixed"`` precision the model is evaluated outside autocast, in the
+    parameters' dtype (float32): the curvature of the float32 objective.
 
     Args:
         num_matvecs: Hessian-vector products for the trace (batched).

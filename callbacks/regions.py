@@ -180,7 +180,6 @@ class LinearRegions(DiagnosticCallback):
         self.train_points: Optional[torch.Tensor] = None
         self.test_points: Optional[torch.Tensor] = None
         self.random_points: Optional[torch.Tensor] = None
-        self._not_applicable = False
 
     def check_module(self, trainer, pl_module) -> None:
         if not self.functional and not any(isinstance(m, PIECEWISE_LINEAR + SMOOTH) for m in pl_module.modules()):
@@ -201,8 +200,6 @@ class LinearRegions(DiagnosticCallback):
             self.test_points = sample_inputs(trainer.val_dataloaders, pl_module, self.num_test_points, self.seed + 2)
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        if self._not_applicable:
-            return {}
         self._ensure_points(trainer, pl_module, batch)
         dim = self.train_points[0].numel()
         if self.num_directions > dim:
@@ -219,7 +216,7 @@ class LinearRegions(DiagnosticCallback):
                     functional=self.functional,
                 )
                 if not result.applicable:
-                    self._not_applicable = True
+                    self.disabled = True  # warned once by local_complexity; nothing more to measure
                     return {}
                 out[f"lc_{name}{suffix}"] = result.total
                 if self.per_layer:

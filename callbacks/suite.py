@@ -45,20 +45,22 @@ PRIOR_STEPS = {"curvature": 3.0 * (16 + 20 + 2), "noise": 4.0, "collapse": 1.0, 
 SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged over ranks) at least this often
 
 
-def near_event(name: str, metrics: Dict[str, float], previous: Dict[str, float]) -> bool:
+def near_event(metrics: Dict[str, float], previous: Dict[str, float]) -> bool:
     """Whether a diagnostic's latest values say something is about to happen (measure it more often).
 
-    Curvature: ``eos_ratio >= 0.8`` (approaching the edge of stability). Collapse: any sample in
-    softmax collapse or at exactly zero loss (SC onset). Variance amplification: above 1 and rising.
+    ``eos_ratio >= 0.8`` (approaching the edge of stability); any sample in softmax collapse or at
+    exactly zero loss (SC onset); variance ``amplification`` above 1 and rising.
+
+    Example:
+        >>> near_event({"eos_ratio": 0.85}, {}), near_event({"amplification": 2.0}, {"amplification": 3.0})
+        (True, False)
     """
-    if name == "curvature":
-        return metrics.get("eos_ratio", 0.0) >= 0.8
-    if name == "collapse":
-        return metrics.get("sc_fraction", 0.0) > 0 or metrics.get("zero_loss_fraction", 0.0) > 0
-    if name == "gva":
-        a, before = metrics.get("amplification"), previous.get("amplification")
-        return a is not None and a > 1.0 and (before is None or a > before)
-    return False
+    if metrics.get("eos_ratio", 0.0) >= 0.8:
+        return True
+    if metrics.get("sc_fraction", 0.0) > 0 or metrics.get("zero_loss_fraction", 0.0) > 0:
+        return True
+    a, before = metrics.get("amplification"), previous.get("amplification")
+    return a is not None and a > 1.0 and (before is None or a > before)
 
 
 class DynScope(CallbackBase):
@@ -161,8 +163,8 @@ class DynScope(CallbackBase):
             built["noise"] = GradientNoise(loss_fn=loss_fn, **common, **_options("noise", noise))
         if collapse is not False:
             kind = AutoStableMax if "stablemax" in mitigate else SoftmaxCollapse
-            extra = {"orthograd": True} if "orthograd" in mitigate else {}
-            built["collapse"] = kind(**common, **extra, **_options("collapse", collapse))
+            orthograd = {"orthograd": True} if "orthograd" in mitigate else {}
+            built["collapse"] = kind(**common, **orthograd, **_options("collapse", collapse))
         if regions is not False:
             built["regions"] = LinearRegions(strict=strict, **_options("regions", regions))
         if metric is not None:
@@ -267,7 +269,7 @@ class DynScope(CallbackBase):
             measured = True
             cost = child.seconds_spent - self._spent.get(name, 0.0)
             self.costs[name] = cost if name not in self.costs else 0.5 * self.costs[name] + 0.5 * cost
-            self.near[name] = near_event(name, child.last_metrics, self._previous.get(name, {}))
+            self.near[name] = near_event(child.last_metrics, self._previous.get(name, {}))
             self._previous[name] = dict(child.last_metrics)
             self._counts[name] = count
             self._spent[name] = child.seconds_spent

@@ -1,0 +1,247 @@
+"""DynScope: the same values as the single callbacks, diagnostics that do not apply, the overhead
+budget and its tightening near events, the observer effect, resume, and LightningCLI YAML."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import pytorch_lightning as pl
+import torch.nn.functional as F
+from torch import nn
+
+from dynscope.callbacks import Curvature, DiagnosticCallback, DynScope, GradientNoise, LinearRegions, SoftmaxCollapse
+from dynscope.callbacks.budget import Allowance, share_budget
+from dynscope.callbacks.suite import DEFAULTS, near_event
+from dynscope.nn import CrossEntropy
+from models import Classifier, Recorder, SmallCNN, classification_data, loader, mlp, trainer
+from observer import assert_same_weights, trained_weights
+
+
+def fit_cnn(callbacks, steps=12, logger=None, ckpt_path=None, **kwargs):
+    torch.manual_seed(0)
+    module = Classifier(SmallCNN(), lr=0.05, momentum=0.9)
+    x, y = classification_data(96, (1, 8, 8))
+    fit_trainer = trainer(max_steps=steps, callbacks=list(callbacks), logger=logger or False, **kwargs)
+    fit_trainer.fit(module, loader(x, y, batch_size=16), ckpt_path=ckpt_path)
+    return module, fit_trainer
+
+
+def dynscope_scalars(recorder):
+    return {k: v for k, v in recorder.scalars.items() if k.startswith("dynscope/") and not k.startswith("dynscope/overhead")}
+
+
+def test_without_a_budget_the_suite_logs_what_the_single_callbacks_log():
+    suite_log, single_log = Recorder(), Recorder()
+    scope = DynScope(budget=None, strict=True)
+    fit_cnn([scope], logger=suite_log)
+    fit_cnn(
+        [
+            Curvature(strict=True, **DEFAULTS["curvature"]),
+            GradientNoise(strict=True, **DEFAULTS["noise"]),
+            SoftmaxCollapse(strict=True, **DEFAULTS["collapse"]),
+            LinearRegions(strict=True, **DEFAULTS["regions"]),
+        ],
+        logger=single_log,
+    )
+    ours, theirs = dynscope_scalars(suite_log), dynscope_scalars(single_log)
+    assert set(ours) == set(theirs)
+    for group in ("curvature/hessian_trace", "curvature/lambda_max", "noise/gsnr", "collapse/sc_fraction", "regions/lc_train"):
+        assert f"dynscope/{group}" in ours
+    for key in theirs:
+        assert [s for s, _ in ours[key]] == [s for s, _ in theirs[key]], key
+        assert [v for _, v in ours[key]] == pytest.approx([v for _, v in theirs[key]], rel=1e-6, abs=1e-9), key
+    assert [s for s, _ in ours["dynscope/collapse/sc_fraction"]] == [1, 10]
+    assert [s for s, _ in ours["dynscope/curvature/hessian_trace"]] == [1]
+    overhead = suite_log.scalars["dynscope/overhead"]
+    assert overhead and all(v > 0 for _, v in overhead)
+    assert {"dynscope/overhead/curvature", "dynscope/overhead/stretch/noise"} <= set(suite_log.scalars)
+
+
+def test_diagnostics_that_do_not_apply_are_dropped_with_a_warning_and_training_goes_on():
+    class Regression(Classifier):  # float targets, a batch-level loss, no loss_fn attribute
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), lr=0.01)
+            del self.criterion
+
+        def dynscope_loss(self, batch):
+            x, y = batch
+            return F.mse_loss(self(x).squeeze(-1), y)  # a scalar: not per sample
+
+        def training_step(self, batch, batch_idx):
+            return self.dynscope_loss(batch)
+
+    x = torch.randn(32, 4)
+    y = x.sum(1)
+    scope = DynScope(budget=None, regions={"functional": False})
+    with pytest.warns(RuntimeWarning) as record:
+        trainer(max_steps=12, callbacks=[scope]).fit(Regression(), loader(x, y, batch_size=8))
+    messages = " ".join(str(w.message) for w in record)
+    assert "has no linear regions" in messages and "noise does not apply" in messages
+    assert "collapse does not apply" in messages and "C >= 2" in messages
+    assert list(scope.callbacks) == ["curvature", "regions"] and scope.callbacks["regions"].disabled
+    assert scope.callbacks["curvature"].num_measurements == 1
+
+
+def test_a_requested_mitigation_that_cannot_work_is_an_error():
+    with pytest.raises(ValueError, match="metric"):
+        DynScope(mitigate=("ema",))
+    with pytest.raises(ValueError, match="mitigate"):
+        DynScope(mitigate=("dropout",))
+    with pytest.raises(Exception, match="switchable loss"):
+        fit_cnn([DynScope(budget=None, mitigate=("stablemax",))], steps=1)
+
+
+# -- the budget ------------------------------------------------------------------------------------------
+def test_budget_sharing_and_allowance():
+    assert share_budget({"a": 1.0, "b": 0.1}, available=0.5) == {"b": 1.0, "a": 2.5}
+    assert share_budget({"a": 1.0}, available=0.0) == {"a": 1024.0}
+    # a diagnostic near an event gets four times the share and may run four times as often
+    near = share_budget({"a": 1.0, "b": 1.0}, available=1.0, weights={"a": 4.0}, floors={"a": 0.25})
+    assert near == pytest.approx({"a": 1.25, "b": 5.0})
+    allowance = Allowance(0.1)
+    allowance.update(dynscope_seconds=1.0, training_seconds=20.0)
+    assert allowance.admit(0.6) and not allowance.admit(0.6) and allowance.admit(0.4)
+    with pytest.raises(ValueError, match="budget"):
+        Allowance(1.5)
+    assert near_event({"sc_fraction": 0.01}, {}) and not near_event({"eos_ratio": 0.5, "sc_fraction": 0.0}, {})
+    assert near_event({"amplification": 3.0}, {"amplification": 2.0})
+
+
+class Sleeper(Classifier):
+    """A training step of known length, so that the budget's arithmetic can be checked in wall time."""
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.005)
+        return super().training_step(batch, batch_idx)
+
+
+class Slow(DiagnosticCallback):
+    """A diagnostic that takes 30 ms and reports a fixed eos_ratio."""
+
+    group = "slow"
+
+    def __init__(self, eos_ratio=0.0, every_n_steps=1):
+        super().__init__(every_n_steps=every_n_steps)
+        self.eos_ratio = eos_ratio
+        self.steps = []
+
+    def measure(self, trainer, pl_module, batch):
+        time.sleep(0.03)
+        self.steps.append(trainer.global_step)
+        return {"eos_ratio": self.eos_ratio}
+
+
+def run_sleeper(scope, steps):
+    torch.manual_seed(0)
+    x, y = classification_data(64, (4,))
+    trainer(max_steps=steps, callbacks=[scope]).fit(Sleeper(mlp((4, 8, 3))), loader(x, y, batch_size=8))
+
+
+def test_the_budget_keeps_the_overhead_under_its_fraction():
+    slow = Slow(every_n_steps=1)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow})
+    run_sleeper(scope, 200)
+    # Each admitted measurement fit in the time saved up; the first one's cost was only estimated.
+    assert scope.seconds <= 0.1 * scope.training_seconds() + 0.05
+    assert len(slow.steps) >= 2 and len(slow.steps) * 0.03 <= 0.1 * scope.training_seconds() + 0.05
+    assert slow.schedule.stretch >= 8  # 30 ms per step wanted, 0.5 ms per step available
+
+
+def test_near_an_event_a_diagnostic_runs_more_often_than_its_base_cadence():
+    counts = {}
+    for eos in (0.1, 0.9):
+        slow = Slow(eos_ratio=eos, every_n_steps=32)
+        scope = DynScope(budget=0.9, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow})
+        run_sleeper(scope, 160)
+        counts[eos] = len(slow.steps)
+        assert slow.schedule.stretch == (1.0 if eos < 0.8 else 0.25)
+    assert counts[0.9] >= 2 * counts[0.1]
+
+
+# -- the observer effect, resume, configuration -----------------------------------------------------------
+def test_the_suite_does_not_change_training():
+    baseline = trained_weights([], steps=20)
+    assert_same_weights(baseline, trained_weights([DynScope(budget=None)], steps=20))
+    assert_same_weights(baseline, trained_weights([DynScope(budget=0.05)], steps=20))
+
+
+def test_resume_continues_schedules_windows_and_state(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def metric(module):
+        return float(module.net.fc.weight.norm())
+
+    def make():
+        return DynScope(budget=None, metric=metric, gva={"every_n_steps": 2, "window": 4}, strict=True)
+
+    straight_log, first_log, second_log = Recorder(), Recorder(), Recorder()
+    straight = make()
+    fit_cnn([straight], steps=24, logger=straight_log)
+    first = make()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=12)
+    fit_cnn([first, checkpoint], steps=12, logger=first_log, enable_checkpointing=True)
+    resumed = make()
+    fit_cnn([resumed], steps=24, logger=second_log, ckpt_path=str(tmp_path / "last.ckpt"))
+
+    joined = dynscope_scalars(first_log)
+    for key, rows in dynscope_scalars(second_log).items():
+        joined.setdefault(key, []).extend(rows)
+    expected = dynscope_scalars(straight_log)
+    assert set(joined) == set(expected)
+    for key in expected:
+        assert [s for s, _ in joined[key]] == [s for s, _ in expected[key]], key
+        assert [v for _, v in joined[key]] == pytest.approx([v for _, v in expected[key]], rel=1e-5, abs=1e-8), key
+    gva = resumed.callbacks["gva"]
+    assert list(gva.metrics) == pytest.approx(list(straight.callbacks["gva"].metrics))
+    assert {n: c.num_measurements for n, c in resumed.callbacks.items()} == {
+        n: c.num_measurements for n, c in straight.callbacks.items()
+    }
+    assert resumed.seconds > first.seconds - 1e-9
+
+
+def test_configurable_from_lightning_cli_yaml(tmp_path):
+    pytest.importorskip("jsonargparse")
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  max_steps: 3
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: dynscope.callbacks.DynScope
+      init_args:
+        loss_fn: torch.nn.functional.cross_entropy
+        budget: 0.2
+        curvature:
+          every_n_steps: 100
+          num_matvecs: 8
+        regions: false
+        mitigate: [stablemax, orthograd]
+"""
+    )
+    cli = LightningCLI(CliModule, CliData, args=["--config", str(config)], run=False)
+    scope = next(c for c in cli.trainer.callbacks if isinstance(c, DynScope))
+    assert scope.loss_fn is F.cross_entropy and scope.budget == 0.2
+    assert list(scope.callbacks) == ["curvature", "noise", "collapse"]
+    assert scope.callbacks["curvature"].num_matvecs == 8 and scope.callbacks["curvature"].schedule.every_n_steps == 100
+    assert scope.callbacks["collapse"].orthograd
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3
+
+
+class CliModule(Classifier):
+    def __init__(self, hidden: int = 8):
+        super().__init__(mlp((4, hidden, 3)), lr=0.1)
+        self.criterion = CrossEntropy()
+
+
+class CliData(pl.LightningDataModule):
+    def train_dataloader(self):
+        x, y = classification_data(32, (4,))
+        return loader(x, y, batch_size=8)
