@@ -1,0 +1,91 @@
+"""DynScope under Lightning's DDP with 2 CPU processes (gloo) against 1 process on the same global
+batch; a fault on one rank only; the budget's decisions under DDP; sharded strategies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dynscope.callbacks import Curvature, DynScope
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def run(tmp_path, name, devices, *args):
+    """Run tests/ddp_run.py; returns the report of every rank. A hang fails the test (timeout)."""
+    out = tmp_path / name
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1")
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out), *args],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(devices)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    return run(tmp, "single", 1)[0], run(tmp, "ddp", 2)
+
+
+def test_two_processes_log_what_one_process_logs_on_the_same_global_batch(reference):
+    single, (rank0, rank1) = reference
+    assert rank0["world_size"] == 2
+    assert rank0["weights_sum"] == pytest.approx(single["weights_sum"], rel=1e-6)
+    logged, expected = rank0["scalars"], single["scalars"]
+    assert set(logged) - set(expected) == {"dynscope/noise/noise_scale_two_batch"}
+    compared = 0
+    for tag, rows in expected.items():
+        if tag.startswith("dynscope/overhead"):
+            continue
+        assert [s for s, _ in logged[tag]] == [s for s, _ in rows], tag
+        assert [v for _, v in logged[tag]] == pytest.approx([v for _, v in rows], rel=1e-3, abs=1e-6), tag
+        compared += len(rows)
+    for tag in ("curvature/hessian_trace", "curvature/lambda_max", "noise/gsnr", "noise/noise_scale",
+                "collapse/sc_fraction", "collapse/nlm_cos", "regions/lc_train", "gva/amplification"):
+        assert f"dynscope/{tag}" in logged
+    assert compared > 100
+    # the mitigation switched on both ranks at the same step
+    assert rank0["stablemax_step"] == rank1["stablemax_step"] == single["stablemax_step"] is not None
+    assert rank0["criterion_mode"] == rank1["criterion_mode"] == "stablemax"
+    assert rank0["measurements"] == rank1["measurements"] == single["measurements"]
+
+
+def test_a_fault_on_one_rank_is_skipped_on_every_rank_and_training_goes_on(tmp_path, reference):
+    _, (clean, _) = reference
+    rank0, rank1 = run(tmp_path, "poisoned", 2, "--poison-step", "4")
+    steps = {tag: [s for s, _ in rows] for tag, rows in rank0["scalars"].items()}
+    assert 4 not in steps["dynscope/curvature/hessian_trace"] and 6 in steps["dynscope/curvature/hessian_trace"]
+    assert 4 not in steps["dynscope/noise/gsnr"] and 6 in steps["dynscope/noise/gsnr"]
+    assert 4 in steps["dynscope/collapse/sc_fraction"]  # the logits were fine
+    assert rank0["weights_sum"] == rank1["weights_sum"] == clean["weights_sum"]
+
+
+def test_under_a_budget_every_rank_measures_at_the_same_steps(tmp_path):
+    rank0, rank1 = run(tmp_path, "budget", 2, "--budget", "0.05", "--steps", "40")
+    assert rank0["measurements"] == rank1["measurements"]
+    assert "dynscope/overhead" in rank0["scalars"]
+
+
+def test_sharded_strategies_disable_dynscope_with_a_clear_warning():
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(strategy=FSDPStrategy(), loggers=[], is_global_zero=True, world_size=2)
+    callback = Curvature()
+    with pytest.warns(RuntimeWarning, match="FSDPStrategy strategy shards the parameters"):
+        callback.setup(fake, torch.nn.Linear(2, 2), "fit")
+    assert callback.disabled and not callback.wants(1)
+    with pytest.raises(RuntimeError, match="shards the parameters"):
+        Curvature(strict=True).setup(fake, torch.nn.Linear(2, 2), "fit")
+    scope = DynScope()
+    with pytest.warns(RuntimeWarning, match="shards"):
+        scope.setup(fake, torch.nn.Linear(2, 2), "fit")
+    assert all(c.disabled for c in scope.callbacks.values())
