@@ -1,0 +1,176 @@
+"""Mixed precision, gradient accumulation and injected faults (non-finite loss, gradient and HVP, out
+of memory in a batched kernel, an exception inside a diagnostic), with exact references."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import pytorch_lightning as pl
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+from dynscope import HessianOperator, Objective, directional_sharpness, hessian_trace, softmax_collapse
+from dynscope.hvp import _Kernel
+from dynscope.callbacks import Curvature, DiagnosticCallback, GradientNoise, SoftmaxCollapse
+from models import Classifier, classification_data, loader, mlp, trainer
+from observer import assert_same_weights
+
+
+def fit(callbacks, steps=4, batch_size=8, net=None, module_cls=Classifier, **kwargs):
+    torch.manual_seed(0)
+    module = module_cls(net or mlp((4, 8, 3)), lr=0.1)
+    x, y = classification_data(64, (4,))
+    trainer(max_steps=steps, callbacks=list(callbacks), **kwargs).fit(module, loader(x, y, batch_size=batch_size))
+    return module, (x, y)
+
+
+def weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# -- precision -------------------------------------------------------------------------------------------------
+def test_bf16_mixed_curvature_is_the_float32_curvature_and_sc_uses_the_autocast_logits():
+    curvature = Curvature(every_n_steps=2, num_matvecs=6, eigen=False, sharpness=False, strict=True)
+    collapse = SoftmaxCollapse(every_n_steps=2, strict=True)
+    noise = GradientNoise(every_n_steps=2, strict=True)
+    torch.manual_seed(0)
+    net = mlp((4, 8, 3))
+    with torch.no_grad():
+        net[-1].weight.mul_(100.0)  # large logits: some rows collapse
+    module, (x, y) = fit([curvature, collapse, noise], steps=4, precision="bf16-mixed", net=net)
+    batch = (x[24:32], y[24:32])  # the batch of step 4, the last measurement, at the final weights
+    objective = Objective(module, F.cross_entropy, batch)
+    assert objective.dtype == torch.float32
+    expected = hessian_trace(HessianOperator(objective), 6, seed=4)
+    assert curvature.last_metrics["hessian_trace"] == pytest.approx(expected.value, rel=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = module(batch[0])
+    assert logits.dtype == torch.bfloat16
+    expected_sc = softmax_collapse(logits, "float32")
+    assert 0 < expected_sc < 1 and collapse.last_metrics["sc_fraction"] == expected_sc
+    assert noise.last_metrics["gsnr"] > 0
+
+
+def test_16_mixed_sc_check_runs_under_float16_autocast_and_counts_in_float32():
+    # Lightning runs "16-mixed" as bf16 on a CPU, so the float16 path is checked with its precision plugin.
+    torch.manual_seed(0)
+    net = mlp((4, 8, 3))
+    with torch.no_grad():
+        net[-1].weight.mul_(400.0)  # large logits: some rows collapse
+    x, y = classification_data(32, (4,))
+    fake = SimpleNamespace(
+        strategy=SimpleNamespace(precision_plugin=MixedPrecision("16-mixed", device="cpu", scaler=None)),
+        precision="16-mixed", world_size=1, global_step=1,
+    )
+    metrics = SoftmaxCollapse(nlm=False).measure(fake, Classifier(net), (x, y))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        logits = net(x)
+    assert logits.dtype == torch.float16
+    expected = softmax_collapse(logits, "float32")
+    assert 0 < expected < 1 and metrics["sc_fraction"] == expected
+
+
+# -- gradient accumulation -------------------------------------------------------------------------------------
+class Batches(DiagnosticCallback):
+    group = "batches"
+
+    def __init__(self):
+        super().__init__(every_n_steps=1, strict=True)
+        self.seen = []
+
+    def measure(self, trainer, pl_module, batch):
+        self.seen.append((trainer.global_step, batch[0].clone()))
+        return {}
+
+
+def test_with_gradient_accumulation_the_accumulated_batch_is_measured_once_per_optimizer_step():
+    batches, noise = Batches(), GradientNoise(every_n_steps=1, strict=True)
+    _, (x, _) = fit([batches, noise], steps=3, accumulate_grad_batches=2)
+    assert [step for step, _ in batches.seen] == [1, 2, 3]
+    for k, (_, seen) in enumerate(batches.seen):
+        assert torch.equal(seen, x[16 * k : 16 * (k + 1)])  # micro-batches 2k and 2k+1, joined
+    assert noise.last_metrics["noise_scale"] / noise.last_metrics["noise_scale_over_batch"] == pytest.approx(16)
+
+
+def test_update_sharpness_under_accumulation_is_that_of_the_whole_update():
+    class Snapshots(pl.Callback):
+        def __init__(self):
+            self.after = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.after[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    curvature = Curvature(every_n_steps=2, num_matvecs=2, eigen=False, strict=True)
+    snaps = Snapshots()
+    module, (x, y) = fit([snaps, curvature], steps=2, accumulate_grad_batches=2)
+    update = {n: snaps.after[2][n] - snaps.after[1][n] for n in snaps.after[2]}
+    objective = Objective(module, F.cross_entropy, (x[16:32], y[16:32]))
+    expected = directional_sharpness(objective, {f"net.{k}" if not k.startswith("net.") else k: v for k, v in update.items()})
+    assert curvature.last_metrics["update_sharpness"] == pytest.approx(expected, rel=1e-5)
+
+
+# -- faults ------------------------------------------------------------------------------------------------------
+class NaNGradient(Classifier):
+    """Finite losses whose gradient is not finite (d sqrt(u)/du at u = 0), in dynscope's loss only."""
+
+    def dynscope_loss(self, batch):
+        x, y = batch
+        kink = torch.sqrt(0.0 * self.net[0].weight.sum())
+        return F.cross_entropy(self(x), y, reduction="none") + kink
+
+
+def test_non_finite_gradients_skip_the_metric_warn_once_and_leave_training_alone():
+    baseline, _ = fit([], module_cls=NaNGradient)
+    noise = GradientNoise(every_n_steps=1)
+    curvature = Curvature(every_n_steps=1, num_matvecs=2, eigen_max_iter=3)
+    with pytest.warns(RuntimeWarning, match="not finite") as record:
+        module, _ = fit([noise, curvature], module_cls=NaNGradient)
+    assert sum("GradientNoise" in str(w.message) for w in record) == 1
+    assert sum("Curvature" in str(w.message) for w in record) == 1
+    assert noise.last_metrics == {} and curvature.last_metrics == {} and noise.num_measurements == 4
+    assert_same_weights(weights(baseline), weights(module))
+
+
+def test_a_non_finite_hvp_is_skipped_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_Kernel, "run", lambda self, method, chunk: torch.full_like(chunk, float("nan")))
+    curvature = Curvature(every_n_steps=1, num_matvecs=4, eigen=False, sharpness=False)
+    with pytest.warns(RuntimeWarning, match="Hessian-vector product is not finite") as record:
+        fit([curvature], steps=3)
+    assert sum("dynscope" in str(w.message) for w in record) == 1 and curvature.num_measurements == 3
+
+
+def test_out_of_memory_in_a_batched_kernel_halves_the_chunk_and_gives_the_same_value(monkeypatch):
+    plain = Curvature(every_n_steps=2, num_matvecs=8, eigen=False, sharpness=False, chunk_size=8, strict=True)
+    fit([plain], steps=2)
+    run = _Kernel.run
+    sizes = []
+
+    def tight(self, method, chunk):
+        sizes.append(chunk.shape[0])
+        if chunk.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run(self, method, chunk)
+
+    monkeypatch.setattr(_Kernel, "run", tight)
+    squeezed = Curvature(every_n_steps=2, num_matvecs=8, eigen=False, sharpness=False, chunk_size=8, strict=True)
+    with pytest.warns(UserWarning, match="out of memory"):
+        fit([squeezed], steps=2)
+    assert max(sizes) == 8 and 2 in sizes
+    assert squeezed.last_metrics["hessian_trace"] == pytest.approx(plain.last_metrics["hessian_trace"], rel=1e-5)
+
+
+def test_an_exception_inside_a_diagnostic_never_ends_the_run_unless_strict(monkeypatch):
+    baseline, _ = fit([])
+
+    def boom(self, trainer, pl_module, batch):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Curvature, "measure", boom)
+    with pytest.warns(RuntimeWarning, match="boom") as record:
+        module, _ = fit([Curvature(every_n_steps=1)])
+    assert sum("boom" in str(w.message) for w in record) == 1
+    assert_same_weights(weights(baseline), weights(module))
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([Curvature(every_n_steps=1, strict=True)])
