@@ -143,6 +143,7 @@ class VarianceAmplification(DiagnosticCallback):
 
     # -- when ----------------------------------------------------------------------------------------
     deferrable = False  # differences of unevenly spaced iterates are not comparable
+    idle_between_measurements = False  # collects reference batches / training losses (and updates the EMA)
 
     def scheduled(self, step: int) -> bool:
         return step % (self.every_n_steps * int(self.schedule.stretch)) == 0

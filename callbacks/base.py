@@ -41,6 +41,9 @@ class DiagnosticCallback(CallbackBase):
     group = "diagnostic"
     needs_snapshot = False
     deferrable = True  # may run later than scheduled when a budget says so (False: evenly spaced)
+    # The batch hooks do nothing in an optimizer step without a measurement (DynScope then skips
+    # calling them); a subclass that keeps per-batch state sets this to False.
+    idle_between_measurements = True
 
     def __init__(
         self,

@@ -175,6 +175,7 @@ class DynScope(CallbackBase):
                 raise ValueError(f"extra takes new names for DiagnosticCallback instances, got {name!r}: {child!r}")
             built[name] = child
         self.callbacks = built
+        self._names = {id(child): name for name, child in built.items()}
         for child in built.values():
             if self.allowance is not None:
                 child.budget_gate = self._gate
@@ -187,6 +188,8 @@ class DynScope(CallbackBase):
         self._start_step = 0
         self._planned = -1
         self._admitted: List[str] = []
+        self._active: List[DiagnosticCallback] = []  # the diagnostics with work in this optimizer step
+        self._measured = False  # since the last refresh of the cadences
         self._counts: Dict[str, int] = {}
         self._spent: Dict[str, float] = {}
         self._step_seconds = 0.0
@@ -208,22 +211,29 @@ class DynScope(CallbackBase):
         return self.costs.get(name, PRIOR_STEPS.get(name, 1.0) * step_seconds)
 
     def _gate(self, child: DiagnosticCallback, step: int) -> bool:
-        name = self._name(child)
+        name = self._names[id(child)]
         if step == self._planned:
             return name in self._admitted
         return not child.deferrable or self.allowance.admit(self._expected(name, self._step_seconds))  # epoch ends
 
     def _plan(self, trainer, step: int) -> None:
-        """At the first micro-batch of each optimizer step: update the cadences, admit due measurements."""
-        self._admitted = []
-        if step % SYNC_EVERY and not any(child.wants(step) for child in self.callbacks.values()):
-            return  # nothing due: the cadences are refreshed every SYNC_EVERY steps
+        """At the first micro-batch of each optimizer step: refresh the cadences, admit due measurements.
+
+        The cadences are refreshed every ``SYNC_EVERY`` steps and after each measurement. Under DDP
+        the inputs are averaged over ranks first, and deferrable measurements are admitted only at
+        those refreshes, so that a pending measurement does not cost a collective every step.
+        """
+        wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
+        refresh = step % SYNC_EVERY == 0 or self._measured
         reduce = mean_over_ranks(trainer)
+        if not refresh and (not wanting or reduce is not None):
+            self._admitted = [n for n in wanting if not self.callbacks[n].deferrable]
+            return
         names = list(self.callbacks)
         seconds, training = self.seconds, self.training_seconds()
-        costs = [self.costs.get(n, -1.0) for n in names]
-        near = [float(self.near.get(n, False)) for n in names]
         if reduce is not None:  # the same numbers on every rank, so the same decisions
+            costs = [self.costs.get(n, -1.0) for n in names]
+            near = [float(self.near.get(n, False)) for n in names]
             synced = reduce(torch.tensor([seconds, training, *costs, *near], dtype=torch.float64)).tolist()
             seconds, training = synced[:2]
             costs, near = synced[2 : 2 + len(names)], synced[2 + len(names) :]
@@ -232,8 +242,10 @@ class DynScope(CallbackBase):
         steps = max(trainer.global_step - self._start_step, 1)
         self._step_seconds = training / steps
         self.allowance.update(seconds, training)
-        self._restretch(step)
-        wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
+        if refresh:
+            self._measured = False
+            self._restretch(step)
+            wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
         wanting.sort(key=lambda n: (not self.near.get(n, False), self._expected(n, self._step_seconds)))
         self._admitted = [
             n for n in wanting
@@ -260,13 +272,15 @@ class DynScope(CallbackBase):
             if stretch != child.schedule.stretch:
                 child.set_stretch(stretch)
 
-    def _after_measurements(self, trainer) -> None:
+    def _after_measurements(self, trainer, children: Optional[List[DiagnosticCallback]] = None) -> None:
         measured = False
         for name, child in self.callbacks.items():
+            if children is not None and child not in children:
+                continue
             count = child.num_measurements
             if count == self._counts.get(name, 0):
                 continue
-            measured = True
+            measured = self._measured = True
             cost = child.seconds_spent - self._spent.get(name, 0.0)
             self.costs[name] = cost if name not in self.costs else 0.5 * self.costs[name] + 0.5 * cost
             self.near[name] = near_event(child.last_metrics, self._previous.get(name, {}))
@@ -287,14 +301,14 @@ class DynScope(CallbackBase):
         log_scalars(trainer, scalars, trainer.global_step)
 
     # -- the children -------------------------------------------------------------------------------
-    def _name(self, child: DiagnosticCallback) -> str:
-        return next(n for n, c in self.callbacks.items() if c is child)
-
-    def _each(self, hook: str, *args, **kwargs) -> None:
-        """Call ``hook`` on every diagnostic; one that raises is dropped with a warning (unless strict)."""
+    def _each(self, hook: str, *args, only: Optional[List[DiagnosticCallback]] = None, **kwargs) -> None:
+        """Call ``hook`` on every diagnostic (or those in ``only``); one that raises is dropped with a
+        warning (unless strict, or it is a mitigation that was asked for)."""
         start = time.perf_counter()
         try:
             for name, child in list(self.callbacks.items()):
+                if only is not None and child not in only:
+                    continue
                 try:
                     getattr(child, hook)(*args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - a diagnostic must not end the user's run
@@ -332,18 +346,21 @@ class DynScope(CallbackBase):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         start = time.perf_counter()
         step = trainer.global_step + 1
-        if self.allowance is not None and step != self._planned:
-            self._plan(trainer, step)
+        if step != self._planned:  # the first micro-batch of an optimizer step
+            if self.allowance is not None:
+                self._plan(trainer, step)
             self._planned = step
+            # Diagnostics idle between measurements are not called at all in a step without one.
+            self._active = [c for c in self.callbacks.values() if not c.idle_between_measurements or c.wants(step)]
         self.seconds += time.perf_counter() - start
-        self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+        self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._each("on_before_optimizer_step", trainer, pl_module, optimizer)
+        self._each("on_before_optimizer_step", trainer, pl_module, optimizer, only=self._active)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
-        self._after_measurements(trainer)
+        self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx, only=self._active)
+        self._after_measurements(trainer, self._active)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._each("on_train_epoch_end", trainer, pl_module)

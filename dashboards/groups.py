@@ -194,8 +194,18 @@ _GROUPS = (
         "overhead",
         "Overhead",
         "Cost of the diagnostics.",
-        {"overhead": "Fraction of training time spent in dynscope's diagnostics."},
-        (Chart("Diagnostics overhead", ("overhead",), "fraction of time", pattern=rf"^{PREFIX}/overhead$"),),
+        {
+            "overhead": "Fraction of training time spent in dynscope (DynScope's own account, every hook timed).",
+            "overhead/<diagnostic>": "The part of it spent in one diagnostic's measurements.",
+            "overhead/stretch/<diagnostic>": "How much the budget slowed a cadence down (< 1: sped up near an event).",
+        },
+        (
+            Chart("Diagnostics overhead", ("overhead",), "fraction of time", pattern=rf"^{PREFIX}/overhead$"),
+            Chart("Overhead per diagnostic", ("overhead",), "fraction of time",
+                  pattern=rf"^{PREFIX}/overhead/(?!stretch/)[^/]+$"),
+            Chart("Cadence stretch per diagnostic", ("overhead",), "x base period", steps=True,
+                  pattern=rf"^{PREFIX}/overhead/stretch/[^/]+$"),
+        ),
     ),
 )
 

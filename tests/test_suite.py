@@ -225,7 +225,7 @@ trainer:
         mitigate: [stablemax, orthograd]
 """
     )
-    cli = LightningCLI(CliModule, CliData, args=["--config", str(config)], run=False)
+    cli = LightningCLI(CliModule, CliData, args=["--config", str(config)], run=False, save_config_callback=None)
     scope = next(c for c in cli.trainer.callbacks if isinstance(c, DynScope))
     assert scope.loss_fn is F.cross_entropy and scope.budget == 0.2
     assert list(scope.callbacks) == ["curvature", "noise", "collapse"]
