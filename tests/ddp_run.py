@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,15 @@ class Module(Classifier):
         return losses
 
 
+class OnlineWeights(pl.Callback):
+    """The sum of the trained (online) weights after the last step, before AutoEMA copies its EMA in."""
+
+    value = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.value = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
@@ -62,7 +72,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--poison-step", type=int, default=-1)
-    parser.add_argument("--plain", action="store_true", help="train without dynscope")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -75,12 +84,13 @@ def main() -> None:
         regions={"every_n_steps": 4, "schedule": "steps", "num_points": 16, "num_test_points": 0,
                  "num_random_points": 8, "num_directions": 4},
         metric=fc_norm,
-        gva={"every_n_steps": 2, "window": 3},
-        mitigate=("stablemax",),
+        gva={"every_n_steps": 2, "window": 3, "threshold": 1e-9, "patience": 1},
+        mitigate=("stablemax", "ema"),
     )
     recorder = Recorder()
     strategy = dict(strategy="ddp", devices=args.devices) if args.devices > 1 else dict(devices=1)
-    fit = trainer(max_steps=args.steps, callbacks=[] if args.plain else [scope], logger=recorder,
+    online = OnlineWeights()
+    fit = trainer(max_steps=args.steps, callbacks=[online, scope], logger=recorder,
                   use_distributed_sampler=False, **strategy)
     fit.fit(module)
 
@@ -90,7 +100,10 @@ def main() -> None:
         "measurements": {name: c.num_measurements for name, c in scope.callbacks.items()},
         "stablemax_step": collapse.triggered_step,
         "criterion_mode": module.criterion.mode,
+        "ema_step": scope.callbacks["gva"].triggered_step,
+        "ema_weights_sum": float(sum(p.detach().double().sum() for p in scope.callbacks["gva"].ema_module.parameters())),
         "weights_sum": float(sum(p.detach().double().sum() for p in module.parameters())),
+        "online_weights_sum": online.value,
         "scalars": recorder.scalars if fit.is_global_zero else {},
     }
     with open(f"{args.out}.rank{fit.global_rank}.json", "w") as f:

@@ -56,6 +56,8 @@ def test_two_processes_log_what_one_process_logs_on_the_same_global_batch(refere
     # the mitigation switched on both ranks at the same step
     assert rank0["stablemax_step"] == rank1["stablemax_step"] == single["stablemax_step"] is not None
     assert rank0["criterion_mode"] == rank1["criterion_mode"] == "stablemax"
+    assert rank0["ema_step"] == rank1["ema_step"] == single["ema_step"] is not None
+    assert rank0["ema_weights_sum"] == rank1["ema_weights_sum"] == pytest.approx(single["ema_weights_sum"], rel=1e-6)
     assert rank0["measurements"] == rank1["measurements"] == single["measurements"]
 
 
@@ -66,7 +68,8 @@ def test_a_fault_on_one_rank_is_skipped_on_every_rank_and_training_goes_on(tmp_p
     assert 4 not in steps["dynscope/curvature/hessian_trace"] and 6 in steps["dynscope/curvature/hessian_trace"]
     assert 4 not in steps["dynscope/noise/gsnr"] and 6 in steps["dynscope/noise/gsnr"]
     assert 4 in steps["dynscope/collapse/sc_fraction"]  # the logits were fine
-    assert rank0["weights_sum"] == rank1["weights_sum"] == clean["weights_sum"]
+    # the training itself is unaffected (the EMA started at another step: the skipped check counted)
+    assert rank0["online_weights_sum"] == rank1["online_weights_sum"] == clean["online_weights_sum"]
 
 
 def test_under_a_budget_every_rank_measures_at_the_same_steps(tmp_path):
