@@ -174,3 +174,31 @@ def test_an_exception_inside_a_diagnostic_never_ends_the_run_unless_strict(monke
     assert_same_weights(weights(baseline), weights(module))
     with pytest.raises(RuntimeError, match="boom"):
         fit([Curvature(every_n_steps=1, strict=True)])
+
+
+def test_out_of_memory_in_the_per_sample_kernel_halves_the_chunk_and_gives_the_same_gradients(monkeypatch):
+    from dynscope import per_sample_grads
+
+    torch.manual_seed(0)
+    model = mlp((4, 8, 3))
+    x, y = classification_data(16, (4,))
+    objective = Objective(model, F.cross_entropy, (x, y))
+    expected = per_sample_grads(objective, chunk_size=16)
+    real_vmap, sizes = torch.vmap, []
+
+    def tight_vmap(fn, *args, **kwargs):
+        mapped = real_vmap(fn, *args, **kwargs)
+
+        def run(params, batch):
+            sizes.append(batch[0].shape[0])
+            if batch[0].shape[0] > 4:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return mapped(params, batch)
+
+        return run
+
+    monkeypatch.setattr(torch, "vmap", tight_vmap)
+    squeezed = per_sample_grads(objective, chunk_size=16)
+    assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) == 4
+    for name in expected:
+        torch.testing.assert_close(squeezed[name], expected[name])
