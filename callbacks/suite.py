@@ -48,19 +48,25 @@ SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged ov
 def near_event(metrics: Dict[str, float], previous: Dict[str, float]) -> bool:
     """Whether a diagnostic's latest values say something is about to happen (measure it more often).
 
-    ``eos_ratio >= 0.8`` (approaching the edge of stability); any sample in softmax collapse or at
-    exactly zero loss (SC onset); variance ``amplification`` above 1 and rising.
+    ``eos_ratio >= 0.8`` (approaching the edge of stability); the fraction of samples in softmax
+    collapse (or at exactly zero loss) above 0 and rising (SC onset); variance ``amplification``
+    above 1 and rising. Once a collapse or an amplification stops growing, the cadence relaxes.
 
     Example:
         >>> near_event({"eos_ratio": 0.85}, {}), near_event({"amplification": 2.0}, {"amplification": 3.0})
         (True, False)
+        >>> near_event({"sc_fraction": 0.2}, {"sc_fraction": 0.1}), near_event({"sc_fraction": 0.9}, {"sc_fraction": 0.9})
+        (True, False)
     """
     if metrics.get("eos_ratio", 0.0) >= 0.8:
         return True
-    if metrics.get("sc_fraction", 0.0) > 0 or metrics.get("zero_loss_fraction", 0.0) > 0:
-        return True
-    a, before = metrics.get("amplification"), previous.get("amplification")
-    return a is not None and a > 1.0 and (before is None or a > before)
+    return any(_rising(metrics, previous, key, above) for key, above in
+               (("sc_fraction", 0.0), ("zero_loss_fraction", 0.0), ("amplification", 1.0)))
+
+
+def _rising(metrics: Dict[str, float], previous: Dict[str, float], key: str, above: float) -> bool:
+    value, before = metrics.get(key), previous.get(key)
+    return value is not None and value > above and (before is None or value > before)
 
 
 class DynScope(CallbackBase):
@@ -190,6 +196,8 @@ class DynScope(CallbackBase):
         self._admitted: List[str] = []
         self._active: List[DiagnosticCallback] = []  # the diagnostics with work in this optimizer step
         self._measured = False  # since the last refresh of the cadences
+        self._logged_at = -(10**9)
+        self._fits_at = 0.0  # training seconds before which no waiting measurement can be admitted
         self._counts: Dict[str, int] = {}
         self._spent: Dict[str, float] = {}
         self._step_seconds = 0.0
@@ -226,7 +234,8 @@ class DynScope(CallbackBase):
         wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
         refresh = step % SYNC_EVERY == 0 or self._measured
         reduce = mean_over_ranks(trainer)
-        if not refresh and (not wanting or reduce is not None):
+        waiting = reduce is None and self.training_seconds() < self._fits_at  # nothing pending fits yet
+        if not refresh and (not wanting or reduce is not None or waiting):
             self._admitted = [n for n in wanting if not self.callbacks[n].deferrable]
             return
         names = list(self.callbacks)
@@ -251,6 +260,9 @@ class DynScope(CallbackBase):
             n for n in wanting
             if self.allowance.admit(self._expected(n, self._step_seconds)) or not self.callbacks[n].deferrable
         ]
+        # The training time at which the cheapest measurement still waiting would fit the allowance.
+        left = [self._expected(n, self._step_seconds) for n in wanting if n not in self._admitted]
+        self._fits_at = training + (min(left) - self.allowance.left) / self.allowance.budget if left else 0.0
 
     def _restretch(self, step: int) -> None:
         if self._step_seconds <= 0:
@@ -287,13 +299,15 @@ class DynScope(CallbackBase):
             self._previous[name] = dict(child.last_metrics)
             self._counts[name] = count
             self._spent[name] = child.seconds_spent
-        if measured or trainer.global_step % 50 == 0:
+        step = trainer.global_step
+        if (measured and step - self._logged_at >= 10) or step - self._logged_at >= 50:
             self._log(trainer)
 
     def _log(self, trainer) -> None:
         train = self.training_seconds()
         if train <= 0:
             return
+        self._logged_at = trainer.global_step
         scalars = {f"{PREFIX}/overhead": self.seconds / train}
         for name, child in self.callbacks.items():
             scalars[f"{PREFIX}/overhead/{name}"] = child.seconds_spent / train
@@ -350,8 +364,12 @@ class DynScope(CallbackBase):
             if self.allowance is not None:
                 self._plan(trainer, step)
             self._planned = step
-            # Diagnostics idle between measurements are not called at all in a step without one.
-            self._active = [c for c in self.callbacks.values() if not c.idle_between_measurements or c.wants(step)]
+            planning = [c for c in self.callbacks.values() if not c.idle_between_measurements or c.wants(step)]
+            self.seconds += time.perf_counter() - start
+            self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
+            # Diagnostics idle between measurements are not called again in a step without one.
+            self._active = [c for c in planning if not c.idle_between_measurements or c.will_measure(step)]
+            return
         self.seconds += time.perf_counter() - start
         self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
 

@@ -21,6 +21,7 @@ DEMOS = {
     "grokking": ("dynscope.cli.demo_grokking", "softmax collapse in modular addition, with and without AutoStableMax"),
     "curvature": ("dynscope.cli.demo_curvature", "curvature of a small MLP on synthetic data"),
     "gva": ("dynscope.cli.demo_gva", "variance amplification in behaviour cloning, damped by AutoEMA"),
+    "suite": ("dynscope.cli.demo_suite", "every diagnostic at once on a small CNN, under a 5% overhead budget"),
 }
 DEFAULT_DEMO = "grokking"
 

@@ -106,6 +106,7 @@ def test_budget_sharing_and_allowance():
     with pytest.raises(ValueError, match="budget"):
         Allowance(1.5)
     assert near_event({"sc_fraction": 0.01}, {}) and not near_event({"eos_ratio": 0.5, "sc_fraction": 0.0}, {})
+    assert not near_event({"sc_fraction": 0.5}, {"sc_fraction": 0.6})
     assert near_event({"amplification": 3.0}, {"amplification": 2.0})
 
 
@@ -245,3 +246,14 @@ class CliData(pl.LightningDataModule):
     def train_dataloader(self):
         x, y = classification_data(32, (4,))
         return loader(x, y, batch_size=8)
+
+
+def test_the_suite_demo_prints_what_each_diagnostic_did(tmp_path, capsys):
+    from dynscope.cli.main import main
+
+    assert main(["demo", "suite", "--steps", "40", "--budget", "0.5", "--logdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DynScope(budget=0.5) over 40 steps" in out
+    for name in ("curvature", "noise", "collapse", "regions"):
+        assert f"\n{name:>10}  " in out  # a row of the summary table
+    assert any(p.name.startswith("suite-") for p in tmp_path.iterdir())
