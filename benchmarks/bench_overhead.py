@@ -5,8 +5,9 @@ Run: ``python benchmarks/bench_overhead.py [--steps 500] [--repeats 3] [--thread
 
 For each model (a small CNN on 3x32x32 images and a small transformer on token sequences,
 synthetic data, batch 64), Lightning trains ``--steps`` steps with a TensorBoard logger, without
-and with the default ``DynScope(budget=0.05)``, alternating, ``--repeats`` times; the fastest of
-each is compared. Target: at most 5% more wall time. Printed: the wall-time ratio, the overhead
+and with the default ``DynScope(budget=0.05)``, alternating, ``--repeats`` times; compared: the
+fastest of each, and the median ratio of the pairs (run-to-run noise on a shared 2-core CPU is a
+few percent). Target: at most 5% more wall time. Printed: the wall-time ratio, the overhead
 DynScope measured itself (``dynscope/overhead``) and how many measurements each diagnostic made.
 
 For reference, Cockpit's "economy" configuration tracked every 16th step on an MLP
