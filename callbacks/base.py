@@ -3,6 +3,11 @@
 Scheduling, choosing the batch to measure on, building the objective through the loss protocol,
 timing, logging on rank zero, and failure handling: a diagnostic that fails warns once and is
 skipped for that step; the user's training goes on (unless ``strict=True``).
+
+When: at the first micro-batch of each optimizer step the callback decides whether it measures
+after that step (its schedule says so, or an earlier measurement is still pending, and a budget
+gate, if :class:`~dynscope.callbacks.DynScope` set one, admits it). It then measures once, after
+the optimizer stepped, on the step's micro-batches joined (gradient accumulation) or its batch.
 """
 
 from __future__ import annotations
