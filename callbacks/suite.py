@@ -38,9 +38,28 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "gva": dict(every_n_steps=10, window=20),
 }
 
-# What a first measurement is expected to cost, in training steps, before one has been timed: an
-# HVP costs about 2 to 4 steps (trace probes, about 20 Lanczos steps, 2 sharpness products).
-PRIOR_STEPS = {"curvature": 3.0 * (16 + 20 + 2), "noise": 4.0, "collapse": 1.0, "regions": 30.0, "gva": 3.0}
+def prior_steps(child: DiagnosticCallback) -> float:
+    """What a first measurement is expected to cost, in training steps, before one has been timed.
+
+    An HVP costs about 2 to 4 training steps (measured by ``benchmarks/bench_curvature.py``);
+    Lanczos is counted at half its step limit. Per-sample gradient moments cost a few steps; a
+    collapse check is one forward pass; linear regions evaluate every point's cross-polytope.
+
+    Example:
+        >>> prior_steps(Curvature(num_matvecs=16, eigen_max_iter=30))
+        99.0
+    """
+    if isinstance(child, Curvature):
+        matvecs = child.num_matvecs + (child.eigen_max_iter / 2 if child.eigen else 0) + (2 if child.sharpness else 0)
+        return 3.0 * matvecs
+    if isinstance(child, GradientNoise):
+        return 4.0
+    if isinstance(child, LinearRegions):
+        points = child.num_points + child.num_test_points + child.num_random_points
+        return max(1.0, points * (2 * child.num_directions + 1) * len(child.radii) / (3 * 64))  # ~64 per batch
+    if isinstance(child, VarianceAmplification):
+        return 3.0
+    return 1.0
 
 SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged over ranks) at least this often
 
@@ -87,7 +106,7 @@ class DynScope(CallbackBase):
     **The budget.** ``budget=0.05`` keeps the time spent in dynscope (every hook, timed) under 5% of
     the training time (wall time of the fit minus dynscope's): a due measurement runs only when
     the time saved up allows its expected cost (its last measured cost; before the first, an
-    estimate in training steps), otherwise it waits; and each diagnostic's cadence is stretched by
+    estimate in training steps: :func:`prior_steps`), otherwise it waits; and each diagnostic's cadence is stretched by
     a power of two so that their combined cost fits the budget, cheap ones first (see
     :mod:`dynscope.callbacks.budget`). Near an event (``eos_ratio`` approaching 1, SC onset,
     amplification rising: :func:`near_event`) a diagnostic gets ``tighten`` times the share and
@@ -109,7 +128,7 @@ class DynScope(CallbackBase):
             -> float`` or ``"package.module:function"``); ``None`` leaves it out.
         gva: arguments for :class:`VarianceAmplification` / :class:`AutoEMA`.
         extra: more diagnostics (``DiagnosticCallback`` instances, by name) to run under the same
-            budget; before their first measurement each is expected to cost one training step.
+            budget; before their first measurement each is expected to cost :func:`prior_steps`.
         mitigate: any of ``"stablemax"``, ``"orthograd"``, ``"ema"``.
         tighten: how much more budget share, and how much faster a cadence, near an event.
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
@@ -182,6 +201,7 @@ class DynScope(CallbackBase):
             built[name] = child
         self.callbacks = built
         self._names = {id(child): name for name, child in built.items()}
+        self._priors = {name: prior_steps(child) for name, child in built.items()}
         for child in built.values():
             if self.allowance is not None:
                 child.budget_gate = self._gate
@@ -216,7 +236,9 @@ class DynScope(CallbackBase):
         return self.seconds / train if train > 0 else math.nan
 
     def _expected(self, name: str, step_seconds: float) -> float:
-        return self.costs.get(name, PRIOR_STEPS.get(name, 1.0) * step_seconds)
+        if name in self.costs:
+            return self.costs[name]
+        return self._priors[name] * step_seconds
 
     def _gate(self, child: DiagnosticCallback, step: int) -> bool:
         name = self._names[id(child)]
