@@ -8,8 +8,9 @@ Three kernels compute ``H v`` for a batch of vectors ``V`` (leading dimension = 
   is_grads_batched=True)``. The gradient graph is built once and reused for every chunk.
 * ``"loop"``: the same retained graph, one ``autograd.grad`` per probe. Works for every op.
 
-``method="auto"`` runs the first chunk with each of them, keeps the fastest that works and
-remembers the choice for the model; kernels that fail are skipped, which covers ops without a
+``method="auto"`` runs the first few probes (an eighth of the product at most, and their
+products are kept) with each of them, keeps the fastest that works and remembers the choice for
+the model; kernels that fail are skipped, which covers ops without a
 batching or forward-mode rule (for example forward-over-reverse raises "ZeroTensors are immutable"
 on Linear-Tanh-Linear with MSELoss in torch 2.13). A single vector always uses the retained graph. Probes are processed in chunks sized to a memory cap; a chunk that runs out of memory
 is halved and retried.
@@ -21,7 +22,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, List, Literal, Mapping, Optional, Union
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, jvp
@@ -33,6 +34,7 @@ Vectors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 DEFAULT_MEMORY_CAP = 2 * 1024**3
 _ORDER = ("forward", "reverse", "loop")
+_TRIAL_FRACTION = 8
 _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -128,10 +130,12 @@ class _Kernel:
             out = layout.flatten(OrderedDict(zip(layout.names, self._second(vs, batched=True))), batch_dims=1)
         elif method == "loop":
             out = torch.empty_like(chunk)
-            slices = list(layout.slices().values())
+            bounds = list(layout.slices().values())
+            shapes = layout.shapes
             for row, v in zip(out, chunk):
-                for sl, h in zip(slices, self._second(list(layout.unflatten(v).values()), batched=False)):
-                    row[sl] = h.reshape(-1)
+                # the probe's blocks are views of its row; the product is written into the output row
+                hv = self._second([v[sl].reshape(shape) for sl, shape in zip(bounds, shapes)], batched=False)
+                torch.cat([h.reshape(-1) for h in hv], out=row)
         else:
             raise ValueError(f"unknown HVP method {method!r}; use one of 'auto', {', '.join(map(repr, _ORDER))}")
         return out.detach()
@@ -180,12 +184,15 @@ def _apply(
     elif m == 1:  # one vector: nothing to batch, the retained graph is cheapest
         candidates = ["loop"]
     else:
-        chosen = getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
+        chosen = _chosen_method(objective)
         candidates = [chosen] if chosen else list(_ORDER)
     results, start = [], 0
     with objective.measuring():
         while start < m:
-            part = vectors[start : start + chunk]
+            # The auto trial runs every candidate kernel: on a few probes only (an eighth of the
+            # product at most), whose products are kept; the winner takes the rest in full chunks.
+            size = chunk if len(candidates) == 1 else _trial_size(m, chunk)
+            part = vectors[start : start + size]
             try:
                 out = _fastest_that_works(kernel, candidates, part)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can shrink
@@ -199,8 +206,49 @@ def _apply(
                 objective._hvp_method = _CHOSEN[objective.model] = kernel.method_used
             results.append(out)
             start += part.shape[0]
-    out = torch.cat(results)
+    out = results[0] if len(results) == 1 else torch.cat(results)
     return check_finite(reduce(out) if reduce is not None else out, "a Hessian-vector product")
+
+
+def _trial_size(m: int, chunk: int) -> int:
+    return max(1, min(chunk, m, max(2, m // _TRIAL_FRACTION)))
+
+
+def _chosen_method(objective: Objective) -> Optional[str]:
+    return getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
+
+
+def block_dots(vectors: torch.Tensor, products: torch.Tensor, blocks: Sequence[slice]) -> torch.Tensor:
+    """``[m, len(blocks)]`` float64: ``vectors[i, b] . products[i, b]`` per row ``i`` and block ``b``.
+
+    One dot per row and block, so no ``[m, n]`` temporary. Half-precision inputs are summed in
+    float32.
+
+    Example:
+        >>> import torch
+        >>> block_dots(torch.ones(2, 3), torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), [slice(0, 1), slice(1, 3)])
+        tensor([[ 1.,  5.],
+                [ 4., 11.]], dtype=torch.float64)
+    """
+    wide = _wide(products.dtype)
+    out = torch.empty(len(vectors), len(blocks), dtype=wide, device=products.device)
+    for i, (v, p) in enumerate(zip(vectors, products)):
+        _row_dots(v.to(wide), [p[sl].to(wide) for sl in blocks], blocks, out[i])
+    return out.double()
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _row_dots(v: torch.Tensor, parts: Sequence[torch.Tensor], blocks: Sequence[slice], out: torch.Tensor) -> None:
+    for j, (sl, p) in enumerate(zip(blocks, parts)):
+        torch.dot(v[sl], p.reshape(-1), out=out[j])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time them to completion
+        torch.cuda.synchronize(device)
 
 
 def _fastest_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tensor) -> torch.Tensor:
@@ -218,8 +266,10 @@ def _fastest_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tens
         try:
             if name != "forward":
                 kernel._retained_graph()  # built once and reused: not part of the per-chunk cost
+            _synchronize(part.device)
             start = time.perf_counter()
             out = kernel.run(name, part)
+            _synchronize(part.device)
             elapsed = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - an unsupported op shows up as any error type
             if is_out_of_memory(error):
@@ -325,6 +375,70 @@ class HessianOperator:
         """``H V`` for ``V`` of shape ``[m, n]``; the gradient graph is built once per operator."""
         self.num_matvecs += vectors.shape[0]
         return _apply(self._kernel, vectors, **self._kw)
+
+    def quadratic_forms(self, probes, blocks: Sequence[slice]) -> torch.Tensor:
+        """``[m, len(blocks)]`` float64: ``v_i[b] . (H v_i)[b]`` for each probe ``v_i`` and block ``b``.
+
+        ``probes`` has ``num`` (``m``), ``rows(start, stop) -> [k, n]`` and ``row(i) -> [n]`` (which
+        may be overwritten by the next call). The same numbers as :func:`block_dots` on
+        ``matmat``'s result; with the per-probe kernel (the usual choice on CPU) each product is
+        reduced to its block dots as soon as it is computed, so nothing of size ``[m, n]`` is built.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from dynscope import Objective
+            >>> from dynscope.trace import RademacherProbes
+            >>> obj = Objective(nn.Linear(2, 1), nn.functional.mse_loss, (torch.randn(8, 2), torch.randn(8, 1)))
+            >>> op, probes = HessianOperator(obj, method="loop"), RademacherProbes(4, 3, seed=0)
+            >>> blocks = list(obj.layout.slices().values())
+            >>> forms = op.quadratic_forms(probes, blocks)
+            >>> bool(torch.allclose(forms, block_dots(probes.rows(0, 4), op.matmat(probes.rows(0, 4)), blocks)))
+            True
+        """
+        m = probes.num
+        objective, kernel, kw = self.objective, self._kernel, self._kw
+        method = kw["method"]
+        if kw["reduce"] is not None or method not in ("auto", "loop") or m == 0:
+            return self._dots_of_products(probes, 0, m, blocks)
+        parts, start = [], 0
+        chosen = "loop" if method == "loop" or m == 1 else _chosen_method(objective)
+        if chosen is None:  # auto: the trial runs on the first few probes, its products count
+            start = _trial_size(m, m)
+            parts.append(self._dots_of_products(probes, 0, start, blocks))
+            chosen = _chosen_method(objective) or kernel.method_used
+        if chosen != "loop":
+            parts.append(self._dots_of_products(probes, start, m, blocks))
+            return torch.cat(parts)
+        self.num_matvecs += m - start
+        layout = objective.layout
+        shapes = layout.shapes
+        wide = _wide(objective.dtype)
+        out = torch.empty(m - start, len(blocks), dtype=wide, device=objective.device)
+        with objective.measuring():
+            kernel.method_used = "loop"
+            for i in range(start, m):
+                v = probes.row(i).to(device=objective.device, dtype=objective.dtype).contiguous()
+                views = [v[sl].view(shape) for sl, shape in zip(layout.slices().values(), shapes)]
+                hv = kernel._second(views, batched=False)
+                # the product's blocks are dotted with the probe while they are in cache
+                flat = [h.to(wide) for h in _as_blocks(hv, layout, blocks)]
+                _row_dots(v.to(wide), flat, blocks, out[i - start])
+        parts.append(check_finite(out, "a Hessian-vector product").double())
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _dots_of_products(self, probes, start: int, stop: int, blocks: Sequence[slice]) -> torch.Tensor:
+        vectors = probes.rows(start, stop).to(device=self.device, dtype=self.dtype)
+        return block_dots(vectors, self.matmat(vectors), blocks)
+
+
+def _as_blocks(tensors: Sequence[torch.Tensor], layout, blocks: Sequence[slice]) -> List[torch.Tensor]:
+    """The flat ``blocks`` of a parameter-shaped list: views where the blocks are the tensors."""
+    slices = list(layout.slices().values())
+    if list(blocks) == slices:
+        return [t.reshape(-1) for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return [flat[sl] for sl in blocks]
 
 
 class MatrixOperator:

@@ -13,7 +13,7 @@ from typing import Dict, Literal, Optional
 
 import torch
 
-from .hvp import as_operator
+from .hvp import as_operator, block_dots
 
 
 @dataclass
@@ -37,15 +37,67 @@ class TraceResult:
     method: str = "hutchinson"
 
 
+_SHIFTS = torch.arange(31, -1, -1, dtype=torch.int32)
+
+
+class RademacherProbes:
+    """``num`` Rademacher vectors of length ``size`` from a private generator (global RNG untouched).
+
+    Each random 32-bit word gives 32 signs: bit ``k`` is shifted into the sign bit and copied onto
+    1.0, so there is one random draw per 32 entries and no integer-to-float conversion pass. The
+    words are drawn up front; the signs are made on demand, all at once (:meth:`rows`) or one
+    probe at a time into a reused buffer (:meth:`row`), with the same values either way.
+
+    Example:
+        >>> p = RademacherProbes(3, 5, seed=0)
+        >>> z = p.rows(0, 3)
+        >>> z.shape, bool(((z == 1) | (z == -1)).all()), torch.equal(p.row(2), z[2])
+        (torch.Size([3, 5]), True, True)
+    """
+
+    def __init__(self, num: int, size: int, seed: Optional[int] = None) -> None:
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        self.num, self.size = num, size
+        self.words = torch.randint(-(2**31), 2**31, ((num * size + 31) // 32, 1), generator=gen, dtype=torch.int32)
+        self._buffer: Optional[torch.Tensor] = None
+
+    def _signs(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Entries ``start:stop`` of the flattened ``[num, size]`` signs (float32)."""
+        first, last = start // 32, (stop + 31) // 32
+        bits = torch.bitwise_left_shift(self.words[first:last], _SHIFTS, out=out)  # sign bit = one random bit
+        bits = bits.view(torch.float32)
+        signs = torch.copysign(torch.ones((), dtype=torch.float32), bits, out=bits)
+        return signs.view(-1)[start - 32 * first : stop - 32 * first]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Probes ``start:stop`` as a new ``[stop - start, size]`` float32 tensor."""
+        return self._signs(start * self.size, stop * self.size).view(stop - start, self.size)
+
+    def row(self, i: int) -> torch.Tensor:
+        """Probe ``i`` (float32), in a buffer that the next call to ``row`` overwrites."""
+        words = (self.size + 31) // 32 + 1
+        if self._buffer is None:
+            self._buffer = torch.empty(words, 32, dtype=torch.int32)
+        start = i * self.size
+        count = (start + self.size + 31) // 32 - start // 32
+        return self._signs(start, start + self.size, out=self._buffer[:count])
+
+
 def rademacher(num: int, size: int, seed: Optional[int], dtype=torch.float32, device=None) -> torch.Tensor:
-    """``num`` Rademacher vectors of length ``size``, from a private generator (global RNG untouched)."""
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    signs = torch.randint(0, 2, (num, size), generator=gen, dtype=torch.int8)
-    return (signs * 2 - 1).to(dtype=dtype, device=device)
+    """``num`` Rademacher vectors of length ``size``, from a private generator (global RNG untouched).
+
+    Example:
+        >>> z = rademacher(3, 5, seed=0)
+        >>> z.shape, bool(((z == 1) | (z == -1)).all())
+        (torch.Size([3, 5]), True)
+        >>> torch.equal(z, rademacher(3, 5, seed=0))
+        True
+    """
+    return RademacherProbes(num, size, seed).rows(0, num).to(dtype=dtype, device=device)
 
 
 def _per_layer(op, contributions: torch.Tensor) -> Dict[str, float]:
@@ -57,12 +109,17 @@ def _per_layer(op, contributions: torch.Tensor) -> Dict[str, float]:
 
 def hutchinson(op, num_matvecs: int, seed: Optional[int] = None) -> TraceResult:
     """Hutchinson's estimator ``(1/m) sum_i z_i^T H z_i`` with Rademacher ``z_i``."""
-    z = rademacher(num_matvecs, op.size, seed, op.dtype, op.device)
-    hz = op.matmat(z)
     layout = getattr(op, "layout", None)
     blocks = layout.slices() if layout is not None else {"": slice(0, op.size)}
-    # z_i^T H z_i per probe and per block, accumulated in float64 without an [m, n] float64 copy
-    per_block = OrderedDict((name, torch.sum(z[:, sl] * hz[:, sl], dim=1, dtype=torch.float64)) for name, sl in blocks.items())
+    probes = RademacherProbes(num_matvecs, op.size, seed)
+    # z_i^T H z_i per probe and per block, one dot per row and block (no [m, n] temporaries). The
+    # products z_ij (H z_i)_j are exact (z = +-1); the dots round at the level of H z_i's rounding.
+    if hasattr(op, "quadratic_forms"):  # HessianOperator: per-probe products reduced as they come
+        forms = op.quadratic_forms(probes, list(blocks.values()))
+    else:
+        z = probes.rows(0, num_matvecs).to(dtype=op.dtype, device=op.device)
+        forms = block_dots(z, op.matmat(z), list(blocks.values()))
+    per_block = OrderedDict((name, forms[:, j]) for j, name in enumerate(blocks))
     samples = torch.stack(list(per_block.values())).sum(0)
     stderr = float(samples.std(unbiased=True) / math.sqrt(num_matvecs)) if num_matvecs > 1 else math.nan
     return TraceResult(
