@@ -111,16 +111,19 @@ def gradient_snr(
         1
     """
     moments = _moments(target, method, chunk_size, memory_cap)
-    variance = moments.variance()
+    _check_count(moments)
     total, count = 0.0, 0
     per_layer, block = OrderedDict(), OrderedDict()
+    n = moments.count
     for name, mean in moments.mean.items():
-        var = variance[name]
-        second = mean.square() + moments.sq_dev[name] / moments.count  # mean_i g_i**2
-        floor = (ROUNDING_FLOOR * moments.eps) ** 2 * float(second.max()) if second.numel() else 0.0
-        nonzero = var > floor
-        snr = mean[nonzero].square() / var[nonzero]
-        layer_sum, layer_count = float(snr.sum()), int(nonzero.sum())
+        sq_dev, flat = moments.sq_dev[name].reshape(-1), mean.reshape(-1)
+        zero, num_zero = _zero_variance(flat, sq_dev, n, moments.eps)
+        # sum of mean**2 / var over the coordinates with var > floor, as (mean / sq_dev) . mean
+        quotient = torch.div(flat, sq_dev)
+        if num_zero:
+            quotient.masked_fill_(zero, 0.0)
+        layer_sum = float(torch.dot(quotient, flat)) * (n - 1) if flat.numel() else 0.0
+        layer_count = flat.numel() - num_zero
         per_layer[name] = layer_sum / layer_count if layer_count else math.nan
         total, count = total + layer_sum, count + layer_count
         block[name] = block_gsnr(mean)
@@ -167,13 +170,39 @@ def gradient_noise_scale(
         0.8
     """
     moments = _moments(target, method, chunk_size, memory_cap)
-    variance = moments.variance()
+    _check_count(moments)
     trace, sq_norm, per_layer = 0.0, 0.0, OrderedDict()
     for name, mean in moments.mean.items():
-        layer_trace, layer_sq = float(variance[name].sum()), float(mean.square().sum())
+        flat = mean.reshape(-1)
+        layer_trace, layer_sq = float(moments.sq_dev[name].sum()) / (moments.count - 1), float(torch.dot(flat, flat))
         per_layer[name] = _ratio(layer_trace, layer_sq)
         trace, sq_norm = trace + layer_trace, sq_norm + layer_sq
     return NoiseScaleResult(_ratio(trace, sq_norm), trace, sq_norm, per_layer, moments.count)
+
+
+def _zero_variance(mean: torch.Tensor, sq_dev: torch.Tensor, n: int, eps: float):
+    """The coordinates whose variance ``sq_dev / (n - 1)`` is at most the rounding floor, and their count.
+
+    The floor is ``(ROUNDING_FLOOR * eps)**2 * max_j mean_i g_ij**2`` with
+    ``mean_i g_ij**2 = mean_j**2 + sq_dev_j / n``. Usually no coordinate comes near it, which four
+    cheap reductions show (the floor is at most that of ``max mean**2 + max sq_dev / n``); only
+    otherwise are the exact floor and the mask computed. Returns ``(mask or None, count)``.
+    """
+    if not mean.numel():
+        return None, 0
+    scale = (ROUNDING_FLOOR * eps) ** 2 * (n - 1)  # var <= floor  <=>  sq_dev <= scale * max second moment
+    lowest, highest = float(sq_dev.amin()), float(sq_dev.amax())
+    biggest_mean = max(float(mean.amax()), -float(mean.amin()))
+    if lowest > scale * (biggest_mean**2 + highest / n):
+        return None, 0
+    second_max = float(torch.addcmul(sq_dev, mean, mean, value=n).amax()) / n
+    zero = sq_dev <= scale * second_max
+    return zero, int(torch.count_nonzero(zero))
+
+
+def _check_count(moments: GradientMoments) -> None:
+    if moments.count < 2:
+        moments.variance()  # raises: the variance needs at least 2 samples
 
 
 def _ratio(numerator: float, denominator: float) -> float:

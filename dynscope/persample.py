@@ -77,8 +77,11 @@ class GradientMoments:
     @classmethod
     def from_sums(cls, count: int, sums: Dict[str, torch.Tensor], sq_sums: Dict[str, torch.Tensor], method: str = "hooks"):
         """Moments from ``sum_i g_i`` and ``sum_i g_i**2`` (rounding can make tiny variances 0)."""
-        mean = OrderedDict((n, s.double() / count) for n, s in sums.items())
-        sq_dev = OrderedDict((n, (sq_sums[n].double() - mean[n] * sums[n].double()).clamp_min(0)) for n in sums)
+        mean, sq_dev = OrderedDict(), OrderedDict()
+        for n, s in sums.items():
+            mean[n] = s.to(torch.float64, copy=True).div_(count)
+            # sum_i g_i**2 - count * mean**2 in float64, in place on the float64 copy of the squares
+            sq_dev[n] = sq_sums[n].to(torch.float64, copy=True).addcmul_(mean[n], mean[n], value=-count).clamp_min_(0)
         return cls(count, mean, sq_dev, {n: method for n in sums}, _eps(next(iter(sq_sums.values()))))
 
     def variance(self) -> "OrderedDict[str, torch.Tensor]":
