@@ -3,6 +3,7 @@ of memory in a batched kernel, an exception inside a diagnostic), with exact ref
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +13,6 @@ import pytorch_lightning as pl
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from dynscope import HessianOperator, Objective, directional_sharpness, hessian_trace, softmax_collapse
-import importlib
-
 from dynscope.hvp import _Kernel
 from dynscope.callbacks import Curvature, DiagnosticCallback, GradientNoise, SoftmaxCollapse
 from models import Classifier, classification_data, loader, mlp, trainer
