@@ -112,8 +112,8 @@ class DynScope(CallbackBase):
     amplification rising: :func:`near_event`) a diagnostic gets ``tighten`` times the share and
     may run up to ``tighten`` times more often than its base cadence. Variance amplification keeps
     evenly spaced evaluations: it is never deferred, only slowed down by doubling (which starts a
-    new window). Expensive diagnostics may therefore run rarely, or not at all in a short run:
-    ``budget=None`` runs every cadence as configured. Logged: ``dynscope/overhead`` (the fraction
+    new window); epoch-end schedules are not deferred either. Expensive diagnostics may therefore
+    run rarely, or not at all in a short run: ``budget=None`` runs every cadence as configured. Logged: ``dynscope/overhead`` (the fraction
     of training time spent in dynscope), ``dynscope/overhead/<diagnostic>`` and
     ``dynscope/overhead/stretch/<diagnostic>``. Under DDP the budget's inputs are averaged over
     ranks, so every rank measures at the same steps.
@@ -241,10 +241,9 @@ class DynScope(CallbackBase):
         return self._priors[name] * step_seconds
 
     def _gate(self, child: DiagnosticCallback, step: int) -> bool:
-        name = self._names[id(child)]
-        if step == self._planned:
-            return name in self._admitted
-        return not child.deferrable or self.allowance.admit(self._expected(name, self._step_seconds))  # epoch ends
+        if step != self._planned:  # an epoch-end schedule: not deferred (its time still counts)
+            return True
+        return self._names[id(child)] in self._admitted
 
     def _plan(self, trainer, step: int) -> None:
         """At the first micro-batch of each optimizer step: refresh the cadences, admit due measurements.
