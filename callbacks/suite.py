@@ -104,19 +104,19 @@ class DynScope(CallbackBase):
     :class:`AutoEMA` for the variance amplification (needs ``metric``).
 
     **The budget.** ``budget=0.05`` keeps the time spent in dynscope (every hook, timed) under 5% of
-    the training time (wall time of the fit minus dynscope's): a due measurement runs only when
-    the time saved up allows its expected cost (its last measured cost; before the first, an
-    estimate in training steps: :func:`prior_steps`), otherwise it waits; and each diagnostic's cadence is stretched by
-    a power of two so that their combined cost fits the budget, cheap ones first (see
+    the training time (wall time of the fit minus dynscope's): a due measurement runs only when the
+    time saved up allows its expected cost (its last measured cost; before the first, an estimate in
+    training steps: :func:`prior_steps`), otherwise it waits; and each diagnostic's cadence is
+    stretched by a power of two so that their combined cost fits the budget, cheap ones first (see
     :mod:`dynscope.callbacks.budget`). Near an event (``eos_ratio`` approaching 1, SC onset,
-    amplification rising: :func:`near_event`) a diagnostic gets ``tighten`` times the share and
-    may run up to ``tighten`` times more often than its base cadence. Variance amplification keeps
+    amplification rising: :func:`near_event`) a diagnostic gets ``tighten`` times the share and may
+    run up to ``tighten`` times more often than its base cadence. Variance amplification keeps
     evenly spaced evaluations: it is never deferred, only slowed down by doubling (which starts a
     new window); epoch-end schedules are not deferred either. Expensive diagnostics may therefore
-    run rarely, or not at all in a short run: ``budget=None`` runs every cadence as configured. Logged: ``dynscope/overhead`` (the fraction
-    of training time spent in dynscope), ``dynscope/overhead/<diagnostic>`` and
-    ``dynscope/overhead/stretch/<diagnostic>``. Under DDP the budget's inputs are averaged over
-    ranks, so every rank measures at the same steps.
+    run rarely, or not at all in a short run: ``budget=None`` runs every cadence as configured.
+    Logged: ``dynscope/overhead`` (the fraction of training time spent in dynscope),
+    ``dynscope/overhead/<diagnostic>`` and ``dynscope/overhead/stretch/<diagnostic>``. Under DDP the
+    budget's inputs are averaged over ranks, so every rank measures at the same steps.
 
     Args:
         loss_fn: ``loss_fn(module(x), y)`` for ``(x, y)`` batches, unless the module defines
