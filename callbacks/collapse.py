@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 
 from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
 from dynscope.nn import CrossEntropy
+from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
@@ -435,8 +436,8 @@ class AutoStableMax(SoftmaxCollapse):
         action = f"switched {count} CrossEntropy loss{'es' if count != 1 else ''} to StableMax"
         if self.orthograd:
             action += " and wrapped the optimizer in OrthoGrad"
-        values = ", ".join(f"{k}={v:.6g}" for k, v in self.trigger_values.items())
-        text = f"step {step}: {action} (from step {step + 1} on). Why: {reason}. Values: {values}."
+        # the event text the dashboards and the report parse (the 0/1 scalars are logged by run)
+        text = format_event("stablemax", "on", step, f"{reason}; {action} (from step {step + 1} on)", self.trigger_values)
         log.info("dynscope AutoStableMax: %s", text)
         log_text(trainer, EVENTS, text, step)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynscope.dashboards.events import parse_event
 from models import Classifier, Recorder, classification_data, loader, mlp, trainer
 from observer import assert_same_weights, trained_weights
 
@@ -223,6 +224,9 @@ def test_auto_stablemax_fires_logs_and_applies_orthograd(tmp_path):
     assert rec.scalars["dynscope/mitigation/orthograd"] == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0)]
     assert [(name, step) for name, _, step in rec.texts] == [("dynscope/mitigation/events", 2)]
     assert "StableMax" in rec.texts[0][1] and "OrthoGrad" in rec.texts[0][1] and "step 2" in rec.texts[0][1]
+    event = parse_event(rec.texts[0][1])  # the shape the report reads
+    assert (event["mitigation"], event["action"], event["step"]) == ("stablemax", "on", 2)
+    assert float(event["values"]["sc_fraction"]) == pytest.approx(callback.trigger_values["sc_fraction"], rel=1e-3)
     assert module.modes == ["softmax", "softmax", "stablemax", "stablemax", "stablemax"]
     assert isinstance(fit_trainer.optimizers[0], OrthoGrad) and fit_trainer.global_step == 5
 
