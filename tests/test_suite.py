@@ -257,3 +257,27 @@ def test_the_suite_demo_prints_what_each_diagnostic_did(tmp_path, capsys):
     for name in ("curvature", "noise", "collapse", "regions"):
         assert f"\n{name:>10}  " in out  # a row of the summary table
     assert any(p.name.startswith("suite-") for p in tmp_path.iterdir())
+
+
+def test_resume_keeps_a_mitigation_switched_on(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    eager = {"every_n_steps": 1, "patience": 1, "nlm_trigger": True, "nlm_threshold": -1.0, "accuracy_threshold": 0.0}
+    x, y = classification_data(32, (4,))
+
+    def run(scope, steps, extra=(), ckpt=None, **kwargs):
+        torch.manual_seed(0)
+        module = CliModule()
+        trainer(max_steps=steps, callbacks=[scope, *extra], **kwargs).fit(module, loader(x, y, batch_size=8), ckpt_path=ckpt)
+        return module
+
+    first = DynScope(budget=None, collapse=eager, mitigate=("stablemax",), curvature=False, noise=False, regions=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    module = run(first, 3, extra=[checkpoint], enable_checkpointing=True)
+    assert first.callbacks["collapse"].triggered_step == 1 and module.criterion.mode == "stablemax"
+    # the resumed run could not switch by itself (patience too long): the switch comes from the checkpoint
+    patient = dict(eager, patience=1000)
+    second = DynScope(budget=None, collapse=patient, mitigate=("stablemax",), curvature=False, noise=False, regions=False)
+    resumed = run(second, 6, ckpt=str(tmp_path / "last.ckpt"))
+    assert second.callbacks["collapse"].active and second.callbacks["collapse"].triggered_step == 1
+    assert resumed.criterion.mode == "stablemax"
