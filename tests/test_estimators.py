@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dynscope import MatrixOperator, Objective, ScaledOperator, directional_sharpness, hessian_trace, top_eigenvalues
 from dynscope.sharpness import clip_top_coordinates
+from dynscope.trace import xtrace
 from models import TinyTransformer, classification_data, mlp
 from reference import exact_hessian
 
@@ -50,6 +51,72 @@ def test_hutch_plus_plus_is_exact_when_rank_fits_the_sketch(rank):
     assert result.value == pytest.approx(float(torch.trace(A)), rel=1e-9)
 
 
+class _Recording(MatrixOperator):
+    """A matrix operator that keeps the vectors it is given."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.inputs = []
+
+    def matmat(self, vectors):
+        self.inputs.append(vectors.clone())
+        return super().matmat(vectors)
+
+
+def _leave_one_out_reference(A, W):
+    """XTrace from its definition: for each i an explicit QR of A W_{-i} and the normalised probe w_i."""
+    k, n = W.shape
+    samples = []
+    for i in range(k):
+        Q = torch.linalg.qr(A @ torch.cat([W[:i], W[i + 1 :]]).T).Q
+        u = W[i] - Q @ (Q.T @ W[i])
+        samples.append(torch.trace(Q.T @ A @ Q) + (n - k + 1) / (u @ u) * (u @ A @ u))
+    samples = torch.stack(samples)
+    return float(samples.mean()), float(samples.std() / math.sqrt(k))
+
+
+@pytest.mark.parametrize("n,m", [(12, 8), (30, 10), (50, 21)])
+def test_xtrace_matches_its_leave_one_out_definition(n, m):
+    g = torch.Generator().manual_seed(n)
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = B + B.T  # symmetric, indefinite
+    op = _Recording(A)
+    result = xtrace(op, m, seed=3)
+    assert result.num_matvecs == 2 * (m // 2) == op.num_matvecs
+    value, stderr = _leave_one_out_reference(A, op.inputs[0])
+    assert result.value == pytest.approx(value, rel=1e-10, abs=1e-10)
+    assert result.stderr == pytest.approx(stderr, rel=1e-10)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 7])
+def test_xtrace_is_exact_when_rank_is_below_half_the_budget(rank):
+    A = _spd(40, rank=rank)
+    result = hessian_trace(A, num_matvecs=2 * 8, method="xtrace", seed=1)
+    assert result.value == pytest.approx(float(torch.trace(A)), rel=1e-9)
+    assert result.stderr == pytest.approx(0.0, abs=1e-9 * float(torch.trace(A)))
+
+
+def test_xtrace_exact_cases_with_a_singular_sketch_and_a_small_matrix():
+    # rank 3 < k = 4 with exactly zero rows: H W is exactly singular (the null-direction path)
+    D = torch.diag(torch.tensor([1.0, -2.0, 5.0] + [0.0] * 9, dtype=torch.float64))
+    assert hessian_trace(D, num_matvecs=8, method="xtrace", seed=0).value == pytest.approx(4.0, rel=1e-12)
+    # m / 2 >= n: the exact trace from n unit vectors, and the matvecs actually spent
+    A = _spd(5, seed=3)
+    small = hessian_trace(MatrixOperator(A), num_matvecs=12, method="xtrace", seed=0)
+    assert small.value == pytest.approx(float(torch.trace(A)), rel=1e-12)
+    assert small.num_matvecs == 5 and small.stderr == 0.0
+
+
+def test_xtrace_is_unbiased_on_an_indefinite_matrix():
+    g = torch.Generator().manual_seed(7)
+    B = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    A = (B + B.T) / 2 + torch.diag(torch.linspace(0.0, 5.0, 30, dtype=torch.float64))
+    truth = float(torch.trace(A))
+    values = torch.tensor([hessian_trace(A, num_matvecs=8, method="xtrace", seed=s).value for s in range(400)])
+    # the mean of 400 independent unbiased estimates is within 4 of its standard errors of the truth
+    assert abs(float(values.mean()) - truth) < 4 * float(values.std()) / math.sqrt(len(values))
+
+
 def test_hutchinson_interval_covers_the_true_trace_at_the_nominal_rate(trained_mlp):
     obj, H = trained_mlp
     truth = float(torch.trace(H))
@@ -71,16 +138,26 @@ def test_per_layer_traces_are_the_diagonal_blocks(trained_mlp):
     assert sum(result.per_layer.values()) == pytest.approx(result.value, rel=1e-9)
     hutch = hessian_trace(obj, num_matvecs=8, seed=0)
     assert sum(hutch.per_layer.values()) == pytest.approx(hutch.value, rel=1e-9)
+    n = obj.layout.numel
+    xt = hessian_trace(obj, num_matvecs=n + 9, method="xtrace", seed=0)  # k = (n + 9) // 2 < n
+    assert xt.num_matvecs == 2 * ((n + 9) // 2) < 2 * n
+    for name, sl in obj.layout.slices().items():
+        block = float(torch.trace(H[sl, sl]))
+        assert xt.per_layer[name] == pytest.approx(block, abs=0.05 * abs(float(torch.trace(H))))
+    assert sum(xt.per_layer.values()) == pytest.approx(xt.value, rel=1e-9)
+    small = hessian_trace(obj, num_matvecs=6, method="xtrace", seed=0)
+    assert sum(small.per_layer.values()) == pytest.approx(small.value, rel=1e-9)
 
 
-def test_hutch_plus_plus_beats_hutchinson_on_a_trained_network(trained_mlp):
+def test_sketching_estimators_beat_hutchinson_on_a_trained_network(trained_mlp):
     obj, H = trained_mlp
     truth = float(torch.trace(H))
-    err = {m: [] for m in ("hutchinson", "hutch++")}
+    err = {m: [] for m in ("hutchinson", "hutch++", "xtrace")}
     for seed in range(10):
         for m in err:
             err[m].append(abs(hessian_trace(obj, num_matvecs=30, method=m, seed=seed).value - truth) / truth)
     assert sorted(err["hutch++"])[5] < sorted(err["hutchinson"])[5]
+    assert sorted(err["xtrace"])[5] < sorted(err["hutchinson"])[5]
 
 
 def test_lanczos_top_eigenvalues_match_eigvalsh(trained_mlp):
@@ -147,6 +224,8 @@ def test_estimator_arguments_are_checked():
         hessian_trace(A, method="exact")
     with pytest.raises(ValueError, match="at least 3"):
         hessian_trace(A, num_matvecs=2, method="hutch++")
+    with pytest.raises(ValueError, match="XTrace needs at least 4"):
+        hessian_trace(A, num_matvecs=3, method="xtrace")
     with pytest.raises(ValueError, match="k must"):
         top_eigenvalues(A, k=5)
     with pytest.raises(TypeError, match="Objective"):
