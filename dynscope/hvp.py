@@ -8,6 +8,9 @@ Three kernels compute ``H v`` for a batch of vectors ``V`` (leading dimension = 
   is_grads_batched=True)``. The gradient graph is built once and reused for every chunk.
 * ``"loop"``: the same retained graph, one ``autograd.grad`` per probe. Works for every op.
 
+The retained graph is built with :func:`dynscope.second_order.cheap_second_order`: GELU,
+LayerNorm, softmax and attention then differentiate twice at a fraction of torch's per-probe cost.
+
 ``method="auto"`` runs the first few probes (an eighth of the product at most, and their
 products are kept) with each of them, keeps the fastest that works and remembers the choice for
 the model; kernels that fail are skipped, which covers ops without a
@@ -28,6 +31,7 @@ import torch
 from torch.func import grad, jvp
 
 from .objective import Objective, check_finite
+from .second_order import cheap_second_order
 
 Method = Literal["auto", "forward", "reverse", "loop"]
 Vectors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -93,8 +97,9 @@ class _Kernel:
     def _retained_graph(self):
         if self._graph is None:
             params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in self.objective.params.items())
-            loss = check_finite(self.objective.loss(params), "the loss")
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            with cheap_second_order():  # GELU and LayerNorm whose per-probe double backward is cheap
+                loss = check_finite(self.objective.loss(params), "the loss")
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             self._graph = (list(params.values()), grads, used)
         return self._graph
