@@ -94,8 +94,8 @@ class _LayerNormBackward(torch.autograd.Function):
 
     With ``xh = (x - mean) rstd`` and ``g = gy w``, the first backward is
     ``gx = rstd (g - mean(g) - xh mean(g xh))``, ``gw = sum gy xh``, ``gb = sum gy``. Given
-    cotangents ``(vx, vw, vb)`` its backward returns those of ``gy``, ``x`` and ``w``; ``g`` and
-    ``mean(g xh)`` are computed once here.
+    cotangents ``(vx, vw, vb)`` its backward returns those of ``gy``, ``x`` and ``w``; the
+    probe-independent products are computed once here.
     """
 
     @staticmethod
@@ -106,22 +106,24 @@ class _LayerNormBackward(torch.autograd.Function):
         )
         grad_b = grad_out.reshape(-1, size).sum(0)
         g = grad_out * weight
-        ctx.save_for_backward(grad_out, weight, x_hat, rstd, g, _row_mean(g * x_hat), grad_x)
+        ctx.save_for_backward(
+            grad_out, x_hat, rstd, rstd * weight, grad_out * rstd, rstd * g, rstd * _row_mean(g * x_hat), grad_x
+        )
         return grad_x, grad_w, grad_b
 
     @staticmethod
     @once_differentiable
     def backward(ctx, vx, vw, vb):
-        grad_out, weight, x_hat, rstd, g, g_xh, grad_x = ctx.saved_tensors
+        grad_out, x_hat, rstd, rstd_w, rstd_grad_out, rstd_g, rstd_g_xh, grad_x = ctx.saved_tensors
         size = x_hat.shape[-1]
         vx_xh = _row_mean(vx * x_hat)
-        projected = (vx - _row_mean(vx) - x_hat * vx_xh) * rstd  # rstd P vx; P is symmetric
-        cot_grad_out = projected * weight + x_hat * vw + vb
-        cot_weight = (grad_out * projected).reshape(-1, size).sum(0)
+        projected = torch.addcmul(vx - _row_mean(vx), x_hat, vx_xh, value=-1)  # P vx; P is symmetric
+        cot_grad_out = torch.addcmul(torch.addcmul(vb, x_hat, vw), projected, rstd_w)
+        cot_weight = (rstd_grad_out * projected).reshape(-1, size).sum(0)
         # x enters through x_hat (a) and through the explicit rstd factor of grad_x (r)
-        a = vw * grad_out - rstd * (vx * g_xh + vx_xh * g)
+        a = torch.addcmul(torch.addcmul(vw * grad_out, vx, rstd_g_xh, value=-1), rstd_g, vx_xh, value=-1)
         r = (vx * grad_x).sum(-1, keepdim=True)  # = rstd * d<vx, grad_x>/d rstd
-        cot_x = rstd * (a - _row_mean(a) - x_hat * (_row_mean(a * x_hat) + r / size))
+        cot_x = torch.addcmul(a - _row_mean(a), x_hat, _row_mean(a * x_hat) + r / size, value=-1) * rstd
         return cot_grad_out, cot_x, cot_weight, None, None, None
 
 
@@ -161,8 +163,10 @@ class _SoftmaxBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, v):
         grad_out, p, centred = ctx.saved_tensors
-        v_p = (v * p).sum(ctx.dim, keepdim=True)
-        return p * (v - v_p), v * centred - v_p * grad_out, None
+        vp = v * p
+        v_p = vp.sum(ctx.dim, keepdim=True)
+        # cotangents of grad_out, p (v * centred - v_p * grad_out); addcmul fuses a product and a sum
+        return torch.addcmul(vp, p, v_p, value=-1), torch.addcmul(v * centred, grad_out, v_p, value=-1), None
 
 
 class _Softmax(torch.autograd.Function):
