@@ -40,6 +40,7 @@ from .objective import Objective
 from .persample import GradientMoments, Method, per_sample_moments
 
 Target = Union[Objective, GradientMoments]
+_EPS64 = float(torch.finfo(torch.float64).eps)
 ROUNDING_FLOOR = 64  # per-sample spreads below ROUNDING_FLOOR * eps * (largest RMS gradient) count as zero
 
 
@@ -114,19 +115,11 @@ def gradient_snr(
     _check_count(moments)
     total, count = 0.0, 0
     per_layer, block = OrderedDict(), OrderedDict()
-    n = moments.count
-    for name, mean in moments.mean.items():
-        sq_dev, flat = moments.sq_dev[name].reshape(-1), mean.reshape(-1)
-        zero, num_zero = _zero_variance(flat, sq_dev, n, moments.eps)
-        # sum of mean**2 / var over the coordinates with var > floor, as (mean / sq_dev) . mean
-        quotient = torch.div(flat, sq_dev)
-        if num_zero:
-            quotient.masked_fill_(zero, 0.0)
-        layer_sum = float(torch.dot(quotient, flat)) * (n - 1) if flat.numel() else 0.0
-        layer_count = flat.numel() - num_zero
-        per_layer[name] = layer_sum / layer_count if layer_count else math.nan
-        total, count = total + layer_sum, count + layer_count
-        block[name] = block_gsnr(mean)
+    for name in moments.mean:
+        layer = _summary(moments, name)
+        per_layer[name] = layer.snr_sum / layer.snr_count if layer.snr_count else math.nan
+        total, count = total + layer.snr_sum, count + layer.snr_count
+        block[name] = layer.block_gsnr
     return SNRResult(total / count if count else math.nan, per_layer, block, count, moments.count)
 
 
@@ -172,32 +165,54 @@ def gradient_noise_scale(
     moments = _moments(target, method, chunk_size, memory_cap)
     _check_count(moments)
     trace, sq_norm, per_layer = 0.0, 0.0, OrderedDict()
-    for name, mean in moments.mean.items():
-        flat = mean.reshape(-1)
-        layer_trace, layer_sq = float(moments.sq_dev[name].sum()) / (moments.count - 1), float(torch.dot(flat, flat))
-        per_layer[name] = _ratio(layer_trace, layer_sq)
-        trace, sq_norm = trace + layer_trace, sq_norm + layer_sq
+    for name in moments.mean:
+        layer = _summary(moments, name)
+        layer_trace = layer.sq_dev_sum / (moments.count - 1)
+        per_layer[name] = _ratio(layer_trace, layer.sq_norm)
+        trace, sq_norm = trace + layer_trace, sq_norm + layer.sq_norm
     return NoiseScaleResult(_ratio(trace, sq_norm), trace, sq_norm, per_layer, moments.count)
 
 
-def _zero_variance(mean: torch.Tensor, sq_dev: torch.Tensor, n: int, eps: float):
-    """The coordinates whose variance ``sq_dev / (n - 1)`` is at most the rounding floor, and their count.
+@dataclass
+class _LayerSummary:
+    """What GSNR and the noise scale need of one tensor, from one pass over its moments."""
 
-    The floor is ``(ROUNDING_FLOOR * eps)**2 * max_j mean_i g_ij**2`` with
-    ``mean_i g_ij**2 = mean_j**2 + sq_dev_j / n``. Usually no coordinate comes near it, which four
-    cheap reductions show (the floor is at most that of ``max mean**2 + max sq_dev / n``); only
-    otherwise are the exact floor and the mask computed. Returns ``(mask or None, count)``.
+    snr_sum: float  # sum of mean**2 / var over the coordinates above the rounding floor
+    snr_count: int  # how many coordinates that is
+    sq_dev_sum: float  # sum of sq_dev (tr(Sigma_p) times count - 1)
+    sq_norm: float  # |G_p|**2
+    block_gsnr: float  # ||G_p|| / std over the elements of G_p, NaN where that std is 0
+
+
+def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
+    """One tensor's summary, computed once per moments object, piece by piece in float64.
+
+    A coordinate's variance ``sq_dev / (n - 1)`` counts as zero at or below the rounding floor
+    ``(ROUNDING_FLOOR * eps)**2 * max_j mean_i g_ij**2``.
     """
-    if not mean.numel():
-        return None, 0
-    scale = (ROUNDING_FLOOR * eps) ** 2 * (n - 1)  # var <= floor  <=>  sq_dev <= scale * max second moment
-    lowest, highest = float(sq_dev.amin()), float(sq_dev.amax())
-    biggest_mean = max(float(mean.amax()), -float(mean.amin()))
-    if lowest > scale * (biggest_mean**2 + highest / n):
-        return None, 0
-    second_max = float(torch.addcmul(sq_dev, mean, mean, value=n).amax()) / n
-    zero = sq_dev <= scale * second_max
-    return zero, int(torch.count_nonzero(zero))
+    cache = moments.__dict__.setdefault("_summaries", {})
+    if name in cache:
+        return cache[name]
+    n = moments.count
+    floor = (ROUNDING_FLOOR * moments.eps) ** 2 * (n - 1) * moments.max_second_moment(name)
+    snr = sq_dev_sum = sq_norm = total = 0.0
+    zeros = numel = 0
+    for mean, sq_dev in moments.pieces(name):
+        zero = sq_dev <= floor
+        quotient = mean / sq_dev
+        num_zero = int(torch.count_nonzero(zero))
+        if num_zero:  # rare: masking costs more than the rest of the piece
+            quotient.masked_fill_(zero, 0.0)
+        snr += float(torch.dot(quotient, mean))
+        sq_dev_sum += float(sq_dev.sum())
+        sq_norm += float(torch.dot(mean, mean))
+        total += float(mean.sum())
+        zeros, numel = zeros + num_zero, numel + mean.numel()
+    # population variance of G_p's elements; below float64 rounding of sq_norm / numel it is 0
+    spread = sq_norm / numel - (total / numel) ** 2 if numel > 1 else 0.0
+    block = math.sqrt(sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * sq_norm / numel else math.nan
+    cache[name] = _LayerSummary(snr * (n - 1), numel - int(zeros), sq_dev_sum, sq_norm, block)
+    return cache[name]
 
 
 def _check_count(moments: GradientMoments) -> None:

@@ -380,3 +380,34 @@ def test_observer_effect_in_train_mode_with_dropout():
     baseline = trained_weights([], steps=8, net_factory=net)
     measured = trained_weights([GradientNoise(every_n_steps=1, mode="train")], steps=8, net_factory=net)
     assert_same_weights(baseline, measured)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_statistics_do_not_depend_on_how_they_are_split(monkeypatch, method):
+    # Summaries run over pieces of PIECE coordinates and the per-sample moments over column blocks
+    # of BLOCK_ELEMENTS; tiny sizes make every tensor span several, ragged ones included.
+    import dynscope.persample as persample
+
+    monkeypatch.setattr(persample, "PIECE", 3)
+    monkeypatch.setattr(persample, "BLOCK_ELEMENTS", 20)
+    torch.manual_seed(0)
+    model = mlp((4, 6, 3)).double()
+    x, y = classification_data(10, (4,))
+    x = x.double()
+    x[:, 1] = 0.0  # first-layer weights of input 1: zero variance, left out
+    ref = numpy_stats(looped_grads(model, F.cross_entropy, x, y))
+    obj = Objective(model, F.cross_entropy, (x, y))
+    moments = per_sample_moments(obj, method, chunk_size=4)
+    snr, noise = gradient_snr(moments), gradient_noise_scale(moments)
+    assert snr.value == pytest.approx(ref["gsnr"], rel=1e-9)
+    assert noise.value == pytest.approx(ref["noise_scale"], rel=1e-9)
+    assert snr.num_coordinates == sum(p.numel() for p in model.parameters()) - 6
+    for n, v in ref["per_layer"].items():
+        assert snr.per_layer[n] == pytest.approx(v, rel=1e-9), n
+        assert snr.block[n] == pytest.approx(ref["block"][n], rel=1e-9), n
+
+
+def test_block_gsnr_of_a_constant_gradient_is_nan():
+    g = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=torch.float64)  # mean (2, 2, 2)
+    assert math.isnan(gradient_snr(GradientMoments.from_samples({"w": g})).block["w"])
+    assert math.isnan(gradient_snr(GradientMoments.from_sums(2, {"w": g.sum(0)}, {"w": g.square().sum(0)})).block["w"])
