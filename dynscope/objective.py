@@ -270,15 +270,19 @@ class Objective:
             finally:
                 self._depth -= 1
             return
+        want = self.mode == "train"
         modes = [(m, m.training) for m in self.model.modules()]
+        switch = any(training != want for _, training in modes)  # else skip train() and the restore
         devices = sorted({p.device.index or 0 for p in self.params.values() if p.is_cuda})
         self._depth = 1
         try:
             # Fused attention kernels have no double-backward or forward-AD rules; the math one has.
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-                self.model.train(self.mode == "train")
+                if switch:
+                    self.model.train(want)
                 yield
         finally:
             self._depth = 0
-            for m, training in modes:
-                m.training = training
+            if switch:
+                for m, training in modes:
+                    m.training = training
