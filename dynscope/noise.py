@@ -185,7 +185,7 @@ class _LayerSummary:
 
 
 def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
-    """One tensor's summary, computed once per moments object, piece by piece in float64.
+    """One tensor's summary, computed once per moments object, piece by piece (sums in float64).
 
     A coordinate's variance ``sq_dev / (n - 1)`` counts as zero at or below the rounding floor
     ``(ROUNDING_FLOOR * eps)**2 * max_j mean_i g_ij**2``.

@@ -108,10 +108,13 @@ class GradientMoments:
         return cls(count, mean, sq_dev, {n: method for n in raw}, _eps(next(iter(sq_sums.values()))), raw)
 
     def pieces(self, name: str, size: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(mean, sq_dev)`` of one tensor as flat float64 pieces of ``size`` elements.
+        """``(mean, sq_dev)`` of one tensor as flat pieces of ``size`` elements.
 
         The default size keeps a piece's temporaries in a CPU core's cache (64Ki elements); on
-        other devices the whole tensor is one piece. From the raw sums where they exist.
+        other devices the whole tensor is one piece. Where the raw sums exist the pieces come from
+        them, in their dtype (float32 at least): ``sq_dev = sum g**2 - count mean**2`` then loses
+        to cancellation about what the sums lost to rounding already, so float64 would not be
+        more accurate, only slower. Elsewhere they are float64.
         """
         mean = self.mean[name] if name not in self.sums else None
         total = self.sums[name][0].numel() if mean is None else mean.numel()
@@ -122,9 +125,9 @@ class GradientMoments:
             if mean is not None:
                 yield mean.reshape(-1)[part], self.sq_dev[name].reshape(-1)[part]
             else:
-                s1, s2 = self.sums[name]
-                m = _mean_from_sums(s1.reshape(-1)[part], self.count)
-                yield m, _sq_dev_from_sums(s2.reshape(-1)[part], m, self.count)
+                s1, s2 = (t.reshape(-1)[part].to(_compute_dtype(t)) for t in self.sums[name])
+                m = s1 / self.count
+                yield m, torch.addcmul(s2, m, m, value=-self.count).clamp_min_(0)
 
     def max_second_moment(self, name: str) -> float:
         """``max_j mean_i g_ij**2`` over the coordinates of one tensor (0 for an empty tensor)."""

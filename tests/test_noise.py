@@ -411,3 +411,15 @@ def test_block_gsnr_of_a_constant_gradient_is_nan():
     g = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=torch.float64)  # mean (2, 2, 2)
     assert math.isnan(gradient_snr(GradientMoments.from_samples({"w": g})).block["w"])
     assert math.isnan(gradient_snr(GradientMoments.from_sums(2, {"w": g.sum(0)}, {"w": g.square().sum(0)})).block["w"])
+
+
+def test_float32_statistics_agree_with_float64_numpy():
+    # The hook path's summaries run in float32 for a float32 model (see GradientMoments.pieces).
+    torch.manual_seed(0)
+    model = mlp((4, 16, 3))
+    x, y = classification_data(64, (4,))
+    ref = numpy_stats(looped_grads(model, F.cross_entropy, x, y))
+    moments = per_sample_moments(Objective(model, F.cross_entropy, (x, y)))
+    assert set(moments.methods.values()) == {"hooks"}
+    assert gradient_snr(moments).value == pytest.approx(ref["gsnr"], rel=1e-4)
+    assert gradient_noise_scale(moments).value == pytest.approx(ref["noise_scale"], rel=1e-5)
