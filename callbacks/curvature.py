@@ -52,6 +52,8 @@ def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:
     return objective.layout.flatten(pieces, batch_dims=0)
 
 
+_MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
+
 class Curvature(DiagnosticCallback):
     """Hessian trace (Hutchinson / Hutch++), top eigenvalue (Lanczos), directional sharpness of the
     actual update and of the gradient, and the stability ratios against ``2 / lr``.
@@ -78,7 +80,7 @@ class Curvature(DiagnosticCallback):
 
     Args:
         num_matvecs: Hessian-vector products for the trace (batched).
-        method: ``"hutchinson"`` or ``"hutch++"``.
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` (see :func:`dynscope.hessian_trace`).
         eigen: compute ``lambda_max`` (Lanczos, warm-started from the previous eigenvector).
         eigen_tol: Lanczos relative residual tolerance.
         eigen_max_iter: Lanczos steps at most.
@@ -129,9 +131,9 @@ class Curvature(DiagnosticCallback):
             mode=mode,
             strict=strict,
         )
-        if method not in ("hutchinson", "hutch++"):
-            raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
-        if num_matvecs < (3 if method == "hutch++" else 1):
+        if method not in _MIN_MATVECS:
+            raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'xtrace', got {method!r}")
+        if num_matvecs < _MIN_MATVECS[method]:
             raise ValueError(f"num_matvecs={num_matvecs} is too small for {method}")
         self.num_matvecs = num_matvecs
         self.method = method

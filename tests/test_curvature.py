@@ -179,3 +179,23 @@ def test_epoch_schedule_measures_once_per_epoch():
     trainer(max_epochs=3, callbacks=[callback]).fit(module, loader(x, y, batch_size=8))
     assert callback.num_measurements == 3
     assert not math.isnan(callback.last_metrics["hessian_trace"])
+
+
+def test_xtrace_in_the_callback_gives_the_exact_trace_of_a_small_model():
+    # 51 parameters: with 2 * 51 matvecs or more XTrace takes the trace from the unit vectors
+    module = _module()
+    x, y = classification_data(32, (4,))
+    recorder = Recorder()
+    callback = Curvature(every_n_steps=2, num_matvecs=128, method="xtrace", eigen=False, fixed_batch=True)
+    trainer(max_steps=2, callbacks=[recorder, callback]).fit(module, loader(x, y, batch_size=32))
+    from dynscope import Objective
+    from reference import exact_hessian
+
+    net = mlp((4, 6, 3))
+    net.load_state_dict({k[len("net."):]: v for k, v in recorder.weights[2].items()})
+    H = exact_hessian(Objective(net, F.cross_entropy, (x, y)))
+    assert callback.last_metrics["hessian_trace"] == pytest.approx(float(torch.trace(H)), rel=1e-5)
+    with pytest.raises(ValueError, match="xtrace"):
+        Curvature(method="exact")
+    with pytest.raises(ValueError, match="too small"):
+        Curvature(method="xtrace", num_matvecs=3)
