@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Literal, Mapping, Optional, Sequence, U
 import torch
 from torch.func import grad, jvp
 
-from .objective import Objective, check_finite
+from .objective import NonFiniteError, Objective, check_finite
 from .second_order import cheap_second_order
 
 Method = Literal["auto", "forward", "reverse", "loop"]
@@ -97,12 +97,23 @@ class _Kernel:
     def _retained_graph(self):
         if self._graph is None:
             params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in self.objective.params.items())
-            with cheap_second_order():  # GELU and LayerNorm whose per-probe double backward is cheap
-                loss = check_finite(self.objective.loss(params), "the loss")
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            try:
+                with cheap_second_order():  # GELU, LayerNorm, attention: cheap per-probe double backward
+                    grads = self._gradient_graph(params)
+            except NonFiniteError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a rule that does not fit this model: torch's own rules
+                if is_out_of_memory(error):
+                    raise
+                warnings.warn(f"dynscope: second-order rules failed on this model ({error!r}); using torch's")
+                grads = self._gradient_graph(params)
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             self._graph = (list(params.values()), grads, used)
         return self._graph
+
+    def _gradient_graph(self, params: "OrderedDict[str, torch.Tensor]"):
+        loss = check_finite(self.objective.loss(params), "the loss")
+        return torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
 
     def _second(self, vs: List[torch.Tensor], batched: bool) -> List[torch.Tensor]:
         params, grads, used = self._retained_graph()

@@ -138,3 +138,17 @@ def test_cases_it_does_not_cover_use_torch():
     assert torch.equal(low[0], F.gelu(half))
     assert torch.equal(low[1], F.layer_norm(half, (6,)))
     assert torch.equal(low[2], torch.softmax(half, -1, dtype=torch.float32))
+
+
+def test_a_rule_that_fails_falls_back_to_torch(monkeypatch):
+    import dynscope.second_order as rules
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no rule for this call")
+
+    monkeypatch.setitem(rules._RULES, F.gelu, broken)
+    obj = objective("gelu")
+    V = torch.randn(2, obj.layout.numel, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="second-order rules failed"):
+        out = hvp_flat(obj, V, method="loop")
+    assert torch.allclose(out, V @ exact_hessian(obj).T, atol=1e-10, rtol=1e-8)
