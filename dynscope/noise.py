@@ -195,8 +195,9 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
         return cache[name]
     n = moments.count
     floor = (ROUNDING_FLOOR * moments.eps) ** 2 * (n - 1) * moments.max_second_moment(name)
-    snr = sq_dev_sum = sq_norm = total = 0.0
+    snr = sq_dev_sum = sq_norm = total = total_sq = 0.0
     zeros = numel = 0
+    shift = None  # the first element: the spread from deviations from it does not cancel an offset
     for mean, sq_dev in moments.pieces(name):
         zero = sq_dev <= floor
         quotient = mean / sq_dev
@@ -205,11 +206,13 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
             quotient.masked_fill_(zero, 0.0)
         snr += float(torch.dot(quotient, mean))
         sq_dev_sum += float(sq_dev.sum())
+        shift = float(mean[0]) if shift is None else shift
+        deviation = mean - shift  # near 0 where the elements share an offset (exactly 0 where all equal)
         sq_norm += float(torch.dot(mean, mean))
-        total += float(mean.sum())
+        total, total_sq = total + float(deviation.sum()), total_sq + float(torch.dot(deviation, deviation))
         zeros, numel = zeros + num_zero, numel + mean.numel()
     # population variance of G_p's elements; below float64 rounding of sq_norm / numel it is 0
-    spread = sq_norm / numel - (total / numel) ** 2 if numel > 1 else 0.0
+    spread = total_sq / numel - (total / numel) ** 2 if numel > 1 else 0.0
     block = math.sqrt(sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * sq_norm / numel else math.nan
     cache[name] = _LayerSummary(snr * (n - 1), numel - int(zeros), sq_dev_sum, sq_norm, block)
     return cache[name]

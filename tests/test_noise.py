@@ -413,6 +413,33 @@ def test_block_gsnr_of_a_constant_gradient_is_nan():
     assert math.isnan(gradient_snr(GradientMoments.from_sums(2, {"w": g.sum(0)}, {"w": g.square().sum(0)})).block["w"])
 
 
+def _moments_of(g, path):
+    if path == "vmap":
+        return GradientMoments.from_samples({"w": g})
+    g = g.float()  # the hook path: float32 sums
+    return GradientMoments.from_sums(g.shape[0], {"w": g.sum(0)}, {"w": g.square().sum(0)})
+
+
+@pytest.mark.parametrize("path, rel", [("hooks", 1e-4), ("vmap", 1e-9)])
+def test_block_gsnr_of_elements_with_a_common_offset(path, rel):
+    # The elements of G share an offset 1e4 times their spread: mean(G**2) - mean(G)**2 cancels
+    # (in float32 sums it is lost altogether). Several summary pieces, the last one ragged. The
+    # hook path's pieces divide the float32 sums in float32: float32 accuracy there.
+    torch.manual_seed(0)
+    base = 1.0 + 1e-4 * torch.randn(200_003, dtype=torch.float64)
+    moments = _moments_of(base * (1 + 0.01 * torch.randn(6, 1, dtype=torch.float64)), path)
+    mean = moments.mean["w"].numpy()
+    assert gradient_snr(moments).block["w"] == pytest.approx(np.linalg.norm(mean) / np.std(mean), rel=rel)
+
+
+@pytest.mark.parametrize("path", ["hooks", "vmap"])
+def test_block_gsnr_of_a_large_constant_gradient_is_nan(path):
+    g = torch.full((4, 100_000), 0.3, dtype=torch.float64) + torch.randn(4, 1, dtype=torch.float64)
+    moments = _moments_of(g, path)
+    assert torch.unique(moments.mean["w"]).numel() == 1  # every element of G is the same
+    assert math.isnan(gradient_snr(moments).block["w"])
+
+
 def test_float32_statistics_agree_with_float64_numpy():
     # The hook path's summaries run in float32 for a float32 model (see GradientMoments.pieces).
     torch.manual_seed(0)
