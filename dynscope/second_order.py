@@ -185,11 +185,11 @@ class _Softmax(torch.autograd.Function):
         return _SoftmaxBackward.apply(grad_out, p, ctx.dim), None
 
 
-def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:  # F.gelu's argument names
     """``F.gelu`` with a cheap second derivative (float32/float64; other dtypes use ``F.gelu``)."""
-    if x.dtype not in _FLOATS or approximate not in ("none", "tanh"):
-        return F.gelu(x, approximate=approximate)
-    return _Gelu.apply(x, approximate)
+    if input.dtype not in _FLOATS or approximate not in ("none", "tanh"):
+        return F.gelu(input, approximate=approximate)
+    return _Gelu.apply(input, approximate)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5):
@@ -211,8 +211,8 @@ def softmax(x: torch.Tensor, dim: int, _stacklevel: int = 3, dtype=None) -> torc
     return _Softmax.apply(x, dim)
 
 
-def _softmax_of_tensor(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:  # torch.softmax's signature
-    return softmax(x, dim, dtype=dtype)
+def _softmax_of_tensor(input: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:  # torch.softmax's signature
+    return softmax(input, dim, dtype=dtype)
 
 
 def _attention(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:

@@ -140,6 +140,23 @@ def test_cases_it_does_not_cover_use_torch():
     assert torch.equal(low[2], torch.softmax(half, -1, dtype=torch.float32))
 
 
+def test_torchs_keyword_arguments_are_accepted():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    calls = [
+        lambda: F.gelu(input=x, approximate="tanh"),
+        lambda: torch.softmax(input=x, dim=0),
+        lambda: F.softmax(input=x, dim=0),
+        lambda: F.layer_norm(input=x, normalized_shape=(4,)),
+    ]
+    for call in calls:
+        with cheap_second_order():
+            y = call()
+            (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        expected = call()
+        (g_expected,) = torch.autograd.grad(expected.square().sum(), x, create_graph=True)
+        assert torch.allclose(y, expected, atol=1e-14) and torch.allclose(g, g_expected, atol=1e-12)
+
+
 def test_a_rule_that_fails_falls_back_to_torch(monkeypatch):
     import dynscope.second_order as rules
 
