@@ -440,6 +440,20 @@ def test_block_gsnr_of_a_large_constant_gradient_is_nan(path):
     assert math.isnan(gradient_snr(moments).block["w"])
 
 
+def test_moments_survive_pickling():
+    import pickle
+
+    torch.manual_seed(0)
+    model = mlp((4, 6, 3)).double()
+    x, y = classification_data(10, (4,))
+    moments = per_sample_moments(Objective(model, F.cross_entropy, (x.double(), y)))
+    copy = pickle.loads(pickle.dumps(moments))
+    assert list(copy.mean) == list(moments.mean) and copy.methods == moments.methods
+    for name in moments.mean:
+        assert torch.equal(copy.mean[name], moments.mean[name]) and torch.equal(copy.sq_dev[name], moments.sq_dev[name])
+    assert gradient_snr(copy).value == gradient_snr(moments).value
+
+
 def test_float32_statistics_agree_with_float64_numpy():
     # The hook path's summaries run in float32 for a float32 model (see GradientMoments.pieces).
     torch.manual_seed(0)
