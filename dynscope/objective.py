@@ -283,6 +283,6 @@ class Objective:
                 yield
         finally:
             self._depth = 0
-            if switch:
+            if switch or any(m.training != training for m, training in modes):
                 for m, training in modes:
                     m.training = training

@@ -64,6 +64,9 @@ class _LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self._names)
 
+    def __contains__(self, name: object) -> bool:  # without computing the value (Mapping's default would)
+        return name in self._names
+
     def __reduce__(self):  # pickled (torch.save, multiprocessing) as an OrderedDict: closures do not pickle
         return OrderedDict, (list(self.items()),)
 

@@ -192,16 +192,17 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:  # F.g
     return _Gelu.apply(input, approximate)
 
 
-def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5):
-    """``F.layer_norm`` with a cheap second derivative (float32/float64; other dtypes use ``F.layer_norm``)."""
+def layer_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5):
+    """``F.layer_norm`` with a cheap second derivative (float32/float64; other cases use ``F.layer_norm``)."""
     shape = tuple(normalized_shape)
-    if x.dtype not in _FLOATS or any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
-        return F.layer_norm(x, shape, weight, bias, eps)
+    fits = input.dim() >= len(shape) and tuple(input.shape[input.dim() - len(shape):]) == shape
+    if not fits or input.dtype not in _FLOATS or any(t is not None and t.dtype != input.dtype for t in (weight, bias)):
+        return F.layer_norm(input, shape, weight, bias, eps)  # torch's rule, or its error message
     size = math.prod(shape)
-    flat = x.reshape(*x.shape[: x.dim() - len(shape)], size)
-    w = torch.ones(size, dtype=x.dtype, device=x.device) if weight is None else weight.reshape(size)
-    b = torch.zeros(size, dtype=x.dtype, device=x.device) if bias is None else bias.reshape(size)
-    return _LayerNorm.apply(flat, w, b, eps).reshape(x.shape)
+    flat = input.reshape(*input.shape[: input.dim() - len(shape)], size)
+    w = torch.ones(size, dtype=input.dtype, device=input.device) if weight is None else weight.reshape(size)
+    b = torch.zeros(size, dtype=input.dtype, device=input.device) if bias is None else bias.reshape(size)
+    return _LayerNorm.apply(flat, w, b, eps).reshape(input.shape)
 
 
 def softmax(x: torch.Tensor, dim: int, _stacklevel: int = 3, dtype=None) -> torch.Tensor:

@@ -464,3 +464,14 @@ def test_float32_statistics_agree_with_float64_numpy():
     assert set(moments.methods.values()) == {"hooks"}
     assert gradient_snr(moments).value == pytest.approx(ref["gsnr"], rel=1e-4)
     assert gradient_noise_scale(moments).value == pytest.approx(ref["noise_scale"], rel=1e-5)
+
+
+def test_membership_in_lazy_moments_computes_nothing():
+    calls = []
+    g = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    moments = GradientMoments.from_sums(2, {"w": g.sum(0)}, {"w": g.square().sum(0)})
+    import dynscope.persample as persample
+
+    mean = persample._LazyTensors(["w"], lambda n: calls.append(n) or moments.mean[n])
+    assert "w" in mean and "v" not in mean and not calls
+    assert mean["w"].tolist() == [2.0, 3.5] and calls == ["w"]

@@ -114,3 +114,11 @@ def test_bad_input_gives_clear_errors():
     frozen = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Objective(frozen, F.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+
+
+def test_measuring_restores_modes_that_the_measured_code_changed():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).eval()
+    obj = Objective(net, F.mse_loss, (torch.randn(4, 2), torch.randn(4, 2)))  # measures in eval: no switch
+    with obj.measuring():
+        net.train()  # e.g. a dynscope_loss that calls model.train()
+    assert not any(m.training for m in net.modules())

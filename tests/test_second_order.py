@@ -169,3 +169,9 @@ def test_a_rule_that_fails_falls_back_to_torch(monkeypatch):
     with pytest.warns(UserWarning, match="second-order rules failed"):
         out = hvp_flat(obj, V, method="loop")
     assert torch.allclose(out, V @ exact_hessian(obj).T, atol=1e-10, rtol=1e-8)
+
+
+def test_a_normalized_shape_that_does_not_fit_gets_torchs_error():
+    x = torch.randn(3, 4, requires_grad=True)
+    with cheap_second_order(), pytest.raises(RuntimeError, match="normalized_shape"):
+        F.layer_norm(x, (4, 1))
