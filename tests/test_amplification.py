@@ -221,8 +221,12 @@ def _bc_amplification(rho: float, steps: int = 1000, every: int = 10, window: in
 
 
 def test_unstable_system_amplifies_stable_does_not():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    unstable, stable = _bc_amplification(1.2), _bc_amplification(0.5)
+    try:
+        unstable, stable = _bc_amplification(1.2), _bc_amplification(0.5)
+    finally:
+        torch.set_num_threads(threads)
     # seeds 0-3 give 2.9-11.7 (unstable) and 0.64-1.0 (stable) here; the demo's longer Lightning runs about 7 and 0.9
     assert stable < 1.5
     assert unstable > 3.0
