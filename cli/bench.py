@@ -43,6 +43,29 @@ def discover(directory) -> Dict[str, Path]:
     return {p.stem[len(PREFIX):]: p for p in sorted(Path(directory).glob(f"{PREFIX}*.py"))}
 
 
+def describe(path: Path) -> str:
+    """The first line of a benchmark's module docstring (read as text: nothing is imported)."""
+    try:
+        text = path.read_text(encoding="utf-8").lstrip()
+    except OSError:
+        return ""
+    if text[:3] not in ('"""', "'''"):
+        return ""
+    lines = text[3:].strip().splitlines()
+    return lines[0].rstrip('"\'').strip() if lines else ""
+
+
+def available(directory=None) -> str:
+    """The benchmarks ``dynscope bench`` can run, one per line with its description (for --help)."""
+    folder = Path(directory) if directory is not None else benchmarks_dir()
+    found = discover(folder) if folder is not None and folder.is_dir() else {}
+    if not found:
+        return "no benchmarks/ directory found (run from the dynscope source tree)"
+    width = max(len(name) for name in found)
+    lines = [f"  {name.ljust(width)}  {describe(path)}" for name, path in found.items()]
+    return "benchmarks (in " + str(folder) + "):\n" + "\n".join(lines)
+
+
 def run_benchmarks(names: Sequence[str] = (), quick: bool = False, directory=None) -> int:
     """Run the named benchmarks (all when ``names`` is empty); returns the exit code (0: all ok).
 

@@ -52,12 +52,42 @@ class History(CallbackBase):
             self.rows.append((step, float(loss), merged))
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    """A plain, aligned text table."""
+def format_table(header: Sequence[str], rows: Sequence[Sequence], width: int = 100) -> List[str]:
+    """A plain, right-aligned text table no wider than ``width`` columns where it can be.
+
+    A table too wide for the terminal is turned around (one line per column, one column per row,
+    the rows' first cells as headings); cells still too long are cut with "…".
+
+    >>> print("\\n".join(format_table(["run", "test acc"], [("control", "0.010"), ("auto", "0.990")])))
+        run  test acc
+    -------  --------
+    control     0.010
+       auto     0.990
+    """
     cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print("  ".join(h.rjust(w) for h, w in zip(cells[0], widths)))
-    print(line)
-    for row in cells[1:]:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    lines = _aligned(cells)
+    if max(map(len, lines)) <= width or not rows:
+        return lines
+    turned = [list(column) for column in zip(*cells)]
+    lines = _aligned(turned, left_first=True)
+    if max(map(len, lines)) <= width:
+        return lines
+    columns = len(turned[0])
+    budget = max(8, (width - len(max((r[0] for r in turned), key=len)) - 2 * columns) // max(1, columns - 1))
+    cut = [[r[0]] + [c if len(c) <= budget else c[: budget - 1] + "…" for c in r[1:]] for r in turned]
+    return _aligned(cut, left_first=True)
+
+
+def _aligned(cells: List[List[str]], left_first: bool = False) -> List[str]:
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if left_first and i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return [line(cells[0]).rstrip(), "  ".join("-" * w for w in widths)] + [line(r).rstrip() for r in cells[1:]]
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence], width: int = 100) -> None:
+    """Print :func:`format_table` (fits ``width`` columns, 100 by default)."""
+    for line in format_table(header, rows, width):
+        print(line)

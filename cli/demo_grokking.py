@@ -181,9 +181,17 @@ def run(args: argparse.Namespace) -> int:
          for r in runs],
     )
     _explain(runs, args)
-    print(f"\nTensorBoard: tensorboard --logdir {args.logdir}   (CUSTOM SCALARS: Collapse, Mitigations)")
+    print(f"\nTensorBoard: tensorboard --logdir {args.logdir}   (CUSTOM SCALARS: {dashboard_groups(runs)})")
     print(f"Report:      dynscope report {args.logdir} -o report.html")
     return 0
+
+
+def dashboard_groups(runs: List[Dict]) -> str:
+    """The custom-scalars categories the demo's runs have (titles from the dashboards' catalogue)."""
+    from dynscope.dashboards.groups import GROUPS
+
+    names = ["collapse"] + (["mitigation"] if any(r["name"].startswith("auto") for r in runs) else [])
+    return ", ".join(GROUPS[n].title for n in names)
 
 
 def _explain(runs: List[Dict], args) -> None:

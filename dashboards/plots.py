@@ -61,8 +61,13 @@ def _pyplot():
 
 
 def render_panels(panels: Sequence[Panel], markers: Sequence[Marker] = (), ncols: int = 3) -> bytes:
-    """The panels as one PNG (bytes)."""
+    """The panels as one PNG (bytes). Tag names are drawn as plain text (``$`` is not math)."""
     plt = _pyplot()
+    with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
+        return _render(plt, panels, markers, ncols)
+
+
+def _render(plt, panels: Sequence[Panel], markers: Sequence[Marker], ncols: int) -> bytes:
     n = len(panels)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)

@@ -30,6 +30,7 @@ import base64
 import datetime
 import html
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -54,23 +55,62 @@ class Event:
     values: Dict[str, str] = field(default_factory=dict)
 
 
-def write_report(logdir: str, output: str = "report.html", progress: bool = False) -> str:
+def write_report(logdir: str, output: str = "report.html", progress: bool = False, force: bool = False) -> str:
     """Render the report of the logs under ``logdir`` into ``output``; returns its absolute path.
 
     Raises :class:`ReportError` for a missing or empty log directory, logs without dynscope tags,
-    or an output file that cannot be written.
+    or an output file that cannot be written. An existing ``output`` is replaced only when it is an
+    HTML file (by name and content) outside ``logdir`` and not a symbolic link, unless ``force``;
+    the page is written to a temporary file beside it and moved into place, so a link is replaced,
+    never followed.
     """
     output = os.path.abspath(output)
     if not os.path.isdir(os.path.dirname(output)):
         raise ReportError(f"cannot write {output}: directory {os.path.dirname(output)} does not exist")
+    if os.path.isdir(output):
+        raise ReportError(f"cannot write {output}: it is a directory")
+    if not force:
+        refusal = _overwrite_refusal(output, logdir)
+        if refusal:
+            raise ReportError(f"will not overwrite {output}: {refusal} (use --force to replace it)")
     runs = load_runs(logdir, progress=progress)
     page = render_html(logdir, runs)
+    folder, name = os.path.split(output)
     try:
-        with open(output, "w", encoding="utf-8") as f:
-            f.write(page)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(page)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, output)  # replaces a link itself, does not write through it
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     except OSError as error:
         raise ReportError(f"cannot write {output}: {error.strerror or error}") from error
     return output
+
+
+def _overwrite_refusal(output: str, logdir: str) -> Optional[str]:
+    """Why an existing ``output`` must not be replaced without ``--force`` (``None``: it may be)."""
+    if not os.path.lexists(output):
+        return None
+    if os.path.islink(output):
+        return f"it is a symbolic link (to {os.readlink(output)})"
+    inside = os.path.realpath(output).startswith(os.path.join(os.path.realpath(logdir), ""))
+    if inside:
+        return "it is inside the log directory"
+    if os.path.splitext(output)[1].lower() not in (".html", ".htm"):
+        return "it is not an .html file"
+    try:
+        with open(output, "rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError as error:
+        return f"it cannot be read ({error.strerror or error})"
+    if head and not head.startswith((b"<!doctype html", b"<html")):
+        return "it does not look like an HTML page"
+    return None
 
 
 def load_runs(logdir: str, progress: bool = False) -> Dict[str, Run]:

@@ -5,19 +5,60 @@ and metrics, usable from any training loop. Lightning adapters live in :mod:`dyn
 TensorBoard layouts and the static report in :mod:`dynscope.dashboards`.
 """
 
-from .eigen import EigenResult, top_eigenvalues
-from .hvp import HessianOperator, MatrixOperator, ScaledOperator, hvp
-from .objective import NonFiniteError, NotPerSampleError, Objective
-from .params import ParamLayout
-from .sharpness import clip_top_coordinates, directional_sharpness
-from .trace import TraceResult, hessian_trace
-from .noise import NoiseScaleResult, SNRResult, TwoBatchNoiseScale, gradient_noise_scale, gradient_snr, two_batch_noise_scale
-from .persample import GradientMoments, per_sample_grads, per_sample_moments
-from .regions import LocalComplexityResult, NotPiecewiseLinearWarning, local_complexity, orthonormal_directions, random_points_in_box
-from .collapse import NLMAlignment, max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
-from .amplification import ProbeResult, amplification_probe, ema_decay, variance_amplification
-from . import rollouts  # noqa: E402  dynscope.rollouts (rollout_cost, autoregressive_error)
-from . import nn, optim  # noqa: E402  dynscope.nn (StableMax, CrossEntropy), dynscope.optim (OrthoGrad)
+import importlib
+import sys
+import types
+
+# Lazy: ``import dynscope`` (and the ``dynscope`` command's --help) must not pay for importing
+# torch. A name is imported from its submodule on first use.
+_SUBMODULE_OF = {
+    "EigenResult": "eigen", "top_eigenvalues": "eigen",
+    "HessianOperator": "hvp", "MatrixOperator": "hvp", "ScaledOperator": "hvp", "hvp": "hvp",
+    "NonFiniteError": "objective", "NotPerSampleError": "objective", "Objective": "objective",
+    "ParamLayout": "params",
+    "clip_top_coordinates": "sharpness", "directional_sharpness": "sharpness",
+    "TraceResult": "trace", "hessian_trace": "trace",
+    "NoiseScaleResult": "noise", "SNRResult": "noise", "TwoBatchNoiseScale": "noise",
+    "gradient_noise_scale": "noise", "gradient_snr": "noise", "two_batch_noise_scale": "noise",
+    "GradientMoments": "persample", "per_sample_grads": "persample", "per_sample_moments": "persample",
+    "LocalComplexityResult": "regions", "NotPiecewiseLinearWarning": "regions", "local_complexity": "regions",
+    "orthonormal_directions": "regions", "random_points_in_box": "regions",
+    "NLMAlignment": "collapse", "max_logit_gap": "collapse", "nlm_alignment": "collapse",
+    "softmax_collapse": "collapse", "zero_loss_fraction": "collapse",
+    "ProbeResult": "amplification", "amplification_probe": "amplification", "ema_decay": "amplification",
+    "variance_amplification": "amplification",
+}
+_SUBPACKAGES = ("rollouts", "nn", "optim")  # dynscope.rollouts, dynscope.nn (StableMax, CrossEntropy), dynscope.optim
+
+
+def __getattr__(name):
+    if name in _SUBMODULE_OF:
+        value = getattr(importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
+        if name != "hvp":
+            globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULE_OF) | set(_SUBPACKAGES))
+
+
+class _Package(types.ModuleType):
+    # ``dynscope.hvp`` is the function, although importing the submodule dynscope.hvp binds the
+    # module under the same name (a data descriptor on the class wins over that binding).
+    @property
+    def hvp(self):
+        return getattr(importlib.import_module(".hvp", __name__), "hvp")
+
+    @hvp.setter
+    def hvp(self, value):
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 
