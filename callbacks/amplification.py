@@ -301,6 +301,8 @@ class AutoEMA(VarianceAmplification):
         (False, None)
     """
 
+    dashboard_groups = ("gva", "mitigation")
+
     def __init__(
         self,
         metric: MetricSpec,
@@ -446,7 +448,6 @@ class AutoEMA(VarianceAmplification):
             "used for validation and logged as dynscope/gva/metric_ema",
             values, step,
         )
-        log.info("dynscope AutoEMA: %s", text)
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

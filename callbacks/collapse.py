@@ -20,6 +20,7 @@ from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
+from .dashboard import log_mitigation_event
 from .distributed import any_rank, on_every_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
@@ -330,6 +331,8 @@ class AutoStableMax(SoftmaxCollapse):
         True
     """
 
+    dashboard_groups = ("collapse", "mitigation")
+
     def __init__(
         self,
         threshold: float = 0.1,
@@ -437,9 +440,8 @@ class AutoStableMax(SoftmaxCollapse):
         if self.orthograd:
             action += " and wrapped the optimizer in OrthoGrad"
         # the event text the dashboards and the report parse (the 0/1 scalars are logged by run)
-        text = format_event("stablemax", "on", step, f"{reason}; {action} (from step {step + 1} on)", self.trigger_values)
-        log.info("dynscope AutoStableMax: %s", text)
-        log_text(trainer, EVENTS, text, step)
+        log_mitigation_event(trainer, "stablemax", True, f"{reason}; {action} (from step {step + 1} on)",
+                             self.trigger_values, step)
 
     def _apply(self, trainer, pl_module) -> int:
         losses = switchable_losses(pl_module)

@@ -2,13 +2,18 @@
 
 :func:`write_layout` is called by every dynscope callback in ``setup``. It keeps, per log
 directory (per TensorBoard writer), the union of the groups seen so far and rewrites the custom-scalars layout whenever a
-new group arrives (TensorBoard shows the latest layout of a run). Charts with a stability line
-also get a constant 1.0 series (``dynscope/reference/stability_line``) at step 0 and at
-``max_steps`` when the trainer knows it. Nothing happens off rank zero or without a TensorBoard
-logger, and a failure only warns: the dashboard must never stop training.
+new group arrives (TensorBoard shows the latest layout of a run). The "Training (your metrics)"
+group, the module's own loss and accuracy series, is always part of it. Charts with a stability
+line also get a constant 1.0 series (``dynscope/reference/stability_line``) at step 0, at
+``max_steps`` when the trainer knows it, and at every step a stability ratio is logged
+(:func:`~dynscope.callbacks.logging.log_scalars`), so epoch-based runs get the line too. Nothing
+happens off rank zero or without a TensorBoard logger, and a failure only warns: the dashboard
+must never stop training.
 
-:func:`log_mitigation_event` logs a mitigation switching on or off: the 0/1 scalar
-``dynscope/mitigation/<name>`` and a text entry under ``dynscope/mitigation/events``.
+:func:`log_mitigation_event` is what every mitigation calls when it switches: the 0/1 scalar
+``dynscope/mitigation/<name>``, a text entry under ``dynscope/mitigation/events``, the
+"Mitigations" group in the layout, and one line on the console (as Lightning's EarlyStopping
+prints when it stops a run).
 
 Example:
     >>> import tempfile, pytorch_lightning as pl
@@ -16,9 +21,9 @@ Example:
     >>> logger = pl.loggers.TensorBoardLogger(tempfile.mkdtemp(), name="run")
     >>> trainer = pl.Trainer(logger=logger, max_steps=10, enable_progress_bar=False)
     >>> write_layout(trainer, ["curvature"])
-    ['curvature']
+    ['training', 'curvature']
     >>> write_layout(trainer, ["noise"])          # merged with what the run already has
-    ['curvature', 'noise']
+    ['training', 'curvature', 'noise']
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import weakref
 from typing import Iterable, List, Mapping, Optional, Set
 
 from dynscope.dashboards.events import EVENTS_TAG, format_event
+from dynscope.dashboards.groups import USER
 from dynscope.dashboards.layout import STABILITY_LINE_TAG, known_groups, layout_summary, needs_stability_line
 
-from ._lightning import TensorBoardLoggerTypes, is_global_zero
+from ._lightning import TensorBoardLoggerTypes, is_global_zero, lightning_package
 from .logging import log_scalars, log_text, tag
 
 __all__ = ["log_mitigation_event", "write_layout"]
@@ -64,7 +70,7 @@ def _write(logger, trainer, groups: Iterable[str]) -> List[str]:
     with _lock:
         seen = _groups_by_writer.setdefault(writer, set())
         had_line = needs_stability_line(seen)
-        new = set(known_groups(groups)) - seen
+        new = set(known_groups(list(groups) + [USER])) - seen
         seen |= new
         merged = known_groups(seen)
         if new:
@@ -92,6 +98,19 @@ def log_mitigation_event(
     """
     step = int(trainer.global_step if step is None else step)
     text = format_event(mitigation, "on" if active else "off", step, reason, values)
+    write_layout(trainer, ("mitigation",))
     log_scalars(trainer, {tag("mitigation", mitigation): 1.0 if active else 0.0}, step)
     log_text(trainer, EVENTS_TAG, text, step)
+    if is_global_zero(trainer):
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in dict(values).items())
+        line = f"dynscope: {mitigation} switched {'on' if active else 'off'} at step {step}: {reason}"
+        _console(trainer, line + (f" [{shown}]" if shown else ""))
     return text
+
+
+def _console(trainer, line: str) -> None:
+    """One line on the console through Lightning's own logger (shown like EarlyStopping's messages)."""
+    try:
+        lightning_package(trainer).utilities.rank_zero_info(line)
+    except Exception:  # noqa: BLE001 - a message must not end a run
+        print(line)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
+
+from dynscope.dashboards.groups import STABILITY_LINE_TAG, chart_for_tag
 
 from ._lightning import is_global_zero
 
 PREFIX = "dynscope"
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_reference(name: str) -> bool:
+    if not name.startswith(PREFIX + "/"):
+        return False
+    chart = chart_for_tag(name)
+    return chart is not None and chart.reference is not None
 
 
 def tag(group: str, metric: str, layer: str | None = None) -> str:
@@ -17,12 +28,18 @@ def tag(group: str, metric: str, layer: str | None = None) -> str:
 
 
 def log_scalars(trainer, metrics: Mapping[str, float], step: int) -> None:
-    """Send finite scalars to every logger of the trainer, on global rank zero."""
+    """Send finite scalars to every logger of the trainer, on global rank zero.
+
+    A stability ratio (a tag whose chart has a reference line) brings the constant 1.0 series
+    the dashboards draw as that line along, at the same step.
+    """
     if not metrics or not is_global_zero(trainer):
         return
     clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     if not clean:
         return
+    if any(_has_reference(k) for k in clean):
+        clean[STABILITY_LINE_TAG] = 1.0
     for logger in getattr(trainer, "loggers", []) or []:
         logger.log_metrics(clean, step=step)
 

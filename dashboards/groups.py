@@ -12,6 +12,9 @@ Example:
     'Hessian trace per layer'
     >>> chart_for_tag("dynscope/curvature/eos_ratio").reference
     1.0
+
+The ``training`` group holds the LightningModule's own series (``train_loss``, ``val_acc``, ...),
+so a mitigation's effect shows next to what the user watches.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 PREFIX = "dynscope"
+USER = "training"  # the group of the LightningModule's own metrics (its `self.log` series)
+_NOT_OURS = r"(?!dynscope/)(?!.*hp_metric)"
 #: A constant 1.0 series written next to the stability ratios so TensorBoard can draw the line.
 STABILITY_LINE_TAG = f"{PREFIX}/reference/stability_line"
 _RADIUS = r"(/r=[^/]+)?"  # the optional radius suffix of the regions group
@@ -45,11 +50,20 @@ class Chart:
     per_layer: bool = False
     suffix: str = ""  # regex appended after the metric (e.g. the regions radius)
     pattern: Optional[str] = None  # overrides the computed regex
+    # Mitigations whose 0/1 series TensorBoard overlays on this chart (the switch shows as a step);
+    # the report draws every mitigation event as a vertical line on every chart.
+    events: Tuple[str, ...] = ()
+    # A metric of the group drawn as this chart's dashed threshold line in the report, unless the
+    # run logged ``threshold_unless`` (then the threshold belongs to that metric's chart).
+    threshold: Optional[str] = None
+    threshold_unless: Optional[str] = None
 
     def regex(self, group: str) -> str:
         """The tag regex of this chart (Python ``re`` syntax, as TensorBoard's plugin uses)."""
         if self.pattern:
             return self.pattern
+        if group == USER:
+            raise ValueError("charts of the user's metrics need a pattern")
         names = "|".join(re.escape(m) for m in self.metrics)
         if self.per_layer:
             return rf"^{PREFIX}/{group}/({names})/(?!r=)[^/]+{self.suffix}$"
@@ -57,6 +71,12 @@ class Chart:
 
     def matches(self, group: str, tag: str) -> bool:
         return re.match(self.regex(group), tag) is not None
+
+    def event_regex(self) -> Optional[str]:
+        """The regex of the mitigations' 0/1 series overlaid on this chart in TensorBoard."""
+        if not self.events:
+            return None
+        return rf"^{PREFIX}/mitigation/({'|'.join(map(re.escape, self.events))})$"
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,9 @@ class Group:
     metrics: Dict[str, str] = field(default_factory=dict)
     charts: Tuple[Chart, ...] = ()
     table_only: Tuple[str, ...] = ()  # metrics in the final-values table but in no chart
+    user: bool = False  # the module's own logged metrics (tags outside dynscope/)
+    # (metric, another metric) -> the metric's description in runs that logged the other one
+    metrics_when: Dict[Tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def main_charts(self) -> Tuple[Chart, ...]:
@@ -81,6 +104,21 @@ class Group:
 
 _GROUPS = (
     Group(
+        USER,
+        "Training (your metrics)",
+        "The LightningModule's own logged series (self.log), next to what dynscope measured and switched on.",
+        {
+            "loss": "Every logged series whose name contains 'loss' (train and validation).",
+            "acc": "Every logged series whose name contains 'acc' (accuracy, train and validation).",
+        },
+        (
+            Chart("Loss (train / validation)", ("loss",), "loss", pattern=rf"(?i)^{_NOT_OURS}.*loss.*$"),
+            Chart("Accuracy (train / validation)", ("acc",), "accuracy", pattern=rf"(?i)^{_NOT_OURS}.*acc.*$",
+                  events=("stablemax", "orthograd", "ema")),
+        ),
+        user=True,
+    ),
+    Group(
         "curvature",
         "Curvature",
         "How sharp the loss surface is where the optimizer stands, against the step size it can take stably.",
@@ -90,7 +128,8 @@ _GROUPS = (
             "lambda_max": "Largest Hessian eigenvalue (Lanczos).",
             "lambda_max_converged": "1 when Lanczos reached its tolerance.",
             "preconditioned_lambda_max": "Largest eigenvalue of P^-1 H for Adam-type optimizers.",
-            "eos_threshold": "Edge-of-stability threshold (2+2β)/lr (Cohen et al. 2021).",
+            "eos_threshold": "Edge-of-stability threshold (2+2β)/lr for gradient descent with heavy-ball momentum β "
+                             "(Cohen et al. 2021), against λ_max.",
             "eos_ratio": "λ_max / threshold: hovers at 1 at the edge of stability, above 1 is unstable.",
             "trace_ratio": "lr·tr(H)/2: above 1, SGD cannot stay in this minimum (Wu & Su 2023).",
             "update_sharpness": "uᵀHu/‖u‖² along the actual optimizer update (Pan & Li 2023).",
@@ -98,13 +137,24 @@ _GROUPS = (
         },
         (
             Chart("Hessian trace tr(H)", ("hessian_trace",), "tr(H)", band="hessian_trace_stderr"),
-            Chart("Top eigenvalue λ_max vs EoS threshold", ("lambda_max", "preconditioned_lambda_max", "eos_threshold"), "eigenvalue"),
-            Chart("Edge-of-stability ratio (stable < 1)", ("eos_ratio",), "λ_max / threshold", reference=1.0),
+            Chart("Edge-of-stability ratio (stable < 1)", ("eos_ratio",), "sharpness / threshold", reference=1.0),
+            Chart("Top eigenvalue λ_max", ("lambda_max",), "eigenvalue", threshold="eos_threshold",
+                  threshold_unless="preconditioned_lambda_max"),
+            Chart("Preconditioned sharpness λ_max(P⁻¹H) (Adam)", ("preconditioned_lambda_max",), "eigenvalue",
+                  threshold="eos_threshold"),
+            Chart("EoS threshold", ("eos_threshold",), "threshold"),
             Chart("Trace stability ratio lr·tr(H)/2 (stable ≤ 1)", ("trace_ratio",), "lr·tr(H)/2", reference=1.0),
             Chart("Directional sharpness", ("update_sharpness", "grad_sharpness"), "vᵀHv / ‖v‖²"),
             Chart("Hessian trace per layer", ("hessian_trace",), "tr(H) of the block", per_layer=True),
         ),
         ("hessian_trace_stderr", "lambda_max_converged"),
+        metrics_when={
+            ("eos_threshold", "preconditioned_lambda_max"):
+                "Edge-of-stability threshold of Adam, (2+2β₁)/((1−β₁)·lr), against the preconditioned sharpness "
+                "λ_max(P⁻¹H) with the bias-corrected second moments as P (Cohen et al. 2022).",
+            ("eos_ratio", "preconditioned_lambda_max"):
+                "Preconditioned sharpness / Adam's threshold: hovers at 1 at the edge of stability, above 1 is unstable.",
+        },
     ),
     Group(
         "noise",
@@ -114,12 +164,14 @@ _GROUPS = (
             "gsnr": "Mean gradient signal-to-noise ratio mean(g)²/var(g) per coordinate (Liu et al. 2020).",
             "block_gsnr": "Block g-SNR ‖g_p‖/std(g_p) per parameter tensor (SGD-SaI, Xu et al. 2024).",
             "noise_scale": "Simple gradient noise scale B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018).",
+            "noise_scale_two_batch": "Under DDP: B_simple from one rank's vs the all-reduced gradient (unbiased "
+                                     "two-batch estimate, EMA-smoothed).",
             "noise_scale_over_batch": "B_simple / batch size: above 1, a larger batch still helps.",
             "grad_norm": "Norm of the mini-batch gradient.",
         },
         (
             Chart("Gradient signal-to-noise ratio", ("gsnr",), "mean GSNR"),
-            Chart("Gradient noise scale B_simple", ("noise_scale",), "samples"),
+            Chart("Gradient noise scale B_simple", ("noise_scale", "noise_scale_two_batch"), "samples"),
             Chart(
                 "Noise scale / batch size (critical = 1)", ("noise_scale_over_batch",), "B_simple / B", reference=1.0,
                 reference_label="batch = noise scale", shade_above=False,
@@ -139,12 +191,18 @@ _GROUPS = (
             "nlm_cos": "cos(θ, −∇L): positive when the gradient just scales the weights (naive loss minimisation).",
             "max_logit_gap": "Largest gap between the top logit and the runner-up.",
             "train_accuracy": "Training accuracy on the measured batch.",
+            "held_sc_fraction": "Softmax collapse on held-out (validation) batches (held_data='val').",
+            "held_zero_loss_fraction": "Exactly-zero losses on the held-out batches.",
+            "held_max_logit_gap": "Largest logit gap on the held-out batches.",
+            "held_accuracy": "Accuracy on the held-out batches.",
         },
         (
-            Chart("Softmax collapse", ("sc_fraction", "zero_loss_fraction"), "fraction of samples"),
-            Chart("Naive loss minimisation cos(θ, −∇L)", ("nlm_cos",), "cosine"),
-            Chart("Max logit gap", ("max_logit_gap",), "logit units"),
-            Chart("Train accuracy", ("train_accuracy",), "accuracy"),
+            Chart("Softmax collapse", ("sc_fraction", "zero_loss_fraction", "held_sc_fraction", "held_zero_loss_fraction"),
+                  "fraction of samples", events=("stablemax", "orthograd")),
+            Chart("Naive loss minimisation cos(θ, −∇L)", ("nlm_cos",), "cosine", events=("stablemax", "orthograd")),
+            Chart("Max logit gap", ("max_logit_gap", "held_max_logit_gap"), "logit units"),
+            Chart("Accuracy: training batch / held-out", ("train_accuracy", "held_accuracy"), "accuracy",
+                  events=("stablemax", "orthograd")),
             Chart("NLM cosine per layer", ("nlm_cos",), "cosine", per_layer=True),
         ),
     ),
@@ -168,12 +226,14 @@ _GROUPS = (
         "Gradient variance amplification: small loss changes, large swings of a long-horizon metric (Block et al. 2023).",
         {
             "amplification": "A = relative spread of the metric's changes / that of the loss's changes.",
+            "amplification_ema": "A for the EMA of the weights (AutoEMA, once on).",
             "metric": "The long-horizon metric of the online weights.",
             "metric_ema": "The same metric for the EMA of the weights.",
             "loss": "Training loss over the same window.",
         },
         (
-            Chart("Variance amplification A", ("amplification",), "A (ratio)"),
+            Chart("Variance amplification A: online vs EMA", ("amplification", "amplification_ema"), "A (ratio)",
+                  events=("ema",)),
             Chart("Long-horizon metric: online vs EMA", ("metric", "metric_ema"), "metric"),
             Chart("Training loss", ("loss",), "loss"),
         ),
@@ -226,8 +286,13 @@ def group_of(tag: str) -> Optional[str]:
 
 
 def chart_for_tag(tag: str) -> Optional[Chart]:
-    """The chart of the catalogue that shows ``tag`` (``None`` when no chart does)."""
-    group = GROUPS.get(group_of(tag) or "")
+    """The chart of the catalogue that shows ``tag`` (``None`` when no chart does).
+
+    >>> chart_for_tag("val_acc").title, chart_for_tag("dynscope/gva/amplification_ema").title
+    ('Accuracy (train / validation)', 'Variance amplification A: online vs EMA')
+    """
+    name = group_of(tag)
+    group = GROUPS.get(USER if name is None else name)
     if group is None:
         return None
     for chart in group.charts:

@@ -44,6 +44,8 @@ def _chart(group: str, chart: Chart) -> layout_pb2.Chart:
     tags = [chart.regex(group)]
     if chart.reference is not None:
         tags.append("^" + STABILITY_LINE_TAG + "$")
+    if chart.event_regex():
+        tags.append(chart.event_regex())
     return layout_pb2.Chart(title=chart.title, multiline=layout_pb2.MultilineChartContent(tag=tags))
 
 

@@ -40,6 +40,8 @@ class Panel:
     shade_above: bool = True
     band: Optional[Series] = None  # standard error around the first series
     steps: bool = False
+    threshold: Optional[Series] = None  # a threshold that moves with the step (e.g. with the learning rate)
+    threshold_label: str = "threshold"
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,13 @@ def _draw(ax, panel: Panel, markers: Sequence[Marker], colors: Dict[str, str]) -
                         color=None if len(items) <= 10 else _plt_cmap(i, len(items)), **style)
         if i == 0 and panel.band is not None:
             _draw_band(ax, s, panel.band, lines[0].get_color())
-    values = np.concatenate([s.values for _, s in items]) if items else np.array([])
+    if panel.threshold is not None and len(panel.threshold.steps):
+        ax.plot(panel.threshold.steps, panel.threshold.values, color="#c0392b", ls="--", lw=1.2,
+                drawstyle="steps-post", label=panel.threshold_label)
+        items_for_scale = items + [("threshold", panel.threshold)]
+    else:
+        items_for_scale = items
+    values = np.concatenate([s.values for _, s in items_for_scale]) if items else np.array([])
     finite = values[np.isfinite(values)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3 and panel.reference is None:
         ax.set_yscale("log")
@@ -120,7 +128,7 @@ def _draw(ax, panel: Panel, markers: Sequence[Marker], colors: Dict[str, str]) -
     ax.set_ylabel(panel.ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.25)
-    if items and (len(items) > 1 or panel.reference is not None or panel.band is not None):
+    if items and (len(items) > 1 or panel.reference is not None or panel.band is not None or panel.threshold is not None):
         ax.legend(fontsize=7, loc="best", framealpha=0.8)
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .events import EVENTS_TAG, Run, event_files, parse_event, read_logs
-from .groups import GROUPS, PREFIX, STABILITY_LINE_TAG, Chart, Group, group_of
+from .groups import GROUPS, PREFIX, STABILITY_LINE_TAG, USER, Chart, Group, group_of
 from .plots import Marker, Panel, render_panels
 from .progress import ProgressBar
 
@@ -151,6 +151,8 @@ def _is_ours(tag: str) -> bool:
 def run_groups(run: Run) -> List[Group]:
     """The groups with data in ``run``: catalogue groups first, then unknown ones (generic charts)."""
     names = {group_of(t) for t in run.scalars if _is_ours(t)} | {group_of(t) for t in run.texts if _is_ours(t)}
+    if _group_tags(run, GROUPS[USER]):
+        names.add(USER)
     known = [GROUPS[n] for n in GROUPS if n in names]
     unknown = [Group(n, n.capitalize(), "Not in this version's catalogue of dynscope metrics.") for n in sorted(names - set(GROUPS))]
     return known + unknown
@@ -159,7 +161,7 @@ def run_groups(run: Run) -> List[Group]:
 def group_panels(run: Run, group: Group):
     """``(main panels, per-layer panels)`` of a group: one panel per chart with data, plus an
     "Other metrics" panel for tags of the group that no chart claims."""
-    tags = sorted(t for t in run.scalars if group_of(t) == group.name and _is_ours(t))
+    tags = _group_tags(run, group)
     claimed = {_tag(group.name, m) for m in group.table_only}
     main, layers = [], []
     for chart in group.charts:
@@ -170,14 +172,24 @@ def group_panels(run: Run, group: Group):
         picked.sort(key=lambda t: _metric_rank(group.name, chart, t))
         series = {_label(group.name, chart, t): run.scalars[t] for t in picked}
         band = run.scalars.get(_tag(group.name, chart.band)) if chart.band else None
+        threshold = None
+        if chart.threshold and not (chart.threshold_unless and _tag(group.name, chart.threshold_unless) in run.scalars):
+            threshold = run.scalars.get(_tag(group.name, chart.threshold))
         panel = Panel(chart.title, chart.ylabel, series, chart.reference, chart.reference_label, chart.shade_above,
-                      band, chart.steps)
+                      band, chart.steps, threshold, chart.threshold or "")
         (layers if chart.per_layer else main).append(panel)
     rest = [t for t in tags if t not in claimed]
-    if rest:
+    if rest and not group.user:  # the module's other series (epoch, learning rate, ...) are not ours to chart
         series = {t[len(f"{PREFIX}/{group.name}/"):] or t: run.scalars[t] for t in rest}
         main.append(Panel(f"Other {group.title.lower()} metrics", "value", series))
     return main, layers
+
+
+def _group_tags(run: Run, group: Group) -> List[str]:
+    """The scalar tags of ``group`` in ``run`` (for the user's group: the module's own series)."""
+    if group.user:
+        return sorted(t for t in run.scalars if group_of(t) is None and any(c.matches(group.name, t) for c in group.charts))
+    return sorted(t for t in run.scalars if group_of(t) == group.name and _is_ours(t))
 
 
 def _tag(group: str, metric: str) -> str:
@@ -185,11 +197,15 @@ def _tag(group: str, metric: str) -> str:
 
 
 def _metric_rank(group: str, chart: Chart, tag: str):
+    if group == USER:
+        return (0, tag)
     metric = tag[len(f"{PREFIX}/{group}/"):].split("/")[0]
     return (chart.metrics.index(metric) if metric in chart.metrics else len(chart.metrics), tag)
 
 
 def _label(group: str, chart: Chart, tag: str) -> str:
+    if group == USER:
+        return tag
     rest = tag[len(f"{PREFIX}/{group}/"):]
     if chart.per_layer:
         metric, _, layer = rest.partition("/")
@@ -207,6 +223,7 @@ def mitigation_events(run: Run) -> List[Event]:
         else:
             events.append(Event(step, "event", "", " ".join(text.split())))
     seen = {(e.mitigation, e.step) for e in events}
+    described = {e.step: e for e in events if e.reason and e.mitigation != "event"}
     for tag, series in run.scalars.items():
         if group_of(tag) != "mitigation":
             continue
@@ -215,7 +232,9 @@ def mitigation_events(run: Run) -> List[Event]:
         for step, value in zip(series.steps.tolist(), series.values.tolist()):
             now = value >= 0.5
             if now != active and (name, step) not in seen:
-                events.append(Event(step, name, "on" if now else "off"))
+                other = described.get(step)  # e.g. OrthoGrad switched on with StableMax, by the same decision
+                reason = f"with {other.mitigation}: {other.reason}" if other is not None else ""
+                events.append(Event(step, name, "on" if now else "off", reason, dict(other.values) if other else {}))
             active = now
     return sorted(events, key=lambda e: (e.step, e.mitigation))
 
@@ -263,8 +282,11 @@ def _group_section(run: Run, group: Group, markers: List[Marker]) -> str:
     main, layers = group_panels(run, group)
     out = [f'<section class=group id="{_anchor(group.name)}"><h2>{html.escape(group.title)}</h2>']
     out.append(f"<p class=summary>{html.escape(group.summary)}</p>")
-    present = {t.split("/")[2] if t.count("/") >= 2 else group.name for t in run.scalars if group_of(t) == group.name}
-    described = [(m, d) for m, d in group.metrics.items() if m in present]
+    if group.user:
+        present = {m for m in group.metrics if any(m in t.lower() for t in _group_tags(run, group))}
+    else:
+        present = {t.split("/")[2] if t.count("/") >= 2 else group.name for t in run.scalars if group_of(t) == group.name}
+    described = [(m, _describe(group, m, present)) for m in group.metrics if m in present]
     if described:
         out.append("<ul class=metrics>" + "".join(
             f"<li><code>{html.escape(m)}</code> — {html.escape(d)}</li>" for m, d in described) + "</ul>")
@@ -279,6 +301,14 @@ def _group_section(run: Run, group: Group, markers: List[Marker]) -> str:
         )
     out.append("</section>")
     return "\n".join(out)
+
+
+def _describe(group: Group, metric: str, present) -> str:
+    """A metric's description, fitted to the run where the catalogue says how (Adam vs SGD)."""
+    for (name, when), text in group.metrics_when.items():
+        if name == metric and when in present:
+            return text
+    return group.metrics[metric]
 
 
 def _figure(panels: List[Panel], markers: List[Marker], alt: str, ncols: int = 3) -> str:
@@ -304,11 +334,12 @@ def _finals_table(run: Run, groups: List[Group]) -> str:
     for group in groups:
         order = list(group.metrics)
         rank = lambda t: (order.index(t.split("/")[2]) if t.count("/") >= 2 and t.split("/")[2] in order else len(order), t)  # noqa: E731
-        for tag in sorted(run.scalars, key=rank):
-            if group_of(tag) != group.name or not _is_ours(tag) or _is_layer_tag(group, tag):
+        tags = _group_tags(run, group) if group.user else sorted(run.scalars, key=rank)
+        for tag in tags:
+            if not group.user and (group_of(tag) != group.name or not _is_ours(tag) or _is_layer_tag(group, tag)):
                 continue
             s = run.scalars[tag]
-            metric = tag[len(f"{PREFIX}/{group.name}/"):] or group.name
+            metric = tag if group.user else tag[len(f"{PREFIX}/{group.name}/"):] or group.name
             step, value = s.last
             rows.append(
                 f"<tr><td>{html.escape(group.title)}</td><td><code>{html.escape(metric)}</code></td>"

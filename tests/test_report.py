@@ -39,14 +39,14 @@ def page(run_logs, tmp_path_factory):
 
 
 def test_one_section_per_group_with_figures(page):
-    for group_id, title in [("curvature", "Curvature"), ("noise", "Gradient noise"), ("collapse", "Softmax collapse"),
+    for group_id, title in [("training", "Training (your metrics)"), ("curvature", "Curvature"), ("noise", "Gradient noise"), ("collapse", "Softmax collapse"),
                             ("regions", "Linear regions"), ("gva", "Amplification"), ("mitigation", "Mitigations"),
                             ("overhead", "Overhead")]:
         body = section(page, group_id)
         assert f"<h2>{title}</h2>" in body
         assert PNG.search(body), group_id
     figures = images(page)
-    assert len(figures) == 7 + 5  # a main figure per group, 5 collapsed per-layer ones
+    assert len(figures) == 8 + 5  # a main figure per group (the user's metrics too), 5 collapsed per-layer ones
     for alt, pixels in figures:
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300, alt
         assert pixels[..., :3].std() > 0.05, f"blank figure: {alt}"  # something is drawn
@@ -93,7 +93,8 @@ def test_partial_and_older_logs(tmp_path):
     assert "Other curvature metrics" in page and "<h2>Legacy</h2>" in page
     assert "<td class=num>2</td><td>event</td><td class='act '></td><td>EMA switched on by hand</td>" in page
     assert "<td class=num>3</td><td>ema</td><td class='act on'>on</td>" in page  # from the 0/1 series
-    assert "train_loss" not in page
+    assert "<td>Training (your metrics)</td><td><code>train_loss</code>" in page  # the user's own series, beside ours
+    assert PNG.search(section(page, "training"))
     assert all(p.shape[0] > 100 for _, p in images(page))
 
 
@@ -137,7 +138,7 @@ def test_cli_report(run_logs, tmp_path, capsys):
     out = tmp_path / "cli.html"
     assert main(["report", run_logs.root, "-o", str(out), "--quiet"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert len(images(out.read_text(encoding="utf-8"))) == 12
+    assert len(images(out.read_text(encoding="utf-8"))) == 13
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
@@ -178,3 +179,43 @@ def test_series_helpers_keep_the_last_value_per_step(tmp_path):
     series = read_logs(str(tmp_path))["."].scalars["dynscope/noise/gsnr"]
     assert series.steps.tolist() == [0, 1, 2] and np.allclose(series.values, [1.0, 3.0, 4.0])
     assert os.path.basename(str(tmp_path))  # the run is keyed "." when the files sit in logdir itself
+
+
+def _curvature_logs(folder, adam: bool):
+    with SummaryWriter(str(folder)) as w:
+        for step in range(0, 40, 10):
+            w.add_scalar("dynscope/curvature/lambda_max", 10.0 + step / 10, step)
+            w.add_scalar("dynscope/curvature/eos_threshold", 3.8e4 if adam else 20.0, step)
+            w.add_scalar("dynscope/curvature/eos_ratio", 0.5, step)
+            if adam:
+                w.add_scalar("dynscope/curvature/preconditioned_lambda_max", 1.9e4, step)
+            w.add_scalar("train_loss", 1.0 / (step + 1), step)
+            w.add_scalar("val_acc", 0.5 + step / 100, step)
+        w.add_scalar("dynscope/mitigation/stablemax", 1.0, 20)
+        w.add_scalar("dynscope/mitigation/orthograd", 1.0, 20)
+        w.add_text("dynscope/mitigation/events", "**stablemax on** at step 20: softmax collapse; switched", 20)
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_eos_description_threshold_line_and_user_metrics(tmp_path, adam):
+    _curvature_logs(tmp_path / "logs", adam)
+    runs = load_runs(str(tmp_path / "logs"))
+    from dynscope.dashboards.report import GROUPS, group_panels, run_groups
+
+    (run,) = runs.values()
+    assert [g.name for g in run_groups(run)][:2] == ["training", "curvature"]
+    main_panels, _ = group_panels(run, GROUPS["curvature"])
+    panels = {p.title: p for p in main_panels}
+    # each quantity on its own axis; the threshold drawn on the quantity it applies to
+    assert list(panels["Top eigenvalue λ_max"].series) == ["lambda_max"]
+    with_threshold = [t for t, p in panels.items() if p.threshold is not None]
+    assert with_threshold == (["Preconditioned sharpness λ_max(P⁻¹H) (Adam)"] if adam else ["Top eigenvalue λ_max"])
+    user, _ = group_panels(run, GROUPS["training"])
+    assert {p.title: list(p.series) for p in user} == {"Loss (train / validation)": ["train_loss"],
+                                                        "Accuracy (train / validation)": ["val_acc"]}
+    page = open(write_report(str(tmp_path / "logs"), str(tmp_path / "r.html")), encoding="utf-8").read()
+    curvature = section(page, "curvature")
+    assert ("(2+2β₁)/((1−β₁)·lr)" in curvature) == adam and ("(2+2β)/lr" in curvature) == (not adam)
+    # OrthoGrad switched on by the same decision: its row says why
+    assert re.search(r"<td class=num>20</td><td>orthograd</td><td class='act on'>on</td><td>with stablemax: softmax "
+                     r"collapse; switched</td>", page)
