@@ -2,7 +2,10 @@
 
 Scheduling, choosing the batch to measure on, building the objective through the loss protocol,
 timing, logging on rank zero, and failure handling: a diagnostic that fails warns once and is
-skipped for that step; the user's training goes on (unless ``strict=True``).
+skipped for that step; a configuration problem that would fail at every step (the loss protocol:
+:class:`~dynscope.callbacks.LossProtocolError`) is raised at ``setup`` where it can be seen there,
+otherwise the diagnostic is dropped with one warning at its first measurement. The user's
+training goes on (unless ``strict=True``).
 
 When: at the first micro-batch of each optimizer step the callback decides whether it measures
 after that step (its schedule says so, or an earlier measurement is still pending, and a budget
@@ -98,6 +101,12 @@ class DiagnosticCallback(CallbackBase):
     def objective(self, pl_module, batch) -> Objective:
         return module_objective(pl_module, batch, self.loss_fn, mode=self.mode)
 
+    def drop(self, reason: str) -> None:
+        """Leave this diagnostic out for the rest of the run, saying why once (the run goes on)."""
+        self.disabled = True
+        self._pending, self._run_at = False, None
+        self.warn_once("dropped", f"dropped for the rest of this run: {reason}")
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -181,8 +190,11 @@ class DiagnosticCallback(CallbackBase):
         try:
             with quiet_logging(pl_module):
                 metrics = self.measure(trainer, pl_module, batch)
-        except LossProtocolError:
-            raise
+        except LossProtocolError as error:  # a configuration problem: it would fail at every step
+            if self.strict:
+                raise
+            self.drop(str(error))
+            metrics = {}
         except Exception as error:  # noqa: BLE001 - a failing diagnostic must not end the run
             if self.strict:
                 raise

@@ -441,7 +441,7 @@ class AutoStableMax(SoftmaxCollapse):
             action += " and wrapped the optimizer in OrthoGrad"
         # the event text the dashboards and the report parse (the 0/1 scalars are logged by run)
         log_mitigation_event(trainer, "stablemax", True, f"{reason}; {action} (from step {step + 1} on)",
-                             self.trigger_values, step)
+                             self.trigger_values, step, scalar=False)  # run() logs the 0/1 scalars
 
     def _apply(self, trainer, pl_module) -> int:
         losses = switchable_losses(pl_module)

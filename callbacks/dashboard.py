@@ -84,12 +84,15 @@ def _write(logger, trainer, groups: Iterable[str]) -> List[str]:
 
 
 def log_mitigation_event(
-    trainer, mitigation: str, active: bool, reason: str, values: Mapping[str, float] = (), step: Optional[int] = None
+    trainer, mitigation: str, active: bool, reason: str, values: Mapping[str, float] = (), step: Optional[int] = None,
+    scalar: bool = True,
 ) -> str:
     """Log that ``mitigation`` switched on (``active=True``) or off, why, and the values behind it.
 
-    Writes the scalar ``dynscope/mitigation/<mitigation>`` (1.0 or 0.0) through every logger and a
-    Markdown text entry ``dynscope/mitigation/events`` on loggers with ``add_text``. Returns the text.
+    Writes the scalar ``dynscope/mitigation/<mitigation>`` (1.0 or 0.0) through every logger (unless
+    ``scalar=False``: the caller logs it) and a Markdown text entry ``dynscope/mitigation/events`` on
+    loggers with ``add_text``, adds the Mitigations group to the layout and prints one console line.
+    Returns the text.
 
     Example (inside a callback)::
 
@@ -99,7 +102,8 @@ def log_mitigation_event(
     step = int(trainer.global_step if step is None else step)
     text = format_event(mitigation, "on" if active else "off", step, reason, values)
     write_layout(trainer, ("mitigation",))
-    log_scalars(trainer, {tag("mitigation", mitigation): 1.0 if active else 0.0}, step)
+    if scalar:
+        log_scalars(trainer, {tag("mitigation", mitigation): 1.0 if active else 0.0}, step)
     log_text(trainer, EVENTS_TAG, text, step)
     if is_global_zero(trainer):
         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in dict(values).items())

@@ -8,7 +8,7 @@ from typing import Mapping
 
 from dynscope.dashboards.groups import STABILITY_LINE_TAG, chart_for_tag
 
-from ._lightning import is_global_zero
+from ._lightning import TensorBoardLoggerTypes, is_global_zero
 
 PREFIX = "dynscope"
 
@@ -31,17 +31,18 @@ def log_scalars(trainer, metrics: Mapping[str, float], step: int) -> None:
     """Send finite scalars to every logger of the trainer, on global rank zero.
 
     A stability ratio (a tag whose chart has a reference line) brings the constant 1.0 series
-    the dashboards draw as that line along, at the same step.
+    TensorBoard draws as that line along, at the same step, on TensorBoard loggers.
     """
     if not metrics or not is_global_zero(trainer):
         return
     clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     if not clean:
         return
-    if any(_has_reference(k) for k in clean):
-        clean[STABILITY_LINE_TAG] = 1.0
+    line = any(_has_reference(k) for k in clean)
     for logger in getattr(trainer, "loggers", []) or []:
         logger.log_metrics(clean, step=step)
+        if line and isinstance(logger, TensorBoardLoggerTypes):  # TensorBoard's way to draw the line
+            logger.experiment.add_scalar(STABILITY_LINE_TAG, 1.0, step)
 
 
 def log_text(trainer, name: str, text: str, step: int) -> None:

@@ -110,7 +110,7 @@ class GradientNoise(DiagnosticCallback):
         self._checked = False
 
     def check_module(self, trainer, pl_module) -> None:
-        find_loss_fn(pl_module, self.loss_fn)
+        find_loss_fn(pl_module, self.loss_fn, per_sample=True)
         if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
             raise LossProtocolError(
                 "GradientNoise(mode='train') cannot measure a model with BatchNorm: in train mode it mixes the "

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from dynscope.regions import PIECEWISE_LINEAR, SMOOTH, local_complexity, random_points_in_box
+from dynscope.regions import PIECEWISE_LINEAR, SMOOTH, NotPiecewiseLinearWarning, local_complexity, random_points_in_box
 
 from .base import DiagnosticCallback
 from .protocol import LossProtocolError
@@ -110,8 +111,9 @@ class LinearRegions(DiagnosticCallback):
     ``lc_train/<layer>/r=0.05``); with one radius the tags are plain. The model is measured in eval
     mode; training is unaffected. Inputs are ``x`` of ``(x, y)`` batches or
     ``module.dynscope_inputs(batch)``; the forward is ``module(x)``. All ranks compute the same
-    values (same points); rank zero logs. A model with smooth activations (GELU, ...) gets one
-    warning and nothing is logged.
+    values (same points); rank zero logs. A model with smooth activation modules (GELU, SiLU, tanh,
+    ...) has no linear regions: the callback refuses it at ``setup`` (``DynScope`` drops it with one
+    warning); smooth functional calls found at the first measurement drop it with one warning.
 
     Args:
         radii: neighbourhood radius or radii, in input units; choose them small compared to the
@@ -182,7 +184,13 @@ class LinearRegions(DiagnosticCallback):
         self.random_points: Optional[torch.Tensor] = None
 
     def check_module(self, trainer, pl_module) -> None:
-        if not self.functional and not any(isinstance(m, PIECEWISE_LINEAR + SMOOTH) for m in pl_module.modules()):
+        smooth = [f"{type(m).__name__} at {name!r}" for name, m in pl_module.named_modules() if isinstance(m, SMOOTH)]
+        if smooth:
+            raise ValueError(
+                f"LinearRegions does not apply to {type(pl_module).__name__}: it has smooth activations "
+                f"({', '.join(smooth[:3])}{', ...' if len(smooth) > 3 else ''}), so no linear regions to count"
+            )
+        if not self.functional and not any(isinstance(m, PIECEWISE_LINEAR) for m in pl_module.modules()):
             raise ValueError(
                 f"LinearRegions: {type(pl_module).__name__} has no ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh or "
                 "Hardsigmoid module; if its forward calls F.relu (or torch.relu, x.relu()), pass functional=True"
@@ -211,12 +219,15 @@ class LinearRegions(DiagnosticCallback):
             for name, points in (("train", self.train_points), ("test", self.test_points), ("random", self.random_points)):
                 if points is None:
                     continue
-                result = local_complexity(
-                    pl_module, points, radius, directions, seed=self.seed, chunk_size=self.chunk_size,
-                    functional=self.functional,
-                )
+                with warnings.catch_warnings():  # the core's "reported as NaN" is not what happens here
+                    warnings.simplefilter("ignore", NotPiecewiseLinearWarning)
+                    result = local_complexity(
+                        pl_module, points, radius, directions, seed=self.seed, chunk_size=self.chunk_size,
+                        functional=self.functional,
+                    )
                 if not result.applicable:
-                    self.disabled = True  # warned once by local_complexity; nothing more to measure
+                    self.drop(f"{type(pl_module).__name__} calls smooth activations (GELU, SiLU, tanh, ...) in its "
+                              "forward: it has no linear regions, so local complexity does not apply")
                     return {}
                 out[f"lc_{name}{suffix}"] = result.total
                 if self.per_layer:

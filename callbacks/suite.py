@@ -346,6 +346,8 @@ class DynScope(CallbackBase):
                     continue
                 try:
                     getattr(child, hook)(*args, **kwargs)
+                    if child.disabled:  # it dropped itself (and said why): leave it out of the run
+                        self.callbacks.pop(name, None)
                 except Exception as error:  # noqa: BLE001 - a diagnostic must not end the user's run
                     mitigation = (name == "collapse" and "stablemax" in self.mitigate) or (
                         name == "gva" and "ema" in self.mitigate

@@ -357,7 +357,12 @@ class BatchLevel(Classifier):
 def test_callback_stops_with_a_clear_error_on_a_batch_level_loss():
     x, y = classification_data(16, (4,))
     with pytest.raises(LossProtocolError, match="dynscope_loss"):
-        trainer(max_steps=2, callbacks=[GradientNoise(every_n_steps=1)]).fit(BatchLevel(mlp()), loader(x, y, 8))
+        trainer(max_steps=2, callbacks=[GradientNoise(every_n_steps=1, strict=True)]).fit(BatchLevel(mlp()), loader(x, y, 8))
+    dropped = GradientNoise(every_n_steps=1)  # not strict: dropped with the reason, training goes on
+    run = trainer(max_steps=2, callbacks=[dropped])
+    with pytest.warns(RuntimeWarning, match="dropped for the rest of this run: .*dynscope_loss"):
+        run.fit(BatchLevel(mlp()), loader(x, y, 8))
+    assert run.global_step == 2 and dropped.disabled
     with pytest.raises(LossProtocolError, match="BatchNorm"):
         trainer(max_steps=1, callbacks=[GradientNoise(mode="train")]).fit(
             Classifier(SmallCNN()), loader(*classification_data(8, (1, 8, 8)), 4)

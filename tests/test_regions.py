@@ -356,9 +356,46 @@ def test_linear_regions_fails_early_without_activation_modules_and_skips_smooth_
         fit(LinearRegions(num_directions=2, schedule="steps", every_n_steps=1),
             net=nn.Sequential(nn.Linear(4, 3)), steps=1)
     callback = LinearRegions(num_directions=2, num_points=8, schedule="steps", every_n_steps=1)
-    with pytest.warns(NotPiecewiseLinearWarning):
-        _, recorder, _ = fit(callback, net=mlp((4, 8, 3), act=nn.GELU), steps=3)
+    with pytest.raises(ValueError, match=r"smooth activations \(GELU at 'net.1'\), so no linear regions"):
+        fit(callback, net=mlp((4, 8, 3), act=nn.GELU), steps=3)  # at setup, before any training step
+
+
+def test_smooth_functional_activations_drop_linear_regions_with_a_true_message():
+    class GeluInForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+    callback = LinearRegions(num_directions=2, num_points=8, schedule="steps", every_n_steps=1, functional=True)
+    with pytest.warns(RuntimeWarning) as caught:
+        _, recorder, _ = fit(callback, net=GeluInForward(), steps=3)
+    messages = [str(w.message) for w in caught if "LinearRegions" in str(w.message)]
+    assert len(messages) == 1 and "dropped for the rest of this run" in messages[0] and "NaN" not in messages[0]
+    assert not any(issubclass(w.category, NotPiecewiseLinearWarning) for w in caught)
+    assert callback.disabled and callback.num_measurements == 1
     assert not any(t.startswith("dynscope/regions") for t in recorder.scalars)
+
+
+def test_dynscope_drops_linear_regions_of_a_gelu_model_and_the_report_has_no_regions_section(tmp_path):
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+
+    from dynscope.callbacks import DynScope
+    from dynscope.dashboards.report import write_report
+
+    scope = DynScope(loss_fn=F.cross_entropy, budget=None, curvature=False, noise=False,
+                     collapse={"every_n_steps": 1}, regions={"every_n_steps": 1, "num_points": 4})
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="gelu", default_hp_metric=False)
+    x, y = classification_data(32, (4,), seed=0)
+    with pytest.warns(RuntimeWarning, match="regions does not apply .* smooth activations"):
+        trainer(max_steps=2, callbacks=[scope], logger=logger).fit(Validated(mlp((4, 8, 3), act=nn.GELU)), loader(x, y))
+    logger.experiment.flush()
+    assert list(scope.callbacks) == ["collapse"]
+    page = open(write_report(str(tmp_path), str(tmp_path / "r.html")), encoding="utf-8").read()
+    assert "Linear regions" not in page and "Softmax collapse" in page
 
 
 def test_linear_regions_every_step_leaves_training_bit_identical():

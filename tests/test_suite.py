@@ -78,9 +78,9 @@ def test_diagnostics_that_do_not_apply_are_dropped_with_a_warning_and_training_g
     with pytest.warns(RuntimeWarning) as record:
         trainer(max_steps=12, callbacks=[scope]).fit(Regression(), loader(x, y, batch_size=8))
     messages = " ".join(str(w.message) for w in record)
-    assert "has no linear regions" in messages and "noise does not apply" in messages
-    assert "collapse does not apply" in messages and "C >= 2" in messages
-    assert list(scope.callbacks) == ["curvature", "regions"] and scope.callbacks["regions"].disabled
+    assert "smooth activations (Tanh at 'net.1')" in messages and "GradientNoise: dropped for the rest of this run" in messages
+    assert "SoftmaxCollapse: dropped for the rest of this run" in messages and "C >= 2" in messages
+    assert list(scope.callbacks) == ["curvature"]  # regions at setup, collapse at its first measurement
     assert scope.callbacks["curvature"].num_measurements == 1
 
 
