@@ -216,3 +216,24 @@ def test_a_real_mitigation_registers_its_group_draws_its_switch_and_says_so_once
     regexes = charts(layouts_in(logger.log_dir)[-1])["Softmax collapse"]
     overlaid = sorted(t for t in logged.scalars if t.startswith("dynscope/mitigation/") and any(re.match(r, t) for r in regexes))
     assert overlaid == ["dynscope/mitigation/orthograd", "dynscope/mitigation/stablemax"]
+
+
+def test_per_layer_values_are_also_one_histogram_per_metric_and_step(run_logs):
+    histograms = {}
+    for path in sorted(glob.glob(f"{run_logs.log_dir}/events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(path).Load():
+            for value in event.summary.value:
+                if value.HasField("histo"):
+                    histograms.setdefault(value.tag, {})[event.step] = value.histo
+    assert set(histograms) == {"dynscope/layers/curvature/hessian_trace", "dynscope/layers/noise/gsnr",
+                               "dynscope/layers/noise/block_gsnr", "dynscope/layers/collapse/nlm_cos",
+                               "dynscope/layers/regions/lc_train"}
+    run = read_logs(run_logs.log_dir)["."]
+    for key, by_step in histograms.items():
+        group, metric = key.split("/")[2:4]
+        layers = [t for t in run.scalars if t.startswith(f"dynscope/{group}/{metric}/")]
+        assert len(layers) >= 2
+        for step, histo in by_step.items():
+            values = [float(run.scalars[t].values[run.scalars[t].steps.tolist().index(step)]) for t in layers]
+            assert histo.num == len(values) and histo.sum == pytest.approx(sum(values), rel=1e-6)
+            assert (histo.min, histo.max) == (pytest.approx(min(values), rel=1e-6), pytest.approx(max(values), rel=1e-6))
