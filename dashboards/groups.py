@@ -26,6 +26,12 @@ from typing import Dict, Optional, Tuple
 PREFIX = "dynscope"
 USER = "training"  # the group of the LightningModule's own metrics (its `self.log` series)
 _NOT_OURS = r"(?!dynscope/)(?!.*hp_metric)"
+
+
+def _anycase(word: str) -> str:
+    """``loss`` -> ``[lL][oO][sS][sS]``: TensorBoard's page matches these regexes in JavaScript,
+    which has no inline ``(?i)`` flag."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
 #: A constant 1.0 series written next to the stability ratios so TensorBoard can draw the line.
 STABILITY_LINE_TAG = f"{PREFIX}/reference/stability_line"
 _RADIUS = r"(/r=[^/]+)?"  # the optional radius suffix of the regions group
@@ -112,8 +118,8 @@ _GROUPS = (
             "acc": "Every logged series whose name contains 'acc' (accuracy, train and validation).",
         },
         (
-            Chart("Loss (train / validation)", ("loss",), "loss", pattern=rf"(?i)^{_NOT_OURS}.*loss.*$"),
-            Chart("Accuracy (train / validation)", ("acc",), "accuracy", pattern=rf"(?i)^{_NOT_OURS}.*acc.*$",
+            Chart("Loss (train / validation)", ("loss",), "loss", pattern=rf"^{_NOT_OURS}.*{_anycase('loss')}.*$"),
+            Chart("Accuracy (train / validation)", ("acc",), "accuracy", pattern=rf"^{_NOT_OURS}.*{_anycase('acc')}.*$",
                   events=("stablemax", "orthograd", "ema")),
         ),
         user=True,

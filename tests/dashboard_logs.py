@@ -88,6 +88,15 @@ def gva(step):
             "loss": 1.1 / (1 + step)}
 
 
+class Watched(Classifier):
+    """The user's module logs its own loss and accuracy (the dashboards' "Training" group)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("train_acc", (self(x).argmax(-1) == y).float().mean())
+        return super().training_step(batch, batch_idx)
+
+
 @dataclass
 class RunLogs:
     root: str  # what ``tensorboard --logdir`` / ``dynscope report`` get
@@ -110,7 +119,7 @@ def write_run_logs(root, max_steps: int = 14, name: str = "run") -> RunLogs:
     ]
     logger = pl.loggers.TensorBoardLogger(str(root), name=name, default_hp_metric=False)
     run = trainer(max_steps=max_steps, logger=logger, callbacks=callbacks, log_every_n_steps=1)
-    run.fit(Classifier(mlp(), lr=0.3), loader(x, y, batch_size=16))
+    run.fit(Watched(mlp(), lr=0.3), loader(x, y, batch_size=16))
     logger.experiment.flush()
     return RunLogs(str(root), logger.log_dir, callbacks, max_steps)
 

@@ -26,7 +26,8 @@ from dynscope.dashboards.report import write_report
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed (apt-get install chromium)")
 
 CATEGORY_TITLES = [g.title for g in GROUPS.values()]
-CHART_TITLES = ["Edge-of-stability ratio (stable < 1)", "Top eigenvalue λ_max vs EoS threshold",
+CHART_TITLES = ["Edge-of-stability ratio (stable < 1)", "Top eigenvalue λ_max", "Loss (train / validation)",
+                "Accuracy (train / validation)",
                 "Noise scale / batch size (critical = 1)", "Softmax collapse", "Local complexity: train / test / random",
                 "Long-horizon metric: online vs EMA", "Mitigations active (0/1)"]
 
@@ -92,6 +93,19 @@ def test_tensorboard_serves_the_layout_and_its_series(tensorboard, run_logs):
     assert sorted(matched) == ["dynscope/curvature/eos_ratio", "dynscope/reference/stability_line"]
     curvature = next(c for c in run_logs.callbacks if type(c).__name__ == "Curvature")
     assert len(matched["dynscope/curvature/eos_ratio"]) == curvature.num_measurements
+    # the user's accuracy with the mitigation's switch drawn on the same chart
+    assert sorted(_matched(tensorboard, layout, "Accuracy (train / validation)")) == [
+        "dynscope/mitigation/stablemax", "train_acc"]
+    assert sorted(_matched(tensorboard, layout, "Loss (train / validation)")) == ["train_loss"]
+
+
+def _matched(tensorboard, layout, title):
+    chart = next(ch for c in layout["category"] for ch in c["chart"] if ch["title"] == title)
+    matched = {}
+    for regex in chart["multiline"]["tag"]:
+        query = urllib.parse.urlencode({"run": "run/version_0", "tag": regex})
+        matched.update(get_json(f"{tensorboard}/data/plugin/custom_scalars/scalars?{query}")["tag_to_events"])
+    return matched
 
 
 def test_custom_scalars_dashboard_renders_in_chromium(tensorboard, tmp_path):
@@ -114,7 +128,7 @@ def test_report_figures_load_in_chromium(run_logs, tmp_path):
         browser.goto("file://" + path)
         state = "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])"
         loaded = browser.wait_for(lambda v: v and all(done and w > 0 for done, w, _, _ in v), state, timeout=20)
-        assert len(loaded) == 12
+        assert len(loaded) == 13
         assert all(done and w > 300 and h > 200 for done, w, h, _ in loaded), loaded
         headings = browser.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.innerText)")
         assert headings == CATEGORY_TITLES

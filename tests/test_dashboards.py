@@ -216,6 +216,11 @@ def test_a_real_mitigation_registers_its_group_draws_its_switch_and_says_so_once
     regexes = charts(layouts_in(logger.log_dir)[-1])["Softmax collapse"]
     overlaid = sorted(t for t in logged.scalars if t.startswith("dynscope/mitigation/") and any(re.match(r, t) for r in regexes))
     assert overlaid == ["dynscope/mitigation/orthograd", "dynscope/mitigation/stablemax"]
+    # in the report every event row says why, OrthoGrad's too (it switched with StableMax)
+    from dynscope.dashboards.report import mitigation_events
+
+    events = mitigation_events(logged)
+    assert {e.mitigation for e in events} >= {"stablemax", "orthograd"} and all(e.reason for e in events)
 
 
 def test_per_layer_values_are_also_one_histogram_per_metric_and_step(run_logs):
