@@ -10,6 +10,8 @@ from .hvp import HessianOperator, MatrixOperator, ScaledOperator, hvp
 from .objective import NonFiniteError, NotPerSampleError, Objective
 from .params import ParamLayout
 from .sharpness import clip_top_coordinates, directional_sharpness
+from .spectrum import SpectralDensity, lambda_min, spectral_density
+from .stability import StabilityScaling, stability_scaling
 from .trace import TraceResult, hessian_trace
 from .noise import NoiseScaleResult, SNRResult, TwoBatchNoiseScale, gradient_noise_scale, gradient_snr, two_batch_noise_scale
 from .persample import GradientMoments, per_sample_grads, per_sample_moments
@@ -36,6 +38,11 @@ __all__ = [
     "ParamLayout",
     "TraceResult",
     "clip_top_coordinates",
+    "SpectralDensity",
+    "StabilityScaling",
+    "lambda_min",
+    "spectral_density",
+    "stability_scaling",
     "directional_sharpness",
     "hessian_trace",
     "hvp",
