@@ -15,7 +15,8 @@ from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
 from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
-from dynscope.stability import StabilityOperator, UnsupportedOptimizer, stability_scaling, unwrap_optimizer
+from dynscope.stability import (StabilityOperator, UnsupportedOptimizer, minibatch_noise_factor, stability_scaling,
+                                unwrap_optimizer)
 
 from .base import DiagnosticCallback, _detached_copy, join_batches
 from .distributed import mean_over_ranks, on_every_rank
@@ -355,19 +356,15 @@ class Curvature(DiagnosticCallback):
         return out
 
     def _noise_factor(self, trainer, batch) -> float:
-        """``(N - B) / (B (N - 1))``: the variance of a size-``B`` minibatch mean (without replacement)."""
+        """:func:`dynscope.stability.minibatch_noise_factor` of the training batch (global under DDP)."""
         from dynscope.objective import batch_size_of
 
         b = batch_size_of(batch) * max(1, int(getattr(trainer, "world_size", 1) or 1))
-        n = None
         try:
             n = len(trainer.train_dataloader.dataset)
         except Exception:  # noqa: BLE001 - iterable datasets have no length
             n = None
-        if n is None or n <= 1:
-            return 1.0 / b
-        b = min(b, n)
-        return (n - b) / (b * (n - 1))
+        return minibatch_noise_factor(b, n)
 
     def _sharpness(self, trainer, pl_module, objective, op, reduce, step) -> Dict[str, float]:
         out: Dict[str, float] = {}

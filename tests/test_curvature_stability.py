@@ -204,3 +204,56 @@ def test_eval_batches_give_full_batch_quantities_and_the_mean_batch_sharpness():
         sharp.append(float(g @ Hb @ g / (g @ g)))
     assert m["batch_sharpness"] == pytest.approx(sum(sharp) / 4, rel=1e-5)
     assert m["batch_sharpness_ratio"] == pytest.approx(m["batch_sharpness"] * 0.1 / 2, rel=1e-12)
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, d, lr):
+        super().__init__()
+        self.net = nn.Linear(d, 1, bias=False)
+        self.lr = lr
+        self.criterion = nn.MSELoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.criterion(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_linear_stability_ratio_on_stable_runs_at_batch_1_and_32(batch_size):
+    from test_stability import _mean_square_boundary
+    from dynscope.stability import linear_stability_ratio
+
+    g = torch.Generator().manual_seed(0)
+    N, d = 64, 6
+    X = torch.randn(N, d, generator=g, dtype=torch.float64)
+    X = X / X.norm(dim=1, keepdim=True) * math.sqrt(d)
+    Y = X @ torch.randn(d, 1, generator=g, dtype=torch.float64)  # interpolating minimum
+    boundary, H = _mean_square_boundary(X * math.sqrt(2.0), batch_size)  # MSE: H_i = 2 x_i x_i^T
+    lr = 0.8 * boundary
+    torch.manual_seed(0)
+    module = Regressor(d, lr).double()
+    steps = 3 * N // batch_size
+    cb = Curvature(every_n_steps=steps, num_matvecs=2 * d, method="xtrace", eigen_tol=1e-10, eigen_max_iter=50,
+                   sharpness=False, eval_batches=N // batch_size)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+    trainer(max_steps=steps, callbacks=[cb]).fit(module, data)
+    ev = torch.linalg.eigvalsh(H)
+    m = cb.last_metrics
+    assert m["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-6)  # the eval set is the whole data set
+    expected = linear_stability_ratio(lr, float(ev[-1]), float(ev.sum()), batch_size, N)
+    assert m["linear_stability_ratio"] == pytest.approx(expected, rel=1e-6)
+    assert m["linear_stability_ratio"] < 1.0
+    final = float(((X @ module.net.weight.detach().T - Y) ** 2).mean())
+    assert final < 1e-2 * float((Y**2).mean())  # the run is stable and converges
+    if batch_size == 32:
+        assert m["trace_ratio"] > 1.0  # the single-sample bound would call this stable run unstable
+    else:
+        assert m["linear_stability_ratio"] == pytest.approx(m["trace_ratio"], rel=1e-6)

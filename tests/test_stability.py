@@ -213,3 +213,47 @@ def test_stability_operator_matches_the_dense_matrix():
     dense = torch.diag(s.sqrt()) @ A @ torch.diag(s.sqrt()) + torch.diag(d)
     assert torch.allclose(op.matmat(torch.eye(5, dtype=torch.float64)), dense)
     assert top_eigenvalues(op, which="LA", tol=1e-8).value == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]))
+
+
+# -- the batch-size-aware linear stability ratio -------------------------------------------------------------
+
+
+def _mean_square_boundary(X, B):
+    """The largest lr at which SGD (batch B, with replacement) is mean-square stable on the interpolating
+    least-squares problem with per-sample Hessians x_i x_i^T: spectral radius of E[A_B (x) A_B] = 1."""
+    N, d = X.shape
+    Hs = torch.einsum("ni,nj->nij", X, X)
+    H = Hs.mean(0)
+    EHH = torch.einsum("nij,nkl->ikjl", Hs, Hs).reshape(d * d, d * d) / N
+    HH = torch.kron(H, H)
+    eye = torch.eye(d, dtype=torch.float64)
+
+    def rho(lr):
+        A = eye - lr * H
+        return float(torch.linalg.eigvals(torch.kron(A, A) + lr**2 / B * (EHH - HH)).abs().max())
+
+    lo, hi = 1e-4, 10.0
+    for _ in range(50):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if rho(mid) > 1 else (mid, hi)
+    return lo, H
+
+
+@pytest.mark.parametrize("equal_norms", [True, False])
+def test_linear_stability_ratio_at_the_exact_mean_square_boundary(equal_norms):
+    from dynscope.stability import linear_stability_ratio
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    if equal_norms:
+        X = X / X.norm(dim=1, keepdim=True) * math.sqrt(6)
+    for B in (1, 4, 32, 10_000):
+        lr, H = _mean_square_boundary(X, B)
+        ev = torch.linalg.eigvalsh(H)
+        ratio = linear_stability_ratio(lr, float(ev[-1]), float(ev.sum()), B)
+        trace_ratio = lr * float(ev.sum()) / 2
+        if equal_norms and B in (1, 10_000):
+            assert ratio == pytest.approx(1.0, abs=3e-3), B  # Wu and Su's bound at B = 1, the EoS at full batch
+        assert (0.95 if equal_norms else 0.4) <= ratio <= 1.15, (B, ratio)  # stable runs: ratio <= 1.15
+        if B >= 32:
+            assert trace_ratio > 1.4  # the single-sample bound misreads a stable batch-32 run
