@@ -78,3 +78,17 @@ def test_density_histogram_lands_in_tensorboard(tmp_path):
     hist = acc.Histograms("dynscope/curvature/spectral_density")
     assert [h.step for h in hist] == [1, 2]
     assert sum(hist[-1].histogram_value.bucket) == pytest.approx(51, rel=1e-6)  # counts: n eigenvalues
+
+
+def test_density_histogram_in_the_html_report(tmp_path):
+    from dynscope.dashboards.report import write_report
+
+    x, y = classification_data(32, (4,))
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    torch.manual_seed(0)
+    cb = Curvature(every_n_steps=2, num_matvecs=2, eigen_max_iter=5, density=True, density_probes=2, density_steps=8)
+    trainer(max_steps=4, callbacks=[cb], logger=logger).fit(Classifier(mlp((4, 6, 3)), lr=0.1), loader(x, y))
+    page = open(write_report(str(tmp_path), str(tmp_path / "r.html"))).read()
+    curvature = page[page.index('id="curvature"'):]
+    assert "dynscope/curvature/spectral_density: eigenvalue counts at steps 1, 4" in curvature
+    assert "<code>density_moment2</code>" in curvature
