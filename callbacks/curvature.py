@@ -140,8 +140,11 @@ class Curvature(DiagnosticCallback):
         density: log the spectral density (``density_probes * density_steps`` matvecs).
         density_probes: probes of the spectral density.
         density_steps: Lanczos steps per probe.
-        eval_batches: measure on the first ``eval_batches`` training batches (fixed, joined)
-            instead of the step's batch; 0: the step's batch.
+        eval_batches: measure on ``eval_batches`` fixed batches (joined) instead of the step's
+            batch: full-batch quantities on a fixed evaluation set; 0: the step's batch.
+        eval_data: where the evaluation batches come from: ``"train"`` (the first training
+            batches) or ``"val"`` (the first batches of the validation dataloader; falls back to
+            the training batches with a warning when there is none).
         sharpness: compute ``update_sharpness`` and ``grad_sharpness``.
         per_layer: log the per-tensor traces.
         seed: base seed of the probe vectors (the step is added, the same on every rank).
@@ -177,6 +180,7 @@ class Curvature(DiagnosticCallback):
         density_probes: int = 4,
         density_steps: int = 32,
         eval_batches: int = 0,
+        eval_data: str = "train",
         sharpness: bool = True,
         per_layer: bool = True,
         schedule: str = "steps",
@@ -204,6 +208,8 @@ class Curvature(DiagnosticCallback):
             raise ValueError(f"num_eigenvalues must be at least 1, got {num_eigenvalues}")
         if eval_batches < 0:
             raise ValueError(f"eval_batches must be >= 0, got {eval_batches}")
+        if eval_data not in ("train", "val"):
+            raise ValueError(f"eval_data must be 'train' or 'val', got {eval_data!r}")
         self.num_matvecs = num_matvecs
         self.method = method
         self.eigen = eigen
@@ -216,6 +222,7 @@ class Curvature(DiagnosticCallback):
         self.density_probes = density_probes
         self.density_steps = density_steps
         self.eval_batches = eval_batches
+        self.eval_data = eval_data
         self.sharpness = sharpness
         self.per_layer = per_layer
         self.seed = seed
@@ -233,7 +240,9 @@ class Curvature(DiagnosticCallback):
         find_loss_fn(pl_module, self.loss_fn)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.eval_batches and len(self._eval) < self.eval_batches:
+        if self.eval_batches and self.eval_data == "val" and not self._eval:
+            self._eval = self._validation_batches(trainer)
+        if self.eval_batches and len(self._eval) < self.eval_batches and self.eval_data == "train":
             self._eval.append(_detached_copy(batch))
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -309,6 +318,28 @@ class Curvature(DiagnosticCallback):
                 if scaling is not None and scaling.kind == "sgd" and scaling.uniform:
                     out["batch_sharpness_ratio"] = sharp * float(scaling.scale[0])
         return out
+
+    def _validation_batches(self, trainer) -> List[Any]:
+        loaders = getattr(trainer, "val_dataloaders", None)
+        if loaders is None:
+            try:  # before the first validation run Lightning has not built its loader yet
+                source = trainer.fit_loop.epoch_loop.val_loop._data_source
+                loaders = source.dataloader() if source.is_defined() else None
+            except Exception:  # noqa: BLE001 - no validation data, or another Lightning version
+                loaders = None
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        batches: List[Any] = []
+        if loaders is not None:
+            for b in loaders:
+                batches.append(_detached_copy(trainer.strategy.batch_to_device(b)))
+                if len(batches) == self.eval_batches:
+                    break
+        if not batches:
+            self.warn_once("eval-data", "eval_data='val' but there is no validation data: the first training "
+                                        "batches are the evaluation set instead")
+            self.eval_data = "train"
+        return batches
 
     # -- pieces of measure --------------------------------------------------------------------------
     def _scaling(self, trainer, pl_module, objective):

@@ -257,3 +257,21 @@ def test_linear_stability_ratio_on_stable_runs_at_batch_1_and_32(batch_size):
         assert m["trace_ratio"] > 1.0  # the single-sample bound would call this stable run unstable
     else:
         assert m["linear_stability_ratio"] == pytest.approx(m["trace_ratio"], rel=1e-6)
+
+
+def test_eval_data_from_the_validation_loader():
+    x, y = classification_data(48, (4,))
+    xv, yv = classification_data(16, (4,), seed=5)
+    cb = Curvature(every_n_steps=2, num_matvecs=2, eigen_tol=1e-8, eigen_max_iter=200, sharpness=False,
+                   eval_batches=2, eval_data="val")
+    torch.manual_seed(0)
+    module = Module(mlp((4, 6, 3)), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    trainer(max_steps=2, callbacks=[cb], num_sanity_val_steps=0, limit_val_batches=1).fit(
+        module, loader(x, y, batch_size=8), loader(xv, yv, batch_size=8))
+    H = exact_hessian(Objective(module.net, F.cross_entropy, (xv, yv))).double()
+    assert cb.last_metrics["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-5)
+    # without validation data: a warning, and the training batches instead
+    cb = Curvature(every_n_steps=2, num_matvecs=2, eigen_max_iter=5, sharpness=False, eval_batches=2, eval_data="val")
+    with pytest.warns(RuntimeWarning, match="no validation data"):
+        _fit(mlp((4, 6, 3)), lambda m: torch.optim.SGD(m.parameters(), lr=0.1), cb, 2, x, y, batch_size=8)
+    assert len(cb._eval) == 2 and "lambda_max" in cb.last_metrics
