@@ -91,6 +91,12 @@ def test_adam_with_conv_bias_before_batchnorm_and_an_idle_head_is_not_inflated()
     H_eval = exact_hessian(Objective(module.net, F.cross_entropy, (x, y))).double()
     inflated = float(torch.linalg.eigvalsh(d[:, None] * H_eval * d[None, :])[-1])
     assert inflated > 100 * pre
+    # measuring with batch statistics changed nothing: weights and BatchNorm buffers as without the callback
+    torch.manual_seed(0)
+    bare = _fit(Net(), lambda m: torch.optim.Adam(m.parameters(), lr=0.01), pl.Callback(), 4, x, y)
+    for key, value in bare.state_dict().items():
+        assert torch.equal(value, module.state_dict()[key]), key
+    assert all(m.track_running_stats for m in module.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 @pytest.mark.parametrize(
