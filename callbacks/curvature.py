@@ -15,8 +15,8 @@ from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
 from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
-from dynscope.stability import (StabilityOperator, UnsupportedOptimizer, minibatch_noise_factor, stability_scaling,
-                                unwrap_optimizer)
+from dynscope.stability import (IndexOperator, StabilityOperator, UnsupportedOptimizer, minibatch_noise_factor,
+                                stability_scaling, unwrap_optimizer)
 
 from .base import DiagnosticCallback, _detached_copy, join_batches
 from .distributed import mean_over_ranks, on_every_rank
@@ -378,6 +378,14 @@ class Curvature(DiagnosticCallback):
         )
         self._pre_eigvec = res.eigenvectors[0]
         out["eos_ratio"] = res.value
+        moved = scaling.groups[scaling.scale > 0]
+        if moved.numel() and int(moved.min()) != int(moved.max()):  # several groups: each one's own ratio too
+            for g in sorted(set(moved.tolist())):
+                index = torch.nonzero((scaling.groups == g) & (scaling.scale > 0)).reshape(-1)
+                sub = StabilityOperator(IndexOperator(stab_op, index), scaling.scale[index],
+                                        None if scaling.shift is None else scaling.shift[index])
+                out[f"eos_ratio/group{g}"] = top_eigenvalues(sub, which="LA", tol=self.eigen_tol,
+                                                             max_iter=self.eigen_max_iter, seed=self.seed).value
         if scaling.threshold is not None:
             if scaling.kind == "adam":
                 out["preconditioned_lambda_max"] = res.value * scaling.threshold

@@ -124,6 +124,8 @@ _GROUPS = (
             Chart("Top-k eigenvalues", ("eigenvalues",), "eigenvalue", per_layer=True),
             Chart("Hessian trace per layer", ("hessian_trace",), "tr(H) of the block", per_layer=True),
             Chart("λ_max per layer (block Hessian)", ("lambda_max",), "λ_max of the block", per_layer=True),
+            Chart("EoS ratio per param group", ("eos_ratio",), "ratio of the group's block", per_layer=True,
+                  reference=1.0),
         ),
         ("hessian_trace_stderr", "lambda_max_converged"),
     ),

@@ -144,6 +144,8 @@ class StabilityScaling:
     uniform: bool = False
     excluded: List[str] = field(default_factory=list)
     weight_decay: float = 0.0
+    #: the param group index of each coordinate (flat, -1 where the parameter is in no group)
+    groups: Optional[torch.Tensor] = None
 
 
 class UnsupportedOptimizer(ValueError):
@@ -174,7 +176,8 @@ def stability_scaling(optimizer, named_params: Mapping[str, torch.nn.Parameter],
     precond: Dict[str, torch.Tensor] = {}
     thresholds, scales, decays = set(), set(), set()
     groups = list(optimizer.param_groups)
-    for group in groups:
+    group_of: Dict[str, int] = {}
+    for index, group in enumerate(groups):
         if group.get("maximize", False):
             raise UnsupportedOptimizer("maximize=True (gradient ascent) has no edge of stability")
         lr = float(group["lr"])
@@ -183,6 +186,7 @@ def stability_scaling(optimizer, named_params: Mapping[str, torch.nn.Parameter],
             name = by_id.get(id(p))
             if name is None:
                 continue
+            group_of[name] = index
             if kind == "sgd":
                 a = sgd_threshold(group.get("momentum", 0.0) or 0.0, group.get("dampening", 0.0) or 0.0,
                                   bool(group.get("nesterov", False)))
@@ -227,7 +231,12 @@ def stability_scaling(optimizer, named_params: Mapping[str, torch.nn.Parameter],
         for name in layout.names:
             precond.setdefault(name, torch.ones_like(pieces[name]))
         pre = layout.flatten(precond, batch_dims=0).double()
+    group_index = layout.flatten(
+        {n: torch.full(layout.shapes_by_name[n], group_of.get(n, -1), dtype=torch.float64) for n in layout.names},
+        batch_dims=0,
+    ).long()
     return StabilityScaling(
+        groups=group_index,
         kind="sgd" if kind == "sgd" else "adam",
         scale=flat,
         shift=shift,
@@ -251,6 +260,24 @@ def _kind(optimizer) -> str:
         f"{type(optimizer).__name__} has no derived edge-of-stability threshold (supported: SGD with momentum, "
         "dampening or Nesterov; Adam and AdamW, with AMSGrad)"
     )
+
+
+class IndexOperator:
+    """The principal submatrix ``A[idx, idx]`` of an operator (e.g. one param group's coordinates)."""
+
+    def __init__(self, op, index: torch.Tensor) -> None:
+        self.op = op
+        self.index = index.to(op.device)
+        self.size, self.dtype, self.device = int(index.numel()), op.dtype, op.device
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.op.num_matvecs
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(vectors.shape[0], self.op.size, dtype=vectors.dtype, device=vectors.device)
+        full[:, self.index] = vectors
+        return self.op.matmat(full)[:, self.index]
 
 
 class StabilityOperator:

@@ -136,6 +136,10 @@ def test_param_groups_with_their_own_lr_get_the_ratio_of_the_scaled_hessian():
     m = cb.last_metrics
     assert m["eos_ratio"] == pytest.approx(ratio, rel=1e-5)
     assert "eos_threshold" not in m  # no single threshold on lambda_max
+    first = torch.tensor([n.startswith("0.") for n, p in module.net.named_parameters() for _ in range(p.numel())])
+    for g, mask in enumerate((first, ~first)):
+        block = (s.sqrt()[:, None] * H * s.sqrt()[None, :])[mask][:, mask]
+        assert m[f"eos_ratio/group{g}"] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-5)
 
 
 def test_unsupported_optimizer_warns_once_and_logs_no_ratio():

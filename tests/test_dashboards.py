@@ -24,7 +24,7 @@ PROMISED_TAGS = [
         "hessian_trace", "hessian_trace_stderr", "hessian_trace/net.0.weight", "lambda_max", "lambda_max_converged",
         "preconditioned_lambda_max", "eos_threshold", "eos_ratio", "trace_ratio", "update_sharpness", "grad_sharpness",
         "linear_stability_ratio", "batch_sharpness", "batch_sharpness_ratio", "update_sharpness_next",
-        "update_sharpness_unclipped", "eigenvalues/0", "lambda_min", "lambda_max/net.0.weight", "density_mass_negative",
+        "update_sharpness_unclipped", "eigenvalues/0", "lambda_min", "lambda_max/net.0.weight", "eos_ratio/group0", "density_mass_negative",
         "density_moment2")
 ] + [
     "dynscope/noise/" + m for m in (
