@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+from torch import nn
 
-from dynscope import HessianOperator, ScaledOperator, hessian_trace, top_eigenvalues
+from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
+from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
+from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
+from dynscope.stability import (IndexOperator, StabilityOperator, UnsupportedOptimizer, minibatch_noise_factor,
+                                stability_scaling, unwrap_optimizer)
 
-from .base import DiagnosticCallback
+from .base import DiagnosticCallback, _detached_copy, join_batches
 from .distributed import mean_over_ranks, on_every_rank
 from .protocol import find_loss_fn
 
@@ -20,6 +27,8 @@ def optimizer_hparams(trainer) -> Dict[str, Any]:
     """Learning rate and momentum of the first optimizer's first param group.
 
     ``kind`` is ``"adam"`` for optimizers with ``betas`` (Adam, AdamW, ...), else ``"sgd"``.
+    (Kept for compatibility; the stability ratios use :func:`dynscope.stability_scaling`, which
+    reads every param group and the actual update rule.)
     """
     optimizers = getattr(trainer, "optimizers", None) or []
     if not optimizers:
@@ -34,48 +43,89 @@ def optimizer_hparams(trainer) -> Dict[str, Any]:
     return info
 
 
-def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:
-    """``P^{-1/2}`` flattened in the objective's layout, ``P = sqrt(v_hat) + eps`` from Adam's state."""
-    state = info["optimizer"].state
-    by_id = {id(p): n for n, p in pl_module.named_parameters()}
-    pieces = {}
-    for p in (p for g in info["optimizer"].param_groups for p in g["params"]):
-        s = state.get(p, {})
-        name = by_id.get(id(p))
-        if name is None or "exp_avg_sq" not in s:
-            continue
-        step = float(s["step"])
-        v_hat = s["exp_avg_sq"] / (1.0 - info["beta2"] ** step)
-        pieces[name] = (v_hat.sqrt() + info["eps"]).rsqrt()
-    if set(pieces) != set(objective.layout.names):
-        return None
-    return objective.layout.flatten(pieces, batch_dims=0)
+@contextlib.contextmanager
+def _batch_statistics(model: nn.Module):
+    """BatchNorm on the batch's statistics (as in training) without touching its running statistics."""
+    saved = [(m, m.training, m.track_running_stats) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        for m, _, _ in saved:
+            m.training, m.track_running_stats = True, False
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training, m.track_running_stats = training, track
+
+
+def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
+    """The module's objective with BatchNorm normalising by the batch (dropout off): the gradients
+    Adam's statistics come from. A bias right before BatchNorm has no gradient there, while in eval
+    mode (running statistics) it has curvature: measured there, ``P^-1 H`` would be off by Adam's
+    ``1/eps`` along it."""
+    fn = find_loss_fn(pl_module, loss_fn)
+
+    def loss(m, b):
+        with _batch_statistics(m):
+            return m.dynscope_loss(b) if fn is None else fn(m(b[0]), b[1])
+
+    return Objective(pl_module, sample_loss_fn=loss, batch=batch, mode="eval")
+
+
+def objective_at(objective: Objective, params: Dict[str, torch.Tensor]) -> Objective:
+    """The same objective (model, batch, loss) at other parameter values."""
+    other = copy.copy(objective)
+    other.params = OrderedDict((n, params[n].detach()) for n in objective.layout.names)
+    return other
 
 
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
 
 class Curvature(DiagnosticCallback):
-    """Hessian trace (Hutchinson / Hutch++), top eigenvalue (Lanczos), directional sharpness of the
-    actual update and of the gradient, and the stability ratios against ``2 / lr``.
+    """Hessian trace (Hutchinson / Hutch++ / XTrace), top eigenvalues (Lanczos), the spectrum,
+    directional sharpness of the actual update and of the gradient, and stability ratios derived
+    from the optimizer's actual update rule.
 
     Logged under ``dynscope/curvature/``:
 
     * ``hessian_trace`` (+ ``hessian_trace_stderr``; per parameter tensor under
-      ``hessian_trace/<layer>``) and ``trace_ratio = lr * tr(H) / 2``: at a minimum that SGD can
-      stay in, ``tr(H) <= 2 / lr`` (Wu and Su 2023).
-    * ``lambda_max`` (largest Hessian eigenvalue), ``eos_threshold = (2 + 2 beta) / lr`` and
-      ``eos_ratio = lr * lambda_max / (2 + 2 beta)`` for SGD with heavy-ball momentum ``beta``
-      (Cohen et al. 2021: under full-batch GD it rises to 1 and hovers there). The ratio is for
-      SGD-type steps; for Adam-type optimizers the callback also logs
-      ``preconditioned_lambda_max`` (of ``P^{-1} H`` with ``P = sqrt(v_hat) + eps``) and uses it
-      for ``eos_ratio`` with the threshold ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Cohen et al. 2022).
-    * ``update_sharpness``: ``u^T H u / ||u||^2`` for the optimizer's last actual update
-      ``u = theta_{t+1} - theta_t``, and ``grad_sharpness`` for the gradient direction (Pan and Li
-      2023).
+      ``hessian_trace/<layer>``) and ``trace_ratio = lr * tr(H) / 2`` (Wu and Su 2023's bound
+      ``tr(H) <= 2 / lr`` for single-sample SGD steps).
+    * ``linear_stability_ratio`` (SGD): ``lr * ((1 - k) lambda_max + k tr(H)) / a*`` with
+      ``k = (N - B) / (B (N - 1))`` for batch ``B`` out of ``N`` samples (``1 / B`` when ``N`` is
+      unknown) and ``a*`` the optimizer's critical ``lr * lambda`` (2 for plain SGD). Mean-square
+      stability along the top eigendirection when the per-sample Hessians are rank one with equal
+      norms (Wu and Su's setting): it is ``trace_ratio`` at ``B = 1`` and ``eos_ratio`` at full batch.
+    * ``lambda_max`` (largest Hessian eigenvalue), ``eos_ratio`` and ``eos_threshold``. The ratio
+      is the largest eigenvalue of ``S^1/2 H S^1/2`` where ``S`` holds each coordinate's
+      ``lr / a*`` from the update rule of its param group (:mod:`dynscope.stability`): heavy
+      ball ``(2 + 2 mu) / (1 - dampening)``, Nesterov ``(2 + 2 mu) / (1 + 2 mu)``, L2 weight decay
+      added to ``H``; for Adam/AdamW (and AMSGrad) ``S = P^-1 (1 - beta1) / ((1 + beta1)(1 + r) lr)``
+      with Cohen et al. 2022's bias-corrected ``P = (1 - beta1^t)(sqrt(v_hat) + eps)`` of the last
+      step, and ``preconditioned_lambda_max`` (of ``P^-1 H``). Under full-batch GD the ratio rises to
+      1 and hovers there (Cohen et al. 2021). ``eos_threshold`` is the common threshold on
+      ``lambda_max`` (SGD) or ``preconditioned_lambda_max`` (Adam), when the groups share one.
+      Coordinates the optimizer does not move (no state; never a gradient) are left out. For a
+      model with BatchNorm the Adam ratio is measured with BatchNorm on batch statistics, as the
+      gradients behind ``P`` were. Other optimizers (NAdam, RAdam, RMSprop, ...): a warning, no ratio.
+    * ``batch_sharpness`` (Andreyev and Beneventano 2024): the mean over minibatches of
+      ``g_b^T H_b g_b / ||g_b||^2``, each minibatch's Hessian along its own gradient; under
+      minibatch SGD this, not ``lambda_max``, hovers at the threshold: ``batch_sharpness_ratio``.
+      On the training batch it is one sample of that mean (the value of ``grad_sharpness``); with
+      ``eval_batches`` the mean over those batches.
+    * ``update_sharpness``: ``u^T H u / ||u||^2`` for the optimizer's last update
+      ``u = theta_{t+1} - theta_t`` with ``H`` at ``theta_t`` (Pan and Li 2023's Taylor
+      expansion), ``update_sharpness_next`` the same at ``theta_{t+1}``, and ``grad_sharpness``
+      for the gradient at ``theta_{t+1}``. With :class:`dynscope.optim.CoordinateClip` the update
+      is the clipped one; ``update_sharpness_unclipped`` is the wrapped optimizer's own update.
+    * options: ``eigenvalues/<i>`` (top ``num_eigenvalues``), ``lambda_min`` (most negative),
+      ``lambda_max/<layer>`` (block Hessian of each tensor), ``spectral_density`` (stochastic
+      Lanczos quadrature, as a TensorBoard histogram of eigenvalue counts, with the scalars
+      ``density_mass_negative`` and ``density_moment2``).
 
     Everything is measured after the optimizer step of a scheduled step, on that step's batch (or
-    the fixed batch; with gradient accumulation, the step's micro-batches joined), at the new
-    parameters. Under ``"*-mixed"`` precision the model is evaluated outside autocast, in the
+    the fixed batch, or the first ``eval_batches`` training batches joined: full-batch quantities
+    on a fixed evaluation set; with gradient accumulation, the step's micro-batches joined), at the
+    new parameters. Under ``"*-mixed"`` precision the model is evaluated outside autocast, in the
     parameters' dtype (float32): the curvature of the float32 objective.
 
     Args:
@@ -84,6 +134,17 @@ class Curvature(DiagnosticCallback):
         eigen: compute ``lambda_max`` (Lanczos, warm-started from the previous eigenvector).
         eigen_tol: Lanczos relative residual tolerance.
         eigen_max_iter: Lanczos steps at most.
+        num_eigenvalues: log the top ``k`` eigenvalues as ``eigenvalues/<i>`` (when ``k > 1``).
+        lambda_min: also the most negative eigenvalue (one more Lanczos run).
+        layer_eigen: ``lambda_max/<layer>`` per parameter tensor (one Lanczos run each).
+        density: log the spectral density (``density_probes * density_steps`` matvecs).
+        density_probes: probes of the spectral density.
+        density_steps: Lanczos steps per probe.
+        eval_batches: measure on ``eval_batches`` fixed batches (joined) instead of the step's
+            batch: full-batch quantities on a fixed evaluation set; 0: the step's batch.
+        eval_data: where the evaluation batches come from: ``"train"`` (the first training
+            batches) or ``"val"`` (the first batches of the validation dataloader; falls back to
+            the training batches with a warning when there is none).
         sharpness: compute ``update_sharpness`` and ``grad_sharpness``.
         per_layer: log the per-tensor traces.
         seed: base seed of the probe vectors (the step is added, the same on every rank).
@@ -112,6 +173,14 @@ class Curvature(DiagnosticCallback):
         eigen: bool = True,
         eigen_tol: float = 1e-3,
         eigen_max_iter: int = 60,
+        num_eigenvalues: int = 1,
+        lambda_min: bool = False,
+        layer_eigen: bool = False,
+        density: bool = False,
+        density_probes: int = 4,
+        density_steps: int = 32,
+        eval_batches: int = 0,
+        eval_data: str = "train",
         sharpness: bool = True,
         per_layer: bool = True,
         schedule: str = "steps",
@@ -135,27 +204,60 @@ class Curvature(DiagnosticCallback):
             raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'xtrace', got {method!r}")
         if num_matvecs < _MIN_MATVECS[method]:
             raise ValueError(f"num_matvecs={num_matvecs} is too small for {method}")
+        if num_eigenvalues < 1:
+            raise ValueError(f"num_eigenvalues must be at least 1, got {num_eigenvalues}")
+        if eval_batches < 0:
+            raise ValueError(f"eval_batches must be >= 0, got {eval_batches}")
+        if eval_data not in ("train", "val"):
+            raise ValueError(f"eval_data must be 'train' or 'val', got {eval_data!r}")
         self.num_matvecs = num_matvecs
         self.method = method
         self.eigen = eigen
         self.eigen_tol = eigen_tol
         self.eigen_max_iter = eigen_max_iter
+        self.num_eigenvalues = num_eigenvalues
+        self.lambda_min = lambda_min
+        self.layer_eigen = layer_eigen
+        self.density = density
+        self.density_probes = density_probes
+        self.density_steps = density_steps
+        self.eval_batches = eval_batches
+        self.eval_data = eval_data
         self.sharpness = sharpness
         self.per_layer = per_layer
         self.seed = seed
         self.chunk_size = chunk_size
         self._before: Optional[Dict[str, torch.Tensor]] = None
+        self._clip_steps: Optional[int] = None
         self._eigvec: Optional[torch.Tensor] = None
         self._pre_eigvec: Optional[torch.Tensor] = None
+        self._eval: List[Any] = []
+        if eval_batches:
+            self.idle_between_measurements = False  # collects the evaluation batches from the first steps
+        self.last_density = None
 
     def check_module(self, trainer, pl_module) -> None:
         find_loss_fn(pl_module, self.loss_fn)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.eval_batches and self.eval_data == "val" and not self._eval:
+            self._eval = self._validation_batches(trainer)
+        if self.eval_batches and len(self._eval) < self.eval_batches and self.eval_data == "train":
+            self._eval.append(_detached_copy(batch))
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
     def before_update(self, trainer, pl_module, batch) -> None:
         if self.sharpness:
             self._before = OrderedDict((n, p.clone()) for n, p in detached_params(pl_module).items())
+            clip = _coordinate_clip(trainer)
+            self._clip_steps = None if clip is None else clip.num_steps
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        train_batch = batch
+        batches = [batch]
+        if self.eval_batches and self._eval:
+            batches = list(self._eval)
+            batch = join_batches(batches, self.warn_once) if len(batches) > 1 else batches[0]
         objective = self.objective(pl_module, batch)
         # raises (on every rank) on a non-finite loss before spending any HVP
         on_every_rank(trainer, objective.value, pl_module.device)
@@ -173,47 +275,171 @@ class Curvature(DiagnosticCallback):
         info = optimizer_hparams(trainer)
         lr = info.get("lr", math.nan)
         out["trace_ratio"] = lr * trace.value / 2.0
+        scaling = self._scaling(trainer, pl_module, objective)
 
         if self.eigen:
             eig = top_eigenvalues(
-                op, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=self.seed,
-                return_eigenvectors=True, start=self._eigvec,
+                op, self.num_eigenvalues, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
+                seed=self.seed, return_eigenvectors=True, start=self._eigvec,
             )
             self._eigvec = eig.eigenvectors[0]
             out["lambda_max"] = eig.value
             out["lambda_max_converged"] = float(eig.converged)
-            if info.get("kind") == "sgd":
-                beta = info["momentum"]
-                out["eos_threshold"] = (2.0 + 2.0 * beta) / lr
-                out["eos_ratio"] = eig.value / out["eos_threshold"]
-            elif info.get("kind") == "adam":
-                scale = adam_preconditioner(pl_module, objective, info)
-                if scale is not None:
-                    pre = top_eigenvalues(
-                        ScaledOperator(op, scale), which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
-                        seed=self.seed, return_eigenvectors=True, start=self._pre_eigvec,
-                    )
-                    self._pre_eigvec = pre.eigenvectors[0]
-                    beta1 = info["beta1"]
-                    out["preconditioned_lambda_max"] = pre.value
-                    out["eos_threshold"] = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
-                    out["eos_ratio"] = pre.value / out["eos_threshold"]
+            if self.num_eigenvalues > 1:
+                out.update({f"eigenvalues/{i}": v for i, v in enumerate(eig.eigenvalues)})
+            if scaling is not None:
+                out.update(self._stability(pl_module, objective, op, scaling, eig.value, reduce, batch))
+                if scaling.kind == "sgd" and scaling.uniform:
+                    a_lr = 1.0 / float(scaling.scale[0])  # a* / lr
+                    kappa = self._noise_factor(trainer, train_batch)
+                    mixed = (1.0 - kappa) * eig.value + kappa * trace.value
+                    out["linear_stability_ratio"] = (mixed + scaling.weight_decay) / a_lr
+        if self.lambda_min:
+            low = top_eigenvalues(NegatedOperator(op), which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
+                                  seed=self.seed + 1)
+            out["lambda_min"] = -low.value
+        if self.layer_eigen:
+            for name, block in op.layout.slices().items():
+                res = top_eigenvalues(BlockOperator(op, block), which="LA", tol=self.eigen_tol,
+                                      max_iter=self.eigen_max_iter, seed=self.seed)
+                out[f"lambda_max/{name}"] = res.value
+        if self.density:
+            dens = spectral_density(op, self.density_probes, self.density_steps, seed=self.seed + step)
+            self.last_density = dens
+            out["density_mass_negative"] = dens.mass(high=0.0) - dens.mass(0.0, 0.0)
+            out["density_moment2"] = dens.moment(2)
+            _log_histogram(trainer, "dynscope/curvature/spectral_density", dens, step)
 
         if self.sharpness:
-            if self._before is not None and self._snapshot_step == step:
-                update = OrderedDict(
-                    (n, p.detach() - self._before[n]) for n, p in detached_params(pl_module).items()
-                    if n in self._before
-                )
-                if update.keys() == set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
-                    out["update_sharpness"] = _reduced_sharpness(op, update)
-            self._before = None
-            gradient = objective.gradient()
-            if reduce is not None:
-                gradient = OrderedDict((n, reduce(g)) for n, g in gradient.items())
-            if any(bool(g.any()) for g in gradient.values()):
-                out["grad_sharpness"] = _reduced_sharpness(op, gradient)
+            out.update(self._sharpness(trainer, pl_module, objective, op, reduce, step))
+            sharp = self._batch_sharpness(pl_module, batches, reduce) if len(batches) > 1 else out.get("grad_sharpness")
+            if sharp is not None:
+                out["batch_sharpness"] = sharp
+                if scaling is not None and scaling.kind == "sgd" and scaling.uniform:
+                    out["batch_sharpness_ratio"] = sharp * float(scaling.scale[0])
         return out
+
+    def _validation_batches(self, trainer) -> List[Any]:
+        loaders = getattr(trainer, "val_dataloaders", None)
+        if loaders is None:
+            try:  # before the first validation run Lightning has not built its loader yet
+                source = trainer.fit_loop.epoch_loop.val_loop._data_source
+                loaders = source.dataloader() if source.is_defined() else None
+            except Exception:  # noqa: BLE001 - no validation data, or another Lightning version
+                loaders = None
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        batches: List[Any] = []
+        if loaders is not None:
+            for b in loaders:
+                batches.append(_detached_copy(trainer.strategy.batch_to_device(b)))
+                if len(batches) == self.eval_batches:
+                    break
+        if not batches:
+            self.warn_once("eval-data", "eval_data='val' but there is no validation data: the first training "
+                                        "batches are the evaluation set instead")
+            self.eval_data = "train"
+        return batches
+
+    # -- pieces of measure --------------------------------------------------------------------------
+    def _scaling(self, trainer, pl_module, objective):
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if not optimizers:
+            return None
+        if len(optimizers) > 1:
+            self.warn_once("eos-multi", "several optimizers: the stability ratios use the first one only")
+        try:
+            named = dict(pl_module.named_parameters())
+            return stability_scaling(optimizers[0], {n: named[n] for n in objective.layout.names if n in named},
+                                     objective.layout)
+        except UnsupportedOptimizer as error:
+            self.warn_once("eos-unsupported", f"{error}; eos_ratio, eos_threshold and the other stability "
+                                              "ratios are not logged")
+            return None
+
+    def _stability(self, pl_module, objective, op, scaling, lambda_max, reduce, batch) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        if scaling.kind == "sgd" and scaling.uniform:
+            a_lr = 1.0 / float(scaling.scale[0])  # a* / lr
+            out["eos_threshold"] = a_lr - scaling.weight_decay
+            out["eos_ratio"] = (lambda_max + scaling.weight_decay) / a_lr
+            return out
+        if not bool(scaling.scale.any()):
+            return out
+        stab_op = op
+        if scaling.kind == "adam" and self.mode == "eval" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
+        ):
+            stab_op = HessianOperator(batch_statistics_objective(pl_module, batch, self.loss_fn),
+                                      chunk_size=self.chunk_size, reduce=reduce)
+        res = top_eigenvalues(
+            StabilityOperator(stab_op, scaling.scale, scaling.shift), which="LA", tol=self.eigen_tol,
+            max_iter=self.eigen_max_iter, seed=self.seed, return_eigenvectors=True, start=self._pre_eigvec,
+        )
+        self._pre_eigvec = res.eigenvectors[0]
+        out["eos_ratio"] = res.value
+        moved = scaling.groups[scaling.scale > 0]
+        if moved.numel() and int(moved.min()) != int(moved.max()):  # several groups: each one's own ratio too
+            for g in sorted(set(moved.tolist())):
+                index = torch.nonzero((scaling.groups == g) & (scaling.scale > 0)).reshape(-1)
+                sub = StabilityOperator(IndexOperator(stab_op, index), scaling.scale[index],
+                                        None if scaling.shift is None else scaling.shift[index])
+                out[f"eos_ratio/group{g}"] = top_eigenvalues(sub, which="LA", tol=self.eigen_tol,
+                                                             max_iter=self.eigen_max_iter, seed=self.seed).value
+        if scaling.threshold is not None:
+            if scaling.kind == "adam":
+                out["preconditioned_lambda_max"] = res.value * scaling.threshold
+                out["eos_threshold"] = scaling.threshold
+            elif scaling.weight_decay == scaling.weight_decay:  # SGD groups with one threshold, some params idle
+                out["eos_threshold"] = scaling.threshold - scaling.weight_decay
+        return out
+
+    def _noise_factor(self, trainer, batch) -> float:
+        """:func:`dynscope.stability.minibatch_noise_factor` of the training batch (global under DDP)."""
+        from dynscope.objective import batch_size_of
+
+        b = batch_size_of(batch) * max(1, int(getattr(trainer, "world_size", 1) or 1))
+        try:
+            n = len(trainer.train_dataloader.dataset)
+        except Exception:  # noqa: BLE001 - iterable datasets have no length
+            n = None
+        return minibatch_noise_factor(b, n)
+
+    def _sharpness(self, trainer, pl_module, objective, op, reduce, step) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        if self._before is not None and self._snapshot_step == step:
+            now = detached_params(pl_module)
+            update = OrderedDict((n, now[n].detach() - self._before[n]) for n in now if n in self._before)
+            if set(update) >= set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
+                update = OrderedDict((n, update[n]) for n in objective.layout.names)
+                op_before = HessianOperator(objective_at(objective, self._before), chunk_size=self.chunk_size,
+                                            reduce=reduce)
+                out["update_sharpness"] = _reduced_sharpness(op_before, update)
+                out["update_sharpness_next"] = _reduced_sharpness(op, update)
+                clip = _coordinate_clip(trainer)
+                if clip is not None and self._clip_steps is not None and clip.num_steps == self._clip_steps + 1:
+                    named = dict(pl_module.named_parameters())
+                    raw = OrderedDict((n, clip.last_update.get(id(named[n]))) for n in objective.layout.names)
+                    if all(u is not None for u in raw.values()) and any(bool(u.any()) for u in raw.values()):
+                        out["update_sharpness_unclipped"] = _reduced_sharpness(op_before, raw)
+        self._before = None
+        gradient = objective.gradient()
+        if reduce is not None:
+            gradient = OrderedDict((n, reduce(g)) for n, g in gradient.items())
+        if any(bool(g.any()) for g in gradient.values()):
+            out["grad_sharpness"] = _reduced_sharpness(op, gradient)
+        return out
+
+    def _batch_sharpness(self, pl_module, batches, reduce) -> Optional[float]:
+        values = []
+        for b in batches:
+            obj = self.objective(pl_module, b)
+            g = obj.gradient()
+            if reduce is not None:
+                g = OrderedDict((n, reduce(v)) for n, v in g.items())
+            if any(bool(v.any()) for v in g.values()):
+                values.append(_reduced_sharpness(HessianOperator(obj, chunk_size=self.chunk_size, reduce=reduce), g))
+        return sum(values) / len(values) if values else None
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
@@ -227,6 +453,41 @@ class Curvature(DiagnosticCallback):
         self._pre_eigvec = state_dict.get("preconditioned_eigenvector")
 
 
+def _coordinate_clip(trainer) -> Optional[CoordinateClip]:
+    optimizers = getattr(trainer, "optimizers", None) or []
+    opt = optimizers[0] if optimizers else None
+    for _ in range(8):
+        if opt is None or isinstance(opt, CoordinateClip):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def _log_histogram(trainer, tag: str, density, step: int) -> None:
+    """The spectral density as a TensorBoard histogram of eigenvalue counts (rank zero, TensorBoard only)."""
+    from ._lightning import is_global_zero
+
+    if not is_global_zero(trainer):
+        return
+    nodes = density.nodes[density.weights > 0]
+    if nodes.numel() == 0:
+        return
+    low, high = float(nodes.min()), float(nodes.max())
+    if high <= low:
+        high = low + max(abs(low), 1.0) * 1e-6
+    edges = torch.linspace(low, high, 65, dtype=torch.float64)
+    counts = density.histogram(edges.tolist())
+    mean = density.moment(1) * density.size
+    sq = density.moment(2) * density.size
+    for logger in getattr(trainer, "loggers", []) or []:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_histogram_raw"):
+            experiment.add_histogram_raw(
+                tag, min=low, max=high, num=float(density.size), sum=mean, sum_squares=sq,
+                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step,
+            )
+
+
 def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) -> float:
     """``u^T H u / ||u||^2`` through the operator (so that it is all-reduced under DDP)."""
     layout = op.layout
@@ -234,3 +495,19 @@ def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) 
     hu = op.matmat(u)
     return float((u.double() * hu.double()).sum() / (u.double() ** 2).sum())
 
+
+
+def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:
+    """``P^{-1/2}`` flattened in the objective's layout (Adam, with Cohen et al. 2022's bias
+    correction ``P = (1 - beta1^t)(sqrt(v_hat) + eps)``); 0 for coordinates Adam never moved.
+    Kept for compatibility: the callback uses :func:`dynscope.stability_scaling`."""
+    named = dict(pl_module.named_parameters())
+    try:
+        scaling = stability_scaling(info["optimizer"], {n: named[n] for n in objective.layout.names if n in named},
+                                    objective.layout)
+    except UnsupportedOptimizer:
+        return None
+    if scaling.kind != "adam" or scaling.preconditioner is None:
+        return None
+    moved = scaling.scale > 0
+    return torch.where(moved, scaling.preconditioner.rsqrt(), torch.zeros_like(scaling.preconditioner))

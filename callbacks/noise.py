@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
-from dynscope.noise import TwoBatchNoiseScale, gradient_noise_scale, gradient_snr
+from dynscope.noise import SmoothedNoiseScale, TwoBatchNoiseScale, gradient_noise_scale, gradient_snr
 from dynscope.objective import NotPerSampleError
 from dynscope.persample import per_sample_moments
 
@@ -33,8 +33,12 @@ class GradientNoise(DiagnosticCallback):
       non-zero variance (Liu et al. 2020; Cockpit's MeanGSNR up to its biased variance and eps),
       and per parameter tensor under ``gsnr/<layer>``.
     * ``block_gsnr/<layer>``: SGD-SaI's ``||G_p|| / std(G_p)`` per tensor (Xu et al. 2024).
-    * ``noise_scale``: ``B_simple = tr(Sigma) / |G_B|**2`` (McCandlish et al. 2018) and
-      ``noise_scale_over_batch = B_simple / B``: above 1, a larger batch would still help.
+    * ``noise_scale``: ``B_simple = tr(Sigma) / |G_B|**2`` of this batch (McCandlish et al. 2018;
+      biased low when ``B_simple`` is comparable to ``B``: it cannot exceed about ``B`` much).
+    * ``critical_batch``: ``B_simple`` from unbiased per-batch estimates of ``tr(Sigma)`` and
+      ``|G|**2 = |G_B|**2 - tr(Sigma)/B``, each smoothed over measurements (bias-corrected EMA
+      ``noise_ema``, McCandlish et al.'s appendix A.1); their estimate of the critical batch size.
+      ``noise_scale_over_batch = critical_batch / B``: above 1, a larger batch would still help.
     * ``grad_norm``: ``||G_B||``, the norm of the batch gradient.
     * under DDP also ``noise_scale_two_batch``: the two-batch estimate from this rank's gradient
       vs the all-reduced one, EMA-smoothed (``two_batch_ema``).
@@ -56,6 +60,7 @@ class GradientNoise(DiagnosticCallback):
         chunk_size: samples per vmap chunk (default: sized to ``memory_cap_mb``).
         memory_cap_mb: working memory cap for per-sample gradients, in MiB.
         two_batch_ema: EMA factor of the two-batch estimator under DDP (0 = no smoothing).
+        noise_ema: EMA factor of ``critical_batch``'s numerator and denominator (0 = this batch only).
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
     Example:
@@ -80,6 +85,7 @@ class GradientNoise(DiagnosticCallback):
         chunk_size: Optional[int] = None,
         memory_cap_mb: int = 2048,
         two_batch_ema: float = 0.9,
+        noise_ema: float = 0.9,
         schedule: str = "steps",
         points_per_decade: int = 10,
         fixed_batch: bool = False,
@@ -107,6 +113,7 @@ class GradientNoise(DiagnosticCallback):
         self.chunk_size = chunk_size
         self.memory_cap_mb = memory_cap_mb
         self.two_batch = TwoBatchNoiseScale(two_batch_ema)
+        self.smoothed = SmoothedNoiseScale(noise_ema)
         self._checked = False
 
     def check_module(self, trainer, pl_module) -> None:
@@ -140,7 +147,9 @@ class GradientNoise(DiagnosticCallback):
         noise = gradient_noise_scale(moments)
         out["gsnr"] = snr.value
         out["noise_scale"] = noise.value
-        out["noise_scale_over_batch"] = noise.value / moments.count
+        critical = self.smoothed.update(noise.trace_sigma, noise.grad_sq_norm, moments.count)
+        out["critical_batch"] = critical
+        out["noise_scale_over_batch"] = critical / moments.count
         out["grad_norm"] = math.sqrt(noise.grad_sq_norm)
         if self.per_layer:
             out.update({f"gsnr/{name}": v for name, v in snr.per_layer.items()})
@@ -151,9 +160,12 @@ class GradientNoise(DiagnosticCallback):
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state["two_batch"] = self.two_batch.state_dict()
+        state["smoothed_noise_scale"] = self.smoothed.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "two_batch" in state_dict:
             self.two_batch.load_state_dict(state_dict["two_batch"])
+        if "smoothed_noise_scale" in state_dict:
+            self.smoothed.load_state_dict(state_dict["smoothed_noise_scale"])

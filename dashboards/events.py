@@ -53,6 +53,8 @@ class Run:
     name: str
     scalars: Dict[str, Series] = field(default_factory=dict)
     texts: Dict[str, List[Tuple[int, str]]] = field(default_factory=dict)
+    #: ``histograms[tag] = [(step, bucket right edges, bucket counts, min)]`` (dynscope tags only)
+    histograms: Dict[str, List[Tuple[int, List[float], List[float], float]]] = field(default_factory=dict)
 
     def tags(self) -> List[str]:
         return sorted(set(self.scalars) | set(self.texts))
@@ -89,12 +91,15 @@ class _RawRun:
     def __init__(self) -> None:
         self.scalars: Dict[str, List[Tuple[int, int, float]]] = {}
         self.texts: Dict[str, List[Tuple[int, str]]] = {}
+        self.histograms: Dict[str, list] = {}
         self.count = 0
 
     def add(self, kind: str, tag: str, step: int, value) -> None:
         self.count += 1
         if kind == "scalar":
             self.scalars.setdefault(tag, []).append((step, self.count, value))
+        elif kind == "histogram":
+            self.histograms.setdefault(tag, []).append((step, *value))
         else:
             self.texts.setdefault(tag, []).append((step, value))
 
@@ -108,7 +113,8 @@ class _RawRun:
             values = np.fromiter(latest.values(), dtype=np.float64, count=len(latest))
             scalars[tag] = Series(steps, values)
         texts = {tag: sorted(entries, key=lambda e: e[0]) for tag, entries in self.texts.items()}
-        return Run(name, scalars, texts)
+        histograms = {tag: sorted(entries, key=lambda e: e[0]) for tag, entries in self.histograms.items()}
+        return Run(name, scalars, texts, histograms)
 
 
 def _read_file(path: str) -> Iterator[Tuple[int, Optional[Tuple[str, str, int, object]]]]:
@@ -129,6 +135,9 @@ def _read_file(path: str) -> Iterator[Tuple[int, Optional[Tuple[str, str, int, o
             item = None
             if value.HasField("simple_value"):
                 item = ("scalar", value.tag, event.step, float(value.simple_value))
+            elif value.HasField("histo") and value.tag.startswith("dynscope/"):
+                h = value.histo
+                item = ("histogram", value.tag, event.step, (list(h.bucket_limit), list(h.bucket), float(h.min)))
             elif value.HasField("tensor") and plugin in ("scalars", "text"):
                 array = tensor_util.make_ndarray(value.tensor)
                 if plugin == "scalars" and array.size == 1:

@@ -294,6 +294,9 @@ def _group_section(run: Run, group: Group, markers: List[Marker]) -> str:
         out.append(_figure(main, markers, f"{group.title}: {', '.join(p.title for p in main)}"))
     elif not layers:
         out.append("<p class=empty>No scalar series in this group (text entries only).</p>")
+    for tag, entries in sorted(getattr(run, "histograms", {}).items()):
+        if group_of(tag) == group.name and entries:
+            out.append(_histogram_figure(tag, entries))
     for panel in layers:
         out.append(
             f"<details><summary>{html.escape(panel.title)} ({len(panel.series)} layers)</summary>"
@@ -309,6 +312,29 @@ def _describe(group: Group, metric: str, present) -> str:
         if name == metric and when in present:
             return text
     return group.metrics[metric]
+def _histogram_figure(tag: str, entries) -> str:
+    """The first and the last logged histogram of ``tag`` (e.g. the Hessian spectral density) as bars."""
+    import io
+
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    picks = [entries[0]] if len(entries) == 1 else [entries[0], entries[-1]]
+    fig, axes = plt.subplots(1, len(picks), figsize=(5.0 * len(picks), 3.0), squeeze=False)
+    for ax, (step, limits, counts, low) in zip(axes[0], picks):
+        lefts = [low] + list(limits[:-1])
+        ax.bar(lefts, counts, width=[r - l for l, r in zip(lefts, limits)], align="edge", color="#1f77b4")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("count")
+        ax.set_title(f"{tag.split('/')[-1].replace('_', ' ')} at step {step}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    png = base64.b64encode(buffer.getvalue()).decode("ascii")
+    alt = f"{tag}: eigenvalue counts at steps {', '.join(str(p[0]) for p in picks)}"
+    return f'<figure class=histogram><img alt="{html.escape(alt)}" src="data:image/png;base64,{png}"></figure>'
 
 
 def _figure(panels: List[Panel], markers: List[Marker], alt: str, ncols: int = 3) -> str:

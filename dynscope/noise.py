@@ -307,3 +307,59 @@ class TwoBatchNoiseScale:
         self.trace_sigma = float(state.get("trace_sigma", 0.0))
         self.grad_sq_norm = float(state.get("grad_sq_norm", 0.0))
         self.num_updates = int(state.get("num_updates", 0))
+
+
+class SmoothedNoiseScale:
+    """``B_simple`` from many batches: unbiased ``tr(Sigma)`` and ``|G|**2`` of each, smoothed separately.
+
+    A single batch's ``tr(Sigma) / |G_B|**2`` is biased low because ``E|G_B|**2 = |G|**2 +
+    tr(Sigma)/B``: its ratio to ``B`` saturates below 1 (it is ``b / (1 + b)`` for a true
+    ``B_simple / B = b``). Per batch, ``|G|**2 ~ |G_B|**2 - tr(Sigma)/B`` is unbiased (but noisy,
+    even negative), so McCandlish et al. (2018, appendix A.1) average numerator and denominator
+    separately over many batches and take the ratio of the averages. Here: exponential moving
+    averages, bias-corrected like Adam's; ``value`` estimates ``B_simple``, which McCandlish et al.
+    take as the critical batch size ``B_crit`` (beyond it, larger batches stop paying off).
+
+    Example:
+        >>> est = SmoothedNoiseScale(ema=0.5)
+        >>> est.update(trace_sigma=8.0, batch_grad_sq=3.0, batch_size=4)   # |G|^2 ~ 3 - 8/4 = 1
+        8.0
+        >>> est.update(trace_sigma=8.0, batch_grad_sq=5.0, batch_size=4)   # |G|^2 ~ 3: averages 8 and 7/3
+        3.4285714285714284
+    """
+
+    def __init__(self, ema: float = 0.9) -> None:
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        self.ema = ema
+        self.trace_sigma = 0.0
+        self.grad_sq_norm = 0.0
+        self.num_updates = 0
+
+    def update(self, trace_sigma: float, batch_grad_sq: float, batch_size: int) -> float:
+        """Fold in one batch (``tr(Sigma)`` unbiased, ``|G_B|**2``, ``B``); returns the smoothed ``B_simple``."""
+        if not (math.isfinite(trace_sigma) and math.isfinite(batch_grad_sq)):
+            raise ValueError("the gradient statistics must be finite")
+        grad_sq = batch_grad_sq - trace_sigma / batch_size
+        self.num_updates += 1
+        self.trace_sigma = self.ema * self.trace_sigma + (1.0 - self.ema) * trace_sigma
+        self.grad_sq_norm = self.ema * self.grad_sq_norm + (1.0 - self.ema) * grad_sq
+        return self.value
+
+    @property
+    def value(self) -> float:
+        """The smoothed ``B_simple`` (NaN before any update; inf while the smoothed ``|G|**2 <= 0``)."""
+        if self.num_updates == 0:
+            return math.nan
+        return _ratio(self.trace_sigma, self.grad_sq_norm) if self.grad_sq_norm > 0 else (
+            math.inf if self.trace_sigma > 0 else math.nan)
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"ema": self.ema, "trace_sigma": self.trace_sigma, "grad_sq_norm": self.grad_sq_norm,
+                "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.ema = float(state.get("ema", self.ema))
+        self.trace_sigma = float(state.get("trace_sigma", 0.0))
+        self.grad_sq_norm = float(state.get("grad_sq_norm", 0.0))
+        self.num_updates = int(state.get("num_updates", 0))

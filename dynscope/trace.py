@@ -23,13 +23,19 @@ class TraceResult:
     Attributes:
         value: the estimate.
         stderr: its standard error (Hutchinson: sample std of the per-probe estimates over
-            ``sqrt(m)``); NaN for Hutch++, whose terms are not independent samples; for XTrace
-            the std of its ``m/2`` leave-one-out estimates over ``sqrt(m/2)``, an a-posteriori
-            error estimate (those estimates share their sketch, so it is not a strict one).
+            ``sqrt(m)``); for Hutch++ the same over its Hutchinson probes of the deflated rest
+            (given the sketch the estimate is unbiased for every ``Q``, so its variance is the
+            mean conditional variance, which this estimates without bias; NaN with a single
+            such probe); for XTrace the std of its ``m/2`` leave-one-out estimates over
+            ``sqrt(m/2)``, an a-posteriori error estimate (those estimates share their sketch, so
+            it is not a strict one: on a trained MLP it ran 10-20% below the actual spread,
+            t-intervals covered 87% instead of 95%); 0 where the trace is exact.
         per_layer: the trace of each parameter tensor's diagonal block, from the same probes.
             The blocks sum to ``value``.
         num_matvecs: Hessian-vector products spent.
         method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+        dof: degrees of freedom of ``stderr`` (samples behind it, minus one): with few, build
+            intervals from Student's t quantile (e.g. 2.57 for 5 dof at 95%), not 1.96.
     """
 
     value: float
@@ -37,6 +43,7 @@ class TraceResult:
     per_layer: Dict[str, float] = field(default_factory=dict)
     num_matvecs: int = 0
     method: str = "hutchinson"
+    dof: int = 0
 
 
 _SHIFTS = torch.arange(31, -1, -1, dtype=torch.int32)
@@ -130,6 +137,7 @@ def hutchinson(op, num_matvecs: int, seed: Optional[int] = None) -> TraceResult:
         per_layer=OrderedDict((n, float(v.mean())) for n, v in per_block.items()) if layout is not None else {},
         num_matvecs=num_matvecs,
         method="hutchinson",
+        dof=num_matvecs - 1,
     )
 
 
@@ -154,12 +162,16 @@ def hutch_plus_plus(op, num_matvecs: int, seed: Optional[int] = None) -> TraceRe
     head = q * hq[:kq]
     tail = g * hq[kq:] / g_cols
     contributions = head.sum(0) + tail.sum(0)
+    # head + E[tail | Q] = tr(H) for every Q: the error is the tail's, Hutchinson's over g_cols probes
+    samples = tail.sum(1) * g_cols
+    stderr = float(samples.std(unbiased=True) / math.sqrt(g_cols)) if g_cols > 1 else math.nan
     return TraceResult(
         value=float(contributions.sum()),
-        stderr=math.nan,
+        stderr=stderr,
         per_layer=_per_layer(op, contributions),
         num_matvecs=num_matvecs,
         method="hutch++",
+        dof=g_cols - 1,
     )
 
 
@@ -241,6 +253,7 @@ def xtrace(op, num_matvecs: int, seed: Optional[int] = None) -> TraceResult:
         per_layer=_per_layer(op, contributions),
         num_matvecs=2 * k,
         method="xtrace",
+        dof=k - 1,
     )
 
 

@@ -73,7 +73,17 @@ def test_logged_values_match_exact_references_at_that_step():
     assert logged["eos_ratio"] == pytest.approx(0.1 * lam / (2 + 2 * 0.9), rel=1e-4)
     assert logged["trace_ratio"] == pytest.approx(0.1 * float(torch.trace(H)) / 2, rel=1e-6)
     u = torch.cat([(recorder.weights[3][n] - recorder.weights[2][n]).reshape(-1) for n in recorder.weights[3]]).double()
-    assert logged["update_sharpness"] == pytest.approx(float(u @ H @ u / (u @ u)), rel=1e-4)
+    assert logged["update_sharpness_next"] == pytest.approx(float(u @ H @ u / (u @ u)), rel=1e-4)
+    # Pan and Li's convention: the Hessian where the step starts, theta_t
+    net.load_state_dict({k[len("net."):]: v for k, v in recorder.weights[2].items()})
+    H_t = exact_hessian(Objective(net, F.cross_entropy, (x, y))).double()
+    assert logged["update_sharpness"] == pytest.approx(float(u @ H_t @ u / (u @ u)), rel=1e-4)
+    assert abs(logged["update_sharpness"] - logged["update_sharpness_next"]) > 1e-3 * logged["update_sharpness"]
+    # minibatch = full batch here: batch sharpness is the gradient's sharpness, over the heavy-ball threshold
+    assert logged["batch_sharpness"] == logged["grad_sharpness"]
+    assert logged["batch_sharpness_ratio"] == pytest.approx(logged["grad_sharpness"] * 0.1 / 3.8)
+    # full batch (N = B = 32): the batch-aware linear stability ratio is the EoS ratio
+    assert logged["linear_stability_ratio"] == pytest.approx(logged["eos_ratio"], rel=1e-12)
 
 
 def test_adam_gets_the_preconditioned_ratio():

@@ -24,11 +24,14 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 PROMISED_TAGS = [
     "dynscope/curvature/" + m for m in (
         "hessian_trace", "hessian_trace_stderr", "hessian_trace/net.0.weight", "lambda_max", "lambda_max_converged",
-        "preconditioned_lambda_max", "eos_threshold", "eos_ratio", "trace_ratio", "update_sharpness", "grad_sharpness")
+        "preconditioned_lambda_max", "eos_threshold", "eos_ratio", "trace_ratio", "update_sharpness", "grad_sharpness",
+        "linear_stability_ratio", "batch_sharpness", "batch_sharpness_ratio", "update_sharpness_next",
+        "update_sharpness_unclipped", "eigenvalues/0", "lambda_min", "lambda_max/net.0.weight", "eos_ratio/group0", "density_mass_negative",
+        "density_moment2")
 ] + [
     "dynscope/noise/" + m for m in (
-        "gsnr", "gsnr/net.0.weight", "block_gsnr/net.0.weight", "noise_scale", "noise_scale_over_batch", "grad_norm",
-        "noise_scale_two_batch")
+        "gsnr", "gsnr/net.0.weight", "block_gsnr/net.0.weight", "noise_scale", "noise_scale_over_batch", "critical_batch",
+        "grad_norm", "noise_scale_two_batch")
 ] + [
     "dynscope/collapse/" + m for m in (
         "sc_fraction", "zero_loss_fraction", "nlm_cos", "nlm_cos/fc.weight", "max_logit_gap", "train_accuracy",

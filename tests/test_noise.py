@@ -330,7 +330,8 @@ def test_callback_logs_the_documented_tags_with_reference_values():
     assert steps[-2:] == [2, 4]
     logged = [m for s, m in recorder.rows if s == 4 and "dynscope/noise/gsnr" in m][0]
     names = [n for n, _ in module.named_parameters()]
-    expected = {"dynscope/noise/" + k for k in ("gsnr", "noise_scale", "noise_scale_over_batch", "grad_norm")}
+    expected = {"dynscope/noise/" + k for k in ("gsnr", "noise_scale", "noise_scale_over_batch", "critical_batch",
+                                                "grad_norm")}
     expected |= {f"dynscope/noise/gsnr/{n}" for n in names} | {f"dynscope/noise/block_gsnr/{n}" for n in names}
     expected -= {f"dynscope/noise/block_gsnr/{n}" for n in names if module.get_parameter(n).numel() == 1}
     assert set(logged) == expected
@@ -338,7 +339,8 @@ def test_callback_logs_the_documented_tags_with_reference_values():
     ref = numpy_stats({"net." + k: v for k, v in looped_grads(net, F.cross_entropy, x[:8], y[:8]).items()})
     assert logged["dynscope/noise/gsnr"] == pytest.approx(ref["gsnr"], rel=1e-3)
     assert logged["dynscope/noise/noise_scale"] == pytest.approx(ref["noise_scale"], rel=1e-4)
-    assert logged["dynscope/noise/noise_scale_over_batch"] == pytest.approx(ref["noise_scale"] / 8, rel=1e-4)
+    # the smoothed estimate over the measurements (tests/test_noise_scale_smoothing.py), over the batch of 8
+    assert logged["dynscope/noise/noise_scale_over_batch"] == pytest.approx(logged["dynscope/noise/critical_batch"] / 8)
     assert logged["dynscope/noise/grad_norm"] == pytest.approx(math.sqrt(ref["grad_sq_norm"]), rel=1e-5)
     for n in names:
         assert logged[f"dynscope/noise/gsnr/{n}"] == pytest.approx(ref["per_layer"][n], rel=1e-3)

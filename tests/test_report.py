@@ -61,7 +61,7 @@ def test_per_layer_panels_are_collapsed(page):
 
 def test_metric_descriptions_for_what_was_logged(page):
     noise = section(page, "noise")
-    assert "<code>noise_scale_over_batch</code> — B_simple / batch size" in noise
+    assert "<code>noise_scale_over_batch</code> — Smoothed B_simple / batch size" in noise
     assert "<code>preconditioned_lambda_max</code>" not in section(page, "curvature")  # SGD run: not logged
 
 
