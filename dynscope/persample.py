@@ -407,7 +407,9 @@ def _rule(module: nn.Module) -> Optional[Callable]:
 def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
     """Supported layers and, for each, ``{attribute: parameter name}`` of the tensors to hook."""
     model = objective.model
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    # a tensor held by two modules (tied weights) gets gradient from both: vmap. One module reachable
+    # under two names (an alias) is hooked once and sees all its calls: fine.
+    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     name_of = {id(p): n for n, p in model.named_parameters()}
     seq_first = set()
     for module in model.modules():
