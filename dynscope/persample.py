@@ -378,16 +378,61 @@ def per_sample_grads(
     return OrderedDict((n, torch.cat([c[n] for c in chunks])) for n in names)
 
 
+def _loop_chunks(
+    objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """The same per-sample gradients as :func:`_vmap_chunks`, one plain backward per sample.
+
+    For models torch.vmap cannot trace (data-dependent control flow such as Hugging Face's
+    attention-mask checks, ``nn.GRU``): each sample runs as a batch of one, so it works for any
+    model whose samples are independent; chunks of samples stay under ``memory_cap``.
+    """
+    size = objective.batch_size
+    chunk = chunk_size or max(1, memory_cap // max(1, 2 * torch.finfo(objective.dtype).bits // 8 * sum(
+        objective.params[n].numel() for n in names)))
+    params = OrderedDict((n, p.detach().requires_grad_(n in set(names))) for n, p in objective.params.items())
+    wanted = [params[n] for n in names]
+    with objective.measuring():
+        for start in range(0, size, chunk):
+            rows: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+            for i in range(start, min(size, start + chunk)):
+                loss = objective.sample_losses(params, _slice_batch(objective.batch, i, i + 1, size))
+                if loss.shape != (1,):
+                    raise NotPerSampleError(f"a batch of one sample gave losses of shape {tuple(loss.shape)}")
+                grads = torch.autograd.grad(loss[0], wanted, allow_unused=True)
+                for n, p, g in zip(names, wanted, grads):
+                    rows[n].append(torch.zeros_like(p) if g is None else g.detach())
+            yield OrderedDict((n, check_finite(torch.stack(rows[n]), "a per-sample gradient")) for n in names)
+
+
+def _is_vmap_limitation(error: BaseException) -> bool:
+    """An error from vmap's tracing (no batching rule, data-dependent control flow), not from the model."""
+    if is_out_of_memory(error) or not isinstance(error, (RuntimeError, NotImplementedError, ValueError, TypeError)):
+        return False
+    return not isinstance(error, NotPerSampleError)
+
+
 def _vmap_moments(objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
-    out = None
-    for chunk in _vmap_chunks(objective, names, chunk_size, memory_cap):
-        out = _merge(out, _chunk_moments(chunk, "vmap"))
+    out, method = None, "vmap"
+    chunks = _vmap_chunks(objective, names, chunk_size, memory_cap)
+    try:
+        first = next(chunks)
+    except StopIteration:
+        first = None
+    except Exception as error:  # noqa: BLE001 - decided by what vmap can trace, the same on every call
+        if not _is_vmap_limitation(error):
+            raise
+        chunks, first, method = _loop_chunks(objective, names, chunk_size, memory_cap), None, "loop"
+    if first is not None:
+        out = _chunk_moments(first, method)
+    for chunk in chunks:
+        out = _merge(out, _chunk_moments(chunk, method))
     return out
 
 
 # -- the hook path --------------------------------------------------------------------------------
 
-Record = List[Optional[torch.Tensor]]  # [layer input, gradient of the layer output]
+Record = List[Any]  # [layer input, gradient of the layer output(, output shape)]
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -411,15 +456,9 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
     # under two names (an alias) is hooked once and sees all its calls: fine.
     uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     name_of = {id(p): n for n, p in model.named_parameters()}
-    seq_first = set()
-    for module in model.modules():
-        # a sequence-first module (or one holding one, like nn.TransformerEncoderLayer) feeds its layers
-        # [T, B, ...]: their leading dimension is not the batch
-        if any(getattr(m, "batch_first", True) is False for m in (module, *module.children())):
-            seq_first.update(id(m) for m in module.modules())
     plan = OrderedDict()
     for module in model.modules():
-        if id(module) in seq_first or _rule(module) is None:
+        if _rule(module) is None:
             continue
         attrs = {}
         for attr, p in module.named_parameters(recurse=False):
@@ -535,18 +574,68 @@ def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str
     return {"weight": (s2, lambda t: _close(t, s1))}
 
 
+def _probe_size(size: int) -> int:
+    return size // 2 if size >= 4 else size - 1
+
+
+def _call_shapes(objective: Objective, plan, batch: Any) -> Optional[Dict[nn.Module, List[Tuple[torch.Size, torch.Size]]]]:
+    """``(input shape, output shape)`` of every call of the planned layers on ``batch`` (None if it fails)."""
+    shapes: Dict[nn.Module, List[Tuple[torch.Size, torch.Size]]] = {m: [] for m in plan}
+
+    def forward_hook(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes[module].append((inputs[0].shape, output.shape))
+        else:
+            shapes[module].append(None)
+
+    handles = [m.register_forward_hook(forward_hook) for m in plan]
+    try:
+        with objective.measuring(), torch.no_grad():
+            objective.sample_losses(objective.params, batch)
+    except Exception:  # noqa: BLE001 - no evidence: no layer is hooked, vmap decides
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _batch_dim(full: Tuple[torch.Size, torch.Size], probe: Tuple[torch.Size, torch.Size], size: int, small: int) -> Optional[int]:
+    """The one dimension that is the batch in a layer call's input and output, or None.
+
+    Evidence that cannot coincide: the same call on a smaller batch. The batch dimension is the
+    only one whose size changes, from ``size`` to ``small``, in input and output alike; a
+    dimension that merely equals the batch size (sequence-first ``[T, B, ...]`` with T == B) does
+    not change.
+    """
+    dims = set()
+    for a, b in zip(full, probe):
+        if len(a) != len(b):
+            return None
+        changed = [d for d in range(len(a)) if a[d] != b[d]]
+        if len(changed) != 1 or a[changed[0]] != size or b[changed[0]] != small:
+            return None
+        dims.add(changed[0])
+    return dims.pop() if len(dims) == 1 else None
+
+
 def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientMoments, List[str]]:
     """Moments of the hooked tensors, and the names left for the vmap path."""
     size = objective.batch_size
+    small = _probe_size(size)
+    probe = _call_shapes(objective, plan, _slice_batch(objective.batch, 0, small, size))
+    if probe is None:
+        return None, list(objective.params)
     records: Dict[nn.Module, List[Record]] = {m: [] for m in plan}
 
     def forward_hook(module, inputs, output):
         if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            records[module].append([None, None, None])
             return
+        record: Record = [inputs[0].detach(), None, output.shape]
+        records[module].append(record)
         if not output.requires_grad:
             return
-        record: Record = [inputs[0].detach(), None]
-        records[module].append(record)
 
         def keep(gradient):
             record[1] = gradient.detach()
@@ -568,8 +657,15 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
     s1 = OrderedDict((n, torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads))
     done_sums, done_sq = OrderedDict(), OrderedDict()
     for module, attrs in plan.items():
-        recs = [r for r in records[module] if r[1] is not None]
-        if not recs or any(r[0].shape[0] != size or r[1].shape[0] != size for r in recs):
+        calls = records[module]
+        if len(calls) != len(probe[module]) or not calls:
+            continue
+        dims = [None if r[0] is None or p is None else _batch_dim((r[0].shape, r[2]), p, size, small)
+                for r, p in zip(calls, probe[module])]
+        if any(d is None for d in dims) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(dims)):
+            continue
+        recs = [[r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
+        if not recs:
             continue
         for attr, (s2, check) in _rule(module)(module, recs, attrs, size, chunk_cap).items():
             name = attrs[attr]
