@@ -17,13 +17,22 @@ Two ways to get them:
   contribution over positions before squaring (per layer, chunked over samples).
 
   It is valid only when the loss is the mean of independent per-sample losses and nothing mixes
-  samples (BatchNorm in train mode does; in eval mode it is fine) and the layer sees the batch as
-  its leading dimension. Each hooked tensor's ``sum_i g_i`` is checked against autograd's batch
-  gradient; any tensor that fails the check, any parameter of another kind (LayerNorm, attention
-  projections used through ``F.multi_head_attention_forward``, free ``nn.Parameter`` s), any
-  shared (tied) parameter and any layer inside a sequence-first (``batch_first=False``) module
-  falls back to the vmap path for just those tensors. :attr:`GradientMoments.methods` says which
-  path each tensor took.
+  samples (BatchNorm in train mode does; in eval mode it is fine). Three checks guard it, per
+  tensor: the batch dimension of every layer call is the one dimension that shrinks when the same
+  model runs on a smaller probe batch (so a sequence-first ``[T, B, ...]`` input with ``T == B`` is
+  read on its batch dim, and a batch-independent input is not hooked); every edge into the tensor
+  in the loss's autograd graph must be a layer call the hooks saw (a weight also used through
+  ``F.linear`` elsewhere is not hooked); and where per-sample gradients are materialised, their sum
+  must equal autograd's batch gradient element by element within the summation's rounding bound.
+  Tensors that fail, parameters of other kinds (LayerNorm, attention projections used through
+  ``F.multi_head_attention_forward``, free ``nn.Parameter`` s) and tensors held by two modules
+  (tied weights) go to the vmap path. Sums of squares are shifted or, where float32 would cancel
+  (high SNR), recomputed in float64.
+
+* ``loop``: where vmap cannot trace the model (data-dependent control flow such as Hugging Face's
+  attention-mask checks, ``nn.GRU``), one plain backward per sample, chunked to the memory cap;
+  picked automatically when vmap raises on the first chunk. :attr:`GradientMoments.methods` says
+  which path each tensor took (``"hooks"``, ``"vmap"`` or ``"loop"``).
 """
 
 from __future__ import annotations
@@ -486,7 +495,8 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
 
 
 HookSums = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, int]
-# (sum_i (g_i - c), sum_i (g_i - c)**2, the shift c or None, a bound >= sum of |terms| of sum_i g_i, number of terms)
+# (sum_i (g_i - c), sum_i (g_i - c)**2, the shift c or None, a bound >= sum of |terms| of sum_i g_i (None: sum_i g_i
+# is autograd's own), number of terms)
 
 HOT = 0.5  # recompute in float64 where n * mean**2 exceeds this share of sum g**2 (float32 would cancel)
 
@@ -496,21 +506,35 @@ def _agrees(autograd: torch.Tensor, hooked: torch.Tensor, bound: torch.Tensor, t
 
     Exact for what it certifies: any use of the weight the hooks did not see (``F.linear`` on the
     same weight elsewhere) shows up as a difference above the rounding bound of the summation,
-    ``16 eps sqrt(terms) sum |terms|`` per element (eps of TF32 for float32 on CUDA).
+    ``16 eps sqrt(terms) sum |terms|`` per element (eps of TF32 for float32 on CUDA). Works in
+    cache-sized pieces. (The structural check of :func:`_graph_uses` comes first; this one also
+    vouches for the arithmetic of the rules that materialise per-sample gradients.)
     """
     dtype = torch.promote_types(_compute_dtype(autograd), hooked.dtype)
     eps = max(float(torch.finfo(autograd.dtype).eps), float(torch.finfo(_compute_dtype(hooked)).eps))
     if autograd.is_cuda and dtype == torch.float32:
         eps = max(eps, 2.0**-10)
     tiny = float(torch.finfo(autograd.dtype).tiny) * terms
-    diff = (autograd.to(dtype) - hooked.to(dtype)).abs_()
-    tol = bound.to(dtype) * (16 * eps * math.sqrt(terms)) + tiny
-    return bool((diff <= tol).all())
+    scale = 16 * eps * math.sqrt(terms)
+    a, h, b = autograd.reshape(-1), hooked.reshape(-1), bound.reshape(-1)
+    step = PIECE if a.device.type == "cpu" else max(a.numel(), 1)
+    for start in range(0, a.numel(), step):
+        part = slice(start, start + step)
+        diff = a[part].to(dtype) - h[part]
+        if not bool((diff.abs_() <= b[part].to(dtype).mul_(scale).add_(tiny)).all()):
+            return False
+    return True
 
 
 def _hot_rows(s1: torch.Tensor, s2: torch.Tensor, count: int) -> torch.Tensor:
     """Rows with a coordinate whose spread float32's ``s2 - s1**2 / n`` would resolve badly."""
-    return (s1.square() > HOT * count * s2).reshape(s1.shape[0], -1).any(1)
+    s1, s2 = s1.reshape(s1.shape[0], -1), s2.reshape(s2.shape[0], -1)
+    rows = max(1, PIECE // max(1, s1.shape[1])) if s1.device.type == "cpu" else max(1, s1.shape[0])
+    out = torch.empty(s1.shape[0], dtype=torch.bool, device=s1.device)
+    for start in range(0, s1.shape[0], rows):
+        part = slice(start, start + rows)
+        torch.any(s1[part].square() > s2[part] * (HOT * count), 1, out=out[part])
+    return out
 
 
 class _Shifted:
@@ -542,21 +566,21 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int) -> Dict[str, HookSums]:
+def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads) -> Dict[str, HookSums]:
     dtype = _compute_dtype(records[0][1])
     if len(records) == 1 and records[0][0].dim() == 2:
         x, dy = records[0][0].to(dtype), records[0][1].to(dtype)
         out = {}
         if "weight" in attrs:
-            s1, s2 = dy.T @ x, dy.square().T @ x.square()
+            # sum_i g_i is autograd's (the graph check certified that the hooks saw every use)
+            s1, s2 = grads[attrs["weight"]], dy.square().T @ x.square()
             hot = _hot_rows(s1, s2, size)
             if bool(hot.any()):
                 rows = hot.nonzero()[:, 0]
                 dy64, x64 = dy[:, rows].double(), x.double()
                 s1, s2 = s1.double(), s2.double()
                 s1[rows], s2[rows] = dy64.T @ x64, dy64.square().T @ x64.square()
-            # Cauchy-Schwarz: sum_i |dy_i x_i| <= sqrt(n sum_i dy_i**2 x_i**2)
-            out["weight"] = (s1, s2, None, (size * s2).sqrt(), size)
+            out["weight"] = (s1, s2, None, None, size)
         if "bias" in attrs:
             d = dy.double()
             out["bias"] = (d.sum(0), d.square().sum(0), None, dy.abs().sum(0), size)
@@ -592,7 +616,7 @@ def _conv_padding(module: nn.Module, spatial: int) -> List[Tuple[int, int]]:
     return [(p, p) for p in module.padding]
 
 
-def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], size: int, cap: int):
+def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads):
     one_d = isinstance(module, nn.Conv1d)
     dtype = _compute_dtype(records[0][1])
     pads = _conv_padding(module, 1 if one_d else 2)
@@ -623,7 +647,7 @@ def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], 
     return {a: (t.s1, t.s2, t.shift, bounds[a], terms) for a, t in sums.items()}
 
 
-def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str, str], size: int, cap: int):
+def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads):
     dtype = _compute_dtype(records[0][1])
     vocab, dim = module.weight.shape
     idx = torch.cat([r[0].reshape(size, -1) for r in records], 1)
@@ -648,6 +672,29 @@ def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str
         s2.index_add_(0, token64, rows64.square())
     bound = torch.zeros(vocab, dim, dtype=dtype, device=dy.device).index_add_(0, idx[keep], dy[keep].abs())
     return {"weight": (s1, s2, None, bound, int(keep.sum()))}
+
+
+def _graph_uses(root: torch.Tensor) -> Counter:
+    """How many edges of the autograd graph of ``root`` lead into each leaf tensor (by ``id``).
+
+    A layer call uses its weight once; any other use (``F.linear(h, layer.weight)`` elsewhere, a
+    regulariser) adds an edge the forward hooks never saw.
+    """
+    uses: Counter = Counter()
+    if root.grad_fn is None:
+        return uses
+    seen, stack = {root.grad_fn}, [root.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None:
+                continue
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] += 1
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return uses
 
 
 def _probe_size(size: int) -> int:
@@ -726,7 +773,9 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             if losses.dim() != 1 or losses.shape[0] != size:
                 raise NotPerSampleError(f"expected one loss per sample (shape [{size}]), got {tuple(losses.shape)}")
             check_finite(losses.detach(), "the per-sample losses")
-            grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+            total = losses.sum()
+            uses = _graph_uses(total)
+            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -743,9 +792,11 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
         recs = [[r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
         if not recs:
             continue
-        for attr, (h1, h2, shift, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap).items():
+        # every use of a hooked tensor in the loss's graph must be one of the calls the hooks saw
+        attrs = {a: n for a, n in attrs.items() if uses.get(id(params[n]), 0) == len(recs)}
+        for attr, (h1, h2, shift, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap, s1).items():
             name = attrs[attr]
-            if _agrees(s1[name], h1 if shift is None else h1 + size * shift, bound, terms):
+            if bound is None or _agrees(s1[name], h1 if shift is None else h1 + size * shift, bound, terms):
                 done_sums[name], done_sq[name] = h1, h2
                 if shift is not None:
                     shifts[name] = shift
