@@ -821,7 +821,8 @@ def per_sample_moments(
 
     Args:
         objective: the loss; must be a mean of independent per-sample losses.
-        method: ``"auto"`` (hooks where they apply, vmap for the other tensors) or ``"vmap"``.
+        method: ``"auto"`` (hooks where they apply, vmap for the other tensors) or ``"vmap"``;
+            either way a per-sample loop replaces vmap when vmap cannot trace the model.
         chunk_size: samples per vmap chunk (default: sized to ``memory_cap``).
         memory_cap: bytes of working memory per chunk, for the vmap path and for the hook path's
             per-layer per-sample gradients of sequence, convolution and repeated layers.
