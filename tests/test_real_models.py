@@ -1,6 +1,6 @@
 """dynscope on architectures its authors did not write: Hugging Face GPT-2 (tied embeddings, padding
-mask) and BERT with tiny random configs, sequence-first LSTM/GRU taggers with T == B, a ResNet with
-BatchNorm, an aliased module. Every metric against a float64 reference (the exact Hessian; a
+mask) and BERT with tiny random configs, sequence-first LSTM/GRU taggers and the PyTorch tutorial's
+Transformer LM with T == B, a ResNet with BatchNorm, an aliased module. Every metric against a float64 reference (the exact Hessian; a
 per-sample loop for GSNR and the noise scale), Parameter identity after every measurement, and
 bit-identical training with the diagnostics on."""
 
@@ -102,6 +102,28 @@ def tagging_loss(model, batch):
     return F.cross_entropy(logits.transpose(1, 2), tags, reduction="none").mean(1)
 
 
+class TransformerLM(nn.Module):
+    """The PyTorch tutorial's language model: sequence-first nn.TransformerEncoder, batch-first data."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=6, dropout=0.0)  # batch_first=False
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.decoder = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):  # [B, T] -> [B, T, vocab]
+        h = self.embed(tokens.T)
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[0], dtype=h.dtype)
+        return self.decoder(self.encoder(h, mask=mask, is_causal=True)).transpose(0, 1)
+
+
+def next_token_loss(model, batch):
+    tokens = batch[0]
+    logits = model(tokens)[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+
 class Block(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -144,6 +166,8 @@ def _cases():
                  ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.output.dense.bias", "classifier.weight"]),
         "lstm": (Tagger(nn.LSTM), tagging_loss, (tags_tokens, tags), None),
         "gru": (Tagger(nn.GRU), tagging_loss, (tags_tokens, tags), None),
+        "transformer_lm": (TransformerLM(), next_token_loss, (tags_tokens,),
+                           ["embed.weight", "encoder.layers.0.linear2.weight", "decoder.bias"]),
         "resnet": (ResNet(), resnet_loss, (images, image_labels), ["block.conv2.weight", "block.bn2.weight", "fc.weight"]),
         "aliased": (Aliased(), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), (aliased_x, aliased_y), None),
     }
@@ -210,6 +234,9 @@ def test_gradient_noise_matches_a_per_sample_loop(case):
     assert math.isclose(gradient_noise_scale(fast).value, gradient_noise_scale(ref).value, rel_tol=1e-8)
     if kind in ("lstm", "gru"):  # the embedding and the head see [T, B, ...] with T == B
         assert fast.methods["embed.weight"] == fast.methods["head.weight"] == "hooks"
+    if kind == "transformer_lm":  # so do the embedding, the feed-forward layers and the decoder
+        assert {n for n, m in fast.methods.items() if m == "hooks"} >= {
+            "embed.weight", "encoder.layers.0.linear1.weight", "encoder.layers.0.linear2.weight", "decoder.weight"}
     if kind == "gpt2":  # the tied embedding is held by two modules: not hooked
         assert fast.methods["transformer.wte.weight"] != "hooks"
 
