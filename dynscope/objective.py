@@ -85,7 +85,7 @@ def tensor_slots(model: nn.Module) -> List[Slot]:
 
 
 @contextlib.contextmanager
-def swapped(slots: Sequence[Slot], state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def swapped(slots: Sequence[Slot], state: Mapping[str, torch.Tensor], rnns: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Put ``state[name]`` into every slot of that name; put back exactly the objects that were there.
 
     Unlike ``torch.func.functional_call(..., tie_weights=True)`` (torch 2.x), whose restore leaves a
@@ -93,6 +93,9 @@ def swapped(slots: Sequence[Slot], state: Mapping[str, torch.Tensor]) -> Iterato
     original object back, so identities survive aliasing and no functorch wrapper can leak.
     """
     saved = [(store, attr, store[attr]) for store, attr, name in slots if name in state]
+    # nn.LSTM/GRU cache their weights in _flat_weights and refresh it when they see other tensors:
+    # without a restore the swapped-in tensors (or functorch wrappers) would stay there
+    caches = [(m.__dict__, {k: m.__dict__[k] for k in _RNN_CACHES if k in m.__dict__}) for m in rnns]
     try:
         for store, attr, name in slots:
             if name in state:
@@ -101,6 +104,11 @@ def swapped(slots: Sequence[Slot], state: Mapping[str, torch.Tensor]) -> Iterato
     finally:
         for store, attr, original in reversed(saved):
             store[attr] = original
+        for attributes, cached in caches:
+            attributes.update(cached)
+
+
+_RNN_CACHES = ("_flat_weights", "_flat_weight_refs")
 
 
 def _default_forward(model: nn.Module, inputs: Any) -> Any:
@@ -198,6 +206,7 @@ class Objective:
         self._sample_loss_fn = sample_loss_fn
         self._unreduced = None if loss_fn is None else per_sample_loss_fn(loss_fn)
         self._slots = tensor_slots(model)
+        self._rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
 
     # -- pure functions of the parameters ---------------------------------------------------
     def _call(self, params: Mapping[str, torch.Tensor], batch: Any) -> Any:
@@ -206,7 +215,7 @@ class Objective:
         if self.mode == "train":  # BatchNorm updates its running stats in place: give it copies
             buffers = OrderedDict((n, b.clone()) for n, b in buffers.items())
         state.update(buffers)
-        with self.measuring(), swapped(self._slots, state):
+        with self.measuring(), swapped(self._slots, state, self._rnns):
             if self._sample_loss_fn is not None:
                 return self._sample_loss_fn(self.model, batch)
             return self.forward_fn(self.model, batch[0])

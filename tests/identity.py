@@ -17,6 +17,8 @@ def attribute_identity(model: nn.Module):
         for kind, store in (("param", module._parameters), ("buffer", module._buffers)):
             for attr, t in store.items():
                 out[(name, kind, attr)] = (id(t), type(t))
+        for k, t in enumerate(getattr(module, "_flat_weights", ())):  # nn.LSTM/GRU's weight cache
+            out[(name, "flat", k)] = (id(t), type(t))
     return out
 
 
