@@ -266,6 +266,23 @@ class LM(Classifier):
         return self.dynscope_loss(batch).mean()
 
 
+class TaggingModule(Classifier):
+    """The sequence-first GRU tagger as a LightningModule (per-sample losses from dynscope_loss)."""
+
+    def __init__(self):
+        super().__init__(Tagger(nn.GRU), lr=0.05, momentum=0.9)
+        del self.criterion
+
+    def dynscope_loss(self, batch):
+        return tagging_loss(self.net, batch)
+
+    def dynscope_logits(self, batch):
+        return self.net(batch[0]).reshape(-1, 3), batch[1].reshape(-1)
+
+    def training_step(self, batch, batch_idx):
+        return self.dynscope_loss(batch).mean()
+
+
 def _fit(module, data, callbacks, steps=6):
     trainer(max_steps=steps, callbacks=callbacks, logger=Recorder()).fit(module, data)
     return module
@@ -276,13 +293,19 @@ def _scope():
                     noise={"every_n_steps": 2}, collapse={"every_n_steps": 2}, regions=False)
 
 
-@pytest.mark.parametrize("kind", ["aliased", "gpt2"])
+@pytest.mark.parametrize("kind", ["aliased", "gpt2", "gru", "resnet"])
 def test_training_with_every_diagnostic_is_bit_identical_and_keeps_the_parameters(kind):
     def build():
         torch.manual_seed(0)
         if kind == "aliased":
             x, y = classification_data(48, (4,), seed=0)
             return Classifier(Aliased(), lr=0.05, momentum=0.9), loader(x, y, batch_size=8)
+        if kind == "resnet":  # BatchNorm statistics and dropout masks must come out the same too
+            x, y = classification_data(48, (1, 4, 4), seed=0)
+            return Classifier(ResNet(dropout=0.3), lr=0.05, momentum=0.9), loader(x, y, batch_size=8, shuffle=True)
+        if kind == "gru":  # sequence-first inside, T == B
+            tokens, tags = torch.randint(0, 7, (30, 6)), torch.randint(0, 3, (30, 6))
+            return TaggingModule(), loader(tokens, tags, batch_size=6)
         tokens, mask = padded_tokens(batch=24, length=6)
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, mask), batch_size=6)
         return LM(), data
