@@ -37,6 +37,7 @@ Two ways to get them:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from torch.func import grad
 from torch.utils._pytree import tree_map
 
 from .hvp import DEFAULT_MEMORY_CAP, activation_numel, is_out_of_memory
-from .objective import NotPerSampleError, Objective, check_finite
+from .objective import NonFiniteError, NotPerSampleError, Objective, check_finite
 
 Method = Literal["auto", "vmap"]
 
@@ -378,7 +379,8 @@ def per_sample_grads(
 ) -> "OrderedDict[str, torch.Tensor]":
     """The gradient of each sample's own loss: ``{name: [B, *param.shape]}``.
 
-    Computed with ``vmap(grad(l_i))`` over the samples, ``chunk_size`` samples at a time (default:
+    Computed with ``vmap(grad(l_i))`` over the samples (a plain loop over samples for models vmap
+    cannot trace), ``chunk_size`` samples at a time (default:
     as many as fit in ``memory_cap`` bytes of working memory; the result itself is ``B x P``).
     ``g_i`` is the gradient of ``l_i`` itself, so the batch gradient of a mean-reduced loss is
     ``g.mean(0)``. In train mode each sample draws its own dropout mask.
@@ -401,7 +403,7 @@ def per_sample_grads(
         raise ValueError(f"unknown or frozen parameter names: {unknown}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")
-    chunks = list(_vmap_chunks(objective, names, chunk_size, memory_cap))
+    chunks = list(_sample_chunks(objective, names, chunk_size, memory_cap)[1])
     return OrderedDict((n, torch.cat([c[n] for c in chunks])) for n in names)
 
 
@@ -436,22 +438,31 @@ def _is_vmap_limitation(error: BaseException) -> bool:
     """An error from vmap's tracing (no batching rule, data-dependent control flow), not from the model."""
     if is_out_of_memory(error) or not isinstance(error, (RuntimeError, NotImplementedError, ValueError, TypeError)):
         return False
-    return not isinstance(error, NotPerSampleError)
+    return not isinstance(error, (NotPerSampleError, NonFiniteError))
 
 
-def _vmap_moments(objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
-    out, method = None, "vmap"
+def _sample_chunks(
+    objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int
+) -> Tuple[str, Iterator[Dict[str, torch.Tensor]]]:
+    """``(method, chunks)``: vmap's chunks, or the loop's where vmap cannot trace the model.
+
+    Decided by whether vmap raises on the first chunk, the same on every call (no timing).
+    """
     chunks = _vmap_chunks(objective, names, chunk_size, memory_cap)
     try:
         first = next(chunks)
     except StopIteration:
-        first = None
-    except Exception as error:  # noqa: BLE001 - decided by what vmap can trace, the same on every call
+        return "vmap", iter(())
+    except Exception as error:  # noqa: BLE001 - what vmap can trace, not how fast
         if not _is_vmap_limitation(error):
             raise
-        chunks, first, method = _loop_chunks(objective, names, chunk_size, memory_cap), None, "loop"
-    if first is not None:
-        out = _chunk_moments(first, method)
+        return "loop", _loop_chunks(objective, names, chunk_size, memory_cap)
+    return "vmap", itertools.chain([first], chunks)
+
+
+def _vmap_moments(objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
+    out = None
+    method, chunks = _sample_chunks(objective, names, chunk_size, memory_cap)
     for chunk in chunks:
         out = _merge(out, _chunk_moments(chunk, method))
     return out

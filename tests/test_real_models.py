@@ -324,3 +324,19 @@ def test_training_with_every_diagnostic_is_bit_identical_and_keeps_the_parameter
     assert all(math.isfinite(v) for _, v in recorder.scalars["dynscope/noise/gsnr"])
     copy.deepcopy(measured)
     torch.save(measured.state_dict(), io.BytesIO())
+
+
+def test_per_sample_gradients_of_models_vmap_cannot_trace():
+    from dynscope import per_sample_grads
+
+    model, loss, batch, _ = CASES["bert"]
+    model = copy.deepcopy(model).double().eval()
+    obj = Objective(model, sample_loss_fn=loss, batch=batch)
+    names = list(obj.params)
+    grads = per_sample_grads(obj, chunk_size=4)
+    ref = loop_moments(model, loss, batch, names)
+    got = GradientMoments.from_samples(grads)
+    for name in names:
+        assert grads[name].shape == (6, *obj.params[name].shape)
+        assert torch.allclose(got.mean[name], ref.mean[name], rtol=1e-9, atol=1e-13), name
+        assert torch.allclose(got.sq_dev[name], ref.sq_dev[name], rtol=1e-8, atol=1e-13), name
