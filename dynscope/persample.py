@@ -711,6 +711,13 @@ def _graph_uses(root: torch.Tensor) -> Counter:
     return uses
 
 
+def _autocast_on() -> bool:
+    try:
+        return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    except TypeError:  # torch < 2.4 takes no device
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _probe_size(size: int) -> int:
     return size // 2 if size >= 4 else size - 1
 
@@ -808,6 +815,8 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             continue
         # every use of a hooked tensor in the loss's graph must be one of the calls the hooks saw
         attrs = {a: n for a, n in attrs.items() if uses.get(id(params[n]), 0) == len(recs)}
+        if not attrs:
+            continue
         for attr, (h1, h2, shift, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap, s1).items():
             name = attrs[attr]
             if bound is None or _agrees(s1[name], h1 if shift is None else h1 + size * shift, bound, terms):
@@ -861,7 +870,7 @@ def per_sample_moments(
     names = list(objective.params)
     parts = []
     rest = names
-    if method == "auto":
+    if method == "auto" and not _autocast_on():  # autocast's weight cache hides uses from the graph check
         plan = _hook_plan(objective)
         if plan:
             hooked, rest = _hook_moments(objective, plan, memory_cap)
