@@ -630,3 +630,26 @@ def test_the_rounding_floor_drops_a_key_bias_that_is_zero_in_exact_arithmetic():
         snr = gradient_snr(per_sample_moments(obj, method))
         assert math.isnan(snr.per_layer["key.bias"])
         assert snr.num_coordinates == sum(p.numel() for p in model.parameters()) - 6
+
+
+def test_an_embedding_also_used_as_the_output_projection_is_not_hooked():
+    # weight tying through F.linear (no second module): the graph has two uses, the hooks saw one
+    class FunctionallyTied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mix = nn.Embedding(7, 5), nn.Linear(5, 5)
+
+        def forward(self, tokens):
+            return F.linear(torch.tanh(self.mix(self.embed(tokens).mean(1))), self.embed.weight)
+
+    torch.manual_seed(0)
+    model = FunctionallyTied().double()
+    x, y = torch.randint(0, 7, (8, 4)), torch.randint(0, 7, (8,))
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    fast = per_sample_moments(Objective(model, sample_loss_fn=loss, batch=(x, y)))
+    assert fast.methods["embed.weight"] != "hooks" and fast.methods["mix.weight"] == "hooks"
+    ref = GradientMoments.from_samples(loop_reference(model, loss, (x, y)))
+    assert_close_dict(fast.sq_dev, ref.sq_dev, atol=1e-12, rtol=1e-9)
