@@ -547,7 +547,8 @@ def _hot_rows(s1: torch.Tensor, s2: torch.Tensor, count: int) -> torch.Tensor:
     out = torch.empty(s1.shape[0], dtype=torch.bool, device=s1.device)
     for start in range(0, s1.shape[0], rows):
         part = slice(start, start + rows)
-        torch.any(s1[part].square() > s2[part] * (HOT * count), 1, out=out[part])
+        # s2 - s1**2 / (HOT n) < 0, one fused temporary
+        torch.any(torch.addcmul(s2[part], s1[part], s1[part], value=-1.0 / (HOT * count)).lt_(0), 1, out=out[part])
     return out
 
 
