@@ -47,7 +47,8 @@ class GradientNoise(DiagnosticCallback):
     variances are unbiased. Under DDP the per-sample moments of all ranks are summed (one
     all-reduce of ``2P`` numbers), so ``B`` is the global batch. Per-sample gradients come from the
     hook fast path for Linear, Conv1d/2d and Embedding layers and from ``vmap`` for the rest (see
-    :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``.
+    :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``. Models vmap cannot trace
+    (Hugging Face attention masks, ``nn.GRU``) get a per-sample loop instead, automatically.
 
     The loss must be a mean of per-sample losses (checked on the first measurement); otherwise
     training stops with a :class:`~dynscope.callbacks.LossProtocolError` saying how to provide
@@ -56,7 +57,7 @@ class GradientNoise(DiagnosticCallback):
     Args:
         per_layer: log ``gsnr/<layer>``.
         block: log ``block_gsnr/<layer>``.
-        method: ``"auto"`` (hooks where they apply) or ``"vmap"``.
+        method: ``"auto"`` (hooks where they apply) or ``"vmap"`` (no hooks; a loop where vmap fails).
         chunk_size: samples per vmap chunk (default: sized to ``memory_cap_mb``).
         memory_cap_mb: working memory cap for per-sample gradients, in MiB.
         two_batch_ema: EMA factor of the two-batch estimator under DDP (0 = no smoothing).

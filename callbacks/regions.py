@@ -61,8 +61,9 @@ def sample_inputs(loader: Any, module, num_points: int, seed: int) -> Optional[t
     """``num_points`` inputs drawn from a dataloader's dataset (seeded, without replacement).
 
     Map-style datasets are indexed directly (the loader's sampler and its RNG are not touched) and
-    collated with the loader's ``collate_fn``; iterable ones are read from the start. ``None`` when
-    there is no loader.
+    collated with the loader's ``collate_fn``; items of a ``DataLoader(batch_size=None)`` are whole
+    batches (pre-batched data), drawn whole and then thinned to ``num_points``; iterable datasets
+    are read from the start. ``None`` when there is no loader.
     """
     loader = _first_loader(loader)
     if loader is None:
@@ -72,8 +73,20 @@ def sample_inputs(loader: Any, module, num_points: int, seed: int) -> Optional[t
         indexable = not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__")
         if dataset is not None and indexable and len(dataset):
             generator = torch.Generator().manual_seed(seed)
-            indices = torch.randperm(len(dataset), generator=generator)[:num_points].tolist()
+            order = torch.randperm(len(dataset), generator=generator)
             collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+            if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
+                # DataLoader(batch_size=None): every item is already a batch; take whole items, then points
+                pieces, count = [], 0
+                for i in order.tolist():
+                    pieces.append(module_inputs(module, collate(dataset[i])).detach().cpu())
+                    count += pieces[-1].shape[0]
+                    if count >= num_points:
+                        break
+                inputs = torch.cat(pieces)
+                pick = torch.randperm(inputs.shape[0], generator=generator)[:num_points].sort().values
+                return inputs[pick].clone()
+            indices = order[:num_points].tolist()
             return module_inputs(module, collate([dataset[i] for i in indices])).detach().cpu().clone()
         pieces, count = [], 0
         for batch in loader:

@@ -9,9 +9,15 @@ gradient is ``G_B = mean_i g_i`` (see :mod:`dynscope.persample`). Variances are 
   parameters"; Cockpit's MeanGSNR): per coordinate ``snr_j = mean_i(g_ij)**2 / var_i(g_ij)``,
   averaged over the coordinates whose variance is not zero. Numerically "zero" means at the level
   of floating-point rounding: a coordinate counts when its per-sample standard deviation exceeds
-  ``64 eps`` times the largest root-mean-square per-sample gradient in its tensor (``eps`` of the
-  gradients' dtype). Without this floor, gradients that are zero in exact arithmetic but not in
-  floating point (the key bias of attention: softmax ignores a shift) would add SNRs of pure noise.
+  ``4 eps`` times the largest root-mean-square per-sample gradient among the tensors of its module
+  (``eps`` of the gradients' dtype; ``key.weight`` and ``key.bias`` are one module). Without this
+  floor, gradients that are zero in exact arithmetic but not in floating point (the key bias of
+  attention: softmax ignores a shift; measured at 0.03-0.08 eps of its module's scale) would add
+  SNRs of pure noise. The floor is a compromise: float32 resolves a coordinate relative to its
+  own terms (an LSTM weight of a tiny input feature, at 0.5-3 eps of its module's scale, to 1e-7),
+  while a standalone key bias's noise reaches ~1 eps of its module's scale; ``4 eps`` keeps real
+  coordinates down to that level (the former ``64 eps`` of the tensor dropped them, and missed a
+  key bias that is a tensor of its own).
 * Block g-SNR of SGD-SaI (Xu et al. 2024, "No more Adam: learning rate scaling at initialization
   is all you need"): per parameter tensor ``||G_p|| / std(G_p)``, the standard deviation taken
   over the elements of that tensor's batch gradient (``ddof=0``).
@@ -41,7 +47,7 @@ from .persample import GradientMoments, Method, per_sample_moments
 
 Target = Union[Objective, GradientMoments]
 _EPS64 = float(torch.finfo(torch.float64).eps)
-ROUNDING_FLOOR = 64  # per-sample spreads below ROUNDING_FLOOR * eps * (largest RMS gradient) count as zero
+ROUNDING_FLOOR = 4  # per-sample spreads below ROUNDING_FLOOR * eps * (largest RMS gradient of the module) count as zero
 
 
 def _moments(target: Target, method: Method, chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
@@ -188,13 +194,13 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
     """One tensor's summary, computed once per moments object, piece by piece (sums in float64).
 
     A coordinate's variance ``sq_dev / (n - 1)`` counts as zero at or below the rounding floor
-    ``(ROUNDING_FLOOR * eps)**2 * max_j mean_i g_ij**2``.
+    ``(ROUNDING_FLOOR * eps)**2 * max_j mean_i g_ij**2``, the max over the tensors of the module.
     """
     cache = moments.__dict__.setdefault("_summaries", {})
     if name in cache:
         return cache[name]
     n = moments.count
-    floor = (ROUNDING_FLOOR * moments.eps) ** 2 * (n - 1) * moments.max_second_moment(name)
+    floor = (ROUNDING_FLOOR * moments.eps) ** 2 * (n - 1) * _module_second_moment(moments, name)
     snr = sq_dev_sum = sq_norm = total = total_sq = 0.0
     zeros = numel = 0
     shift = None  # the first element: the spread from deviations from it does not cancel an offset
@@ -216,6 +222,20 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
     block = math.sqrt(sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * sq_norm / numel else math.nan
     cache[name] = _LayerSummary(snr * (n - 1), numel - int(zeros), sq_dev_sum, sq_norm, block)
     return cache[name]
+
+
+def _module_second_moment(moments: GradientMoments, name: str) -> float:
+    """``max_j mean_i g_ij**2`` over the tensors of ``name``'s module (``key.weight``, ``key.bias``).
+
+    The rounding level of a gradient is set by the terms summed to get it, and a module's tensors
+    share them: a key bias's exactly-zero gradient (softmax ignores a shift) is a cancelling sum of
+    the same output gradients that make up the key weight's gradient.
+    """
+    cache = moments.__dict__.setdefault("_module_moments", {})
+    module = name.rpartition(".")[0]
+    if module not in cache:
+        cache[module] = max(moments.max_second_moment(n) for n in moments.mean if n.rpartition(".")[0] == module)
+    return cache[module]
 
 
 def _check_count(moments: GradientMoments) -> None:

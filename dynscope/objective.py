@@ -1,8 +1,10 @@
 """The side-effect-free objective: the loss of one batch as a pure function of the parameters.
 
 Every curvature and noise metric in dynscope needs ``L(theta)`` for a fixed batch. :class:`Objective`
-builds it with :func:`torch.func.functional_call`, so that measuring never touches the model: no
-parameter, ``.grad``, buffer (BatchNorm running statistics) or RNG state changes.
+builds it like :func:`torch.func.functional_call`, so that measuring never touches the model: no
+parameter, ``.grad``, buffer (BatchNorm running statistics) or RNG state changes, and every
+module attribute holds the very same Parameter and buffer objects afterwards, also for modules
+reachable under two names and tied weights.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import contextlib
 import copy
 import inspect
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -64,16 +65,50 @@ def per_sample_loss_fn(loss_fn: LossFn) -> Optional[LossFn]:
     return None
 
 
-class _Call(nn.Module):
-    """Wraps ``fn(model, batch)`` as a module so functional_call can swap the model's parameters."""
+Slot = Tuple[Dict[str, Any], str, str]  # (a module's _parameters or _buffers dict, attribute, state name)
 
-    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]):
-        super().__init__()
-        self.model = model
-        self.fn = fn
 
-    def forward(self, batch: Any) -> Any:
-        return self.fn(self.model, batch)
+def tensor_slots(model: nn.Module) -> List[Slot]:
+    """Every place a module of ``model`` holds a parameter or buffer, with the state name it belongs to.
+
+    A tensor reachable under several names (an aliased module ``self.head = self.body.fc``, tied
+    weights such as GPT-2's ``wte``/``lm_head``, a shared submodule) has several slots and one name:
+    the one ``named_parameters()``/``named_buffers()`` reports.
+    """
+    names = {id(t): n for n, t in model.named_buffers()}
+    names.update({id(t): n for n, t in model.named_parameters()})
+    slots = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            slots.extend((store, attr, names[id(t)]) for attr, t in store.items() if t is not None and id(t) in names)
+    return slots
+
+
+@contextlib.contextmanager
+def swapped(slots: Sequence[Slot], state: Mapping[str, torch.Tensor], rnns: Sequence[nn.Module] = ()) -> Iterator[None]:
+    """Put ``state[name]`` into every slot of that name; put back exactly the objects that were there.
+
+    Unlike ``torch.func.functional_call(..., tie_weights=True)`` (torch 2.x), whose restore leaves a
+    plain tensor in the second slot of a tensor held twice, the restore writes each slot's own
+    original object back, so identities survive aliasing and no functorch wrapper can leak.
+    """
+    saved = [(store, attr, store[attr]) for store, attr, name in slots if name in state]
+    # nn.LSTM/GRU cache their weights in _flat_weights and refresh it when they see other tensors:
+    # without a restore the swapped-in tensors (or functorch wrappers) would stay there
+    caches = [(m.__dict__, {k: m.__dict__[k] for k in _RNN_CACHES if k in m.__dict__}) for m in rnns]
+    try:
+        for store, attr, name in slots:
+            if name in state:
+                store[attr] = state[name]
+        yield
+    finally:
+        for store, attr, original in reversed(saved):
+            store[attr] = original
+        for attributes, cached in caches:
+            attributes.update(cached)
+
+
+_RNN_CACHES = ("_flat_weights", "_flat_weight_refs")
 
 
 def _default_forward(model: nn.Module, inputs: Any) -> Any:
@@ -170,21 +205,20 @@ class Objective:
         self._buffers = OrderedDict((n, b) for n, b in model.named_buffers())
         self._sample_loss_fn = sample_loss_fn
         self._unreduced = None if loss_fn is None else per_sample_loss_fn(loss_fn)
-        if sample_loss_fn is not None:
-            self._module = _Call(model, sample_loss_fn)
-        else:
-            self._module = _Call(model, lambda m, b: self.forward_fn(m, b[0]))
-        self._prefix = "model."
+        self._slots = tensor_slots(model)
+        self._rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
 
     # -- pure functions of the parameters ---------------------------------------------------
     def _call(self, params: Mapping[str, torch.Tensor], batch: Any) -> Any:
-        state = {self._prefix + n: t for n, t in params.items()}
+        state = dict(params)
         buffers = self._buffers
         if self.mode == "train":  # BatchNorm updates its running stats in place: give it copies
             buffers = OrderedDict((n, b.clone()) for n, b in buffers.items())
-        state.update({self._prefix + n: b for n, b in buffers.items()})
-        with self.measuring():
-            return functional_call(self._module, state, (batch,), tie_weights=True, strict=False)
+        state.update(buffers)
+        with self.measuring(), swapped(self._slots, state, self._rnns):
+            if self._sample_loss_fn is not None:
+                return self._sample_loss_fn(self.model, batch)
+            return self.forward_fn(self.model, batch[0])
 
     def outputs(self, params: Optional[Mapping[str, torch.Tensor]] = None, batch: Any = None) -> Any:
         """The model's outputs on the batch (only for ``(inputs, targets)`` objectives)."""

@@ -17,17 +17,27 @@ Two ways to get them:
   contribution over positions before squaring (per layer, chunked over samples).
 
   It is valid only when the loss is the mean of independent per-sample losses and nothing mixes
-  samples (BatchNorm in train mode does; in eval mode it is fine) and the layer sees the batch as
-  its leading dimension. Each hooked tensor's ``sum_i g_i`` is checked against autograd's batch
-  gradient; any tensor that fails the check, any parameter of another kind (LayerNorm, attention
-  projections used through ``F.multi_head_attention_forward``, free ``nn.Parameter`` s), any
-  shared (tied) parameter and any layer inside a sequence-first (``batch_first=False``) module
-  falls back to the vmap path for just those tensors. :attr:`GradientMoments.methods` says which
-  path each tensor took.
+  samples (BatchNorm in train mode does; in eval mode it is fine). Three checks guard it, per
+  tensor: the batch dimension of every layer call is the one dimension that shrinks when the same
+  model runs on a smaller probe batch (so a sequence-first ``[T, B, ...]`` input with ``T == B`` is
+  read on its batch dim, and a batch-independent input is not hooked); every edge into the tensor
+  in the loss's autograd graph must be a layer call the hooks saw (a weight also used through
+  ``F.linear`` elsewhere is not hooked); and where per-sample gradients are materialised, their sum
+  must equal autograd's batch gradient element by element within the summation's rounding bound.
+  Tensors that fail, parameters of other kinds (LayerNorm, attention projections used through
+  ``F.multi_head_attention_forward``, free ``nn.Parameter`` s) and tensors held by two modules
+  (tied weights) go to the vmap path. Sums of squares are shifted or, where float32 would cancel
+  (high SNR), recomputed in float64.
+
+* ``loop``: where vmap cannot trace the model (data-dependent control flow such as Hugging Face's
+  attention-mask checks, ``nn.GRU``), one plain backward per sample, chunked to the memory cap;
+  picked automatically when vmap raises on the first chunk. :attr:`GradientMoments.methods` says
+  which path each tensor took (``"hooks"``, ``"vmap"`` or ``"loop"``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -40,7 +50,7 @@ from torch.func import grad
 from torch.utils._pytree import tree_map
 
 from .hvp import DEFAULT_MEMORY_CAP, activation_numel, is_out_of_memory
-from .objective import NotPerSampleError, Objective, check_finite
+from .objective import NonFiniteError, NotPerSampleError, Objective, check_finite
 
 Method = Literal["auto", "vmap"]
 
@@ -106,11 +116,23 @@ class GradientMoments:
         return _chunk_moments(grads, method)
 
     @classmethod
-    def from_sums(cls, count: int, sums: Dict[str, torch.Tensor], sq_sums: Dict[str, torch.Tensor], method: str = "hooks"):
-        """Moments from ``sum_i g_i`` and ``sum_i g_i**2`` (rounding can make tiny variances 0)."""
-        raw = OrderedDict((n, (s, sq_sums[n])) for n, s in sums.items())
-        mean = _LazyTensors(raw, lambda n: _mean_from_sums(raw[n][0], count))
-        sq_dev = _LazyTensors(raw, lambda n: _sq_dev_from_sums(raw[n][1], mean[n], count))
+    def from_sums(
+        cls,
+        count: int,
+        sums: Dict[str, torch.Tensor],
+        sq_sums: Dict[str, torch.Tensor],
+        method: str = "hooks",
+        shifts: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        """Moments from ``sum_i (g_i - c)`` and ``sum_i (g_i - c)**2`` for a shift ``c`` (default 0).
+
+        A shift near the mean (one sample's gradient) keeps ``sum (g - c)**2 - (sum (g - c))**2 / n``
+        free of the cancellation that ruins it in float32 at high signal-to-noise ratios.
+        """
+        shifts = shifts or {}
+        raw = OrderedDict((n, (s, sq_sums[n]) + ((shifts[n],) if n in shifts else ())) for n, s in sums.items())
+        mean = _LazyTensors(raw, lambda n: _mean_from_sums(raw[n], count))
+        sq_dev = _LazyTensors(raw, lambda n: _sq_dev_from_sums(raw[n], count))
         return cls(count, mean, sq_dev, {n: method for n in raw}, _eps(next(iter(sq_sums.values()))), raw)
 
     def pieces(self, name: str, size: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -131,13 +153,14 @@ class GradientMoments:
             if mean is not None:
                 yield mean.reshape(-1)[part], self.sq_dev[name].reshape(-1)[part]
             else:
-                s1, s2 = (t.reshape(-1)[part].to(_compute_dtype(t)) for t in self.sums[name])
+                s1, s2, *shift = (t.reshape(-1)[part].to(_compute_dtype(t)) for t in self.sums[name])
                 m = s1 / self.count
-                yield m, torch.addcmul(s2, m, m, value=-self.count).clamp_min_(0)
+                sq = torch.addcmul(s2, m, m, value=-self.count).clamp_min_(0)
+                yield (m + shift[0] if shift else m), sq
 
     def max_second_moment(self, name: str) -> float:
         """``max_j mean_i g_ij**2`` over the coordinates of one tensor (0 for an empty tensor)."""
-        if name in self.sums:
+        if name in self.sums and len(self.sums[name]) == 2:
             sq = self.sums[name][1]
             return float(sq.amax()) / self.count if sq.numel() else 0.0
         best = 0.0
@@ -183,13 +206,15 @@ PIECE = 1 << 16  # elements per piece of the float64 summaries (a core's cache)
 BLOCK_ELEMENTS = 1 << 20  # elements per temporary of the per-sample moments
 
 
-def _mean_from_sums(s1: torch.Tensor, count: int) -> torch.Tensor:
-    return s1.to(torch.float64, copy=True).div_(count)
+def _mean_from_sums(raw: Tuple[torch.Tensor, ...], count: int) -> torch.Tensor:
+    mean = raw[0].to(torch.float64, copy=True).div_(count)
+    return mean.add_(raw[2]) if len(raw) > 2 else mean
 
 
-def _sq_dev_from_sums(s2: torch.Tensor, mean: torch.Tensor, count: int) -> torch.Tensor:
-    # sum_i g_i**2 - count * mean**2 in float64, in place on the float64 copy of the squares
-    return s2.to(torch.float64, copy=True).addcmul_(mean, mean, value=-count).clamp_min_(0)
+def _sq_dev_from_sums(raw: Tuple[torch.Tensor, ...], count: int) -> torch.Tensor:
+    # sum_i (g_i - c)**2 - (sum_i (g_i - c))**2 / count in float64, in place on the float64 copy
+    s1 = raw[0].to(torch.float64)
+    return raw[1].to(torch.float64, copy=True).addcmul_(s1, s1, value=-1.0 / count).clamp_min_(0)
 
 
 def _eps(t: torch.Tensor) -> float:
@@ -204,14 +229,17 @@ def _chunk_moments(chunk: Dict[str, torch.Tensor], method: str) -> GradientMomen
         # two passes in the gradients' dtype, over column blocks whose temporary stays ~1M
         # elements (a [chunk, P] one costs page faults); torch.var_mean over dim 0 is up to
         # 70x slower on CPU
+        # deviations from the first sample, exact where samples agree (Sterbenz): equal per-sample
+        # gradients give a spread of exactly 0, not the rounding of their float32 mean
         flat = g.detach().reshape(count, -1)
-        avg = flat.mean(0)
-        sq = torch.empty_like(avg)
+        avg, sq = torch.empty_like(flat[0]), torch.empty_like(flat[0])
         step = max(1, BLOCK_ELEMENTS // count)
         for start in range(0, flat.shape[1], step):
             cols = slice(start, start + step)
-            torch.sum((flat[:, cols] - avg[cols]).square_(), 0, out=sq[cols])
-        mean[name] = avg.double().reshape(g.shape[1:])
+            d = flat[:, cols] - flat[0, cols]
+            torch.mean(d, 0, out=avg[cols])
+            torch.sum(d.sub_(avg[cols]).square_(), 0, out=sq[cols])
+        mean[name] = avg.double().add_(flat[0].double()).reshape(g.shape[1:])
         sq_dev[name] = sq.double().reshape(g.shape[1:])
     return GradientMoments(count, mean, sq_dev, {n: method for n in chunk}, _eps(first))
 
@@ -351,7 +379,8 @@ def per_sample_grads(
 ) -> "OrderedDict[str, torch.Tensor]":
     """The gradient of each sample's own loss: ``{name: [B, *param.shape]}``.
 
-    Computed with ``vmap(grad(l_i))`` over the samples, ``chunk_size`` samples at a time (default:
+    Computed with ``vmap(grad(l_i))`` over the samples (a plain loop over samples for models vmap
+    cannot trace), ``chunk_size`` samples at a time (default:
     as many as fit in ``memory_cap`` bytes of working memory; the result itself is ``B x P``).
     ``g_i`` is the gradient of ``l_i`` itself, so the batch gradient of a mean-reduced loss is
     ``g.mean(0)``. In train mode each sample draws its own dropout mask.
@@ -374,20 +403,74 @@ def per_sample_grads(
         raise ValueError(f"unknown or frozen parameter names: {unknown}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")
-    chunks = list(_vmap_chunks(objective, names, chunk_size, memory_cap))
+    chunks = list(_sample_chunks(objective, names, chunk_size, memory_cap)[1])
     return OrderedDict((n, torch.cat([c[n] for c in chunks])) for n in names)
+
+
+def _loop_chunks(
+    objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """The same per-sample gradients as :func:`_vmap_chunks`, one plain backward per sample.
+
+    For models torch.vmap cannot trace (data-dependent control flow such as Hugging Face's
+    attention-mask checks, ``nn.GRU``): each sample runs as a batch of one, so it works for any
+    model whose samples are independent; chunks of samples stay under ``memory_cap``.
+    """
+    size = objective.batch_size
+    chunk = chunk_size or max(1, memory_cap // max(1, 2 * torch.finfo(objective.dtype).bits // 8 * sum(
+        objective.params[n].numel() for n in names)))
+    params = OrderedDict((n, p.detach().requires_grad_(n in set(names))) for n, p in objective.params.items())
+    wanted = [params[n] for n in names]
+    with objective.measuring():
+        for start in range(0, size, chunk):
+            rows: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+            for i in range(start, min(size, start + chunk)):
+                loss = objective.sample_losses(params, _slice_batch(objective.batch, i, i + 1, size))
+                if loss.shape != (1,):
+                    raise NotPerSampleError(f"a batch of one sample gave losses of shape {tuple(loss.shape)}")
+                grads = torch.autograd.grad(loss[0], wanted, allow_unused=True)
+                for n, p, g in zip(names, wanted, grads):
+                    rows[n].append(torch.zeros_like(p) if g is None else g.detach())
+            yield OrderedDict((n, check_finite(torch.stack(rows[n]), "a per-sample gradient")) for n in names)
+
+
+def _is_vmap_limitation(error: BaseException) -> bool:
+    """An error from vmap's tracing (no batching rule, data-dependent control flow), not from the model."""
+    if is_out_of_memory(error) or not isinstance(error, (RuntimeError, NotImplementedError, ValueError, TypeError)):
+        return False
+    return not isinstance(error, (NotPerSampleError, NonFiniteError))
+
+
+def _sample_chunks(
+    objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int
+) -> Tuple[str, Iterator[Dict[str, torch.Tensor]]]:
+    """``(method, chunks)``: vmap's chunks, or the loop's where vmap cannot trace the model.
+
+    Decided by whether vmap raises on the first chunk, the same on every call (no timing).
+    """
+    chunks = _vmap_chunks(objective, names, chunk_size, memory_cap)
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return "vmap", iter(())
+    except Exception as error:  # noqa: BLE001 - what vmap can trace, not how fast
+        if not _is_vmap_limitation(error):
+            raise
+        return "loop", _loop_chunks(objective, names, chunk_size, memory_cap)
+    return "vmap", itertools.chain([first], chunks)
 
 
 def _vmap_moments(objective: Objective, names: Sequence[str], chunk_size: Optional[int], memory_cap: int) -> GradientMoments:
     out = None
-    for chunk in _vmap_chunks(objective, names, chunk_size, memory_cap):
-        out = _merge(out, _chunk_moments(chunk, "vmap"))
+    method, chunks = _sample_chunks(objective, names, chunk_size, memory_cap)
+    for chunk in chunks:
+        out = _merge(out, _chunk_moments(chunk, method))
     return out
 
 
 # -- the hook path --------------------------------------------------------------------------------
 
-Record = List[Optional[torch.Tensor]]  # [layer input, gradient of the layer output]
+Record = List[Any]  # [layer input, gradient of the layer output(, output shape)]
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -407,17 +490,13 @@ def _rule(module: nn.Module) -> Optional[Callable]:
 def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
     """Supported layers and, for each, ``{attribute: parameter name}`` of the tensors to hook."""
     model = objective.model
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    # a tensor held by two modules (tied weights) gets gradient from both: vmap. One module reachable
+    # under two names (an alias) is hooked once and sees all its calls: fine.
+    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     name_of = {id(p): n for n, p in model.named_parameters()}
-    seq_first = set()
-    for module in model.modules():
-        # a sequence-first module (or one holding one, like nn.TransformerEncoderLayer) feeds its layers
-        # [T, B, ...]: their leading dimension is not the batch
-        if any(getattr(m, "batch_first", True) is False for m in (module, *module.children())):
-            seq_first.update(id(m) for m in module.modules())
     plan = OrderedDict()
     for module in model.modules():
-        if id(module) in seq_first or _rule(module) is None:
+        if _rule(module) is None:
             continue
         attrs = {}
         for attr, p in module.named_parameters(recurse=False):
@@ -429,9 +508,67 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
     return plan
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-3) -> bool:
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
-    return float((a.double() - b.double()).abs().max()) <= rtol * scale
+HookSums = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, int]
+# (sum_i (g_i - c), sum_i (g_i - c)**2, the shift c or None, a bound >= sum of |terms| of sum_i g_i (None: sum_i g_i
+# is autograd's own), number of terms)
+
+HOT = 0.5  # recompute in float64 where n * mean**2 exceeds this share of sum g**2 (float32 would cancel)
+
+
+def _agrees(autograd: torch.Tensor, hooked: torch.Tensor, bound: torch.Tensor, terms: int) -> bool:
+    """Whether autograd's batch gradient equals the hooks' ``sum_i g_i`` up to rounding, element by element.
+
+    Exact for what it certifies: any use of the weight the hooks did not see (``F.linear`` on the
+    same weight elsewhere) shows up as a difference above the rounding bound of the summation,
+    ``16 eps sqrt(terms) sum |terms|`` per element (eps of TF32 for float32 on CUDA). Works in
+    cache-sized pieces. (The structural check of :func:`_graph_uses` comes first; this one also
+    vouches for the arithmetic of the rules that materialise per-sample gradients.)
+    """
+    dtype = torch.promote_types(_compute_dtype(autograd), hooked.dtype)
+    eps = max(float(torch.finfo(autograd.dtype).eps), float(torch.finfo(_compute_dtype(hooked)).eps))
+    if autograd.is_cuda and dtype == torch.float32:
+        eps = max(eps, 2.0**-10)
+    tiny = float(torch.finfo(autograd.dtype).tiny) * terms
+    scale = 16 * eps * math.sqrt(terms)
+    a, h, b = autograd.reshape(-1), hooked.reshape(-1), bound.reshape(-1)
+    step = PIECE if a.device.type == "cpu" else max(a.numel(), 1)
+    for start in range(0, a.numel(), step):
+        part = slice(start, start + step)
+        diff = a[part].to(dtype) - h[part]
+        if not bool((diff.abs_() <= b[part].to(dtype).mul_(scale).add_(tiny)).all()):
+            return False
+    return True
+
+
+def _hot_rows(s1: torch.Tensor, s2: torch.Tensor, count: int) -> torch.Tensor:
+    """Rows with a coordinate whose spread float32's ``s2 - s1**2 / n`` would resolve badly."""
+    s1, s2 = s1.reshape(s1.shape[0], -1), s2.reshape(s2.shape[0], -1)
+    rows = max(1, PIECE // max(1, s1.shape[1])) if s1.device.type == "cpu" else max(1, s1.shape[0])
+    out = torch.empty(s1.shape[0], dtype=torch.bool, device=s1.device)
+    for start in range(0, s1.shape[0], rows):
+        part = slice(start, start + rows)
+        # s2 - s1**2 / (HOT n) < 0, one fused temporary
+        torch.any(torch.addcmul(s2[part], s1[part], s1[part], value=-1.0 / (HOT * count)).lt_(0), 1, out=out[part])
+    return out
+
+
+class _Shifted:
+    """Sums of ``g - c`` and ``(g - c)**2`` over chunks of materialised per-sample gradients.
+
+    The shift ``c`` is the first sample's gradient: near the mean at high SNR, so the squares do not
+    cancel in float32 (``sum g**2 - n mean**2`` lost 13% of a layer's GSNR at SNR ~1e4).
+    """
+
+    def __init__(self):
+        self.s1 = self.s2 = self.shift = None
+
+    def add(self, g: torch.Tensor) -> None:
+        if self.shift is None:
+            self.shift = g[0].clone()
+            self.s1, self.s2 = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
+        d = g - self.shift
+        self.s1 += d.sum(0)
+        self.s2 += d.square_().sum(0)
 
 
 def _chunks(size: int, per_sample_bytes: int, memory_cap: int) -> Iterator[slice]:
@@ -444,33 +581,41 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int):
-    """``{attr: (sum_i g_i**2, check)}`` where ``check(autograd sum_i g_i) -> bool``."""
+def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads) -> Dict[str, HookSums]:
     dtype = _compute_dtype(records[0][1])
     if len(records) == 1 and records[0][0].dim() == 2:
         x, dy = records[0][0].to(dtype), records[0][1].to(dtype)
         out = {}
         if "weight" in attrs:
-            hook_rows = dy.T @ x.sum(1)  # cheap check: row sums of sum_i dy_i x_i^T
-            out["weight"] = (dy.square().T @ x.square(), lambda s1, r=hook_rows: _close(s1.sum(1), r))
+            # sum_i g_i is autograd's (the graph check certified that the hooks saw every use)
+            s1, s2 = grads[attrs["weight"]], dy.square().T @ x.square()
+            hot = _hot_rows(s1, s2, size)
+            if bool(hot.any()):
+                rows = hot.nonzero()[:, 0]
+                dy64, x64 = dy[:, rows].double(), x.double()
+                s1, s2 = s1.double(), s2.double()
+                s1[rows], s2[rows] = dy64.T @ x64, dy64.square().T @ x64.square()
+            out["weight"] = (s1, s2, None, None, size)
         if "bias" in attrs:
-            s1_bias = dy.sum(0)
-            out["bias"] = (dy.square().sum(0), lambda s1, r=s1_bias: _close(s1, r))
+            d = dy.double()
+            out["bias"] = (d.sum(0), d.square().sum(0), None, dy.abs().sum(0), size)
         return out
     xs = torch.cat([r[0].reshape(size, -1, r[0].shape[-1]) for r in records], 1).to(dtype)
     dys = torch.cat([r[1].reshape(size, -1, r[1].shape[-1]) for r in records], 1).to(dtype)
     itemsize = torch.finfo(dtype).bits // 8
-    sums = {a: [0.0, 0.0] for a in attrs}
+    sums = {a: _Shifted() for a in attrs}
+    bounds = {}
+    if "weight" in attrs:
+        bounds["weight"] = dys.abs().reshape(-1, dys.shape[-1]).T @ xs.abs().reshape(-1, xs.shape[-1])
+    if "bias" in attrs:
+        bounds["bias"] = dys.abs().sum((0, 1))
     for part in _chunks(size, 2 * itemsize * module.weight.numel(), cap):
         if "weight" in attrs:
-            g = torch.einsum("bto,bti->boi", dys[part], xs[part])
-            sums["weight"][0] = sums["weight"][0] + g.sum(0)
-            sums["weight"][1] = sums["weight"][1] + g.square().sum(0)
+            sums["weight"].add(torch.einsum("bto,bti->boi", dys[part], xs[part]))
         if "bias" in attrs:
-            g = dys[part].sum(1)
-            sums["bias"][0] = sums["bias"][0] + g.sum(0)
-            sums["bias"][1] = sums["bias"][1] + g.square().sum(0)
-    return {a: (s2, lambda t, s1=s1: _close(t, s1)) for a, (s1, s2) in sums.items()}
+            sums["bias"].add(dys[part].sum(1))
+    terms = xs.shape[0] * xs.shape[1]
+    return {a: (t.s1, t.s2, t.shift, bounds[a], terms) for a, t in sums.items()}
 
 
 def _conv_padding(module: nn.Module, spatial: int) -> List[Tuple[int, int]]:
@@ -486,7 +631,7 @@ def _conv_padding(module: nn.Module, spatial: int) -> List[Tuple[int, int]]:
     return [(p, p) for p in module.padding]
 
 
-def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], size: int, cap: int):
+def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads):
     one_d = isinstance(module, nn.Conv1d)
     dtype = _compute_dtype(records[0][1])
     pads = _conv_padding(module, 1 if one_d else 2)
@@ -501,22 +646,23 @@ def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], 
 
     weight_numel = module.weight.numel()
     per_sample = torch.finfo(dtype).bits // 8 * (2 * weight_numel + sum(r[0][0].numel() for r in records) * math.prod(kernel))
-    sums = {a: [0.0, 0.0] for a in attrs}
+    sums = {a: _Shifted() for a in attrs}
+    bounds = {a: 0.0 for a in attrs}
+    terms = 0
     for part in _chunks(size, per_sample, cap):
         cols = torch.cat([columns(r[0][part].to(dtype)) for r in records], 2)
         dys = torch.cat([r[1][part].to(dtype).reshape(cols.shape[0], module.out_channels, -1) for r in records], 2)
+        terms += cols.shape[0] * cols.shape[2]
         if "weight" in attrs:
-            g = torch.einsum("bol,bkl->bok", dys, cols).reshape(-1, *module.weight.shape)
-            sums["weight"][0] = sums["weight"][0] + g.sum(0)
-            sums["weight"][1] = sums["weight"][1] + g.square().sum(0)
+            sums["weight"].add(torch.einsum("bol,bkl->bok", dys, cols).reshape(-1, *module.weight.shape))
+            bounds["weight"] = bounds["weight"] + torch.einsum("bol,bkl->ok", dys.abs(), cols.abs()).reshape(module.weight.shape)
         if "bias" in attrs:
-            g = dys.sum(2)
-            sums["bias"][0] = sums["bias"][0] + g.sum(0)
-            sums["bias"][1] = sums["bias"][1] + g.square().sum(0)
-    return {a: (s2, lambda t, s1=s1: _close(t, s1)) for a, (s1, s2) in sums.items()}
+            sums["bias"].add(dys.sum(2))
+            bounds["bias"] = bounds["bias"] + dys.abs().sum((0, 2))
+    return {a: (t.s1, t.s2, t.shift, bounds[a], terms) for a, t in sums.items()}
 
 
-def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str, str], size: int, cap: int):
+def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads):
     dtype = _compute_dtype(records[0][1])
     vocab, dim = module.weight.shape
     idx = torch.cat([r[0].reshape(size, -1) for r in records], 1)
@@ -530,21 +676,111 @@ def _embedding_sums(module: nn.Embedding, records: List[Record], attrs: Dict[str
     token = unique % vocab
     s1 = torch.zeros(vocab, dim, dtype=dtype, device=dy.device).index_add_(0, token, rows)
     s2 = torch.zeros(vocab, dim, dtype=dtype, device=dy.device).index_add_(0, token, rows.square())
-    return {"weight": (s2, lambda t: _close(t, s1))}
+    hot = _hot_rows(s1, s2, size)
+    if bool(hot.any()):  # tokens whose float32 squares would cancel: those rows again in float64
+        pick = hot[token]
+        rows64, token64 = rows[pick].double(), token[pick]
+        s1, s2 = s1.double(), s2.double()
+        s1[hot] = 0.0
+        s2[hot] = 0.0
+        s1.index_add_(0, token64, rows64)
+        s2.index_add_(0, token64, rows64.square())
+    bound = torch.zeros(vocab, dim, dtype=dtype, device=dy.device).index_add_(0, idx[keep], dy[keep].abs())
+    return {"weight": (s1, s2, None, bound, int(keep.sum()))}
+
+
+def _graph_uses(root: torch.Tensor) -> Counter:
+    """How many edges of the autograd graph of ``root`` lead into each leaf tensor (by ``id``).
+
+    A layer call uses its weight once; any other use (``F.linear(h, layer.weight)`` elsewhere, a
+    regulariser) adds an edge the forward hooks never saw.
+    """
+    uses: Counter = Counter()
+    if root.grad_fn is None:
+        return uses
+    seen, stack = {root.grad_fn}, [root.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None:
+                continue
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] += 1
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return uses
+
+
+def _autocast_on() -> bool:
+    try:
+        return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    except TypeError:  # torch < 2.4 takes no device
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _probe_size(size: int) -> int:
+    return size // 2 if size >= 4 else size - 1
+
+
+def _call_shapes(objective: Objective, plan, batch: Any) -> Optional[Dict[nn.Module, List[Tuple[torch.Size, torch.Size]]]]:
+    """``(input shape, output shape)`` of every call of the planned layers on ``batch`` (None if it fails)."""
+    shapes: Dict[nn.Module, List[Tuple[torch.Size, torch.Size]]] = {m: [] for m in plan}
+
+    def forward_hook(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            shapes[module].append((inputs[0].shape, output.shape))
+        else:
+            shapes[module].append(None)
+
+    handles = [m.register_forward_hook(forward_hook) for m in plan]
+    try:
+        with objective.measuring(), torch.no_grad():
+            objective.sample_losses(objective.params, batch)
+    except Exception:  # noqa: BLE001 - no evidence: no layer is hooked, vmap decides
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _batch_dim(full: Tuple[torch.Size, torch.Size], probe: Tuple[torch.Size, torch.Size], size: int, small: int) -> Optional[int]:
+    """The one dimension that is the batch in a layer call's input and output, or None.
+
+    Evidence that cannot coincide: the same call on a smaller batch. The batch dimension is the
+    only one whose size changes, from ``size`` to ``small``, in input and output alike; a
+    dimension that merely equals the batch size (sequence-first ``[T, B, ...]`` with T == B) does
+    not change.
+    """
+    dims = set()
+    for a, b in zip(full, probe):
+        if len(a) != len(b):
+            return None
+        changed = [d for d in range(len(a)) if a[d] != b[d]]
+        if len(changed) != 1 or a[changed[0]] != size or b[changed[0]] != small:
+            return None
+        dims.add(changed[0])
+    return dims.pop() if len(dims) == 1 else None
 
 
 def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientMoments, List[str]]:
     """Moments of the hooked tensors, and the names left for the vmap path."""
     size = objective.batch_size
+    small = _probe_size(size)
+    probe = _call_shapes(objective, plan, _slice_batch(objective.batch, 0, small, size))
+    if probe is None:
+        return None, list(objective.params)
     records: Dict[nn.Module, List[Record]] = {m: [] for m in plan}
 
     def forward_hook(module, inputs, output):
         if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            records[module].append([None, None, None])
             return
+        record: Record = [inputs[0].detach(), None, output.shape]
+        records[module].append(record)
         if not output.requires_grad:
             return
-        record: Record = [inputs[0].detach(), None]
-        records[module].append(record)
 
         def keep(gradient):
             record[1] = gradient.detach()
@@ -559,24 +795,39 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             if losses.dim() != 1 or losses.shape[0] != size:
                 raise NotPerSampleError(f"expected one loss per sample (shape [{size}]), got {tuple(losses.shape)}")
             check_finite(losses.detach(), "the per-sample losses")
-            grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+            total = losses.sum()
+            uses = _graph_uses(total)
+            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     finally:
         for h in handles:
             h.remove()
     s1 = OrderedDict((n, torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads))
-    done_sums, done_sq = OrderedDict(), OrderedDict()
+    done_sums, done_sq, shifts = OrderedDict(), OrderedDict(), {}
     for module, attrs in plan.items():
-        recs = [r for r in records[module] if r[1] is not None]
-        if not recs or any(r[0].shape[0] != size or r[1].shape[0] != size for r in recs):
+        calls = records[module]
+        if len(calls) != len(probe[module]) or not calls:
             continue
-        for attr, (s2, check) in _rule(module)(module, recs, attrs, size, chunk_cap).items():
+        dims = [None if r[0] is None or p is None else _batch_dim((r[0].shape, r[2]), p, size, small)
+                for r, p in zip(calls, probe[module])]
+        if any(d is None for d in dims) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(dims)):
+            continue
+        recs = [[r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
+        if not recs:
+            continue
+        # every use of a hooked tensor in the loss's graph must be one of the calls the hooks saw
+        attrs = {a: n for a, n in attrs.items() if uses.get(id(params[n]), 0) == len(recs)}
+        if not attrs:
+            continue
+        for attr, (h1, h2, shift, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap, s1).items():
             name = attrs[attr]
-            if check(s1[name]):
-                done_sums[name], done_sq[name] = s1[name], s2
+            if bound is None or _agrees(s1[name], h1 if shift is None else h1 + size * shift, bound, terms):
+                done_sums[name], done_sq[name] = h1, h2
+                if shift is not None:
+                    shifts[name] = shift
     rest = [n for n in objective.params if n not in done_sums]
     if not done_sums:
         return None, rest
-    return GradientMoments.from_sums(size, done_sums, done_sq, "hooks"), rest
+    return GradientMoments.from_sums(size, done_sums, done_sq, "hooks", shifts), rest
 
 
 def per_sample_moments(
@@ -591,7 +842,8 @@ def per_sample_moments(
 
     Args:
         objective: the loss; must be a mean of independent per-sample losses.
-        method: ``"auto"`` (hooks where they apply, vmap for the other tensors) or ``"vmap"``.
+        method: ``"auto"`` (hooks where they apply, vmap for the other tensors) or ``"vmap"``;
+            either way a per-sample loop replaces vmap when vmap cannot trace the model.
         chunk_size: samples per vmap chunk (default: sized to ``memory_cap``).
         memory_cap: bytes of working memory per chunk, for the vmap path and for the hook path's
             per-layer per-sample gradients of sequence, convolution and repeated layers.
@@ -619,7 +871,7 @@ def per_sample_moments(
     names = list(objective.params)
     parts = []
     rest = names
-    if method == "auto":
+    if method == "auto" and not _autocast_on():  # autocast's weight cache hides uses from the graph check
         plan = _hook_plan(objective)
         if plan:
             hooked, rest = _hook_moments(objective, plan, memory_cap)

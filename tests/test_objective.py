@@ -122,3 +122,46 @@ def test_measuring_restores_modes_that_the_measured_code_changed():
     with obj.measuring():
         net.train()  # e.g. a dynscope_loss that calls model.train()
     assert not any(m.training for m in net.modules())
+
+
+@pytest.mark.parametrize("kind", ["aliased", "tied"])
+def test_every_measurement_leaves_every_attribute_the_same_object(kind):
+    # functional_call(tie_weights=True) used to leave plain tensors (or functorch wrappers) in the
+    # second slot of a tensor held twice: the optimizer then updated orphaned Parameters
+    import copy
+
+    from identity import Aliased, TiedLM, attribute_identity
+
+    from dynscope import hessian_trace, local_complexity, per_sample_grads, per_sample_moments, top_eigenvalues
+    from dynscope.hvp import hvp
+
+    torch.manual_seed(0)
+    if kind == "aliased":
+        net, (x, y) = Aliased().eval(), classification_data(8, (4,))
+    else:
+        net, (x, y) = TiedLM(), classification_data(8, (3,), classes=7, vocab=7)
+    before = attribute_identity(net)
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    steps = {
+        "value": lambda o: o.value(),
+        "gradient": lambda o: o.gradient(),
+        "sample_losses": lambda o: o.sample_losses(),
+        "hvp": lambda o: hvp(o, o.gradient()),
+        "trace": lambda o: hessian_trace(o, num_matvecs=4, seed=0),
+        "eigen": lambda o: top_eigenvalues(o, max_iter=5),
+        "moments": lambda o: per_sample_moments(o),
+        "moments_vmap": lambda o: per_sample_moments(o, "vmap"),
+        "per_sample_grads": lambda o: per_sample_grads(o, chunk_size=3),
+    }
+    if kind == "aliased":
+        steps["local_complexity"] = lambda o: local_complexity(net, x, 0.1, num_directions=2)
+    for mode in ("eval", "train"):
+        for what, step in steps.items():
+            if mode == "train" and what.startswith(("moments", "per_sample")) and kind == "aliased":
+                continue  # BatchNorm in train mode has no per-sample gradients
+            step(Objective(net, F.cross_entropy, (x, y), mode=mode))
+            assert attribute_identity(net) == before, f"{what} ({mode}) replaced a module attribute"
+    for n, p in net.named_parameters():
+        assert type(p) is nn.Parameter and torch.equal(p, params[n]), n
+    copy.deepcopy(net)  # a leaked functorch wrapper cannot be deep-copied
+    torch.save(net.state_dict(), __import__("io").BytesIO())
