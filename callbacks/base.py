@@ -2,7 +2,10 @@
 
 Scheduling, choosing the batch to measure on, building the objective through the loss protocol,
 timing, logging on rank zero, and failure handling: a diagnostic that fails warns once and is
-skipped for that step; the user's training goes on (unless ``strict=True``).
+skipped for that step; the user's training goes on (unless ``strict=True``). Under DDP the
+outcome of each measurement is agreed across ranks (one small all-reduce at its end, and a failure
+flag in every reduction inside it), so it is skipped, or the diagnostic dropped, on every rank or
+none (the rule is in :mod:`dynscope.callbacks.distributed`).
 
 When: at the first micro-batch of each optimizer step the callback decides whether it measures
 after that step (its schedule says so, or an earlier measurement is still pending, and a budget
@@ -22,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from dynscope.objective import Objective
 
 from ._lightning import CallbackBase
-from .distributed import unsupported_strategy
+from .distributed import on_every_rank, unsupported_strategy
 from .logging import log_scalars, tag
 from .protocol import LossProtocolError, module_objective, quiet_logging
 from .schedule import Schedule, ScheduleKind
@@ -180,7 +183,8 @@ class DiagnosticCallback(CallbackBase):
         start = time.perf_counter()
         try:
             with quiet_logging(pl_module):
-                metrics = self.measure(trainer, pl_module, batch)
+                # the outcome (measured, skipped, does not apply) is agreed across ranks: see .distributed
+                metrics = on_every_rank(trainer, lambda: self.measure(trainer, pl_module, batch), pl_module.device)
         except LossProtocolError:
             raise
         except Exception as error:  # noqa: BLE001 - a failing diagnostic must not end the run

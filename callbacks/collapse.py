@@ -213,7 +213,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         ), pl_module.device)
         out.update(fractions(reduce(counts) if reduce else counts))
         if self.held_data == "val":
-            held = self._held_counts(trainer, pl_module)
+            held = on_every_rank(trainer, lambda: self._held_counts(trainer, pl_module), pl_module.device)
             if held is not None:
                 out.update(fractions(reduce(held) if reduce else held, "held_", "held_accuracy"))
         if self.nlm and self._alignment is not None and (

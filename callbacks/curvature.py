@@ -12,7 +12,7 @@ from dynscope import HessianOperator, ScaledOperator, hessian_trace, top_eigenva
 from dynscope.params import detached_params
 
 from .base import DiagnosticCallback
-from .distributed import mean_over_ranks, on_every_rank
+from .distributed import mean_over_ranks, on_every_rank, reduce_computed
 from .protocol import find_loss_fn
 
 
@@ -208,9 +208,7 @@ class Curvature(DiagnosticCallback):
                 if update.keys() == set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
                     out["update_sharpness"] = _reduced_sharpness(op, update)
             self._before = None
-            gradient = objective.gradient()
-            if reduce is not None:
-                gradient = OrderedDict((n, reduce(g)) for n, g in gradient.items())
+            gradient = objective.gradient() if reduce is None else _reduced_gradient(objective, reduce)
             if any(bool(g.any()) for g in gradient.values()):
                 out["grad_sharpness"] = _reduced_sharpness(op, gradient)
         return out
@@ -225,6 +223,13 @@ class Curvature(DiagnosticCallback):
         super().load_state_dict(state_dict)
         self._eigvec = state_dict.get("eigenvector")
         self._pre_eigvec = state_dict.get("preconditioned_eigenvector")
+
+
+def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:
+    """The gradient averaged over ranks, in one reduction that a failing rank still joins."""
+    layout = objective.layout
+    like = torch.zeros(layout.numel, dtype=objective.dtype, device=objective.device)
+    return layout.unflatten(reduce_computed(reduce, lambda: layout.flatten(objective.gradient(), batch_dims=0), like))
 
 
 def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) -> float:

@@ -45,9 +45,11 @@ class GradientNoise(DiagnosticCallback):
     hook fast path for Linear, Conv1d/2d and Embedding layers and from ``vmap`` for the rest (see
     :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``.
 
-    The loss must be a mean of per-sample losses (checked on the first measurement); otherwise
-    training stops with a :class:`~dynscope.callbacks.LossProtocolError` saying how to provide
-    per-sample losses.
+    The loss must be a mean of per-sample losses (checked on the first measurement, within a
+    tolerance scaled to the loss's dtype); otherwise training stops with a
+    :class:`~dynscope.callbacks.LossProtocolError` saying how to provide per-sample losses
+    (:class:`~dynscope.callbacks.DynScope` drops the diagnostic instead). A non-finite loss (a NaN
+    sample) skips that measurement with one warning, and the check waits for a finite batch.
 
     Args:
         per_layer: log ``gsnr/<layer>``.
@@ -119,13 +121,18 @@ class GradientNoise(DiagnosticCallback):
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         objective = self.objective(pl_module, batch)
-        try:
-            moments = on_every_rank(trainer, lambda: per_sample_moments(
-                objective, self.method, chunk_size=self.chunk_size,
-                memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
-            ), pl_module.device)
-        except NotPerSampleError as error:
-            raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
+
+        def local():
+            try:
+                return per_sample_moments(
+                    objective, self.method, chunk_size=self.chunk_size,
+                    memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
+                )
+            except NotPerSampleError as error:  # does not apply: dropped (on every rank alike under DDP)
+                raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
+
+        # A non-finite loss skips this measurement (NonFiniteError) and leaves the check for the next.
+        moments = on_every_rank(trainer, local, pl_module.device)
         self._checked = True
         out: Dict[str, float] = {}
         reduce = sum_over_ranks(trainer)

@@ -368,7 +368,32 @@ class DynScope(CallbackBase):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._each("setup", trainer, pl_module, stage)
         if stage == "fit":
+            # A new fit starts new accounts (a resume restores them after this, in load_state_dict).
+            self.reset_budget()
             write_layout(trainer, ("overhead",))
+
+    def reset_budget(self) -> None:
+        """Start the budget's accounts afresh: time spent, training time, costs, stretches.
+
+        Called at the start of every ``fit`` (before a checkpoint's state is restored), so that a
+        DynScope reused for a second ``fit`` does not weigh the time spent in the first one against
+        the training time of the second.
+        """
+        self.seconds = 0.0
+        self.elapsed_before = 0.0
+        self.costs = {}
+        self.near = {name: False for name in self.callbacks}
+        self._previous = {}
+        self._fit_start = None
+        self._planned = -1
+        self._admitted = []
+        self._active = []
+        self._measured = False
+        self._logged_at = -(10**9)
+        self._fits_at = 0.0
+        for child in self.callbacks.values():
+            child.seconds_spent = 0.0
+            child.set_stretch(1.0)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()

@@ -206,3 +206,62 @@ def test_out_of_memory_in_the_per_sample_kernel_halves_the_chunk_and_gives_the_s
     assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) == 4
     for name in expected:
         torch.testing.assert_close(squeezed[name], expected[name])
+
+
+# -- NaN samples and low precision in the per-sample check (issue 15 items 2, 13) ------------------------------
+class NaNSample(Classifier):
+    """Training leaves out samples with non-finite inputs; dynscope's loss sees them (the first batch holds one)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        keep = x.isfinite().all(1)
+        return F.cross_entropy(self(x[keep]), y[keep])
+
+    def dynscope_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y, reduction="none")
+
+
+def nan_sample_fit(callbacks, steps=3):
+    torch.manual_seed(0)
+    module = NaNSample(mlp((4, 8, 3)), lr=0.1)
+    x, y = classification_data(64, (4,))
+    x[3, 1] = float("nan")  # in the batch of step 1, the first (unchecked) per-sample measurement
+    trainer(max_steps=steps, callbacks=list(callbacks)).fit(module, loader(x, y, batch_size=8))
+    return module, (x, y)
+
+
+def last_batch_grad_norm(module, x, y, step):
+    batch = (x[8 * (step - 1) : 8 * step], y[8 * (step - 1) : 8 * step])
+    gradient = Objective(module, F.cross_entropy, batch).gradient()
+    return float(torch.sqrt(sum(g.double().square().sum() for g in gradient.values())))
+
+
+def test_a_nan_sample_skips_that_gradient_noise_measurement_with_one_warning():
+    noise = GradientNoise(every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match="not finite") as record:
+        module, (x, y) = nan_sample_fit([noise])
+    assert sum("dynscope" in str(w.message) for w in record) == 1
+    assert noise.num_measurements == 3 and noise._checked  # steps 2 and 3 measured (and checked)
+    assert noise.last_metrics["grad_norm"] == pytest.approx(last_batch_grad_norm(module, x, y, 3), rel=1e-5)
+
+
+def test_a_nan_sample_at_the_first_check_does_not_make_dynscope_drop_gradient_noise():
+    from dynscope.callbacks import DynScope
+
+    scope = DynScope(budget=None, curvature=False, collapse=False, regions=False, noise={"every_n_steps": 1})
+    with pytest.warns(RuntimeWarning, match="not finite") as record:
+        module, (x, y) = nan_sample_fit([scope])
+    assert not any("left out of this run" in str(w.message) for w in record)
+    noise = scope.callbacks["noise"]
+    assert noise.last_metrics["grad_norm"] == pytest.approx(last_batch_grad_norm(module, x, y, 3), rel=1e-5)
+
+
+def test_gradient_noise_under_bf16_true_passes_the_per_sample_check():
+    noise = GradientNoise(every_n_steps=1, strict=True)
+    module, (x, y) = fit([noise], steps=2, precision="bf16-true", batch_size=32)
+    assert next(module.parameters()).dtype == torch.bfloat16
+    batch = (x[32:64].bfloat16(), y[32:64])
+    gradient = Objective(module, F.cross_entropy, batch).gradient()
+    expected = float(torch.sqrt(sum(g.double().square().sum() for g in gradient.values())))
+    assert noise.num_measurements == 2 and noise.last_metrics["grad_norm"] == pytest.approx(expected, rel=2e-2)
