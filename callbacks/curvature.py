@@ -88,6 +88,11 @@ class Curvature(DiagnosticCallback):
         per_layer: log the per-tensor traces.
         seed: base seed of the probe vectors (the step is added, the same on every rank).
         chunk_size: probes per batched HVP call (default: sized to a memory cap).
+        checkpoint_eigenvectors: keep the last top eigenvector(s) in checkpoints, to warm-start
+            Lanczos after a resume exactly as in an uninterrupted run. Each is parameter-sized (two
+            with an Adam-type optimizer: the preconditioned one too), so the callback's state adds
+            one or two copies of the weights to each checkpoint; ``False`` leaves them out (a
+            resumed run then starts Lanczos afresh: ``lambda_max`` agrees to ``eigen_tol``).
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
     Example:
@@ -120,6 +125,7 @@ class Curvature(DiagnosticCallback):
         mode: str = "eval",
         seed: int = 0,
         chunk_size: Optional[int] = None,
+        checkpoint_eigenvectors: bool = True,
         strict: bool = False,
     ) -> None:
         super().__init__(
@@ -144,6 +150,7 @@ class Curvature(DiagnosticCallback):
         self.per_layer = per_layer
         self.seed = seed
         self.chunk_size = chunk_size
+        self.checkpoint_eigenvectors = checkpoint_eigenvectors
         self._before: Optional[Dict[str, torch.Tensor]] = None
         self._eigvec: Optional[torch.Tensor] = None
         self._pre_eigvec: Optional[torch.Tensor] = None
@@ -215,8 +222,9 @@ class Curvature(DiagnosticCallback):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state["eigenvector"] = self._eigvec
-        state["preconditioned_eigenvector"] = self._pre_eigvec
+        if self.checkpoint_eigenvectors:
+            state["eigenvector"] = self._eigvec
+            state["preconditioned_eigenvector"] = self._pre_eigvec
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import torch
 from dynscope.regions import PIECEWISE_LINEAR, SMOOTH, local_complexity, random_points_in_box
 
 from .base import DiagnosticCallback
-from .protocol import LossProtocolError
+from .protocol import LossProtocolError, _describe
 
 INPUTS_HELP = (
     "LinearRegions reads the inputs of (x, y) batches or of tensor batches; for other batch structures "
@@ -30,7 +30,7 @@ def module_inputs(module, batch: Any) -> torch.Tensor:
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         inputs = batch[0]
     else:
-        raise LossProtocolError(f"cannot find the inputs in a batch of type {type(batch).__name__}: {INPUTS_HELP}")
+        raise LossProtocolError(f"cannot find the inputs in {_describe(batch)}: {INPUTS_HELP}")
     if not isinstance(inputs, torch.Tensor):
         raise LossProtocolError(f"the inputs must be a tensor, got {type(inputs).__name__}: {INPUTS_HELP}")
     return inputs

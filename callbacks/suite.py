@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -183,18 +184,18 @@ class DynScope(CallbackBase):
         common = dict(mode=mode, strict=strict)
         built: Dict[str, DiagnosticCallback] = OrderedDict()
         if curvature is not False:
-            built["curvature"] = Curvature(loss_fn=loss_fn, **common, **_options("curvature", curvature))
+            built["curvature"] = Curvature(loss_fn=loss_fn, **common, **_options("curvature", curvature, Curvature))
         if noise is not False:
-            built["noise"] = GradientNoise(loss_fn=loss_fn, **common, **_options("noise", noise))
+            built["noise"] = GradientNoise(loss_fn=loss_fn, **common, **_options("noise", noise, GradientNoise))
         if collapse is not False:
             kind = AutoStableMax if "stablemax" in mitigate else SoftmaxCollapse
             orthograd = {"orthograd": True} if "orthograd" in mitigate else {}
-            built["collapse"] = kind(**common, **orthograd, **_options("collapse", collapse))
+            built["collapse"] = kind(**common, **orthograd, **_options("collapse", collapse, kind))
         if regions is not False:
-            built["regions"] = LinearRegions(strict=strict, **_options("regions", regions))
+            built["regions"] = LinearRegions(strict=strict, **_options("regions", regions, LinearRegions))
         if metric is not None:
             kind = AutoEMA if "ema" in mitigate else VarianceAmplification
-            built["gva"] = kind(metric, loss_fn=loss_fn, **common, **_options("gva", gva or {}))
+            built["gva"] = kind(metric, loss_fn=loss_fn, **common, **_options("gva", gva or {}, kind))
         for name, child in (extra or {}).items():
             if name in built or not isinstance(child, DiagnosticCallback):
                 raise ValueError(f"extra takes new names for DiagnosticCallback instances, got {name!r}: {child!r}")
@@ -474,11 +475,21 @@ def _does_not_apply(error: BaseException) -> bool:
     return isinstance(error, (LossProtocolError, ValueError))
 
 
-def _options(name: str, given: Options) -> Dict[str, Any]:
+def _options(name: str, given: Options, kind: Optional[type] = None) -> Dict[str, Any]:
     if given is True:
         given = {}
     if not isinstance(given, dict):
         raise TypeError(f"{name} takes True, False or a dict of arguments for its callback, got {given!r}")
+    if kind is not None:
+        accepted = set(inspect.signature(kind.__init__).parameters) - {"self"}
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            hint = ""
+            if kind is VarianceAmplification and set(unknown) <= set(inspect.signature(AutoEMA.__init__).parameters):
+                hint = ": they are options of the EMA mitigation (AutoEMA); add 'ema' to mitigate= to use them"
+            elif kind is SoftmaxCollapse and set(unknown) <= set(inspect.signature(AutoStableMax.__init__).parameters):
+                hint = ": they are options of the StableMax mitigation (AutoStableMax); add 'stablemax' to mitigate="
+            raise ValueError(f"{name}= got unknown options {unknown} for {kind.__name__}{hint}")
     return {**DEFAULTS[name], **given}
 
 

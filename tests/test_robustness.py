@@ -265,3 +265,38 @@ def test_gradient_noise_under_bf16_true_passes_the_per_sample_check():
     gradient = Objective(module, F.cross_entropy, batch).gradient()
     expected = float(torch.sqrt(sum(g.double().square().sum() for g in gradient.values())))
     assert noise.num_measurements == 2 and noise.last_metrics["grad_norm"] == pytest.approx(expected, rel=2e-2)
+
+
+# -- checkpoints, batch structures, options (issue 15 item 15) ------------------------------------------------
+def test_checkpointed_eigenvectors_are_optional():
+    kept, left = Curvature(every_n_steps=2, num_matvecs=4), Curvature(every_n_steps=2, num_matvecs=4,
+                                                                        checkpoint_eigenvectors=False)
+    module, _ = fit([kept], steps=2)
+    fit([left], steps=2)
+    numel = sum(p.numel() for p in module.parameters())
+    assert kept.state_dict()["eigenvector"].shape == (numel,)  # parameter-sized, as documented
+    assert "eigenvector" not in left.state_dict() and left._eigvec is not None
+
+
+def test_a_nested_inputs_batch_gets_a_message_that_says_what_is_wrong():
+    from dynscope.callbacks.protocol import LossProtocolError, module_logits, module_objective
+    from dynscope.callbacks.regions import module_inputs
+
+    batch = ((torch.randn(4, 2), torch.randn(4, 2)), torch.zeros(4, dtype=torch.long))
+    for call in (lambda: module_objective(torch.nn.Linear(2, 2), batch, F.cross_entropy),
+                 lambda: module_logits(torch.nn.Linear(2, 2), batch), lambda: module_inputs(torch.nn.Linear(2, 2), batch)):
+        with pytest.raises(LossProtocolError, match=r"\(x, y\) pair whose x is a tuple of 2, not a tensor") as error:
+            call()
+        assert "dynscope_" in str(error.value)  # and what to define instead
+
+
+def test_mitigation_options_without_the_mitigation_are_a_clear_error():
+    from dynscope.callbacks import DynScope
+
+    with pytest.raises(ValueError, match=r"unknown options \['patience', 'threshold'\].*add 'ema' to mitigate="):
+        DynScope(metric=lambda m: 0.0, gva={"threshold": 5.0, "patience": 2})
+    with pytest.raises(ValueError, match=r"\['patience'\].*add 'stablemax' to mitigate="):
+        DynScope(collapse={"patience": 2})
+    with pytest.raises(ValueError, match=r"curvature= got unknown options \['num_probes'\] for Curvature$"):
+        DynScope(curvature={"num_probes": 2})
+    DynScope(metric=lambda m: 0.0, gva={"threshold": 5.0, "patience": 2}, mitigate=("ema",))  # fine with it
