@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 
 from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
 from dynscope.nn import CrossEntropy
+from dynscope.objective import check_finite
 from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
@@ -81,9 +82,9 @@ def collapse_counts(logits: torch.Tensor, targets: torch.Tensor, dtype, ignore_i
             f"got {getattr(targets, 'dtype', type(targets).__name__)}"
         )
     keep = targets.detach().reshape(-1).to(logits.device) != ignore_index
+    rows = check_finite(logits.detach().reshape(-1, logits.shape[-1])[keep], "the logits")  # else counts of NaN rows
     collapsed = collapsed_rows(logits, dtype)[keep]
     zero = zero_loss_rows(logits, targets, dtype, ignore_index)[keep]
-    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
     labels = targets.detach().reshape(-1).to(logits.device)[keep]
     gaps = logit_gaps(rows).sum() if rows.shape[-1] >= 2 else torch.tensor(float("nan"))
     correct = (rows.argmax(-1) == labels).sum()

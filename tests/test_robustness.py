@@ -300,3 +300,24 @@ def test_mitigation_options_without_the_mitigation_are_a_clear_error():
     with pytest.raises(ValueError, match=r"curvature= got unknown options \['num_probes'\] for Curvature$"):
         DynScope(curvature={"num_probes": 2})
     DynScope(metric=lambda m: 0.0, gva={"threshold": 5.0, "patience": 2}, mitigate=("ema",))  # fine with it
+
+
+# -- non-finite logits and pre-activations (issue 15 item 10) ----------------------------------------------------
+def test_non_finite_logits_and_pre_activations_are_skipped_with_one_warning_not_logged_as_zero():
+    from dynscope.callbacks import LinearRegions
+    from models import Recorder
+
+    torch.manual_seed(0)
+    net = mlp((4, 8, 3))
+    with torch.no_grad():
+        net[0].bias[0] = float("nan")  # one hidden unit is NaN: logits and its pre-activation too
+    collapse = SoftmaxCollapse(every_n_steps=1, nlm=False)
+    regions = LinearRegions(every_n_steps=1, schedule="steps", num_points=8, num_test_points=0, num_random_points=0,
+                            num_directions=2)
+    recorder = Recorder()
+    with pytest.warns(RuntimeWarning, match="not finite") as record:
+        fit([collapse, regions], steps=3, net=net, logger=recorder)
+    assert sum("SoftmaxCollapse" in str(w.message) for w in record) == 1
+    assert sum("LinearRegions" in str(w.message) for w in record) == 1
+    assert collapse.num_measurements == regions.num_measurements == 3
+    assert not [tag for tag in recorder.scalars if tag.startswith(("dynscope/collapse", "dynscope/regions"))]
