@@ -24,6 +24,7 @@ from .base import DiagnosticCallback
 from .distributed import any_rank, on_every_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
+from .regions import rngs_preserved
 
 log = logging.getLogger("dynscope")
 
@@ -228,7 +229,8 @@ class SoftmaxCollapse(DiagnosticCallback):
 
     def _held_counts(self, trainer, pl_module) -> Optional[torch.Tensor]:
         if not self._held:  # fetched once; retried while there is none yet
-            self._held = _first_batches(_val_loader(trainer, pl_module), self.held_batches)
+            with rngs_preserved():  # building the loader's iterator draws a seed from the global RNG
+                self._held = _first_batches(_val_loader(trainer, pl_module), self.held_batches)
         if not self._held:
             self.warn_once("held", "held_data='val' but the trainer has no validation data; held metrics skipped")
             return None

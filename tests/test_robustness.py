@@ -321,3 +321,56 @@ def test_non_finite_logits_and_pre_activations_are_skipped_with_one_warning_not_
     assert sum("LinearRegions" in str(w.message) for w in record) == 1
     assert collapse.num_measurements == regions.num_measurements == 3
     assert not [tag for tag in recorder.scalars if tag.startswith(("dynscope/collapse", "dynscope/regions"))]
+
+
+# -- data loaders and RNGs (issue 15 items 5, 7) -----------------------------------------------------------------
+class Stream(torch.utils.data.IterableDataset):
+    """Samples 0..63 in order; x holds the sample's index."""
+
+    def __iter__(self):
+        for i in range(64):
+            yield torch.full((4,), float(i)), i % 3
+
+
+class Batches0(pl.Callback):
+    def __init__(self):
+        self.first = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.first.append(int(batch[0][0, 0]))
+
+
+def test_linear_regions_never_iterates_the_training_loader():
+    from dynscope.callbacks import LinearRegions
+
+    regions = LinearRegions(every_n_steps=2, schedule="steps", num_points=16, num_test_points=0, num_random_points=4,
+                            num_directions=2)
+    seen = Batches0()
+    torch.manual_seed(0)
+    module = Classifier(mlp((4, 8, 3)), lr=0.01)
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=8, num_workers=1, persistent_workers=True)
+    with pytest.warns(RuntimeWarning, match="lc_train uses the 8 inputs of the first measured batch"):
+        trainer(max_steps=8, callbacks=[seen, regions]).fit(module, stream)
+    assert seen.first == [0, 8, 16, 24, 32, 40, 48, 56]
+    assert regions.train_points[:, 0].tolist() == list(range(8))  # the batch of step 1
+    assert regions.num_measurements == 5 and "lc_train" in regions.last_metrics
+
+
+class DropoutClassifier(Classifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_held_out_collapse_checks_leave_the_rng_alone():
+    def run(callbacks):
+        torch.manual_seed(0)
+        module = DropoutClassifier(mlp((4, 16, 3), dropout=0.5), lr=0.1)
+        x, y = classification_data(64, (4,))
+        trainer(max_steps=6, callbacks=callbacks, num_sanity_val_steps=0, val_check_interval=3).fit(
+            module, loader(x, y, batch_size=8), loader(x[:16], y[:16], batch_size=8, shuffle=True))
+        return weights(module)
+
+    collapse = SoftmaxCollapse(every_n_steps=1, held_data="val", strict=True)
+    assert_same_weights(run([]), run([collapse]))
+    assert "held_sc_fraction" in collapse.last_metrics and collapse.num_measurements == 6
