@@ -7,7 +7,8 @@ outcome of each measurement is agreed across ranks (one small all-reduce at its 
 flag in every reduction inside it), so it is skipped, or the diagnostic dropped, on every rank or
 none (the rule is in :mod:`dynscope.callbacks.distributed`).
 
-When: at the first micro-batch of each optimizer step the callback decides whether it measures
+When: at the first micro-batch of each optimizer step (each training batch under manual
+optimization: see :mod:`dynscope.callbacks.schedule`) the callback decides whether it measures
 after that step (its schedule says so, or an earlier measurement is still pending, and a budget
 gate, if :class:`~dynscope.callbacks.DynScope` set one, admits it). It then measures once, after
 the optimizer stepped, on the step's micro-batches joined (gradient accumulation) or its batch.
@@ -28,7 +29,7 @@ from ._lightning import CallbackBase
 from .distributed import on_every_rank, unsupported_strategy
 from .logging import log_scalars, tag
 from .protocol import LossProtocolError, module_objective, quiet_logging
-from .schedule import Schedule, ScheduleKind
+from .schedule import Schedule, ScheduleKind, steps_done
 
 
 class DiagnosticCallback(CallbackBase):
@@ -81,6 +82,7 @@ class DiagnosticCallback(CallbackBase):
         self.disabled = False  # set when the strategy cannot be measured
         self._pending = False  # due, not yet measured (an overhead budget may defer a measurement)
         self._planned_step = -1  # the optimizer step planned for at its first micro-batch
+        self._automatic = True  # automatic optimization (else steps are training batches: see .schedule)
         self._run_at: Optional[int] = None  # the optimizer step after which to measure
         self._micro: List[Any] = []  # earlier micro-batches of an accumulated step to measure
         # Set by DynScope: budget_gate(callback, step) -> whether a due measurement may run now.
@@ -138,10 +140,11 @@ class DiagnosticCallback(CallbackBase):
         self.schedule.stretch = float(stretch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step + 1
+        step = steps_done(trainer, pl_module) + 1
         if step == self._planned_step:  # a later micro-batch of the same optimizer step
             return
         self._planned_step = step
+        self._automatic = getattr(pl_module, "automatic_optimization", True)
         self._micro = []
         self._run_at = None
         if not self.wants(step):
@@ -159,7 +162,7 @@ class DiagnosticCallback(CallbackBase):
             return
         if self._run_at is None:
             return
-        if trainer.global_step < self._run_at:  # accumulating gradients: the optimizer has not stepped yet
+        if self._automatic and trainer.global_step < self._run_at:  # accumulating: the optimizer has not stepped yet
             self._micro.append(batch)
             return
         batch = join_batches(self._micro + [batch], self.warn_once) if self._micro else batch

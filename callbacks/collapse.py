@@ -194,7 +194,7 @@ class SoftmaxCollapse(DiagnosticCallback):
 
     # -- gradients: read in the step they belong to ------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        step = trainer.global_step + 1
+        step = self._planned_step  # the step of the batch in progress
         if not self.nlm or not (self.schedule.at_epoch_end or self.will_measure(step)):
             return
         try:
@@ -219,7 +219,7 @@ class SoftmaxCollapse(DiagnosticCallback):
             if held is not None:
                 out.update(fractions(reduce(held) if reduce else held, "held_", "held_accuracy"))
         if self.nlm and self._alignment is not None and (
-            self.schedule.at_epoch_end or self._alignment[0] == trainer.global_step
+            self.schedule.at_epoch_end or self._alignment[0] == self._planned_step
         ):
             alignment: NLMAlignment = self._alignment[1]
             out["nlm_cos"] = alignment.global_cos

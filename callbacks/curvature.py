@@ -207,7 +207,7 @@ class Curvature(DiagnosticCallback):
                     out["eos_ratio"] = pre.value / out["eos_threshold"]
 
         if self.sharpness:
-            if self._before is not None and self._snapshot_step == step:
+            if self._before is not None and self._snapshot_step == self._planned_step:
                 update = OrderedDict(
                     (n, p.detach() - self._before[n]) for n, p in detached_params(pl_module).items()
                     if n in self._before

@@ -23,6 +23,7 @@ from .logging import PREFIX, log_scalars
 from .noise import GradientNoise
 from .protocol import LossProtocolError
 from .regions import LinearRegions
+from .schedule import steps_done
 
 Options = Union[bool, Dict[str, Any]]
 MITIGATIONS = ("stablemax", "orthograd", "ema")
@@ -270,7 +271,7 @@ class DynScope(CallbackBase):
             costs, near = synced[2 : 2 + len(names)], synced[2 + len(names) :]
             self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
             self.near = {n: v > 0 for n, v in zip(names, near)}
-        steps = max(trainer.global_step - self._start_step, 1)
+        steps = max(step - 1 - self._start_step, 1)
         self._step_seconds = training / steps
         self.allowance.update(seconds, training)
         if refresh:
@@ -398,7 +399,7 @@ class DynScope(CallbackBase):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
-        self._start_step = trainer.global_step
+        self._start_step = steps_done(trainer, pl_module)
         self._step_seconds = 0.0
         self._counts = {n: c.num_measurements for n, c in self.callbacks.items()}
         self._spent = {n: c.seconds_spent for n, c in self.callbacks.items()}
@@ -406,7 +407,7 @@ class DynScope(CallbackBase):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         start = time.perf_counter()
-        step = trainer.global_step + 1
+        step = steps_done(trainer, pl_module) + 1
         if step != self._planned:  # the first micro-batch of an optimizer step
             if self.allowance is not None:
                 self._plan(trainer, step)

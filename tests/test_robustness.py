@@ -374,3 +374,51 @@ def test_held_out_collapse_checks_leave_the_rng_alone():
     collapse = SoftmaxCollapse(every_n_steps=1, held_data="val", strict=True)
     assert_same_weights(run([]), run([collapse]))
     assert "held_sc_fraction" in collapse.last_metrics and collapse.num_measurements == 6
+
+
+# -- manual optimization with two optimizers (issue 15 item 11) ---------------------------------------------------
+class TwoOptimizers(Classifier):
+    """Manual optimization: the hidden layer and the head each have their own optimizer, both step per batch."""
+
+    def __init__(self):
+        super().__init__(mlp((4, 8, 3)), lr=0.1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        loss = self.criterion(self(x), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[0].parameters(), lr=self.lr),
+                torch.optim.SGD(self.net[2].parameters(), lr=self.lr))
+
+
+def test_under_manual_optimization_with_two_optimizers_cadences_count_training_batches():
+    from dynscope.callbacks import VarianceAmplification
+    from models import Recorder
+
+    curvature = Curvature(every_n_steps=4, num_matvecs=2, eigen_max_iter=3)
+    noise = GradientNoise(every_n_steps=4)
+    collapse = SoftmaxCollapse(every_n_steps=4)
+    gva = VarianceAmplification(lambda m: float(m.net[0].weight.norm()), every_n_steps=4, window=3)
+    recorder = Recorder()
+    torch.manual_seed(0)
+    module = TwoOptimizers()
+    x, y = classification_data(160, (4,))
+    fit_trainer = trainer(max_steps=40, callbacks=[curvature, noise, collapse, gva], logger=recorder)
+    fit_trainer.fit(module, loader(x, y, batch_size=8))  # 20 batches, 40 optimizer steps
+    assert fit_trainer.global_step == 40
+    assert curvature.num_measurements == noise.num_measurements == collapse.num_measurements == 6  # batches 1, 4, ..., 20
+    assert gva.num_measurements == 5
+    # logged against global_step (two optimizer steps per batch), with the update and the NLM alignment in place
+    assert [s for s, _ in recorder.scalars["dynscope/curvature/hessian_trace"]] == [2, 8, 16, 24, 32, 40]
+    assert [s for s, _ in recorder.scalars["dynscope/curvature/update_sharpness"]] == [2, 8, 16, 24, 32, 40]
+    assert [s for s, _ in recorder.scalars["dynscope/collapse/nlm_cos"]] == [2, 8, 16, 24, 32, 40]
+    objective = Objective(module, F.cross_entropy, (x[152:], y[152:]))
+    assert curvature.last_metrics["hessian_trace"] == pytest.approx(hessian_trace(HessianOperator(objective), 2, seed=40).value, rel=1e-5)
