@@ -45,7 +45,8 @@ class GradientNoise(DiagnosticCallback):
     hook fast path for Linear, Conv1d/2d and Embedding layers and from ``vmap`` for the rest (see
     :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``.
 
-    The loss must be a mean of per-sample losses (checked on the first measurement, within a
+    Complex parameters are refused at ``setup`` (with a message saying so). The loss must be a
+    mean of per-sample losses (checked on the first measurement, within a
     tolerance scaled to the loss's dtype); otherwise training stops with a
     :class:`~dynscope.callbacks.LossProtocolError` saying how to provide per-sample losses
     (:class:`~dynscope.callbacks.DynScope` drops the diagnostic instead). A non-finite loss (a NaN
@@ -113,6 +114,14 @@ class GradientNoise(DiagnosticCallback):
 
     def check_module(self, trainer, pl_module) -> None:
         find_loss_fn(pl_module, self.loss_fn)
+        complex_params = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.is_complex()]
+        if complex_params:
+            raise LossProtocolError(
+                f"GradientNoise does not support complex parameters ({', '.join(complex_params[:3])}"
+                f"{', ...' if len(complex_params) > 3 else ''}): its per-sample moments, GSNR and noise scale are "
+                "defined for real gradients (products g*g of complex gradients are not |g|**2). Keep it for real "
+                "models, or view complex weights as real pairs (torch.view_as_real) in the module"
+            )
         if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
             raise LossProtocolError(
                 "GradientNoise(mode='train') cannot measure a model with BatchNorm: in train mode it mixes the "

@@ -422,3 +422,27 @@ def test_under_manual_optimization_with_two_optimizers_cadences_count_training_b
     assert [s for s, _ in recorder.scalars["dynscope/collapse/nlm_cos"]] == [2, 8, 16, 24, 32, 40]
     objective = Objective(module, F.cross_entropy, (x[152:], y[152:]))
     assert curvature.last_metrics["hessian_trace"] == pytest.approx(hessian_trace(HessianOperator(objective), 2, seed=40).value, rel=1e-5)
+
+
+# -- complex parameters (issue 15 item 12) --------------------------------------------------------------------------
+class ComplexFilter(Classifier):
+    """A real loss of a model with one complex weight vector."""
+
+    def __init__(self):
+        super().__init__(mlp((4, 3)), lr=0.1)
+        self.phase = torch.nn.Parameter(torch.randn(4, dtype=torch.cfloat))
+
+    def forward(self, x):
+        return self.net((x * self.phase).abs())
+
+
+def test_gradient_noise_refuses_complex_parameters_clearly():
+    from dynscope.callbacks import DynScope
+    from dynscope.callbacks.protocol import LossProtocolError
+
+    with pytest.raises(LossProtocolError, match=r"does not support complex parameters \(phase\)"):
+        fit([GradientNoise(every_n_steps=1)], steps=2, module_cls=lambda net, lr: ComplexFilter())
+    scope = DynScope(budget=None, curvature=False, collapse=False, regions=False)
+    with pytest.warns(RuntimeWarning, match="noise does not apply to this model.*complex parameters"):
+        fit([scope], steps=2, module_cls=lambda net, lr: ComplexFilter())
+    assert "noise" not in scope.callbacks
