@@ -5,7 +5,8 @@ timing, logging on rank zero, and failure handling: a diagnostic that fails warn
 skipped for that step; the user's training goes on (unless ``strict=True``). Under DDP the
 outcome of each measurement is agreed across ranks (one small all-reduce at its end, and a failure
 flag in every reduction inside it), so it is skipped, or the diagnostic dropped, on every rank or
-none (the rule is in :mod:`dynscope.callbacks.distributed`).
+none (the rule is in :mod:`dynscope.callbacks.distributed`). A ``torch.compile``'d module is
+measured through its original code, leaving the compiled callables untouched (see :func:`eager`).
 
 When: at the first micro-batch of each optimizer step (each training batch under manual
 optimization: see :mod:`dynscope.callbacks.schedule`) the callback decides whether it measures
@@ -16,6 +17,7 @@ the optimizer stepped, on the step's micro-batches joined (gradient accumulation
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
@@ -185,7 +187,7 @@ class DiagnosticCallback(CallbackBase):
             batch = self._batch
         start = time.perf_counter()
         try:
-            with quiet_logging(pl_module):
+            with quiet_logging(pl_module), eager():
                 # the outcome (measured, skipped, does not apply) is agreed across ranks: see .distributed
                 metrics = on_every_rank(trainer, lambda: self.measure(trainer, pl_module, batch), pl_module.device)
         except LossProtocolError:
@@ -218,6 +220,21 @@ class DiagnosticCallback(CallbackBase):
         self.num_measurements = state_dict.get("num_measurements", 0)
         self.schedule.stretch = state_dict.get("stretch", 1.0)
         self._pending = bool(state_dict.get("pending", False))
+
+
+def eager():
+    """Run the enclosed code eagerly, even through ``torch.compile``'d callables, and leave them untouched.
+
+    **Rule: measure through the original, uncompiled module.** A module compiled with
+    ``torch.compile`` (Lightning installs the compiled ``forward`` and ``training_step`` on the
+    module itself) must not see dynscope's evaluations: under ``functional_call`` and the
+    ``torch.func`` transforms they would recompile, fail (the HVP's double backward through
+    inductor's donated buffers) or make dynamo skip the frame for good, so that training falls
+    back to eager (the speed-up lost; with Dropout other weights). Under the ``"force_eager"``
+    stance every compiled callable runs its original Python code and dynamo's caches stay as they are.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _detached_copy(batch: Any) -> Any:

@@ -446,3 +446,40 @@ def test_gradient_noise_refuses_complex_parameters_clearly():
     with pytest.warns(RuntimeWarning, match="noise does not apply to this model.*complex parameters"):
         fit([scope], steps=2, module_cls=lambda net, lr: ComplexFilter())
     assert "noise" not in scope.callbacks
+
+
+# -- torch.compile (issue 15 item 6) --------------------------------------------------------------------------------
+class Compiled(Classifier):
+    def training_step(self, batch, batch_idx):  # no self.log: dynamo cannot trace Lightning's logging
+        x, y = batch
+        return self.criterion(self(x), y)
+
+
+def test_a_compiled_module_is_measured_through_its_original_code_and_trains_bit_identically():
+    calls = []
+
+    def counting(graph, example_inputs):  # a torch.compile backend that counts the runs of its graphs
+        def run(*args):
+            calls.append(len(args))
+            return graph.forward(*args)
+        return run
+
+    def compiled_fit(callbacks):
+        calls.clear()
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        module = Compiled(mlp((4, 16, 3), dropout=0.3), lr=0.1)
+        x, y = classification_data(64, (4,))
+        trainer(max_steps=8, callbacks=callbacks).fit(torch.compile(module, backend=counting), loader(x, y, batch_size=8))
+        return module, weights(module), len(calls), (x, y)
+
+    _, baseline, baseline_calls, _ = compiled_fit([])
+    noise = GradientNoise(every_n_steps=2, strict=True)
+    curvature = Curvature(every_n_steps=2, num_matvecs=2, eigen_max_iter=3, strict=True)
+    module, measured, measured_calls, (x, y) = compiled_fit([noise, curvature, SoftmaxCollapse(every_n_steps=2, strict=True)])
+    assert baseline_calls == measured_calls == 8  # every training step ran the compiled graph, and nothing else did
+    assert_same_weights(baseline, measured)  # Dropout included
+    objective = Objective(module, F.cross_entropy, (x[56:], y[56:]))
+    gradient = objective.gradient()
+    assert noise.last_metrics["grad_norm"] == pytest.approx(
+        float(torch.sqrt(sum(g.double().square().sum() for g in gradient.values()))), rel=1e-5)
