@@ -1,10 +1,13 @@
 """DynScope under Lightning's DDP with 2 CPU processes (gloo) against 1 process on the same global
-batch; a fault on one rank only; the budget's decisions under DDP; sharded strategies."""
+batch; faults on one rank only (a NaN loss, an exception and an out-of-memory error inside the HVP, a
+per-sample check that fails on one shard, AutoEMA's metric raising): each skipped or dropped on every
+rank alike; the budget's decisions under DDP; sharded strategies."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -22,11 +25,18 @@ def run(tmp_path, name, devices, *args, timeout=300):
     """Run tests/ddp_run.py; returns the report of every rank. A hang fails the test (timeout)."""
     out = tmp_path / name
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1")
-    done = subprocess.run(
+    # its own session, so that a hang is ended with every rank (Lightning starts rank 1 as a child)
+    process = subprocess.Popen(
         [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{name}: the ranks hung (no result after {timeout} s)")
+    assert process.returncode == 0, stderr[-3000:]
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(devices)]
 
 
