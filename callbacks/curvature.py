@@ -163,9 +163,12 @@ class Curvature(DiagnosticCallback):
             self._before = OrderedDict((n, p.clone()) for n, p in detached_params(pl_module).items())
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        objective = self.objective(pl_module, batch)
-        # raises (on every rank) on a non-finite loss before spending any HVP
-        on_every_rank(trainer, objective.value, pl_module.device)
+        def local():
+            objective = self.objective(pl_module, batch)
+            objective.value()  # raises (on every rank) on a non-finite loss before spending any HVP
+            return objective
+
+        objective = on_every_rank(trainer, local, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
         op = HessianOperator(objective, chunk_size=self.chunk_size, reduce=reduce)

@@ -12,6 +12,10 @@ result is reduced once), or agreed across ranks before the next collective of th
   and then every rank raises: the failing rank its own error, the others
   :class:`FailedOnAnotherRank` (skip this measurement) or :class:`DroppedOnAnotherRank` (the
   diagnostic does not apply: drop it). When ranks fail in different ways, the gravest kind wins;
+* so inside a measurement all local work that can fail on one rank only (building the
+  objective, forward and backward passes on the rank's shard, the user's metric) runs inside such a
+  guard, ending in the collective it feeds; between guards only arithmetic on reduced (identical)
+  values, which fails on every rank or none;
 * :meth:`DiagnosticCallback.run <dynscope.callbacks.base.DiagnosticCallback.run>` ends every
   measurement with one such agreement, so a failure after the last reduction, or in a diagnostic
   without reductions, is also shared. A diagnostic is therefore skipped, or dropped, on every rank or none.

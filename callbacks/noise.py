@@ -129,9 +129,8 @@ class GradientNoise(DiagnosticCallback):
             )
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        objective = self.objective(pl_module, batch)
-
         def local():
+            objective = self.objective(pl_module, batch)
             try:
                 return per_sample_moments(
                     objective, self.method, chunk_size=self.chunk_size,
