@@ -483,3 +483,14 @@ def test_a_compiled_module_is_measured_through_its_original_code_and_trains_bit_
     gradient = objective.gradient()
     assert noise.last_metrics["grad_norm"] == pytest.approx(
         float(torch.sqrt(sum(g.double().square().sum() for g in gradient.values()))), rel=1e-5)
+
+
+def test_dynscope_under_manual_optimization_with_two_optimizers_fires_its_cadences():
+    from dynscope.callbacks import DynScope
+
+    scope = DynScope(budget=None, curvature={"every_n_steps": 4, "num_matvecs": 2, "eigen_max_iter": 3},
+                     noise={"every_n_steps": 4}, collapse={"every_n_steps": 4}, regions=False, strict=True)
+    torch.manual_seed(0)
+    x, y = classification_data(160, (4,))
+    trainer(max_steps=40, callbacks=[scope]).fit(TwoOptimizers(), loader(x, y, batch_size=8))
+    assert {n: c.num_measurements for n, c in scope.callbacks.items()} == {"curvature": 6, "noise": 6, "collapse": 6}
