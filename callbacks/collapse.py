@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 
 from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
 from dynscope.nn import CrossEntropy
-from dynscope.objective import check_finite
+from dynscope.objective import NonFiniteError
 from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
@@ -83,7 +83,11 @@ def collapse_counts(logits: torch.Tensor, targets: torch.Tensor, dtype, ignore_i
             f"got {getattr(targets, 'dtype', type(targets).__name__)}"
         )
     keep = targets.detach().reshape(-1).to(logits.device) != ignore_index
-    rows = check_finite(logits.detach().reshape(-1, logits.shape[-1])[keep], "the logits")  # else counts of NaN rows
+    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
+    # NaN or +inf logits (or a row of -inf) have no softmax: skip rather than count them as not collapsed.
+    # A -inf logit for a masked class is fine.
+    if rows.numel() and bool(rows.isnan().any() | rows.isposinf().any() | rows.amax(-1).isneginf().any()):
+        raise NonFiniteError(f"the logits are not finite ({rows.flatten()[:4].tolist()}...); the check is undefined here")
     collapsed = collapsed_rows(logits, dtype)[keep]
     zero = zero_loss_rows(logits, targets, dtype, ignore_index)[keep]
     labels = targets.detach().reshape(-1).to(logits.device)[keep]

@@ -321,6 +321,17 @@ def test_non_finite_logits_and_pre_activations_are_skipped_with_one_warning_not_
     assert sum("LinearRegions" in str(w.message) for w in record) == 1
     assert collapse.num_measurements == regions.num_measurements == 3
     assert not [tag for tag in recorder.scalars if tag.startswith(("dynscope/collapse", "dynscope/regions"))]
+    # a masked class (-inf logit) is fine; NaN, +inf or a row without a finite logit are not
+    from dynscope.callbacks.collapse import collapse_counts
+    from dynscope.objective import NonFiniteError
+
+    inf = float("inf")
+    masked = torch.tensor([[2.0, 0.0, -inf], [0.0, 200.0, -inf]])
+    assert collapse_counts(masked, torch.tensor([0, 1]), "float32", -100).tolist()[:3] == [2.0, 1.0, 1.0]
+    for bad in (float("nan"), inf, -inf):
+        rows = torch.tensor([[2.0, 0.0, 1.0], [bad, bad if bad == -inf else 0.0, -inf]])
+        with pytest.raises(NonFiniteError, match="the logits are not finite"):
+            collapse_counts(rows, torch.tensor([0, 1]), "float32", -100)
 
 
 # -- data loaders and RNGs (issue 15 items 5, 7) -----------------------------------------------------------------
