@@ -19,7 +19,7 @@ from dynscope.amplification import EMA_WARMUPS, ema_decay, evaluate_metric, vari
 from ._lightning import lightning_package
 from .base import DiagnosticCallback, _detached_copy
 from .dashboard import log_mitigation_event
-from .distributed import any_rank, mean_over_ranks, on_every_rank
+from .distributed import any_rank, mean_over_ranks, on_every_rank, reduce_computed
 from .logging import log_scalars, tag
 from .protocol import find_loss_fn
 
@@ -400,10 +400,12 @@ class AutoEMA(VarianceAmplification):
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         out = super().measure(trainer, pl_module, batch)
         if out and self.active and self.ema_module is not None:
-            j_ema = evaluate_metric(self.metric, self.ema_module)
-            reduce = mean_over_ranks(trainer)
-            if reduce is not None:
-                j_ema = float(reduce(torch.tensor(j_ema, dtype=torch.float64, device=pl_module.device)))
+            # a metric that fails on one rank still joins the reduction: every rank skips alike
+            j_ema = float(reduce_computed(
+                mean_over_ranks(trainer),
+                lambda: torch.tensor(evaluate_metric(self.metric, self.ema_module), dtype=torch.float64, device=pl_module.device),
+                torch.zeros((), dtype=torch.float64, device=pl_module.device),
+            ))
             self.metrics_ema.append(j_ema)
             out["metric_ema"] = j_ema
             if len(self.metrics_ema) == self.window:

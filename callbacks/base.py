@@ -5,9 +5,14 @@ timing, logging on rank zero, and failure handling: a diagnostic that fails warn
 skipped for that step; a configuration problem that would fail at every step (the loss protocol:
 :class:`~dynscope.callbacks.LossProtocolError`) is raised at ``setup`` where it can be seen there,
 otherwise the diagnostic is dropped with one warning at its first measurement. The user's
-training goes on (unless ``strict=True``).
+training goes on (unless ``strict=True``). Under DDP the outcome of each measurement is agreed
+across ranks (one small all-reduce at its end, and a failure flag in every reduction inside it),
+so it is skipped, or the diagnostic dropped, on every rank or none (the rule is in
+:mod:`dynscope.callbacks.distributed`). A ``torch.compile``'d module is measured through its
+original code, leaving the compiled callables untouched (see :func:`eager`).
 
-When: at the first micro-batch of each optimizer step the callback decides whether it measures
+When: at the first micro-batch of each optimizer step (each training batch under manual
+optimization: see :mod:`dynscope.callbacks.schedule`) the callback decides whether it measures
 after that step (its schedule says so, or an earlier measurement is still pending, and a budget
 gate, if :class:`~dynscope.callbacks.DynScope` set one, admits it). It then measures once, after
 the optimizer stepped, on the step's micro-batches joined (gradient accumulation) or its batch.
@@ -15,6 +20,7 @@ the optimizer stepped, on the step's micro-batches joined (gradient accumulation
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
@@ -25,10 +31,10 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from dynscope.objective import Objective
 
 from ._lightning import CallbackBase
-from .distributed import unsupported_strategy
+from .distributed import on_every_rank, unsupported_strategy
 from .logging import log_scalars, tag
 from .protocol import LossProtocolError, module_objective, quiet_logging
-from .schedule import Schedule, ScheduleKind
+from .schedule import Schedule, ScheduleKind, steps_done
 
 
 class DiagnosticCallback(CallbackBase):
@@ -81,6 +87,7 @@ class DiagnosticCallback(CallbackBase):
         self.disabled = False  # set when the strategy cannot be measured
         self._pending = False  # due, not yet measured (an overhead budget may defer a measurement)
         self._planned_step = -1  # the optimizer step planned for at its first micro-batch
+        self._automatic = True  # automatic optimization (else steps are training batches: see .schedule)
         self._run_at: Optional[int] = None  # the optimizer step after which to measure
         self._micro: List[Any] = []  # earlier micro-batches of an accumulated step to measure
         # Set by DynScope: budget_gate(callback, step) -> whether a due measurement may run now.
@@ -144,10 +151,11 @@ class DiagnosticCallback(CallbackBase):
         self.schedule.stretch = float(stretch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step + 1
+        step = steps_done(trainer, pl_module) + 1
         if step == self._planned_step:  # a later micro-batch of the same optimizer step
             return
         self._planned_step = step
+        self._automatic = getattr(pl_module, "automatic_optimization", True)
         self._micro = []
         self._run_at = None
         if not self.wants(step):
@@ -165,7 +173,7 @@ class DiagnosticCallback(CallbackBase):
             return
         if self._run_at is None:
             return
-        if trainer.global_step < self._run_at:  # accumulating gradients: the optimizer has not stepped yet
+        if self._automatic and trainer.global_step < self._run_at:  # accumulating: the optimizer has not stepped yet
             self._micro.append(batch)
             return
         batch = join_batches(self._micro + [batch], self.warn_once) if self._micro else batch
@@ -188,8 +196,9 @@ class DiagnosticCallback(CallbackBase):
             batch = self._batch
         start = time.perf_counter()
         try:
-            with quiet_logging(pl_module):
-                metrics = self.measure(trainer, pl_module, batch)
+            with quiet_logging(pl_module), eager():
+                # the outcome (measured, skipped, does not apply) is agreed across ranks: see .distributed
+                metrics = on_every_rank(trainer, lambda: self.measure(trainer, pl_module, batch), pl_module.device)
         except LossProtocolError as error:  # a configuration problem: it would fail at every step
             if self.strict:
                 raise
@@ -223,6 +232,21 @@ class DiagnosticCallback(CallbackBase):
         self.num_measurements = state_dict.get("num_measurements", 0)
         self.schedule.stretch = state_dict.get("stretch", 1.0)
         self._pending = bool(state_dict.get("pending", False))
+
+
+def eager():
+    """Run the enclosed code eagerly, even through ``torch.compile``'d callables, and leave them untouched.
+
+    **Rule: measure through the original, uncompiled module.** A module compiled with
+    ``torch.compile`` (Lightning installs the compiled ``forward`` and ``training_step`` on the
+    module itself) must not see dynscope's evaluations: under ``functional_call`` and the
+    ``torch.func`` transforms they would recompile, fail (the HVP's double backward through
+    inductor's donated buffers) or make dynamo skip the frame for good, so that training falls
+    back to eager (the speed-up lost; with Dropout other weights). Under the ``"force_eager"``
+    stance every compiled callable runs its original Python code and dynamo's caches stay as they are.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _detached_copy(batch: Any) -> Any:

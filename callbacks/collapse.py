@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 
 from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
 from dynscope.nn import CrossEntropy
+from dynscope.objective import NonFiniteError
 from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
@@ -24,6 +25,7 @@ from .dashboard import log_mitigation_event
 from .distributed import any_rank, on_every_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
+from .regions import rngs_preserved
 
 log = logging.getLogger("dynscope")
 
@@ -82,9 +84,13 @@ def collapse_counts(logits: torch.Tensor, targets: torch.Tensor, dtype, ignore_i
             f"got {getattr(targets, 'dtype', type(targets).__name__)}"
         )
     keep = targets.detach().reshape(-1).to(logits.device) != ignore_index
+    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
+    # NaN or +inf logits (or a row of -inf) have no softmax: skip rather than count them as not collapsed.
+    # A -inf logit for a masked class is fine.
+    if rows.numel() and bool(rows.isnan().any() | rows.isposinf().any() | rows.amax(-1).isneginf().any()):
+        raise NonFiniteError(f"the logits are not finite ({rows.flatten()[:4].tolist()}...); the check is undefined here")
     collapsed = collapsed_rows(logits, dtype)[keep]
     zero = zero_loss_rows(logits, targets, dtype, ignore_index)[keep]
-    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
     labels = targets.detach().reshape(-1).to(logits.device)[keep]
     gaps = logit_gaps(rows).sum() if rows.shape[-1] >= 2 else torch.tensor(float("nan"))
     correct = (rows.argmax(-1) == labels).sum()
@@ -193,7 +199,7 @@ class SoftmaxCollapse(DiagnosticCallback):
 
     # -- gradients: read in the step they belong to ------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        step = trainer.global_step + 1
+        step = self._planned_step  # the step of the batch in progress
         if not self.nlm or not (self.schedule.at_epoch_end or self.will_measure(step)):
             return
         try:
@@ -214,11 +220,11 @@ class SoftmaxCollapse(DiagnosticCallback):
         ), pl_module.device)
         out.update(fractions(reduce(counts) if reduce else counts))
         if self.held_data == "val":
-            held = self._held_counts(trainer, pl_module)
+            held = on_every_rank(trainer, lambda: self._held_counts(trainer, pl_module), pl_module.device)
             if held is not None:
                 out.update(fractions(reduce(held) if reduce else held, "held_", "held_accuracy"))
         if self.nlm and self._alignment is not None and (
-            self.schedule.at_epoch_end or self._alignment[0] == trainer.global_step
+            self.schedule.at_epoch_end or self._alignment[0] == self._planned_step
         ):
             alignment: NLMAlignment = self._alignment[1]
             out["nlm_cos"] = alignment.global_cos
@@ -228,7 +234,8 @@ class SoftmaxCollapse(DiagnosticCallback):
 
     def _held_counts(self, trainer, pl_module) -> Optional[torch.Tensor]:
         if not self._held:  # fetched once; retried while there is none yet
-            self._held = _first_batches(_val_loader(trainer, pl_module), self.held_batches)
+            with rngs_preserved():  # building the loader's iterator draws a seed from the global RNG
+                self._held = _first_batches(_val_loader(trainer, pl_module), self.held_batches)
         if not self._held:
             self.warn_once("held", "held_data='val' but the trainer has no validation data; held metrics skipped")
             return None

@@ -19,7 +19,7 @@ from dynscope.stability import (IndexOperator, StabilityOperator, UnsupportedOpt
                                 stability_scaling, unwrap_optimizer)
 
 from .base import DiagnosticCallback, _detached_copy, join_batches
-from .distributed import mean_over_ranks, on_every_rank
+from .distributed import mean_over_ranks, on_every_rank, reduce_computed
 from .protocol import find_loss_fn
 
 
@@ -149,6 +149,11 @@ class Curvature(DiagnosticCallback):
         per_layer: log the per-tensor traces.
         seed: base seed of the probe vectors (the step is added, the same on every rank).
         chunk_size: probes per batched HVP call (default: sized to a memory cap).
+        checkpoint_eigenvectors: keep the last top eigenvector(s) in checkpoints, to warm-start
+            Lanczos after a resume exactly as in an uninterrupted run. Each is parameter-sized (two
+            with an Adam-type optimizer: the preconditioned one too), so the callback's state adds
+            one or two copies of the weights to each checkpoint; ``False`` leaves them out (a
+            resumed run then starts Lanczos afresh: ``lambda_max`` agrees to ``eigen_tol``).
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
     Example:
@@ -189,6 +194,7 @@ class Curvature(DiagnosticCallback):
         mode: str = "eval",
         seed: int = 0,
         chunk_size: Optional[int] = None,
+        checkpoint_eigenvectors: bool = True,
         strict: bool = False,
     ) -> None:
         super().__init__(
@@ -227,6 +233,7 @@ class Curvature(DiagnosticCallback):
         self.per_layer = per_layer
         self.seed = seed
         self.chunk_size = chunk_size
+        self.checkpoint_eigenvectors = checkpoint_eigenvectors
         self._before: Optional[Dict[str, torch.Tensor]] = None
         self._clip_steps: Optional[int] = None
         self._eigvec: Optional[torch.Tensor] = None
@@ -258,9 +265,13 @@ class Curvature(DiagnosticCallback):
         if self.eval_batches and self._eval:
             batches = list(self._eval)
             batch = join_batches(batches, self.warn_once) if len(batches) > 1 else batches[0]
-        objective = self.objective(pl_module, batch)
-        # raises (on every rank) on a non-finite loss before spending any HVP
-        on_every_rank(trainer, objective.value, pl_module.device)
+
+        def local():
+            objective = self.objective(pl_module, batch)
+            objective.value()  # raises (on every rank) on a non-finite loss before spending any HVP
+            return objective
+
+        objective = on_every_rank(trainer, local, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
         op = HessianOperator(objective, chunk_size=self.chunk_size, reduce=reduce)
@@ -407,7 +418,7 @@ class Curvature(DiagnosticCallback):
 
     def _sharpness(self, trainer, pl_module, objective, op, reduce, step) -> Dict[str, float]:
         out: Dict[str, float] = {}
-        if self._before is not None and self._snapshot_step == step:
+        if self._before is not None and self._snapshot_step == self._planned_step:
             now = detached_params(pl_module)
             update = OrderedDict((n, now[n].detach() - self._before[n]) for n in now if n in self._before)
             if set(update) >= set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
@@ -423,9 +434,7 @@ class Curvature(DiagnosticCallback):
                     if all(u is not None for u in raw.values()) and any(bool(u.any()) for u in raw.values()):
                         out["update_sharpness_unclipped"] = _reduced_sharpness(op_before, raw)
         self._before = None
-        gradient = objective.gradient()
-        if reduce is not None:
-            gradient = OrderedDict((n, reduce(g)) for n, g in gradient.items())
+        gradient = objective.gradient() if reduce is None else _reduced_gradient(objective, reduce)
         if any(bool(g.any()) for g in gradient.values()):
             out["grad_sharpness"] = _reduced_sharpness(op, gradient)
         return out
@@ -434,17 +443,16 @@ class Curvature(DiagnosticCallback):
         values = []
         for b in batches:
             obj = self.objective(pl_module, b)
-            g = obj.gradient()
-            if reduce is not None:
-                g = OrderedDict((n, reduce(v)) for n, v in g.items())
+            g = obj.gradient() if reduce is None else _reduced_gradient(obj, reduce)
             if any(bool(v.any()) for v in g.values()):
                 values.append(_reduced_sharpness(HessianOperator(obj, chunk_size=self.chunk_size, reduce=reduce), g))
         return sum(values) / len(values) if values else None
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state["eigenvector"] = self._eigvec
-        state["preconditioned_eigenvector"] = self._pre_eigvec
+        if self.checkpoint_eigenvectors:
+            state["eigenvector"] = self._eigvec
+            state["preconditioned_eigenvector"] = self._pre_eigvec
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -486,6 +494,13 @@ def _log_histogram(trainer, tag: str, density, step: int) -> None:
                 tag, min=low, max=high, num=float(density.size), sum=mean, sum_squares=sq,
                 bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step,
             )
+
+
+def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:
+    """The gradient averaged over ranks, in one reduction that a failing rank still joins."""
+    layout = objective.layout
+    like = torch.zeros(layout.numel, dtype=objective.dtype, device=objective.device)
+    return layout.unflatten(reduce_computed(reduce, lambda: layout.flatten(objective.gradient(), batch_dims=0), like))
 
 
 def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) -> float:

@@ -50,9 +50,12 @@ class GradientNoise(DiagnosticCallback):
     :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``. Models vmap cannot trace
     (Hugging Face attention masks, ``nn.GRU``) get a per-sample loop instead, automatically.
 
-    The loss must be a mean of per-sample losses (checked on the first measurement); otherwise
-    training stops with a :class:`~dynscope.callbacks.LossProtocolError` saying how to provide
-    per-sample losses.
+    Complex parameters are refused at ``setup`` (with a message saying so). The loss must be a
+    mean of per-sample losses (checked on the first measurement, within a
+    tolerance scaled to the loss's dtype); otherwise training stops with a
+    :class:`~dynscope.callbacks.LossProtocolError` saying how to provide per-sample losses
+    (:class:`~dynscope.callbacks.DynScope` drops the diagnostic instead). A non-finite loss (a NaN
+    sample) skips that measurement with one warning, and the check waits for a finite batch.
 
     Args:
         per_layer: log ``gsnr/<layer>``.
@@ -119,6 +122,14 @@ class GradientNoise(DiagnosticCallback):
 
     def check_module(self, trainer, pl_module) -> None:
         find_loss_fn(pl_module, self.loss_fn, per_sample=True)
+        complex_params = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.is_complex()]
+        if complex_params:
+            raise LossProtocolError(
+                f"GradientNoise does not support complex parameters ({', '.join(complex_params[:3])}"
+                f"{', ...' if len(complex_params) > 3 else ''}): its per-sample moments, GSNR and noise scale are "
+                "defined for real gradients (products g*g of complex gradients are not |g|**2). Keep it for real "
+                "models, or view complex weights as real pairs (torch.view_as_real) in the module"
+            )
         if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
             raise LossProtocolError(
                 "GradientNoise(mode='train') cannot measure a model with BatchNorm: in train mode it mixes the "
@@ -126,14 +137,18 @@ class GradientNoise(DiagnosticCallback):
             )
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        objective = self.objective(pl_module, batch)
-        try:
-            moments = on_every_rank(trainer, lambda: per_sample_moments(
-                objective, self.method, chunk_size=self.chunk_size,
-                memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
-            ), pl_module.device)
-        except NotPerSampleError as error:
-            raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
+        def local():
+            objective = self.objective(pl_module, batch)
+            try:
+                return per_sample_moments(
+                    objective, self.method, chunk_size=self.chunk_size,
+                    memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
+                )
+            except NotPerSampleError as error:  # does not apply: dropped (on every rank alike under DDP)
+                raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
+
+        # A non-finite loss skips this measurement (NonFiniteError) and leaves the check for the next.
+        moments = on_every_rank(trainer, local, pl_module.device)
         self._checked = True
         out: Dict[str, float] = {}
         reduce = sum_over_ranks(trainer)

@@ -48,6 +48,17 @@ def _is_pair(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
 
 
+def _describe(batch: Any) -> str:
+    """What a batch that is not an ``(x, y)`` pair with a tensor ``x`` is, for error messages."""
+    if not isinstance(batch, (tuple, list)):
+        return f"a batch of type {type(batch).__name__}"
+    if len(batch) != 2:
+        return f"a {type(batch).__name__} of length {len(batch)}"
+    inputs = batch[0]
+    what = f"a {type(inputs).__name__}" + (f" of {len(inputs)}" if isinstance(inputs, (tuple, list, dict)) else "")
+    return f"an (x, y) pair whose x is {what}, not a tensor (dynscope would call module(x) with it as one argument)"
+
+
 def find_loss_fn(module: nn.Module, loss_fn: Optional[Callable] = None, per_sample: bool = False) -> Optional[Callable]:
     """The ``loss_fn(outputs, targets)`` to use, or ``None`` when the module defines ``dynscope_loss``.
 
@@ -149,9 +160,9 @@ def module_objective(
         )
     if not _is_pair(batch):
         raise LossProtocolError(
-            f"with a loss_fn the batch must be an (inputs, targets) pair, got {type(batch).__name__}"
-            f"{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}; for other batch "
-            "structures define `dynscope_loss(self, batch)` on the LightningModule"
+            f"with a loss_fn dynscope calls loss_fn(module(x), y) on (x, y) batches with a tensor x; got "
+            f"{_describe(batch)}; for other batch structures define `dynscope_loss(self, batch)` returning "
+            "per-sample losses on the LightningModule"
         )
     objective = Objective(module, fn, tuple(batch), mode=mode, param_names=param_names)
     x, y = batch
@@ -174,8 +185,8 @@ def module_logits(module: nn.Module, batch: Any) -> Tuple[torch.Tensor, torch.Te
         return out[0], out[1]
     if not _is_pair(batch):
         raise LossProtocolError(
-            "to read logits dynscope needs (inputs, targets) batches or `dynscope_logits(self, batch) -> "
-            "(logits, targets)` on the LightningModule"
+            f"to read logits dynscope needs (x, y) batches with a tensor x, got {_describe(batch)}; or define "
+            "`dynscope_logits(self, batch) -> (logits, targets)` on the LightningModule"
         )
     return module(batch[0]), batch[1]
 

@@ -1,4 +1,13 @@
-"""The LinearRegions callback: local complexity at training, held-out and random points."""
+"""The LinearRegions callback: local complexity at training, held-out and random points.
+
+**Rule: never iterate the trainer's training loader.** Starting another iterator over it would
+reset a loader with ``persistent_workers=True`` (its workers restart their iterable dataset) or
+consume its sampler's randomness, so training would see other batches. Training points therefore
+come from the training dataset by index when it is map-style (random access touches neither the
+loader, its sampler, its workers nor any RNG) and otherwise from the batches training already
+produced (the first measured batch). Held-out points may come from iterating the validation
+loader (Lightning restarts it at every validation anyway), with every global RNG preserved.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import torch
 from dynscope.regions import PIECEWISE_LINEAR, SMOOTH, NotPiecewiseLinearWarning, local_complexity, random_points_in_box
 
 from .base import DiagnosticCallback
-from .protocol import LossProtocolError
+from .protocol import LossProtocolError, _describe
 
 INPUTS_HELP = (
     "LinearRegions reads the inputs of (x, y) batches or of tensor batches; for other batch structures "
@@ -31,7 +40,7 @@ def module_inputs(module, batch: Any) -> torch.Tensor:
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         inputs = batch[0]
     else:
-        raise LossProtocolError(f"cannot find the inputs in a batch of type {type(batch).__name__}: {INPUTS_HELP}")
+        raise LossProtocolError(f"cannot find the inputs in {_describe(batch)}: {INPUTS_HELP}")
     if not isinstance(inputs, torch.Tensor):
         raise LossProtocolError(f"the inputs must be a tensor, got {type(inputs).__name__}: {INPUTS_HELP}")
     return inputs
@@ -57,13 +66,14 @@ def _first_loader(loaders: Any) -> Any:
     return loaders
 
 
-def sample_inputs(loader: Any, module, num_points: int, seed: int) -> Optional[torch.Tensor]:
+def sample_inputs(loader: Any, module, num_points: int, seed: int, iterate: bool = True) -> Optional[torch.Tensor]:
     """``num_points`` inputs drawn from a dataloader's dataset (seeded, without replacement).
 
     Map-style datasets are indexed directly (the loader's sampler and its RNG are not touched) and
     collated with the loader's ``collate_fn``; items of a ``DataLoader(batch_size=None)`` are whole
     batches (pre-batched data), drawn whole and then thinned to ``num_points``; iterable datasets
-    are read from the start. ``None`` when there is no loader.
+    are read from the start, unless ``iterate=False`` (the training loader: see the module
+    docstring). ``None`` when there is no loader, or nothing could be read without iterating it.
     """
     loader = _first_loader(loader)
     if loader is None:
@@ -88,6 +98,8 @@ def sample_inputs(loader: Any, module, num_points: int, seed: int) -> Optional[t
                 return inputs[pick].clone()
             indices = order[:num_points].tolist()
             return module_inputs(module, collate([dataset[i] for i in indices])).detach().cpu().clone()
+        if not iterate:
+            return None
         pieces, count = [], 0
         for batch in loader:
             inputs = module_inputs(module, batch).detach().cpu()
@@ -110,9 +122,9 @@ class LinearRegions(DiagnosticCallback):
     Logged under ``dynscope/regions/``:
 
     * ``lc_train``: mean LC at ``num_points`` training inputs, drawn once (seeded) from the training
-      dataloader's dataset (or, for a dataset that cannot be indexed, the inputs of the first
-      measured batch) and kept for the whole run (and in checkpoints), so the curve is comparable
-      across steps.
+      dataloader's dataset by index (or, for a dataset that cannot be indexed, the inputs of the
+      first measured batch: the training loader itself is never iterated) and kept for the whole
+      run (and in checkpoints), so the curve is comparable across steps.
     * ``lc_test``: at held-out inputs drawn the same way from ``trainer.val_dataloaders``. There is
       none when the run has no validation (no validation dataloader, or a module without
       ``validation_step``); Lightning builds the loader at the sanity check or the first
@@ -211,9 +223,12 @@ class LinearRegions(DiagnosticCallback):
 
     def _ensure_points(self, trainer, pl_module, batch) -> None:
         if self.train_points is None:
-            points = sample_inputs(trainer.train_dataloader, pl_module, self.num_points, self.seed)
-            if points is None:
+            points = sample_inputs(trainer.train_dataloader, pl_module, self.num_points, self.seed, iterate=False)
+            if points is None:  # an iterable dataset: the inputs training just used
                 points = module_inputs(pl_module, batch).detach().cpu()[: self.num_points].clone()
+                if len(points) < self.num_points:
+                    self.warn_once("points", f"the training data cannot be indexed, so lc_train uses the {len(points)} "
+                                             f"inputs of the first measured batch (num_points={self.num_points})")
             self.train_points = points
         if self.random_points is None and self.num_random_points:
             self.random_points = random_points_in_box(self.train_points, self.num_random_points, self.seed + 1)

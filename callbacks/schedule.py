@@ -1,4 +1,11 @@
-"""When a diagnostic runs: every N steps, at log-spaced steps, or at the end of each epoch."""
+"""When a diagnostic runs: every N steps, at log-spaced steps, or at the end of each epoch.
+
+What a "step" is: an optimizer step under automatic optimization (``trainer.global_step``, which
+gradient accumulation advances once per accumulated step); a training batch under manual
+optimization, where ``global_step`` counts every ``optimizer.step()`` call (two per batch with two
+optimizers, so that an even cadence would never fire). Logged values keep ``global_step`` as
+their x-axis.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,13 @@ import math
 from typing import Literal
 
 ScheduleKind = Literal["steps", "log", "epoch"]
+
+
+def steps_done(trainer, pl_module) -> int:
+    """Schedule steps completed so far (see the module docstring); the next batch starts step ``+ 1``."""
+    if getattr(pl_module, "automatic_optimization", True):
+        return int(trainer.global_step)
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
 
 
 class Schedule:

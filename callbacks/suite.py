@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -22,6 +23,7 @@ from .logging import PREFIX, log_scalars
 from .noise import GradientNoise
 from .protocol import LossProtocolError
 from .regions import LinearRegions
+from .schedule import steps_done
 
 Options = Union[bool, Dict[str, Any]]
 MITIGATIONS = ("stablemax", "orthograd", "ema")
@@ -183,18 +185,18 @@ class DynScope(CallbackBase):
         common = dict(mode=mode, strict=strict)
         built: Dict[str, DiagnosticCallback] = OrderedDict()
         if curvature is not False:
-            built["curvature"] = Curvature(loss_fn=loss_fn, **common, **_options("curvature", curvature))
+            built["curvature"] = Curvature(loss_fn=loss_fn, **common, **_options("curvature", curvature, Curvature))
         if noise is not False:
-            built["noise"] = GradientNoise(loss_fn=loss_fn, **common, **_options("noise", noise))
+            built["noise"] = GradientNoise(loss_fn=loss_fn, **common, **_options("noise", noise, GradientNoise))
         if collapse is not False:
             kind = AutoStableMax if "stablemax" in mitigate else SoftmaxCollapse
             orthograd = {"orthograd": True} if "orthograd" in mitigate else {}
-            built["collapse"] = kind(**common, **orthograd, **_options("collapse", collapse))
+            built["collapse"] = kind(**common, **orthograd, **_options("collapse", collapse, kind))
         if regions is not False:
-            built["regions"] = LinearRegions(strict=strict, **_options("regions", regions))
+            built["regions"] = LinearRegions(strict=strict, **_options("regions", regions, LinearRegions))
         if metric is not None:
             kind = AutoEMA if "ema" in mitigate else VarianceAmplification
-            built["gva"] = kind(metric, loss_fn=loss_fn, **common, **_options("gva", gva or {}))
+            built["gva"] = kind(metric, loss_fn=loss_fn, **common, **_options("gva", gva or {}, kind))
         for name, child in (extra or {}).items():
             if name in built or not isinstance(child, DiagnosticCallback):
                 raise ValueError(f"extra takes new names for DiagnosticCallback instances, got {name!r}: {child!r}")
@@ -269,7 +271,7 @@ class DynScope(CallbackBase):
             costs, near = synced[2 : 2 + len(names)], synced[2 + len(names) :]
             self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
             self.near = {n: v > 0 for n, v in zip(names, near)}
-        steps = max(trainer.global_step - self._start_step, 1)
+        steps = max(step - 1 - self._start_step, 1)
         self._step_seconds = training / steps
         self.allowance.update(seconds, training)
         if refresh:
@@ -370,11 +372,36 @@ class DynScope(CallbackBase):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._each("setup", trainer, pl_module, stage)
         if stage == "fit":
+            # A new fit starts new accounts (a resume restores them after this, in load_state_dict).
+            self.reset_budget()
             write_layout(trainer, ("overhead",))
+
+    def reset_budget(self) -> None:
+        """Start the budget's accounts afresh: time spent, training time, costs, stretches.
+
+        Called at the start of every ``fit`` (before a checkpoint's state is restored), so that a
+        DynScope reused for a second ``fit`` does not weigh the time spent in the first one against
+        the training time of the second.
+        """
+        self.seconds = 0.0
+        self.elapsed_before = 0.0
+        self.costs = {}
+        self.near = {name: False for name in self.callbacks}
+        self._previous = {}
+        self._fit_start = None
+        self._planned = -1
+        self._admitted = []
+        self._active = []
+        self._measured = False
+        self._logged_at = -(10**9)
+        self._fits_at = 0.0
+        for child in self.callbacks.values():
+            child.seconds_spent = 0.0
+            child.set_stretch(1.0)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
-        self._start_step = trainer.global_step
+        self._start_step = steps_done(trainer, pl_module)
         self._step_seconds = 0.0
         self._counts = {n: c.num_measurements for n, c in self.callbacks.items()}
         self._spent = {n: c.seconds_spent for n, c in self.callbacks.items()}
@@ -382,7 +409,7 @@ class DynScope(CallbackBase):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         start = time.perf_counter()
-        step = trainer.global_step + 1
+        step = steps_done(trainer, pl_module) + 1
         if step != self._planned:  # the first micro-batch of an optimizer step
             if self.allowance is not None:
                 self._plan(trainer, step)
@@ -451,11 +478,21 @@ def _does_not_apply(error: BaseException) -> bool:
     return isinstance(error, (LossProtocolError, ValueError))
 
 
-def _options(name: str, given: Options) -> Dict[str, Any]:
+def _options(name: str, given: Options, kind: Optional[type] = None) -> Dict[str, Any]:
     if given is True:
         given = {}
     if not isinstance(given, dict):
         raise TypeError(f"{name} takes True, False or a dict of arguments for its callback, got {given!r}")
+    if kind is not None:
+        accepted = set(inspect.signature(kind.__init__).parameters) - {"self"}
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            hint = ""
+            if kind is VarianceAmplification and set(unknown) <= set(inspect.signature(AutoEMA.__init__).parameters):
+                hint = ": they are options of the EMA mitigation (AutoEMA); add 'ema' to mitigate= to use them"
+            elif kind is SoftmaxCollapse and set(unknown) <= set(inspect.signature(AutoStableMax.__init__).parameters):
+                hint = ": they are options of the StableMax mitigation (AutoStableMax); add 'stablemax' to mitigate="
+            raise ValueError(f"{name}= got unknown options {unknown} for {kind.__name__}{hint}")
     return {**DEFAULTS[name], **given}
 
 

@@ -374,6 +374,8 @@ class HessianOperator:
         memory_cap: int = DEFAULT_MEMORY_CAP,
         reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
+        # ``reduce`` (e.g. an all-reduce over ranks) may have ``fail(like, error)``: join the
+        # reduction as a failed rank and raise (see ``dynscope.callbacks.distributed``).
         self.objective = objective
         self.layout = objective.layout
         self.size = objective.layout.numel
@@ -390,7 +392,17 @@ class HessianOperator:
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``[m, n]``; the gradient graph is built once per operator."""
         self.num_matvecs += vectors.shape[0]
-        return _apply(self._kernel, vectors, **self._kw)
+        fail = getattr(self._kw["reduce"], "fail", None)
+        if fail is None:
+            return _apply(self._kernel, vectors, **self._kw)
+        # A reduction that shares failures (data-parallel ranks): a rank whose local products fail
+        # still joins the reduction, flagged, so every rank raises instead of waiting on it.
+        try:
+            local = _apply(self._kernel, vectors, **dict(self._kw, reduce=None))
+        except Exception as error:  # noqa: BLE001 - shared, then re-raised on every rank
+            fail(vectors, error)
+            raise
+        return check_finite(self._kw["reduce"](local), "a Hessian-vector product")
 
     def quadratic_forms(self, probes, blocks: Sequence[slice]) -> torch.Tensor:
         """``[m, len(blocks)]`` float64: ``v_i[b] . (H v_i)[b]`` for each probe ``v_i`` and block ``b``.

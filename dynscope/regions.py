@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .objective import check_finite
+
 #: Activation modules whose kinks delimit linear regions, with the pre-activation values of the kinks.
 PIECEWISE_LINEAR: Tuple[type, ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Hardsigmoid)
 #: Smooth activations: a network using them has no linear regions to count.
@@ -206,6 +208,7 @@ class _Counter:
                 f"multiple of the {rows} vertices sent through the model; local_complexity needs a batch-major model"
             )
         values = pre.detach().reshape(self.num_points, self.group, -1)
+        check_finite(values, f"the pre-activation of {name!r}")  # NaN compares False: it would count as 0
         low, high = torch.aminmax(values, dim=1)
         crossed = torch.zeros_like(low, dtype=torch.bool)
         for kink in kinks:

@@ -1,10 +1,13 @@
 """DynScope under Lightning's DDP with 2 CPU processes (gloo) against 1 process on the same global
-batch; a fault on one rank only; the budget's decisions under DDP; sharded strategies."""
+batch; faults on one rank only (a NaN loss, an exception and an out-of-memory error inside the HVP, a
+per-sample check that fails on one shard, AutoEMA's metric raising): each skipped or dropped on every
+rank alike; the budget's decisions under DDP; sharded strategies."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,15 +21,22 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def run(tmp_path, name, devices, *args):
+def run(tmp_path, name, devices, *args, timeout=300):
     """Run tests/ddp_run.py; returns the report of every rank. A hang fails the test (timeout)."""
     out = tmp_path / name
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1")
-    done = subprocess.run(
+    # its own session, so that a hang is ended with every rank (Lightning starts rank 1 as a child)
+    process = subprocess.Popen(
         [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out), *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{name}: the ranks hung (no result after {timeout} s)")
+    assert process.returncode == 0, stderr[-3000:]
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(devices)]
 
 
@@ -70,6 +80,37 @@ def test_a_fault_on_one_rank_is_skipped_on_every_rank_and_training_goes_on(tmp_p
     assert 4 in steps["dynscope/collapse/sc_fraction"]  # the logits were fine
     # the training itself is unaffected (the EMA started at another step: the skipped check counted)
     assert rank0["online_weights_sum"] == rank1["online_weights_sum"] == clean["online_weights_sum"]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """One 2-process run with a failure on rank 1 only at each step of ddp_run.FAULTS (and in the per-sample
+    check of the first noise measurement). Before the fix it aborted at the first one or hung."""
+    return run(tmp_path_factory.mktemp("faults"), "faults", 2, "--faults", "--steps", "12", timeout=180)
+
+
+def steps_of(report, tag):
+    return [s for s, _ in report["scalars"].get(f"dynscope/{tag}", [])]
+
+
+@pytest.mark.parametrize("case", ["hvp_error", "hvp_oom", "per_sample_check", "ema_metric"])
+def test_a_failure_on_one_rank_is_skipped_or_dropped_on_every_rank_alike(faults, case):
+    rank0, rank1 = faults
+    assert rank0["global_step"] == rank1["global_step"] == 12  # training went on to the end
+    assert rank0["measurements"] == rank1["measurements"]
+    assert rank0["online_weights_sum"] == rank1["online_weights_sum"]
+    curvature = steps_of(rank0, "curvature/hessian_trace")
+    if case == "hvp_error":
+        assert 2 not in curvature and {1, 6, 8, 10, 12} <= set(curvature)
+    elif case == "hvp_oom":
+        assert 4 not in curvature and {1, 6, 8, 10, 12} <= set(curvature)
+    elif case == "per_sample_check":  # the class-weighted loss is no per-sample mean: dropped on both ranks
+        assert "noise" not in rank0["measurements"] and "noise" not in rank1["measurements"]
+        assert not steps_of(rank0, "noise/gsnr")
+    else:
+        assert rank0["ema_step"] == rank1["ema_step"] == 6
+        assert steps_of(rank0, "gva/metric_ema") == [8, 12]  # step 10 skipped on both ranks
+        assert steps_of(rank0, "gva/metric") == [2, 4, 6, 8, 12]
 
 
 def test_under_a_budget_every_rank_measures_at_the_same_steps(tmp_path):

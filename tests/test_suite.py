@@ -161,6 +161,22 @@ def test_near_an_event_a_diagnostic_runs_more_often_than_its_base_cadence():
     assert counts[0.9] >= 2 * counts[0.1]
 
 
+def test_a_dynscope_reused_for_a_second_fit_starts_its_budget_accounts_afresh():
+    class Accounts(pl.Callback):  # placed before DynScope: its state when the training starts
+        def on_train_start(self, trainer, pl_module):
+            self.seen = (scope.seconds, scope.elapsed_before, dict(scope.costs),
+                         {n: c.seconds_spent for n, c in scope.callbacks.items()})
+
+    scope = DynScope(budget=0.5, curvature={"every_n_steps": 2, "num_matvecs": 4}, regions=False)
+    probe = Accounts()
+    fit_cnn([probe, scope], steps=6)
+    assert scope.seconds > 0 and scope.costs  # the first fit spent time and measured costs
+    fit_cnn([probe, scope], steps=6)
+    seconds, elapsed, costs, spent = probe.seen
+    assert seconds == 0.0 and elapsed == 0.0 and costs == {} and set(spent.values()) == {0.0}
+    assert scope.seconds > 0  # and the second fit counted its own
+
+
 # -- the observer effect, resume, configuration -----------------------------------------------------------
 def test_the_suite_does_not_change_training():
     baseline = trained_weights([], steps=20)
