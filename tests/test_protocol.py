@@ -114,9 +114,9 @@ def test_dict_batches_without_dynscope_loss_drop_the_diagnostic_and_training_goe
     run, _, messages = _fit([callback], DictBatches(mlp()), _dict_loader(), steps=4)
     assert run.global_step == 4
     (message,) = [m for m in messages if "Curvature" in m]
-    assert "(inputs, targets) pair, got dict" in message and "dynscope_loss" in message
+    assert "got a batch of type dict" in message and "dynscope_loss" in message
     strict = Curvature(every_n_steps=1, loss_fn=F.cross_entropy, num_matvecs=2, eigen=False, strict=True)
-    with pytest.raises(LossProtocolError, match="got dict"):
+    with pytest.raises(LossProtocolError, match="got a batch of type dict"):
         _fit([strict], DictBatches(mlp()), _dict_loader())
 
 
