@@ -12,8 +12,9 @@ from models import Classifier, Recorder, classification_data, loader, mlp, train
 from observer import assert_same_weights, trained_weights
 
 from dynscope import max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
+from dynscope.collapse import collapsed_rows, zero_loss_rows
 from dynscope.callbacks import AutoStableMax, LossProtocolError, SoftmaxCollapse
-from dynscope.nn import CrossEntropy
+from dynscope.nn import CrossEntropy, stablemax_cross_entropy
 from dynscope.optim import OrthoGrad
 
 # half a unit in the last place of 1: the other classes' relative mass below it rounds away
@@ -41,6 +42,39 @@ def test_softmax_collapse_per_dtype_with_wide_margins(dtype):
     assert zero_loss_fraction(z, torch.tensor([0, 0, 0, 0]), dtype=dtype) == 0.25
     assert zero_loss_fraction(z.to(dtype), torch.tensor([1, 0, -100, -100])) == 0.0
     assert zero_loss_fraction(z.to(dtype), torch.tensor([0, -100, 0, -100])) == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_collapse_is_the_losss_own_zero(dtype):
+    """For correctly classified rows, collapsed <=> F.cross_entropy in that dtype is exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    n, classes = 4000, 97
+    z = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    top = {torch.float32: 30.0, torch.bfloat16: 12.0, torch.float16: 16.0}[dtype]
+    z[torch.arange(n), y] = z.max(1).values + top * torch.rand(n, generator=g, dtype=torch.float64)
+    z = z.to(dtype)
+    zero = F.cross_entropy(z, y, reduction="none") == 0
+    correct = z.argmax(-1) == y
+    assert 0.2 < zero.double().mean() < 0.6 and correct.double().mean() > 0.99  # both kinds of rows present
+    collapsed = collapsed_rows(z)
+    assert torch.equal(collapsed[correct], zero[correct])
+    assert softmax_collapse(z) == pytest.approx(zero[correct].double().mean().item() * correct.double().mean().item()
+                                                + collapsed[~correct].double().sum().item() / n)
+    if dtype == torch.float32:  # the old test, sum exp(z - max) == 1, flags rows whose loss is not yet zero
+        mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1) == 1
+        assert int((mass & ~zero & correct).sum()) > 20
+
+
+def test_stablemax_rows_do_not_collapse_where_softmax_does():
+    z = _margin_logits([30.0, 60.0, 1.0], classes=5).float()
+    y = torch.zeros(3, dtype=torch.long)
+    assert collapsed_rows(z).tolist() == [True, True, False]
+    assert collapsed_rows(z, normalization="stablemax").tolist() == [False, False, False]
+    assert zero_loss_rows(z, y, normalization="stablemax").tolist() == [False, False, False]
+    assert (stablemax_cross_entropy(z, y, reduction="none") > 0).all()
+    with pytest.raises(ValueError, match="normalization"):
+        collapsed_rows(z, normalization="sparsemax")
 
 
 def test_collapse_depends_on_the_dtype_and_the_shift():
