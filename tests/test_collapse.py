@@ -164,11 +164,14 @@ def test_softmax_collapse_logs_reference_values():
 
     with torch.no_grad():  # logits metrics: after the step, on the batch
         z = module.net(x)
-    mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
     top = z.double().topk(2, -1).values
+    zero = F.cross_entropy(z, y, reduction="none") == 0
+    correct = z.argmax(-1) == y
+    wrong_zero = F.cross_entropy(z, z.argmax(-1), reduction="none") == 0  # the top class's loss, for wrong rows
     expected = {
-        "sc_fraction": (mass == 1).double().mean().item(),
-        "zero_loss_fraction": (F.cross_entropy(z, y, reduction="none") == 0).double().mean().item(),
+        "sc_fraction": (zero | (~correct & wrong_zero)).double().mean().item(),
+        "softmax_sc_fraction": (zero | (~correct & wrong_zero)).double().mean().item(),
+        "zero_loss_fraction": zero.double().mean().item(),
         "max_logit_gap": (top[:, 0] - top[:, 1]).mean().item(),
         "train_accuracy": (z.argmax(-1) == y).double().mean().item(),
     }
@@ -200,9 +203,9 @@ def test_softmax_collapse_on_held_validation_data():
     )
     with torch.no_grad():
         z = module.net(xv)
-    mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
+    top_zero = F.cross_entropy(z, z.argmax(-1), reduction="none") == 0  # the top class's loss is exactly 0
     assert [step for step, _ in rec.scalars["dynscope/collapse/held_sc_fraction"]] == [1, 2]  # step 1 is always due
-    assert rec.scalars["dynscope/collapse/held_sc_fraction"][-1] == (2, pytest.approx((mass == 1).double().mean().item()))
+    assert rec.scalars["dynscope/collapse/held_sc_fraction"][-1] == (2, pytest.approx(top_zero.double().mean().item()))
     acc = (z.argmax(-1) == yv).double().mean().item()
     assert rec.scalars["dynscope/collapse/held_accuracy"][-1] == (2, pytest.approx(acc))
 
@@ -241,7 +244,8 @@ def test_auto_stablemax_fires_logs_and_applies_orthograd(tmp_path):
             after = [p.detach().clone() for p in pl_module.parameters()]
             self.steps.append([(w, g, a - w) for (w, g), a in zip(self._before, after)])
 
-    callback = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, orthograd=True, strict=True)
+    callback = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, actions=("stablemax", "orthograd"),
+                             nlm_trigger=False, strict=True)
     probe = UpdateProbe()
     x, y, data = _full_batch()
     module = Switchable(_confident_net(scale=300.0), lr=LR)
@@ -279,14 +283,16 @@ def test_auto_stablemax_fires_logs_and_applies_orthograd(tmp_path):
 
 
 def test_auto_stablemax_stays_on_after_resume(tmp_path):
-    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, orthograd=True, strict=True)
+    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, actions="stablemax,orthograd", nlm_trigger=False,
+                          strict=True)
     _, _, fit_trainer = _auto_run(3, first)
     assert first.triggered_step == 2
     path = str(tmp_path / "switched.ckpt")
     fit_trainer.save_checkpoint(path)
 
     # the resumed run cannot trigger by itself (patience too long): the switch must come from the checkpoint
-    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, orthograd=True, strict=True)
+    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, actions="stablemax,orthograd",
+                           nlm_trigger=False, strict=True)
     module, rec, resumed = _auto_run(5, second, ckpt=path)
     assert second.active and second.triggered_step == 2 and second.reason == first.reason
     assert module.modes == ["stablemax", "stablemax"]
@@ -302,12 +308,28 @@ def test_auto_stablemax_nlm_trigger():
     assert module.modes == ["softmax", "stablemax"]
 
 
-def test_auto_stablemax_needs_a_switchable_loss():
-    _, _, data = _full_batch(16)
+def test_auto_stablemax_without_a_switchable_loss_acts_or_warns():
+    x, y, data = _full_batch(16)
+    # the default recipe on a module computing F.cross_entropy itself: no refusal, the other actions act
+    torch.manual_seed(0)
+    module = Classifier(mlp(), lr=0.01)
+    callback = AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0, nlm_threshold=-1.0)
+    with pytest.warns(RuntimeWarning, match="StableMax switch is skipped"):
+        fit_trainer = trainer(max_steps=2, callbacks=[callback])
+        fit_trainer.fit(module, data)
+    assert callback.triggered_step == 1 and callback.applied == ["orthograd", "rescale", "reset_optimizer"]
+    assert isinstance(fit_trainer.optimizers[0], OrthoGrad)
+    # only the switch asked for: strict refuses at setup, non-strict warns and goes on
     with pytest.raises(LossProtocolError, match="dynscope.nn.CrossEntropy"):
-        trainer(max_steps=1, callbacks=[AutoStableMax()]).fit(Classifier(mlp()), data)
+        trainer(max_steps=1, callbacks=[AutoStableMax(actions="stablemax", strict=True)]).fit(Classifier(mlp()), data)
+    with pytest.warns(RuntimeWarning, match="StableMax switch is skipped"):
+        trainer(max_steps=1, callbacks=[AutoStableMax(actions="stablemax")]).fit(Classifier(mlp()), data)
     with pytest.raises(ValueError, match="threshold"):
         AutoStableMax(threshold=0.0)
+    with pytest.raises(ValueError, match="actions"):
+        AutoStableMax(actions=["stablemax", "sparsemax"])
+    with pytest.raises(ValueError, match="rescale_factor"):
+        AutoStableMax(rescale_factor=0.0)
     with pytest.raises(ValueError, match="held_data"):
         SoftmaxCollapse(held_data="test")
     with pytest.raises(ValueError, match="unsupported dtype"):
