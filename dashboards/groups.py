@@ -134,14 +134,15 @@ _GROUPS = (
         "Softmax collapse",
         "Whether the softmax saturates in floating point, zeroing losses and gradients (Prieto et al. 2025).",
         {
-            "sc_fraction": "Fraction of samples whose softmax sums to exactly 1 in the loss dtype.",
-            "zero_loss_fraction": "Fraction of samples with an exactly-zero loss.",
+            "sc_fraction": "Fraction of samples whose top-class log-probability is exactly 0 in the loss in use (its dtype).",
+            "zero_loss_fraction": "Fraction of samples with an exactly-zero loss (the loss in use).",
+            "softmax_sc_fraction": "The softmax's collapse fraction, also after a switch to StableMax (how far the logits grew).",
             "nlm_cos": "cos(θ, −∇L): positive when the gradient just scales the weights (naive loss minimisation).",
             "max_logit_gap": "Largest gap between the top logit and the runner-up.",
             "train_accuracy": "Training accuracy on the measured batch.",
         },
         (
-            Chart("Softmax collapse", ("sc_fraction", "zero_loss_fraction"), "fraction of samples"),
+            Chart("Softmax collapse", ("sc_fraction", "zero_loss_fraction", "softmax_sc_fraction"), "fraction of samples"),
             Chart("Naive loss minimisation cos(θ, −∇L)", ("nlm_cos",), "cosine"),
             Chart("Max logit gap", ("max_logit_gap",), "logit units"),
             Chart("Train accuracy", ("train_accuracy",), "accuracy"),

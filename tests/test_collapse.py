@@ -1,5 +1,6 @@
 """Softmax collapse metrics (core) and the SoftmaxCollapse / AutoStableMax callbacks."""
 
+import copy
 import math
 
 import pytest
@@ -334,3 +335,77 @@ def test_auto_stablemax_without_a_switchable_loss_acts_or_warns():
         SoftmaxCollapse(held_data="test")
     with pytest.raises(ValueError, match="unsupported dtype"):
         SoftmaxCollapse(dtype="half-ish")
+
+
+def _default_recipe_run(steps, callback, ckpt=None, record=None):
+    from dynscope.callbacks._lightning import CallbackBase
+
+    class Probe(CallbackBase):
+        def on_train_start(self, trainer, pl_module):
+            self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.opt_state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    x, y, data = _full_batch()
+    module = Switchable(_confident_net(scale=300.0), lr=LR, momentum=0.9)
+    rec, probe = Recorder(), Probe()
+    fit_trainer = trainer(max_steps=steps, callbacks=[callback, probe], logger=rec)
+    fit_trainer.fit(module, data, ckpt_path=ckpt)
+    return module, rec, fit_trainer, probe
+
+
+def test_auto_stablemax_default_recipe_acts_once_and_survives_resume(tmp_path):
+    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, nlm_trigger=False, strict=True)
+    assert first.actions == ("stablemax", "orthograd", "rescale", "reset_optimizer") and first.rescale_factor == 0.5
+    module, rec, fit_trainer, probe = _default_recipe_run(3, first)
+    assert first.triggered_step == 2 and first.applied == list(first.actions)
+    # step 3 started from half the weights after step 2, with the momentum buffers cleared
+    ref = Switchable(_confident_net(scale=300.0), lr=LR, momentum=0.9)
+    x, y, data = _full_batch()
+    trainer(max_steps=2, callbacks=[]).fit(ref, data)
+    for name, p in ref.named_parameters():
+        assert torch.equal(probe.before[name], 0.5 * p.detach()), name
+    text = rec.texts[0][1]
+    for what in ("switched 1 CrossEntropy loss to StableMax", "wrapped 1 optimizer in OrthoGrad",
+                 f"multiplied {len(list(module.parameters()))} weight tensors by 0.5 once", "reset the optimizer state", "sc_fraction >= 0.1"):
+        assert what in text, what
+    assert float(parse_event(text)["values"]["sc_fraction"]) == pytest.approx(first.trigger_values["sc_fraction"], rel=1e-3)
+    # after the switch sc_fraction/zero_loss_fraction measure the loss in use (StableMax: no collapse),
+    # softmax_sc_fraction keeps measuring the softmax
+    sc = dict(rec.scalars["dynscope/collapse/sc_fraction"])
+    softmax = dict(rec.scalars["dynscope/collapse/softmax_sc_fraction"])
+    assert sc[1] == softmax[1] >= 0.1 and sc[3] == 0.0 and dict(rec.scalars["dynscope/collapse/zero_loss_fraction"])[3] == 0.0
+    with torch.no_grad():
+        z = module.net(x)
+    assert softmax[3] == pytest.approx(collapsed_rows(z).double().mean().item()) and softmax[3] > 0
+    path = str(tmp_path / "after.ckpt")
+    fit_trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+
+    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, nlm_trigger=False, strict=True)
+    module2, rec2, resumed, probe2 = _default_recipe_run(5, second, ckpt=path)
+    assert second.active and second.triggered_step == 2 and second.applied == first.applied
+    for name, p in probe2.start.items():  # not shrunk a second time
+        assert torch.equal(p, saved["state_dict"][name]), name
+    assert probe2.opt_state and all(  # not reset a second time: the momentum of step 3 is there
+        torch.equal(s["momentum_buffer"], saved["optimizer_states"][0]["state"][k]["momentum_buffer"])
+        for k, s in probe2.opt_state.items())
+    assert module2.modes == ["stablemax", "stablemax"] and isinstance(resumed.optimizers[0], OrthoGrad)
+    assert rec2.texts == []
+
+
+def test_nlm_cos_is_not_logged_for_zero_norm_tensors():
+    x, y, data = _full_batch()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].bias.zero_()
+    rec = Recorder()
+    trainer(max_steps=1, callbacks=[SoftmaxCollapse(every_n_steps=1, strict=True)], logger=rec).fit(
+        Classifier(net, lr=0.01), data)
+    logged = {t for t in rec.scalars if t.startswith("dynscope/collapse/nlm_cos/")}
+    assert logged == {"dynscope/collapse/nlm_cos/net.0.weight", "dynscope/collapse/nlm_cos/net.2.weight",
+                      "dynscope/collapse/nlm_cos/net.2.bias"}
+    assert all(math.isfinite(v) for t in logged for _, v in rec.scalars[t])
