@@ -409,3 +409,41 @@ def test_nlm_cos_is_not_logged_for_zero_norm_tensors():
     assert logged == {"dynscope/collapse/nlm_cos/net.0.weight", "dynscope/collapse/nlm_cos/net.2.weight",
                       "dynscope/collapse/nlm_cos/net.2.bias"}
     assert all(math.isfinite(v) for t in logged for _, v in rec.scalars[t])
+
+
+def test_a_requested_mitigation_with_unmeasurable_batches_never_ends_the_run():
+    """Soft targets or dict batches: AutoStableMax (alone or through DynScope) warns, skips, training goes on."""
+    from dynscope.callbacks import DynScope
+
+    x, y, _ = _full_batch(32)
+    soft = torch.nn.functional.one_hot(y, 3).float()
+
+    class SoftTargets(Switchable):
+        def training_step(self, batch, batch_idx):
+            return self.criterion(self(batch[0]), batch[1])
+
+    class DictBatches(Switchable):
+        def training_step(self, batch, batch_idx):
+            return self.criterion(self(batch["x"]), batch["y"])
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return {"x": x[i], "y": y[i]}
+
+    dict_data = torch.utils.data.DataLoader(Dicts(), batch_size=16)
+    cases = [(SoftTargets, loader(x, soft, batch_size=16)), (DictBatches, dict_data)]
+    for kind, data in cases:
+        for make in (lambda: AutoStableMax(every_n_steps=1),
+                     lambda: DynScope(budget=None, curvature=False, noise=False, regions=False, mitigate=("stablemax",),
+                                      collapse={"every_n_steps": 1})):
+            callback = make()
+            fit_trainer = trainer(max_steps=4, callbacks=[callback])
+            with pytest.warns(RuntimeWarning, match="mitigation is skipped"):
+                fit_trainer.fit(kind(mlp(), lr=0.01), data)
+            assert fit_trainer.global_step == 4, kind.__name__
+        strict = AutoStableMax(every_n_steps=1, strict=True)
+        with pytest.raises(LossProtocolError):
+            trainer(max_steps=4, callbacks=[strict]).fit(kind(mlp(), lr=0.01), data)
