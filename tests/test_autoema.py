@@ -100,18 +100,18 @@ def test_autoema_fires_logs_and_averages_like_an_explicit_ema():
     assert tag == "dynscope/mitigation/events" and step == expected and "ema on" in text and "amplification" in text
     assert autoema.trigger_values["amplification"] == dict(amplification)[expected]
 
-    # the EMA against an explicit warm-up loop over the recorded online weights
-    ema = explicit_ema(weights.steps, expected, 24, 0.9)
+    # the EMA (a shadow from the first step on) against an explicit warm-up loop over the recorded online weights
+    ema = explicit_ema(weights.steps, 1, 24, 0.9)
     for mine, ref in zip(autoema.ema_module.parameters(), ema):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
     # metric_ema is the metric at the EMA weights
     metric_ema = logger.scalars["dynscope/gva/metric_ema"]
-    assert metric_ema[0][0] == expected + 2  # from the first evaluation after the trigger
+    assert metric_ema[0][0] == 2  # from the first evaluation on: the shadow EMA
     assert metric_ema[-1][1] == pytest.approx(metric(autoema.ema_module.policy), rel=1e-6)
     # validation ran with the EMA weights (at step 12 and 24), the EMA module holding the online ones
     assert [s for s, _, _ in weights.validation] == [12, 24]
     for step, module_params, ema_params in weights.validation:
-        ema_then = explicit_ema(weights.steps, expected, step, 0.9)
+        ema_then = explicit_ema(weights.steps, 1, step, 0.9)
         for p, e, w in zip(module_params, ema_then, weights.steps[step]):
             torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-7)
         for p, w in zip(ema_params, weights.steps[step]):
@@ -141,7 +141,12 @@ def test_autoema_resumes_from_a_checkpoint_with_its_ema_state(tmp_path):
     fit([first, checkpoint], 12)
     path = tmp_path / "epoch=2-step=12.ckpt"
     saved = torch.load(path, weights_only=False)
-    assert "current_model_state" in saved and "averaging_state" in saved  # Lightning's weight-averaging layout
+    # the model's state is the online weights, the EMA is in the callback's state beside it
+    assert "current_model_state" not in saved and "averaging_state" not in saved
+    torch.manual_seed(0)
+    plain = fit([], 12)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
 
     resumed = make()
     logger = Recorder()
@@ -151,7 +156,7 @@ def test_autoema_resumes_from_a_checkpoint_with_its_ema_state(tmp_path):
     assert list(resumed.metrics) == pytest.approx(list(straight.metrics), rel=1e-6)
     for a, b in zip(resumed.ema_module.parameters(), straight.ema_module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
-    assert int(resumed._averaging._average_model.n_averaged) == int(straight._averaging._average_model.n_averaged) == 17
+    assert int(resumed._averaging._average_model.n_averaged) == int(straight._averaging._average_model.n_averaged) == 24
     assert logger.texts == []  # it does not fire a second time
 
 
@@ -212,3 +217,15 @@ def test_observer_effect_variance_amplification_on_autoema_off():
     for callback in callbacks:  # they did measure
         assert callback.num_measurements >= 6 and "amplification" in callback.last_metrics
     assert not callbacks[2].active
+
+
+def test_an_ema_active_checkpoint_resumed_without_autoema_continues_from_the_online_weights(tmp_path):
+    _, _, metric = bc_setup()
+    autoema = AutoEMA(metric, threshold=THRESHOLD_ALWAYS, patience=1, every_n_steps=2, window=3, decay=0.9)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1)
+    fit([autoema, checkpoint], 12)
+    assert autoema.active and autoema.triggered_step < 12
+    straight = fit([], 24)  # the same run without AutoEMA, uninterrupted
+    resumed = fit([], 24, ckpt_path=str(tmp_path / "epoch=2-step=12.ckpt"))
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
