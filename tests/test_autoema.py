@@ -229,3 +229,65 @@ def test_an_ema_active_checkpoint_resumed_without_autoema_continues_from_the_onl
     resumed = fit([], 24, ckpt_path=str(tmp_path / "epoch=2-step=12.ckpt"))
     for a, b in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(a, b)
+
+
+class Swings(pl.Callback):
+    """After each of AutoEMA's evaluations: the metric at the online and at the EMA weights, recomputed here."""
+
+    def __init__(self, autoema, metric):
+        self.autoema, self.metric, self.rows = autoema, metric, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.autoema.every_n_steps == 0 and self.autoema.ema_module is not None:
+            with torch.no_grad():
+                self.rows.append((trainer.global_step, self.metric(pl_module.eval()), self.metric(
+                    self.autoema.ema_module.eval())))
+            pl_module.train()
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting
+    yield
+    torch.set_num_threads(threads)
+
+
+def behaviour_cloning(rho, steps, seed=0):
+    """The demo's setup: LQR expert, tanh MLP policy, minibatch SGD, 60-step rollout cost."""
+    A, B, K = make_system(rho)
+    X, U = expert_data(A, B, K)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, U), batch_size=32, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+    metric = rollout_metric(A, B, horizon=60)
+    autoema = AutoEMA(metric, reference_batches=8)
+    swings = Swings(autoema, metric)
+    trainer = pl.Trainer(max_steps=steps, callbacks=[autoema, swings], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    torch.manual_seed(seed)
+    trainer.fit(make_module(4, 2, 32, 0.05, seed), data)
+    return autoema, swings.rows
+
+
+def _std_of_changes(values):
+    d = [b - a for a, b in zip(values, values[1:])]
+    mean = sum(d) / len(d)
+    return (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
+
+
+def test_autoema_defaults_fire_on_an_unstable_system_and_the_ema_swings_3x_less(one_thread):
+    autoema, rows = behaviour_cloning(1.2, 1000)
+    assert autoema.active and autoema.triggered_step <= 800, autoema.last_metrics
+    after = [(j, je) for step, j, je in rows if step > autoema.triggered_step][:20]  # the window after the trigger
+    assert len(after) == 20
+    online, ema = [j for j, _ in after], [je for _, je in after]
+    assert _std_of_changes(online) >= 3 * _std_of_changes(ema)
+    assert sum(ema) <= 1.02 * sum(online)  # no worse on average
+    assert autoema.trigger_values["ema_swing_ratio"] >= 3 and autoema.trigger_values["swing"] >= autoema.min_swing
+
+
+def test_autoema_defaults_stay_off_on_a_stable_system(one_thread):
+    autoema, rows = behaviour_cloning(0.5, 1000)
+    assert not autoema.active and autoema.num_measurements >= 90
+    online = [j for _, j, _ in rows[-20:]]
+    assert _std_of_changes(online) / (sum(online) / len(online)) < autoema.min_swing  # the metric does not swing
