@@ -72,3 +72,11 @@ def test_the_control_run_stays_at_chance():
     accuracy = grok(0, SoftmaxCollapse(every_n_steps=EVERY), steps=450)
     chance = 1 / P
     assert len(accuracy.history) == 45 and max(acc for _, acc in accuracy.history[5:]) < 2 * chance
+
+
+def test_the_demo_command_runs_and_prints_its_verdicts(tmp_path, capsys):
+    from dynscope.cli.main import main
+
+    assert main(["demo", "--p", "11", "--width", "16", "--steps", "30", "--every", "10", "--logdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict" in out and "AutoStableMax()" in out and "Honest note" not in out
