@@ -542,7 +542,7 @@ class AutoStableMax(SoftmaxCollapse):
     def _apply(self, trainer, pl_module, actions) -> Dict[str, str]:
         """Take ``actions``; ``{action: what was done}`` for those that could act."""
         done: Dict[str, str] = {}
-        optimizers = list(getattr(trainer.strategy, "optimizers", None) or [])
+        optimizers = [o for o in getattr(trainer.strategy, "optimizers", None) or [] if not _is_mock(o)]
         if "stablemax" in actions:
             losses = switchable_losses(pl_module)
             for loss in losses:
@@ -562,7 +562,8 @@ class AutoStableMax(SoftmaxCollapse):
             done["rescale"] = f"multiplied {len(params)} weight tensors by {self.rescale_factor:g} once"
         if "reset_optimizer" in actions and optimizers:
             for optimizer in trainer.strategy.optimizers:
-                optimizer.state = defaultdict(dict)
+                if not _is_mock(optimizer):
+                    optimizer.state = defaultdict(dict)
             done["reset_optimizer"] = "reset the optimizer state"
         return done
 
@@ -596,4 +597,9 @@ def wrap_optimizers(trainer) -> None:
     ``LightningOptimizer`` wrappers the training loop steps.
     """
     strategy = trainer.strategy
-    strategy.optimizers = [o if isinstance(o, OrthoGrad) else OrthoGrad(o) for o in strategy.optimizers]
+    strategy.optimizers = [o if isinstance(o, OrthoGrad) or _is_mock(o) else OrthoGrad(o) for o in strategy.optimizers]
+
+
+def _is_mock(optimizer) -> bool:
+    """Lightning's stand-in when ``configure_optimizers`` returns nothing."""
+    return type(optimizer).__name__ == "_MockOptimizer"

@@ -447,3 +447,21 @@ def test_a_requested_mitigation_with_unmeasurable_batches_never_ends_the_run():
         strict = AutoStableMax(every_n_steps=1, strict=True)
         with pytest.raises(LossProtocolError):
             trainer(max_steps=4, callbacks=[strict]).fit(kind(mlp(), lr=0.01), data)
+
+
+def test_auto_stablemax_without_an_optimizer_warns_and_goes_on():
+    class NoOptimizer(Switchable):
+        def configure_optimizers(self):
+            return None
+
+    _, _, data = _full_batch(16)
+    callback = AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0, nlm_threshold=-1.0)
+    fit_trainer = trainer(max_steps=2, callbacks=[callback])
+    with pytest.warns(RuntimeWarning, match="no optimizer to wrap"):
+        fit_trainer.fit(NoOptimizer(mlp(), lr=0.01), data)
+    assert callback.triggered_step == 1 and callback.applied == ["stablemax", "rescale"]
+    assert not any(isinstance(o, OrthoGrad) for o in fit_trainer.strategy.optimizers)
+    with pytest.raises(LossProtocolError, match="no optimizer"):
+        trainer(max_steps=2, callbacks=[AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0,
+                                                      nlm_threshold=-1.0, strict=True)]).fit(
+            NoOptimizer(mlp(), lr=0.01), data)
