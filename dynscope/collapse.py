@@ -1,13 +1,22 @@
 """Softmax collapse and naive loss minimisation (Prieto et al. 2025, "Grokking at the edge of
 numerical stability").
 
-Softmax collapse (SC): once one logit exceeds the others by enough, ``sum_k exp(z_k - max z)``
-rounds to exactly ``1`` in the dtype the loss is computed in, so that sample's cross-entropy and
-its gradient are exactly zero and it stops contributing to learning. The margin needed depends on
-the dtype: the other classes' relative mass must fall below half a unit in the last place of 1,
-about ``2^-24`` for float32, ``2^-11`` for float16, ``2^-8`` for bfloat16 and ``2^-53`` for
-float64. Rather than compare against these thresholds, the test here is the computation itself,
-done in the dtype.
+Softmax collapse (SC): once one logit exceeds the others by enough, the log-softmax of the top
+class rounds to exactly ``0`` in the dtype the loss is computed in, so a correctly classified
+sample's cross-entropy is exactly zero. Its gradient is tiny but NOT exactly zero: the other
+classes' probabilities ``exp(z_k - max z)`` underflow to zero only past a gap of about 87
+(float32) to 104 (subnormals), and Adam with a tiny ``eps`` still takes full-size steps along
+such a gradient. The margin needed for a zero loss depends on the dtype: the other classes'
+relative mass must fall below about ``2^-24`` for float32, ``2^-11`` for float16, ``2^-8`` for
+bfloat16 and ``2^-53`` for float64. Rather than compare against these thresholds, the test here is
+the loss's own computation in that dtype (``log_softmax(z).max() == 0``, what ``F.cross_entropy``
+computes), so that for correctly classified rows the collapsed fraction equals the
+exactly-zero-loss fraction. (``sum_k exp(z_k - max z) == 1`` is not the same test: it flags
+rows whose float32 loss is not yet zero, from a gap of 19.1 instead of 20.5 for 97 classes.)
+
+After a switch to StableMax the loss in use is :func:`dynscope.nn.stablemax_cross_entropy`,
+computed in float64: pass ``normalization="stablemax"`` to measure collapse of that loss (it has
+none in practice).
 
 Naive loss minimisation (NLM): after the training set is fitted, the cheapest way to lower the
 loss further is to scale the logits up, and the gradient aligns with the weights themselves;
@@ -75,25 +84,45 @@ def _targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return targets.detach().reshape(-1).to(device=logits.device, dtype=torch.long)
 
 
-def collapsed_rows(logits: torch.Tensor, dtype: DTypeLike = None) -> torch.Tensor:
-    """Boolean ``[N]`` (rows of ``logits`` flattened to ``[N, C]``): ``sum exp(z - max z) == 1`` in ``dtype``.
+NORMALIZATIONS = ("softmax", "stablemax")
+
+
+def _log_probs(z: torch.Tensor, normalization: str) -> torch.Tensor:
+    if normalization == "softmax":
+        return F.log_softmax(z, dim=-1)  # what F.cross_entropy computes, in z's dtype
+    if normalization == "stablemax":
+        from .nn import log_stablemax  # float64 inside, z's dtype out, as stablemax_cross_entropy
+
+        return log_stablemax(z, dim=-1)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def collapsed_rows(logits: torch.Tensor, dtype: DTypeLike = None, normalization: str = "softmax") -> torch.Tensor:
+    """Boolean ``[N]`` (rows of ``logits`` flattened to ``[N, C]``): the top class's log-probability,
+    computed as the loss computes it in ``dtype``, is exactly ``0``.
+
+    For a correctly classified row this is exactly "its cross-entropy is 0" (see
+    :func:`zero_loss_rows`). ``normalization="stablemax"`` tests StableMax's cross-entropy instead.
 
     Example:
         >>> collapsed_rows(torch.tensor([[30.0, 0.0], [1.0, 0.0]])).tolist()
         [True, False]
+        >>> collapsed_rows(torch.tensor([[30.0, 0.0]]), normalization="stablemax").tolist()
+        [False]
     """
     rows = _rows(logits)
     z = rows.to(resolve_dtype(dtype, rows.dtype))
-    mass = torch.exp(z - z.max(dim=-1, keepdim=True).values).sum(dim=-1)
-    return mass == 1
+    return _log_probs(z, normalization).amax(dim=-1) == 0
 
 
 def zero_loss_rows(
-    logits: torch.Tensor, targets: torch.Tensor, dtype: DTypeLike = None, ignore_index: int = -100
+    logits: torch.Tensor, targets: torch.Tensor, dtype: DTypeLike = None, ignore_index: int = -100,
+    normalization: str = "softmax",
 ) -> torch.Tensor:
-    """Boolean ``[N]``: torch's cross-entropy of the row, computed in ``dtype``, is exactly zero.
+    """Boolean ``[N]``: the row's cross-entropy, computed in ``dtype``, is exactly zero.
 
-    Rows whose target is ``ignore_index`` are ``False``.
+    ``normalization="softmax"``: torch's ``F.cross_entropy``; ``"stablemax"``:
+    :func:`dynscope.nn.stablemax_cross_entropy`. Rows whose target is ``ignore_index`` are ``False``.
 
     Example:
         >>> zero_loss_rows(torch.tensor([[30.0, 0.0], [30.0, 0.0]]), torch.tensor([0, 1])).tolist()
@@ -106,21 +135,25 @@ def zero_loss_rows(
     bad = keep & ((labels < 0) | (labels >= rows.shape[-1]))
     if bool(bad.any()):
         raise ValueError(f"targets must be class indices in [0, {rows.shape[-1]}) or ignore_index={ignore_index}")
-    losses = F.cross_entropy(z, labels, reduction="none", ignore_index=ignore_index)
+    if normalization == "softmax":
+        losses = F.cross_entropy(z, labels, reduction="none", ignore_index=ignore_index)
+    else:
+        picked = _log_probs(z, normalization).gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+        losses = -picked
     return keep & (losses == 0)
 
 
 def softmax_collapse(logits: torch.Tensor, dtype: DTypeLike = None) -> float:
-    """The fraction of samples in softmax collapse: ``sum_k exp(z_k - max z) == 1`` exactly in ``dtype``.
+    """The fraction of samples in softmax collapse: ``log_softmax(z)`` of the top class is exactly 0 in ``dtype``.
 
     Args:
         logits: ``[..., C]`` (class dimension last); every row is a sample.
         dtype: the dtype the loss is computed in (``torch.float32``, ``torch.bfloat16``,
             ``torch.float16``, ``torch.float64`` or their names); default: the logits' dtype.
 
-    A collapsed sample has exactly zero softmax cross-entropy if its label is the arg-max, and an
-    exactly zero gradient on the logits if its label is not. Reference: Prieto et al. 2025,
-    "Grokking at the edge of numerical stability".
+    A collapsed sample has exactly zero softmax cross-entropy if its label is the arg-max (the same
+    computation as ``F.cross_entropy``); its gradient is tiny but not exactly zero (see the module
+    docstring). Reference: Prieto et al. 2025, "Grokking at the edge of numerical stability".
 
     Example:
         >>> z = torch.tensor([[20.0, 0.0], [10.0, 0.0]])   # e^-20 < 2^-24 < e^-10

@@ -100,18 +100,18 @@ def test_autoema_fires_logs_and_averages_like_an_explicit_ema():
     assert tag == "dynscope/mitigation/events" and step == expected and "ema on" in text and "amplification" in text
     assert autoema.trigger_values["amplification"] == dict(amplification)[expected]
 
-    # the EMA against an explicit warm-up loop over the recorded online weights
-    ema = explicit_ema(weights.steps, expected, 24, 0.9)
+    # the EMA (a shadow from the first step on) against an explicit warm-up loop over the recorded online weights
+    ema = explicit_ema(weights.steps, 1, 24, 0.9)
     for mine, ref in zip(autoema.ema_module.parameters(), ema):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
     # metric_ema is the metric at the EMA weights
     metric_ema = logger.scalars["dynscope/gva/metric_ema"]
-    assert metric_ema[0][0] == expected + 2  # from the first evaluation after the trigger
+    assert metric_ema[0][0] == 2  # from the first evaluation on: the shadow EMA
     assert metric_ema[-1][1] == pytest.approx(metric(autoema.ema_module.policy), rel=1e-6)
     # validation ran with the EMA weights (at step 12 and 24), the EMA module holding the online ones
     assert [s for s, _, _ in weights.validation] == [12, 24]
     for step, module_params, ema_params in weights.validation:
-        ema_then = explicit_ema(weights.steps, expected, step, 0.9)
+        ema_then = explicit_ema(weights.steps, 1, step, 0.9)
         for p, e, w in zip(module_params, ema_then, weights.steps[step]):
             torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-7)
         for p, w in zip(ema_params, weights.steps[step]):
@@ -141,7 +141,12 @@ def test_autoema_resumes_from_a_checkpoint_with_its_ema_state(tmp_path):
     fit([first, checkpoint], 12)
     path = tmp_path / "epoch=2-step=12.ckpt"
     saved = torch.load(path, weights_only=False)
-    assert "current_model_state" in saved and "averaging_state" in saved  # Lightning's weight-averaging layout
+    # the model's state is the online weights, the EMA is in the callback's state beside it
+    assert "current_model_state" not in saved and "averaging_state" not in saved
+    torch.manual_seed(0)
+    plain = fit([], 12)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
 
     resumed = make()
     logger = Recorder()
@@ -151,7 +156,7 @@ def test_autoema_resumes_from_a_checkpoint_with_its_ema_state(tmp_path):
     assert list(resumed.metrics) == pytest.approx(list(straight.metrics), rel=1e-6)
     for a, b in zip(resumed.ema_module.parameters(), straight.ema_module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
-    assert int(resumed._averaging._average_model.n_averaged) == int(straight._averaging._average_model.n_averaged) == 17
+    assert int(resumed._averaging._average_model.n_averaged) == int(straight._averaging._average_model.n_averaged) == 24
     assert logger.texts == []  # it does not fire a second time
 
 
@@ -212,3 +217,77 @@ def test_observer_effect_variance_amplification_on_autoema_off():
     for callback in callbacks:  # they did measure
         assert callback.num_measurements >= 6 and "amplification" in callback.last_metrics
     assert not callbacks[2].active
+
+
+def test_an_ema_active_checkpoint_resumed_without_autoema_continues_from_the_online_weights(tmp_path):
+    _, _, metric = bc_setup()
+    autoema = AutoEMA(metric, threshold=THRESHOLD_ALWAYS, patience=1, every_n_steps=2, window=3, decay=0.9)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1)
+    fit([autoema, checkpoint], 12)
+    assert autoema.active and autoema.triggered_step < 12
+    straight = fit([], 24)  # the same run without AutoEMA, uninterrupted
+    resumed = fit([], 24, ckpt_path=str(tmp_path / "epoch=2-step=12.ckpt"))
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+
+
+class Swings(pl.Callback):
+    """After each of AutoEMA's evaluations: the metric at the online and at the EMA weights, recomputed here."""
+
+    def __init__(self, autoema, metric):
+        self.autoema, self.metric, self.rows = autoema, metric, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.autoema.every_n_steps == 0 and self.autoema.ema_module is not None:
+            with torch.no_grad():
+                self.rows.append((trainer.global_step, self.metric(pl_module.eval()), self.metric(
+                    self.autoema.ema_module.eval())))
+            pl_module.train()
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting
+    yield
+    torch.set_num_threads(threads)
+
+
+def behaviour_cloning(rho, steps, seed=0):
+    """The demo's setup: LQR expert, tanh MLP policy, minibatch SGD, 60-step rollout cost."""
+    A, B, K = make_system(rho)
+    X, U = expert_data(A, B, K)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, U), batch_size=32, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+    metric = rollout_metric(A, B, horizon=60)
+    autoema = AutoEMA(metric, reference_batches=8)
+    swings = Swings(autoema, metric)
+    trainer = pl.Trainer(max_steps=steps, callbacks=[autoema, swings], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    torch.manual_seed(seed)
+    trainer.fit(make_module(4, 2, 32, 0.05, seed), data)
+    return autoema, swings.rows
+
+
+def _std_of_changes(values):
+    d = [b - a for a, b in zip(values, values[1:])]
+    mean = sum(d) / len(d)
+    return (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
+
+
+def test_autoema_defaults_fire_on_an_unstable_system_and_the_ema_swings_3x_less(one_thread):
+    autoema, rows = behaviour_cloning(1.2, 1000)
+    assert autoema.active and autoema.triggered_step <= 800, autoema.last_metrics
+    after = [(j, je) for step, j, je in rows if step > autoema.triggered_step][:20]  # the window after the trigger
+    assert len(after) == 20
+    online, ema = [j for j, _ in after], [je for _, je in after]
+    assert _std_of_changes(online) >= 3 * _std_of_changes(ema)
+    assert sum(ema) <= 1.02 * sum(online)  # no worse on average
+    assert autoema.trigger_values["ema_swing_ratio"] >= 3 and autoema.trigger_values["swing"] >= autoema.min_swing
+
+
+def test_autoema_defaults_stay_off_on_a_stable_system(one_thread):
+    autoema, rows = behaviour_cloning(0.5, 1000)
+    assert not autoema.active and autoema.num_measurements >= 90
+    online = [j for _, j, _ in rows[-20:]]
+    assert _std_of_changes(online) / (sum(online) / len(online)) < autoema.min_swing  # the metric does not swing

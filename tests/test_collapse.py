@@ -1,5 +1,6 @@
 """Softmax collapse metrics (core) and the SoftmaxCollapse / AutoStableMax callbacks."""
 
+import copy
 import math
 
 import pytest
@@ -12,8 +13,9 @@ from models import Classifier, Recorder, classification_data, loader, mlp, train
 from observer import assert_same_weights, trained_weights
 
 from dynscope import max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
+from dynscope.collapse import collapsed_rows, zero_loss_rows
 from dynscope.callbacks import AutoStableMax, LossProtocolError, SoftmaxCollapse
-from dynscope.nn import CrossEntropy
+from dynscope.nn import CrossEntropy, stablemax_cross_entropy
 from dynscope.optim import OrthoGrad
 
 # half a unit in the last place of 1: the other classes' relative mass below it rounds away
@@ -41,6 +43,39 @@ def test_softmax_collapse_per_dtype_with_wide_margins(dtype):
     assert zero_loss_fraction(z, torch.tensor([0, 0, 0, 0]), dtype=dtype) == 0.25
     assert zero_loss_fraction(z.to(dtype), torch.tensor([1, 0, -100, -100])) == 0.0
     assert zero_loss_fraction(z.to(dtype), torch.tensor([0, -100, 0, -100])) == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_collapse_is_the_losss_own_zero(dtype):
+    """For correctly classified rows, collapsed <=> F.cross_entropy in that dtype is exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    n, classes = 4000, 97
+    z = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    top = {torch.float32: 30.0, torch.bfloat16: 12.0, torch.float16: 16.0}[dtype]
+    z[torch.arange(n), y] = z.max(1).values + top * torch.rand(n, generator=g, dtype=torch.float64)
+    z = z.to(dtype)
+    zero = F.cross_entropy(z, y, reduction="none") == 0
+    correct = z.argmax(-1) == y
+    assert 0.2 < zero.double().mean() < 0.6 and correct.double().mean() > 0.99  # both kinds of rows present
+    collapsed = collapsed_rows(z)
+    assert torch.equal(collapsed[correct], zero[correct])
+    assert softmax_collapse(z) == pytest.approx(zero[correct].double().mean().item() * correct.double().mean().item()
+                                                + collapsed[~correct].double().sum().item() / n)
+    if dtype == torch.float32:  # the old test, sum exp(z - max) == 1, flags rows whose loss is not yet zero
+        mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1) == 1
+        assert int((mass & ~zero & correct).sum()) > 20
+
+
+def test_stablemax_rows_do_not_collapse_where_softmax_does():
+    z = _margin_logits([30.0, 60.0, 1.0], classes=5).float()
+    y = torch.zeros(3, dtype=torch.long)
+    assert collapsed_rows(z).tolist() == [True, True, False]
+    assert collapsed_rows(z, normalization="stablemax").tolist() == [False, False, False]
+    assert zero_loss_rows(z, y, normalization="stablemax").tolist() == [False, False, False]
+    assert (stablemax_cross_entropy(z, y, reduction="none") > 0).all()
+    with pytest.raises(ValueError, match="normalization"):
+        collapsed_rows(z, normalization="sparsemax")
 
 
 def test_collapse_depends_on_the_dtype_and_the_shift():
@@ -130,11 +165,14 @@ def test_softmax_collapse_logs_reference_values():
 
     with torch.no_grad():  # logits metrics: after the step, on the batch
         z = module.net(x)
-    mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
     top = z.double().topk(2, -1).values
+    zero = F.cross_entropy(z, y, reduction="none") == 0
+    correct = z.argmax(-1) == y
+    wrong_zero = F.cross_entropy(z, z.argmax(-1), reduction="none") == 0  # the top class's loss, for wrong rows
     expected = {
-        "sc_fraction": (mass == 1).double().mean().item(),
-        "zero_loss_fraction": (F.cross_entropy(z, y, reduction="none") == 0).double().mean().item(),
+        "sc_fraction": (zero | (~correct & wrong_zero)).double().mean().item(),
+        "softmax_sc_fraction": (zero | (~correct & wrong_zero)).double().mean().item(),
+        "zero_loss_fraction": zero.double().mean().item(),
         "max_logit_gap": (top[:, 0] - top[:, 1]).mean().item(),
         "train_accuracy": (z.argmax(-1) == y).double().mean().item(),
     }
@@ -166,9 +204,9 @@ def test_softmax_collapse_on_held_validation_data():
     )
     with torch.no_grad():
         z = module.net(xv)
-    mass = torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
+    top_zero = F.cross_entropy(z, z.argmax(-1), reduction="none") == 0  # the top class's loss is exactly 0
     assert [step for step, _ in rec.scalars["dynscope/collapse/held_sc_fraction"]] == [1, 2]  # step 1 is always due
-    assert rec.scalars["dynscope/collapse/held_sc_fraction"][-1] == (2, pytest.approx((mass == 1).double().mean().item()))
+    assert rec.scalars["dynscope/collapse/held_sc_fraction"][-1] == (2, pytest.approx(top_zero.double().mean().item()))
     acc = (z.argmax(-1) == yv).double().mean().item()
     assert rec.scalars["dynscope/collapse/held_accuracy"][-1] == (2, pytest.approx(acc))
 
@@ -207,7 +245,8 @@ def test_auto_stablemax_fires_logs_and_applies_orthograd(tmp_path):
             after = [p.detach().clone() for p in pl_module.parameters()]
             self.steps.append([(w, g, a - w) for (w, g), a in zip(self._before, after)])
 
-    callback = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, orthograd=True, strict=True)
+    callback = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, actions=("stablemax", "orthograd"),
+                             nlm_trigger=False, strict=True)
     probe = UpdateProbe()
     x, y, data = _full_batch()
     module = Switchable(_confident_net(scale=300.0), lr=LR)
@@ -245,14 +284,16 @@ def test_auto_stablemax_fires_logs_and_applies_orthograd(tmp_path):
 
 
 def test_auto_stablemax_stays_on_after_resume(tmp_path):
-    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, orthograd=True, strict=True)
+    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, actions="stablemax,orthograd", nlm_trigger=False,
+                          strict=True)
     _, _, fit_trainer = _auto_run(3, first)
     assert first.triggered_step == 2
     path = str(tmp_path / "switched.ckpt")
     fit_trainer.save_checkpoint(path)
 
     # the resumed run cannot trigger by itself (patience too long): the switch must come from the checkpoint
-    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, orthograd=True, strict=True)
+    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, actions="stablemax,orthograd",
+                           nlm_trigger=False, strict=True)
     module, rec, resumed = _auto_run(5, second, ckpt=path)
     assert second.active and second.triggered_step == 2 and second.reason == first.reason
     assert module.modes == ["stablemax", "stablemax"]
@@ -268,13 +309,159 @@ def test_auto_stablemax_nlm_trigger():
     assert module.modes == ["softmax", "stablemax"]
 
 
-def test_auto_stablemax_needs_a_switchable_loss():
-    _, _, data = _full_batch(16)
+def test_auto_stablemax_without_a_switchable_loss_acts_or_warns():
+    x, y, data = _full_batch(16)
+    # the default recipe on a module computing F.cross_entropy itself: no refusal, the other actions act
+    torch.manual_seed(0)
+    module = Classifier(mlp(), lr=0.01)
+    callback = AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0, nlm_threshold=-1.0)
+    with pytest.warns(RuntimeWarning, match="StableMax switch is skipped"):
+        fit_trainer = trainer(max_steps=2, callbacks=[callback])
+        fit_trainer.fit(module, data)
+    assert callback.triggered_step == 1 and callback.applied == ["orthograd", "rescale", "reset_optimizer"]
+    assert isinstance(fit_trainer.optimizers[0], OrthoGrad)
+    # only the switch asked for: strict refuses at setup, non-strict warns and goes on
     with pytest.raises(LossProtocolError, match="dynscope.nn.CrossEntropy"):
-        trainer(max_steps=1, callbacks=[AutoStableMax()]).fit(Classifier(mlp()), data)
+        trainer(max_steps=1, callbacks=[AutoStableMax(actions="stablemax", strict=True)]).fit(Classifier(mlp()), data)
+    with pytest.warns(RuntimeWarning, match="StableMax switch is skipped"):
+        trainer(max_steps=1, callbacks=[AutoStableMax(actions="stablemax")]).fit(Classifier(mlp()), data)
     with pytest.raises(ValueError, match="threshold"):
         AutoStableMax(threshold=0.0)
+    with pytest.raises(ValueError, match="actions"):
+        AutoStableMax(actions=["stablemax", "sparsemax"])
+    with pytest.raises(ValueError, match="rescale_factor"):
+        AutoStableMax(rescale_factor=0.0)
     with pytest.raises(ValueError, match="held_data"):
         SoftmaxCollapse(held_data="test")
     with pytest.raises(ValueError, match="unsupported dtype"):
         SoftmaxCollapse(dtype="half-ish")
+
+
+def _default_recipe_run(steps, callback, ckpt=None, record=None):
+    from dynscope.callbacks._lightning import CallbackBase
+
+    class Probe(CallbackBase):
+        def on_train_start(self, trainer, pl_module):
+            self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.opt_state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    x, y, data = _full_batch()
+    module = Switchable(_confident_net(scale=300.0), lr=LR, momentum=0.9)
+    rec, probe = Recorder(), Probe()
+    fit_trainer = trainer(max_steps=steps, callbacks=[callback, probe], logger=rec)
+    fit_trainer.fit(module, data, ckpt_path=ckpt)
+    return module, rec, fit_trainer, probe
+
+
+def test_auto_stablemax_default_recipe_acts_once_and_survives_resume(tmp_path):
+    first = AutoStableMax(threshold=0.1, patience=2, every_n_steps=1, nlm_trigger=False, strict=True)
+    assert first.actions == ("stablemax", "orthograd", "rescale", "reset_optimizer") and first.rescale_factor == 0.5
+    module, rec, fit_trainer, probe = _default_recipe_run(3, first)
+    assert first.triggered_step == 2 and first.applied == list(first.actions)
+    # step 3 started from half the weights after step 2, with the momentum buffers cleared
+    ref = Switchable(_confident_net(scale=300.0), lr=LR, momentum=0.9)
+    x, y, data = _full_batch()
+    trainer(max_steps=2, callbacks=[]).fit(ref, data)
+    for name, p in ref.named_parameters():
+        assert torch.equal(probe.before[name], 0.5 * p.detach()), name
+    text = rec.texts[0][1]
+    for what in ("switched 1 CrossEntropy loss to StableMax", "wrapped 1 optimizer in OrthoGrad",
+                 f"multiplied {len(list(module.parameters()))} weight tensors by 0.5 once", "reset the optimizer state", "sc_fraction >= 0.1"):
+        assert what in text, what
+    assert float(parse_event(text)["values"]["sc_fraction"]) == pytest.approx(first.trigger_values["sc_fraction"], rel=1e-3)
+    # after the switch sc_fraction/zero_loss_fraction measure the loss in use (StableMax: no collapse),
+    # softmax_sc_fraction keeps measuring the softmax
+    sc = dict(rec.scalars["dynscope/collapse/sc_fraction"])
+    softmax = dict(rec.scalars["dynscope/collapse/softmax_sc_fraction"])
+    assert sc[1] == softmax[1] >= 0.1 and sc[3] == 0.0 and dict(rec.scalars["dynscope/collapse/zero_loss_fraction"])[3] == 0.0
+    with torch.no_grad():
+        z = module.net(x)
+    assert softmax[3] == pytest.approx(collapsed_rows(z).double().mean().item()) and softmax[3] > 0
+    path = str(tmp_path / "after.ckpt")
+    fit_trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+
+    second = AutoStableMax(threshold=0.1, patience=1000, every_n_steps=1, nlm_trigger=False, strict=True)
+    module2, rec2, resumed, probe2 = _default_recipe_run(5, second, ckpt=path)
+    assert second.active and second.triggered_step == 2 and second.applied == first.applied
+    for name, p in probe2.start.items():  # not shrunk a second time
+        assert torch.equal(p, saved["state_dict"][name]), name
+    assert probe2.opt_state and all(  # not reset a second time: the momentum of step 3 is there
+        torch.equal(s["momentum_buffer"], saved["optimizer_states"][0]["state"][k]["momentum_buffer"])
+        for k, s in probe2.opt_state.items())
+    assert module2.modes == ["stablemax", "stablemax"] and isinstance(resumed.optimizers[0], OrthoGrad)
+    assert rec2.texts == []
+
+
+def test_nlm_cos_is_not_logged_for_zero_norm_tensors():
+    x, y, data = _full_batch()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].bias.zero_()
+    rec = Recorder()
+    trainer(max_steps=1, callbacks=[SoftmaxCollapse(every_n_steps=1, strict=True)], logger=rec).fit(
+        Classifier(net, lr=0.01), data)
+    logged = {t for t in rec.scalars if t.startswith("dynscope/collapse/nlm_cos/")}
+    assert logged == {"dynscope/collapse/nlm_cos/net.0.weight", "dynscope/collapse/nlm_cos/net.2.weight",
+                      "dynscope/collapse/nlm_cos/net.2.bias"}
+    assert all(math.isfinite(v) for t in logged for _, v in rec.scalars[t])
+
+
+def test_a_requested_mitigation_with_unmeasurable_batches_never_ends_the_run():
+    """Soft targets or dict batches: AutoStableMax (alone or through DynScope) warns, skips, training goes on."""
+    from dynscope.callbacks import DynScope
+
+    x, y, _ = _full_batch(32)
+    soft = torch.nn.functional.one_hot(y, 3).float()
+
+    class SoftTargets(Switchable):
+        def training_step(self, batch, batch_idx):
+            return self.criterion(self(batch[0]), batch[1])
+
+    class DictBatches(Switchable):
+        def training_step(self, batch, batch_idx):
+            return self.criterion(self(batch["x"]), batch["y"])
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return {"x": x[i], "y": y[i]}
+
+    dict_data = torch.utils.data.DataLoader(Dicts(), batch_size=16)
+    cases = [(SoftTargets, loader(x, soft, batch_size=16)), (DictBatches, dict_data)]
+    for kind, data in cases:
+        for make in (lambda: AutoStableMax(every_n_steps=1),
+                     lambda: DynScope(budget=None, curvature=False, noise=False, regions=False, mitigate=("stablemax",),
+                                      collapse={"every_n_steps": 1})):
+            callback = make()
+            fit_trainer = trainer(max_steps=4, callbacks=[callback])
+            with pytest.warns(RuntimeWarning, match="mitigation is skipped"):
+                fit_trainer.fit(kind(mlp(), lr=0.01), data)
+            assert fit_trainer.global_step == 4, kind.__name__
+        strict = AutoStableMax(every_n_steps=1, strict=True)
+        with pytest.raises(LossProtocolError):
+            trainer(max_steps=4, callbacks=[strict]).fit(kind(mlp(), lr=0.01), data)
+
+
+def test_auto_stablemax_without_an_optimizer_warns_and_goes_on():
+    class NoOptimizer(Switchable):
+        def configure_optimizers(self):
+            return None
+
+    _, _, data = _full_batch(16)
+    callback = AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0, nlm_threshold=-1.0)
+    fit_trainer = trainer(max_steps=2, callbacks=[callback])
+    with pytest.warns(RuntimeWarning, match="no optimizer to wrap"):
+        fit_trainer.fit(NoOptimizer(mlp(), lr=0.01), data)
+    assert callback.triggered_step == 1 and callback.applied == ["stablemax", "rescale"]
+    assert not any(isinstance(o, OrthoGrad) for o in fit_trainer.strategy.optimizers)
+    with pytest.raises(LossProtocolError, match="no optimizer"):
+        trainer(max_steps=2, callbacks=[AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0,
+                                                      nlm_threshold=-1.0, strict=True)]).fit(
+            NoOptimizer(mlp(), lr=0.01), data)

@@ -89,7 +89,9 @@ def test_a_requested_mitigation_that_cannot_work_is_an_error():
         DynScope(mitigate=("ema",))
     with pytest.raises(ValueError, match="mitigate"):
         DynScope(mitigate=("dropout",))
-    with pytest.raises(Exception, match="switchable loss"):
+    # a module computing F.cross_entropy itself: the StableMax switch is skipped with a warning, the rest of
+    # AutoStableMax's recipe still applies (issue 13), and the run goes on
+    with pytest.warns(RuntimeWarning, match="StableMax switch is skipped"):
         fit_cnn([DynScope(budget=None, mitigate=("stablemax",))], steps=1)
 
 
