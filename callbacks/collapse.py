@@ -490,17 +490,12 @@ class AutoStableMax(SoftmaxCollapse):
             self._apply(trainer, pl_module, [a for a in (self.applied or self.actions) if a in ("stablemax", "orthograd")])
 
     # -- deciding -------------------------------------------------------------------------------
+    def drop(self, reason: str) -> None:
+        # a started run must not end over a mitigation: measure nothing more, act never
+        super().drop(f"cannot measure this module's batches, the mitigation is skipped: {reason}")
+
     def run(self, trainer, pl_module, batch) -> Dict[str, float]:
-        try:
-            metrics = super().run(trainer, pl_module, batch)
-        except LossProtocolError as error:
-            if self.strict:
-                raise
-            # a started run must not end over a mitigation: measure nothing more, act never
-            self.warn_once("protocol", f"cannot measure this module's batches, the mitigation is skipped for this "
-                                       f"run: {error}")
-            self.disabled = True
-            return {}
+        metrics = super().run(trainer, pl_module, batch)
         step = trainer.global_step
         if not self.active:
             fire = self._update_streaks(metrics)

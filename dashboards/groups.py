@@ -225,10 +225,11 @@ _GROUPS = (
             "held_zero_loss_fraction": "Exactly-zero losses on the held-out batches.",
             "held_max_logit_gap": "Largest logit gap on the held-out batches.",
             "held_accuracy": "Accuracy on the held-out batches.",
+            "held_softmax_sc_fraction": "The softmax's collapse on the held-out batches (also after a switch to StableMax).",
         },
         (
             Chart("Softmax collapse", ("sc_fraction", "zero_loss_fraction", "softmax_sc_fraction", "held_sc_fraction",
-                                       "held_zero_loss_fraction"), "fraction of samples", events=("stablemax", "orthograd")),
+                                       "held_zero_loss_fraction", "held_softmax_sc_fraction"), "fraction of samples", events=("stablemax", "orthograd")),
             Chart("Naive loss minimisation cos(θ, −∇L)", ("nlm_cos",), "cosine", events=("stablemax", "orthograd")),
             Chart("Max logit gap", ("max_logit_gap", "held_max_logit_gap"), "logit units"),
             Chart("Accuracy: training batch / held-out", ("train_accuracy", "held_accuracy"), "accuracy",
