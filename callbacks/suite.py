@@ -134,6 +134,9 @@ class DynScope(CallbackBase):
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
         strict: re-raise errors (a diagnostic that does not apply, a failing measurement) instead
             of warning and going on.
+        clock: the seconds counter the budget runs on (default :func:`time.perf_counter`); shared
+            with the diagnostics' cost accounting. Tests pass a fake clock to drive the budget
+            independently of machine load.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -162,6 +165,7 @@ class DynScope(CallbackBase):
         tighten: float = 4.0,
         mode: str = "eval",
         strict: bool = False,
+        clock: Optional[Callable[[], float]] = None,
     ) -> None:
         mitigate = (mitigate,) if isinstance(mitigate, str) else tuple(mitigate)
         unknown = [m for m in mitigate if m not in MITIGATIONS]
@@ -202,7 +206,9 @@ class DynScope(CallbackBase):
         self.callbacks = built
         self._names = {id(child): name for name, child in built.items()}
         self._priors = {name: prior_steps(child) for name, child in built.items()}
+        self.clock: Callable[[], float] = clock or time.perf_counter
         for child in built.values():
+            child.clock = self.clock
             if self.allowance is not None:
                 child.budget_gate = self._gate
 
@@ -228,7 +234,7 @@ class DynScope(CallbackBase):
         """Wall time of the fit so far (resumes included) minus the time spent in dynscope."""
         if self._fit_start is None:
             return 0.0
-        return max(self.elapsed_before + time.perf_counter() - self._fit_start - self.seconds, 0.0)
+        return max(self.elapsed_before + self.clock() - self._fit_start - self.seconds, 0.0)
 
     def overhead(self) -> float:
         """Time in dynscope as a fraction of the training time (``nan`` before any training)."""
@@ -339,7 +345,7 @@ class DynScope(CallbackBase):
     def _each(self, hook: str, *args, only: Optional[List[DiagnosticCallback]] = None, **kwargs) -> None:
         """Call ``hook`` on every diagnostic (or those in ``only``); one that raises is dropped with a
         warning (unless strict, or it is a mitigation that was asked for)."""
-        start = time.perf_counter()
+        start = self.clock()
         try:
             for name, child in list(self.callbacks.items()):
                 if only is not None and child not in only:
@@ -354,7 +360,7 @@ class DynScope(CallbackBase):
                         raise
                     self._drop(name, error)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
     def _drop(self, name: str, error: BaseException) -> None:
         why = "does not apply to this model" if _does_not_apply(error) else "failed"
@@ -371,7 +377,7 @@ class DynScope(CallbackBase):
             write_layout(trainer, ("overhead",))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
+        self._fit_start = self.clock()
         self._start_step = trainer.global_step
         self._step_seconds = 0.0
         self._counts = {n: c.num_measurements for n, c in self.callbacks.items()}
@@ -379,19 +385,19 @@ class DynScope(CallbackBase):
         self._each("on_train_start", trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        start = time.perf_counter()
+        start = self.clock()
         step = trainer.global_step + 1
         if step != self._planned:  # the first micro-batch of an optimizer step
             if self.allowance is not None:
                 self._plan(trainer, step)
             self._planned = step
             planning = [c for c in self.callbacks.values() if not c.idle_between_measurements or c.wants(step)]
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
             self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
             # Diagnostics idle between measurements are not called again in a step without one.
             self._active = [c for c in planning if not c.idle_between_measurements or c.will_measure(step)]
             return
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.clock() - start
         self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -423,7 +429,7 @@ class DynScope(CallbackBase):
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        elapsed = self.elapsed_before + (time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0)
+        elapsed = self.elapsed_before + (self.clock() - self._fit_start if self._fit_start is not None else 0.0)
         return {
             "callbacks": {name: child.state_dict() for name, child in self.callbacks.items()},
             "seconds": self.seconds,

@@ -3,8 +3,6 @@ budget and its tightening near events, the observer effect, resume, and Lightnin
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import pytorch_lightning as pl
@@ -110,52 +108,76 @@ def test_budget_sharing_and_allowance():
     assert near_event({"amplification": 3.0}, {"amplification": 2.0})
 
 
+class FakeClock:
+    """Seconds that pass only when the test says so: the budget's arithmetic, free of machine load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 class Sleeper(Classifier):
-    """A training step of known length, so that the budget's arithmetic can be checked in wall time."""
+    """A training step of known length (5 ms on the fake clock)."""
+
+    def __init__(self, net, clock):
+        super().__init__(net)
+        self.clock = clock
 
     def training_step(self, batch, batch_idx):
-        time.sleep(0.005)
+        self.clock.advance(0.005)
         return super().training_step(batch, batch_idx)
 
 
 class Slow(DiagnosticCallback):
-    """A diagnostic that takes 30 ms and reports a fixed eos_ratio."""
+    """A diagnostic that takes 30 ms (on the fake clock) and reports a fixed eos_ratio."""
 
     group = "slow"
 
-    def __init__(self, eos_ratio=0.0, every_n_steps=1):
+    def __init__(self, clock, eos_ratio=0.0, every_n_steps=1):
         super().__init__(every_n_steps=every_n_steps)
+        self.fake = clock
         self.eos_ratio = eos_ratio
         self.steps = []
 
     def measure(self, trainer, pl_module, batch):
-        time.sleep(0.03)
+        self.fake.advance(0.03)
         self.steps.append(trainer.global_step)
         return {"eos_ratio": self.eos_ratio}
 
 
-def run_sleeper(scope, steps):
+def run_sleeper(scope, steps, clock):
     torch.manual_seed(0)
     x, y = classification_data(64, (4,))
-    trainer(max_steps=steps, callbacks=[scope]).fit(Sleeper(mlp((4, 8, 3))), loader(x, y, batch_size=8))
+    trainer(max_steps=steps, callbacks=[scope]).fit(Sleeper(mlp((4, 8, 3)), clock), loader(x, y, batch_size=8))
 
 
 def test_the_budget_keeps_the_overhead_under_its_fraction():
-    slow = Slow(every_n_steps=1)
-    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow})
-    run_sleeper(scope, 200)
+    clock = FakeClock()
+    slow = Slow(clock, every_n_steps=1)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow},
+                     clock=clock)
+    run_sleeper(scope, 200, clock)
+    # Every second counted is one the fake clock was advanced by: 200 steps of 5 ms, 30 ms per measurement.
+    assert scope.training_seconds() == pytest.approx(200 * 0.005)
+    assert scope.seconds == pytest.approx(0.03 * len(slow.steps))
     # Each admitted measurement fit in the time saved up; the first one's cost was only estimated.
-    assert scope.seconds <= 0.1 * scope.training_seconds() + 0.05
-    assert len(slow.steps) >= 2 and len(slow.steps) * 0.03 <= 0.1 * scope.training_seconds() + 0.05
+    assert 2 <= len(slow.steps) and scope.seconds <= 0.1 * scope.training_seconds() + 0.03
     assert slow.schedule.stretch >= 8  # 30 ms per step wanted, 0.5 ms per step available
 
 
 def test_near_an_event_a_diagnostic_runs_more_often_than_its_base_cadence():
     counts = {}
     for eos in (0.1, 0.9):
-        slow = Slow(eos_ratio=eos, every_n_steps=32)
-        scope = DynScope(budget=0.9, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow})
-        run_sleeper(scope, 160)
+        clock = FakeClock()
+        slow = Slow(clock, eos_ratio=eos, every_n_steps=32)
+        scope = DynScope(budget=0.9, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow},
+                         clock=clock)
+        run_sleeper(scope, 160, clock)
         counts[eos] = len(slow.steps)
         assert slow.schedule.stretch == (1.0 if eos < 0.8 else 0.25)
     assert counts[0.9] >= 2 * counts[0.1]
