@@ -82,7 +82,9 @@ class Curvature(DiagnosticCallback):
         num_matvecs: Hessian-vector products for the trace (batched).
         method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` (see :func:`dynscope.hessian_trace`).
         eigen: compute ``lambda_max`` (Lanczos, warm-started from the previous eigenvector).
-        eigen_tol: Lanczos relative residual tolerance.
+        eigen_tol: relative accuracy of ``lambda_max`` (default 1%): Lanczos stops when its error
+            bound is below ``eigen_tol * lambda_max`` (:func:`dynscope.eigen.lanczos`);
+            ``lambda_max_converged`` is 0 when the step limit came first.
         eigen_max_iter: Lanczos steps at most.
         sharpness: compute ``update_sharpness`` and ``grad_sharpness``.
         per_layer: log the per-tensor traces.
@@ -110,7 +112,7 @@ class Curvature(DiagnosticCallback):
         method: str = "hutchinson",
         *,
         eigen: bool = True,
-        eigen_tol: float = 1e-3,
+        eigen_tol: float = 1e-2,
         eigen_max_iter: int = 60,
         sharpness: bool = True,
         per_layer: bool = True,
