@@ -253,3 +253,66 @@ def test_estimator_arguments_are_checked():
     with pytest.raises(TypeError, match="Objective"):
         hessian_trace("not an operator")
     assert math.isnan(hessian_trace(A, num_matvecs=1).stderr)
+
+
+# -- tracking across measurements ---------------------------------------------------------------------
+def _drifting_matrices(n=200, steps=12, seed=0):
+    """A slowly rotating, slowly growing spectrum: four outliers over a flat bulk (known exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    skew = torch.randn(n, n, generator=g, dtype=torch.float64)
+    rotation = torch.linalg.matrix_exp(0.01 * (skew - skew.T) / math.sqrt(n))
+    bulk = torch.full((n - 4,), 0.05, dtype=torch.float64)
+    for t in range(steps):
+        eig = torch.cat([torch.tensor([100.0, 60.0, 40.0, 30.0], dtype=torch.float64) * (1 + 0.01 * t), bulk])
+        yield basis @ torch.diag(eig) @ basis.T, eig
+        basis = rotation @ basis
+
+
+def test_tracking_a_slowly_drifting_matrix_takes_few_matvecs_per_measurement():
+    from dynscope.tracking import CurvatureTracker
+    from dynscope.trace import deflated_hutchinson
+
+    tracker = CurvatureTracker(trace_matvecs=4, sketch=4, eigen_tol=1e-2)
+    cold_matvecs, warm_matvecs, plain_errors = [], [], []
+    for t, (A, eig) in enumerate(_drifting_matrices()):
+        got = tracker.measure(MatrixOperator(A), seed=t)
+        lam, trace = float(eig.max()), float(eig.sum())
+        assert abs(got.eigen.value - lam) <= 0.01 * lam and got.eigen.converged
+        assert abs(got.trace.value - trace) <= 0.05 * trace
+        if t > 0:  # after the first measurement: at most 8 HVPs each
+            assert got.eigen.num_matvecs <= 8 and got.trace.num_matvecs <= 8
+        cold_matvecs.append(top_eigenvalues(A, which="LA", tol=1e-2, seed=t).num_matvecs)
+        warm_matvecs.append(got.eigen.num_matvecs)
+        plain_errors.append(abs(hessian_trace(A, 8, seed=t).value - trace) / trace)
+    assert sum(warm_matvecs[1:]) < sum(cold_matvecs[1:])  # the warm start pays
+    assert sorted(plain_errors)[len(plain_errors) // 2] > 0.05  # undeflated Hutchinson misses 5% with 8 probes
+    with pytest.raises(ValueError, match="positive"):
+        deflated_hutchinson(MatrixOperator(torch.eye(3)), 0)
+
+
+def test_tracking_along_a_training_trajectory_matches_eigvalsh():
+    from dynscope.tracking import CurvatureTracker
+
+    torch.manual_seed(0)
+    net = mlp((5, 12, 3))
+    x, y = classification_data(64, (5,), seed=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    tracker = CurvatureTracker(trace_matvecs=4, sketch=4, eigen_tol=1e-2)
+    z_scores = []
+    for step in range(60):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        if step % 10:
+            continue
+        obj = Objective(net, F.cross_entropy, (x, y))
+        H = exact_hessian(obj)
+        exact = torch.linalg.eigvalsh(H)
+        got = tracker.measure(obj)
+        assert got.eigen.value == pytest.approx(float(exact[-1]), rel=1e-2)
+        z_scores.append((got.trace.value - float(exact.sum())) / got.trace.stderr)
+        per_layer = sum(got.trace.per_layer.values())
+        assert per_layer == pytest.approx(got.trace.value, rel=1e-9)
+    assert tracker.num_measurements == 6
+    assert all(abs(z) < 4 for z in z_scores)  # unbiased, with an honest standard error
