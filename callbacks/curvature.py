@@ -7,9 +7,11 @@ from collections import OrderedDict
 from typing import Any, Dict, Optional
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 from dynscope import HessianOperator, ScaledOperator, hessian_trace, top_eigenvalues
 from dynscope.params import detached_params
+from dynscope.tracking import CurvatureTracker
 
 from .base import DiagnosticCallback
 from .distributed import mean_over_ranks, on_every_rank
@@ -52,7 +54,26 @@ def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:
     return objective.layout.flatten(pieces, batch_dims=0)
 
 
-_MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
+_MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
+
+
+def batch_slice(batch: Any, size: Optional[int]) -> Any:
+    """The first ``size`` samples of ``batch``: every tensor whose first dimension is the batch size
+    (that of the first tensor in the batch) is sliced along it; other leaves pass through.
+
+    Example:
+        >>> import torch
+        >>> x, y = batch_slice((torch.zeros(8, 3), torch.arange(8)), 2)
+        >>> x.shape, y.tolist()
+        (torch.Size([2, 3]), [0, 1])
+    """
+    if size is None:
+        return batch
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves or leaves[0].shape[0] <= size:
+        return batch
+    full = leaves[0].shape[0]
+    return tree_map(lambda t: t[:size] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == full else t, batch)
 
 class Curvature(DiagnosticCallback):
     """Hessian trace (Hutchinson / Hutch++), top eigenvalue (Lanczos), directional sharpness of the
@@ -78,9 +99,26 @@ class Curvature(DiagnosticCallback):
     parameters. Under ``"*-mixed"`` precision the model is evaluated outside autocast, in the
     parameters' dtype (float32): the curvature of the float32 objective.
 
+    With ``method="tracked"`` the measurements share their work (:class:`dynscope.tracking.CurvatureTracker`):
+    Lanczos starts from the top Ritz vector of a subspace carried over from the previous measurement,
+    and the trace is the exact trace on that subspace plus the Lanczos vectors (whose products
+    ``lambda_max`` paid for) plus Hutchinson on the rest; the subspace follows the top of the
+    spectrum by one subspace-iteration step per measurement. ``hessian_trace_stderr`` is then the
+    probes' standard error (the exact part has none).
+
+    ``sub_batch=k`` measures on the first ``k`` samples of the batch (every tensor whose first
+    dimension is the batch size is sliced): the HVPs cost about ``k / batch`` of the full batch's,
+    and the values are those of the Hessian of a ``k``-sample batch (noisier, and the sharpness of a
+    smaller batch is typically larger).
+
     Args:
-        num_matvecs: Hessian-vector products for the trace (batched).
-        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` (see :func:`dynscope.hessian_trace`).
+        num_matvecs: Hessian-vector products for the trace (batched). ``"tracked"``: half of them
+            (up to 8) carry the sketch, the rest are probes.
+        method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` (see :func:`dynscope.hessian_trace`)
+            or ``"tracked"`` (needs ``eigen``).
+        sub_batch: measure on the first ``sub_batch`` samples of each batch (``None``: all).
+        hvp_method: the HVP kernel (``"auto"``: chosen from the model's structure, see
+            :func:`dynscope.hvp.choose_method`; or ``"loop"``, ``"reverse"``, ``"forward"``).
         eigen: compute ``lambda_max`` (Lanczos, warm-started from the previous eigenvector).
         eigen_tol: relative accuracy of ``lambda_max`` (default 1%): Lanczos stops when its error
             bound is below ``eigen_tol * lambda_max`` (:func:`dynscope.eigen.lanczos`);
@@ -123,6 +161,8 @@ class Curvature(DiagnosticCallback):
         seed: int = 0,
         chunk_size: Optional[int] = None,
         strict: bool = False,
+        sub_batch: Optional[int] = None,
+        hvp_method: str = "auto",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -134,9 +174,22 @@ class Curvature(DiagnosticCallback):
             strict=strict,
         )
         if method not in _MIN_MATVECS:
-            raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'xtrace', got {method!r}")
+            raise ValueError(f"method must be 'hutchinson', 'hutch++', 'xtrace' or 'tracked', got {method!r}")
         if num_matvecs < _MIN_MATVECS[method]:
             raise ValueError(f"num_matvecs={num_matvecs} is too small for {method}")
+        if method == "tracked" and not eigen:
+            raise ValueError("method='tracked' reuses the lambda_max run: it needs eigen=True")
+        if sub_batch is not None and sub_batch < 1:
+            raise ValueError(f"sub_batch must be a positive number of samples or None, got {sub_batch}")
+        if hvp_method not in ("auto", "forward", "reverse", "loop"):
+            raise ValueError(f"hvp_method must be 'auto', 'forward', 'reverse' or 'loop', got {hvp_method!r}")
+        self.sub_batch = sub_batch
+        self.hvp_method = hvp_method
+        sketch = min(num_matvecs // 2, 8)
+        self.tracker = CurvatureTracker(
+            trace_matvecs=num_matvecs - sketch, sketch=sketch, eigen_tol=eigen_tol, eigen_max_iter=eigen_max_iter,
+            seed=seed,
+        ) if method == "tracked" else None
         self.num_matvecs = num_matvecs
         self.method = method
         self.eigen = eigen
@@ -158,15 +211,20 @@ class Curvature(DiagnosticCallback):
             self._before = OrderedDict((n, p.clone()) for n, p in detached_params(pl_module).items())
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        objective = self.objective(pl_module, batch)
+        objective = self.objective(pl_module, batch_slice(batch, self.sub_batch))
         # raises (on every rank) on a non-finite loss before spending any HVP
         on_every_rank(trainer, objective.value, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
-        op = HessianOperator(objective, chunk_size=self.chunk_size, reduce=reduce)
+        op = HessianOperator(objective, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
         out: Dict[str, float] = {}
 
-        trace = hessian_trace(op, self.num_matvecs, method=self.method, seed=self.seed + step)
+        tracked = None
+        if self.tracker is not None:
+            tracked = self.tracker.measure(op, seed=self.seed + step)
+            trace = tracked.trace
+        else:
+            trace = hessian_trace(op, self.num_matvecs, method=self.method, seed=self.seed + step)
         out["hessian_trace"] = trace.value
         out["hessian_trace_stderr"] = trace.stderr
         if self.per_layer:
@@ -177,11 +235,14 @@ class Curvature(DiagnosticCallback):
         out["trace_ratio"] = lr * trace.value / 2.0
 
         if self.eigen:
-            eig = top_eigenvalues(
-                op, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=self.seed,
-                return_eigenvectors=True, start=self._eigvec,
-            )
-            self._eigvec = eig.eigenvectors[0]
+            if tracked is not None:
+                eig = tracked.eigen
+            else:
+                eig = top_eigenvalues(
+                    op, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=self.seed,
+                    return_eigenvectors=True, start=self._eigvec,
+                )
+                self._eigvec = eig.eigenvectors[0]
             out["lambda_max"] = eig.value
             out["lambda_max_converged"] = float(eig.converged)
             if info.get("kind") == "sgd":
@@ -221,12 +282,16 @@ class Curvature(DiagnosticCallback):
         state = super().state_dict()
         state["eigenvector"] = self._eigvec
         state["preconditioned_eigenvector"] = self._pre_eigvec
+        if self.tracker is not None:
+            state["tracker"] = self.tracker.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._eigvec = state_dict.get("eigenvector")
         self._pre_eigvec = state_dict.get("preconditioned_eigenvector")
+        if self.tracker is not None and "tracker" in state_dict:
+            self.tracker.load_state_dict(state_dict["tracker"])
 
 
 def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) -> float:
