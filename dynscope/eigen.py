@@ -31,7 +31,8 @@ class EigenResult:
         basis: ``[m, n]`` orthonormal Lanczos vectors and ``products`` their ``H q_j`` (in the
             operator's dtype), when asked for (``keep_basis=True``): the Krylov space spans the
             top of the spectrum, which a deflated trace estimate reuses for free
-            (:func:`dynscope.trace.deflated_hutchinson`).
+            (:func:`dynscope.trace.deflated_hutchinson`); ``tridiagonal`` is ``basis H basis^T``
+            (``[m, m]``), from which the Ritz pairs follow without touching ``[m, n]`` data.
     """
 
     eigenvalues: List[float]
@@ -42,6 +43,7 @@ class EigenResult:
     error_bounds: List[float] = field(default_factory=list)
     basis: Optional[torch.Tensor] = None
     products: Optional[torch.Tensor] = None
+    tridiagonal: Optional[torch.Tensor] = None
 
     @property
     def value(self) -> float:
@@ -163,6 +165,7 @@ def lanczos(
         error_bounds=bounds,
         basis=basis[:m] if keep_basis else None,
         products=torch.stack(products) if keep_basis else None,
+        tridiagonal=t if keep_basis else None,
     )
 
 

@@ -53,8 +53,9 @@ class CurvatureTracker:
        vectors) by the new Hessian (``sketch`` HVPs, counted as the trace's);
     2. runs Lanczos from the top Ritz vector of ``span(S)`` under the new Hessian (the previous top
        eigenvector when there is no sketch), until ``lambda_max`` meets ``eigen_tol``;
-    3. estimates the trace as the exact trace on ``span(S, Krylov space)``, whose products are all
-       known, plus ``trace_matvecs`` Hutchinson probes on the complement;
+    3. estimates the trace as the exact trace on the span of ``S`` and the top ``sketch`` Ritz
+       vectors of the Krylov space, whose products are all known, plus ``trace_matvecs``
+       Hutchinson probes on the complement;
     4. keeps the top ``sketch`` Ritz vectors of that subspace as the next sketch (one step of
        subspace iteration per measurement, so the sketch follows the top of the spectrum).
 
@@ -115,8 +116,12 @@ class CurvatureTracker:
                 op, 1, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=seed,
                 return_eigenvectors=True, start=start, keep_basis=True,
             )
-            basis = torch.cat([eigen.basis.double(), *extra])
-            products = torch.cat([eigen.products.double(), *extra_products])
+            # the top Ritz vectors of the Krylov space (their products are combinations of the
+            # Lanczos products) and the sketch span the deflated subspace: at most 2 * sketch + 1 rows
+            _, w = torch.linalg.eigh(eigen.tridiagonal)
+            w = w[:, -max(self.sketch, 1) :].T
+            basis = torch.cat([w @ eigen.basis.double(), *extra])
+            products = torch.cat([w @ eigen.products.double(), *extra_products])
             trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed)
         trace.num_matvecs += sum(e.shape[0] for e in extra)
         self.eigenvector = eigen.eigenvectors[0].detach()
@@ -124,7 +129,7 @@ class CurvatureTracker:
             _, vectors = _ritz(basis, products)
             self.sketch_vectors = vectors[-self.sketch :].detach()
         self.num_measurements += 1
-        eigen.basis = eigen.products = None  # not kept: [m, n] each
+        eigen.basis = eigen.products = eigen.tridiagonal = None  # not kept: [m, n] each
         return TrackedCurvature(eigen=eigen, trace=trace)
 
     def state_dict(self) -> Dict[str, Any]:
