@@ -260,7 +260,7 @@ def orthonormalize(basis: torch.Tensor, products: Optional[torch.Tensor] = None,
     """
     u = basis.double()
     hu = products.double() if products is not None else None
-    for _ in range(2):  # the second pass removes the first one's rounding
+    for _ in range(2):  # a second pass removes the first one's rounding, when it was ill-conditioned
         if u.shape[0] == 0:
             break
         values, vectors = torch.linalg.eigh(u @ u.T)
@@ -269,6 +269,8 @@ def orthonormalize(basis: torch.Tensor, products: Optional[torch.Tensor] = None,
         u = combine @ u
         if hu is not None:
             hu = combine @ hu
+        if float(values[-1]) <= 1e4 * float(values[keep][0]):  # condition <= 1e2: orthonormal to ~1e-12
+            break
     return u, hu
 
 
@@ -278,6 +280,7 @@ def deflated_hutchinson(
     basis: Optional[torch.Tensor] = None,
     products: Optional[torch.Tensor] = None,
     seed: Optional[int] = None,
+    orthonormal: bool = False,
 ) -> TraceResult:
     """``tr(H)`` as the exact trace on a subspace plus Hutchinson on its orthogonal complement.
 
@@ -293,7 +296,8 @@ def deflated_hutchinson(
     when ``U`` holds the top of the spectrum. ``stderr`` is the probes' sample std over
     ``sqrt(m)`` (the head is exact). Per coordinate the contributions are
     ``diag(PH + HP - PHP)`` (exact) plus the probes' ``z' * H z'`` (unbiased for
-    ``diag((I-P) H (I-P))``): their blocks give unbiased per-layer traces.
+    ``diag((I-P) H (I-P))``): their blocks give unbiased per-layer traces. ``orthonormal=True``
+    says the rows of ``basis`` are orthonormal already (they are used as they are).
 
     Example:
         >>> import torch
@@ -317,6 +321,8 @@ def deflated_hutchinson(
             u, _ = orthonormalize(basis)
             hu = op.matmat(u.to(op.dtype)).double() if u.shape[0] else u
             spent += u.shape[0]
+        elif orthonormal:  # the caller's rows are orthonormal already
+            u, hu = basis.double(), products.double()
         else:
             u, hu = orthonormalize(basis, products)
         u, hu = u.to(op.device), hu.to(op.device)

@@ -120,13 +120,14 @@ class CurvatureTracker:
             # Lanczos products) and the sketch span the deflated subspace: at most 2 * sketch + 1 rows
             _, w = torch.linalg.eigh(eigen.tridiagonal)
             w = w[:, -max(self.sketch, 1) :].T
-            basis = torch.cat([w @ eigen.basis.double(), *extra])
-            products = torch.cat([w @ eigen.products.double(), *extra_products])
-            trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed)
+            basis, products = orthonormalize(
+                torch.cat([w @ eigen.basis.double(), *extra]), torch.cat([w @ eigen.products.double(), *extra_products])
+            )
+            trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed, orthonormal=True)
         trace.num_matvecs += sum(e.shape[0] for e in extra)
         self.eigenvector = eigen.eigenvectors[0].detach()
         if self.sketch:
-            _, vectors = _ritz(basis, products)
+            _, vectors = _ritz(basis, products, orthonormal=True)
             self.sketch_vectors = vectors[-self.sketch :].detach()
         self.num_measurements += 1
         eigen.basis = eigen.products = eigen.tridiagonal = None  # not kept: [m, n] each
@@ -141,9 +142,9 @@ class CurvatureTracker:
         self.num_measurements = int(state.get("num_measurements", 0))
 
 
-def _ritz(basis: torch.Tensor, products: torch.Tensor):
+def _ritz(basis: torch.Tensor, products: torch.Tensor, orthonormal: bool = False):
     """Ritz values (ascending) and Ritz vectors (rows) of ``H`` on ``span(basis)``, ``products = H basis``."""
-    u, hu = orthonormalize(basis, products)
+    u, hu = (basis, products) if orthonormal else orthonormalize(basis, products)
     t = u @ hu.T
     values, w = torch.linalg.eigh((t + t.T) / 2)
     return values, w.T @ u
