@@ -35,8 +35,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "noise": dict(every_n_steps=25),
     "collapse": dict(every_n_steps=10),
     "regions": dict(
-        schedule="log", points_per_decade=4, functional=True, num_directions=8, num_points=32, num_test_points=32,
-        num_random_points=32,
+        schedule="log", points_per_decade=4, functional=True, num_directions=8, num_points=16, num_test_points=16,
+        num_random_points=16,
     ),
     "gva": dict(every_n_steps=10, window=20),
 }
@@ -49,8 +49,10 @@ def prior_steps(child: DiagnosticCallback, batch_size: Optional[int] = None) -> 
     less on a sub-batch (a fifth of it is per-call overhead that does not shrink); the HVPs are
     the trace's, Lanczos' (counted at half its step limit) and two for the sharpness. Per-sample
     gradient moments cost a few steps; a collapse check is one forward pass; linear regions
-    evaluate every point's cross-polytope (about three batches' forwards per step). After the first
-    measurement DynScope uses measured costs instead.
+    evaluate every point's cross-polytope (about two batches' forwards per step, measured on the
+    benchmark CNN). After the first
+    measurement DynScope uses measured costs instead. A diagnostic may declare its own prior as an
+    ``expected_steps`` attribute.
 
     Example:
         >>> prior_steps(Curvature(num_matvecs=16, eigen_max_iter=30))
@@ -58,6 +60,9 @@ def prior_steps(child: DiagnosticCallback, batch_size: Optional[int] = None) -> 
         >>> prior_steps(Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=32), batch_size=128)
         20.0
     """
+    declared = getattr(child, "expected_steps", None)
+    if declared is not None:  # a diagnostic may declare its own prior
+        return float(declared)
     if isinstance(child, Curvature):
         matvecs = child.num_matvecs + (child.eigen_max_iter / 2 if child.eigen else 0) + (2 if child.sharpness else 0)
         fraction = 1.0
@@ -69,7 +74,7 @@ def prior_steps(child: DiagnosticCallback, batch_size: Optional[int] = None) -> 
     if isinstance(child, LinearRegions):
         points = child.num_points + child.num_test_points + child.num_random_points
         per_batch = batch_size or 64
-        return max(1.0, points * (2 * child.num_directions + 1) * len(child.radii) / (3 * per_batch))
+        return max(1.0, points * (2 * child.num_directions + 1) * len(child.radii) / (2 * per_batch))
     if isinstance(child, VarianceAmplification):
         return 3.0
     return 1.0
@@ -272,27 +277,28 @@ class DynScope(CallbackBase):
     def _expected(self, name: str, step_seconds: float) -> float:
         if name in self.costs:
             return self.costs[name]
-        return self._priors[name] * step_seconds
+        # before any step has been timed the prior means nothing: the measurement waits for one
+        return self._priors[name] * step_seconds if step_seconds > 0 else math.inf
 
     def _gate(self, child: DiagnosticCallback, step: int) -> bool:
         if step != self._planned:  # an epoch-end schedule: not deferred (its time still counts)
             return True
         return self._names[id(child)] in self._admitted
 
-    def _plan(self, trainer, step: int) -> None:
+    def _plan(self, trainer, step: int, wanting: List[str]) -> List[str]:
         """At the first micro-batch of each optimizer step: refresh the cadences, admit due measurements.
 
         The cadences are refreshed every ``SYNC_EVERY`` steps and after each measurement. Under DDP
         the inputs are averaged over ranks first, and deferrable measurements are admitted only at
         those refreshes, so that a pending measurement does not cost a collective every step.
+        Returns the diagnostics that want to measure after this step (after a refresh of the cadences).
         """
-        wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
         refresh = step % SYNC_EVERY == 0 or self._measured
         reduce = self._reduce
         waiting = reduce is None and self.training_seconds() < self._fits_at  # nothing pending fits yet
         if not refresh and (not wanting or reduce is not None or waiting):
             self._admitted = [n for n in wanting if not self.callbacks[n].deferrable]
-            return
+            return wanting
         names = list(self.callbacks)
         seconds, training = self.seconds, self.training_seconds()
         if reduce is not None:  # the same numbers on every rank, so the same decisions
@@ -327,6 +333,7 @@ class DynScope(CallbackBase):
         # The training time at which the measurement at the head of the queue will fit the allowance.
         need = self._expected(head, self._step_seconds) if head is not None else None
         self._fits_at = training + (need - self.allowance.left) / self.allowance.budget if need is not None else 0.0
+        return wanting
 
     def _restretch(self, step: int) -> None:
         if self._step_seconds <= 0:
@@ -440,25 +447,33 @@ class DynScope(CallbackBase):
         if step != self._planned:  # the first micro-batch of an optimizer step
             if self._batch_size is None:
                 self._learn_batch_size(batch)
+            wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
             if self.allowance is not None:
-                self._plan(trainer, step)
+                wanting = self._plan(trainer, step, wanting)
             self._planned = step
-            planning = [c for c in self.callbacks.values() if not c.idle_between_measurements or c.wants(step)]
+            planning = [c for n, c in self.callbacks.items() if not c.idle_between_measurements or n in wanting]
             self.seconds += self.clock() - start
-            self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
+            if planning:
+                self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
             # Diagnostics idle between measurements are not called again in a step without one.
             self._active = [c for c in planning if not c.idle_between_measurements or c.will_measure(step)]
             return
         self.seconds += self.clock() - start
-        self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
+        if self._active:
+            self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:
             self._each("on_before_optimizer_step", trainer, pl_module, optimizer, only=self._active)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx, only=self._active)
-        self._after_measurements(trainer, self._active)
+        if self._active:
+            self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx, only=self._active)
+            self._after_measurements(trainer, self._active)
+        elif trainer.global_step - self._logged_at >= 50:
+            start = self.clock()
+            self._log(trainer)
+            self.seconds += self.clock() - start
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._each("on_train_epoch_end", trainer, pl_module)

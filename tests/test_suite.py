@@ -138,14 +138,15 @@ class Slow(DiagnosticCallback):
 
     group = "slow"
 
-    def __init__(self, clock, eos_ratio=0.0, every_n_steps=1):
+    def __init__(self, clock, eos_ratio=0.0, every_n_steps=1, cost=0.03):
         super().__init__(every_n_steps=every_n_steps)
         self.fake = clock
         self.eos_ratio = eos_ratio
+        self.cost = cost
         self.steps = []
 
     def measure(self, trainer, pl_module, batch):
-        self.fake.advance(0.03)
+        self.fake.advance(self.cost)
         self.steps.append(trainer.global_step)
         return {"eos_ratio": self.eos_ratio}
 
@@ -181,6 +182,31 @@ def test_near_an_event_a_diagnostic_runs_more_often_than_its_base_cadence():
         counts[eos] = len(slow.steps)
         assert slow.schedule.stretch == (1.0 if eos < 0.8 else 0.25)
     assert counts[0.9] >= 2 * counts[0.1]
+
+
+def test_an_expensive_diagnostic_is_not_crowded_out_by_cheap_ones():
+    # 5 ms steps, budget 10%: 0.5 ms per step to spend. A 1 ms check due every step would take it all;
+    # a 40 ms measurement due every 10 steps gets its turn because the fewest-measured goes first.
+    clock = FakeClock()
+    cheap, costly = Slow(clock, every_n_steps=1, cost=0.001), Slow(clock, every_n_steps=10, cost=0.04)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False,
+                     extra={"cheap": cheap, "costly": costly}, clock=clock)
+    run_sleeper(scope, 400, clock)
+    assert len(costly.steps) >= 4  # min_measurements over the run (its cadence capped at 400 / 4 steps)
+    assert len(cheap.steps) >= 4
+    assert scope.seconds <= 0.1 * scope.training_seconds() + 0.04  # the first one's cost was a prior
+    assert not scope.unmeasured()
+
+
+def test_a_diagnostic_that_cannot_fit_is_named_with_the_reason():
+    clock = FakeClock()
+    huge = Slow(clock, every_n_steps=10, cost=5.0)
+    huge.expected_steps = 1000.0  # 1000 steps of 5 ms: more than 40 steps ever save up
+    scope = DynScope(budget=0.05, curvature=False, noise=False, collapse=False, regions=False, extra={"huge": huge},
+                     clock=clock)
+    with pytest.warns(RuntimeWarning, match="huge was not measured in this run"):
+        run_sleeper(scope, 40, clock)
+    assert huge.steps == []
 
 
 # -- the observer effect, resume, configuration -----------------------------------------------------------
