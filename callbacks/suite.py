@@ -451,7 +451,12 @@ class DynScope(CallbackBase):
             if self.allowance is not None:
                 wanting = self._plan(trainer, step, wanting)
             self._planned = step
-            planning = [c for n, c in self.callbacks.items() if not c.idle_between_measurements or n in wanting]
+            # A pending measurement the budget did not admit has nothing to do in this step: skipped.
+            planning = [
+                c for n, c in self.callbacks.items()
+                if not c.idle_between_measurements or (n in wanting and (
+                    self.allowance is None or n in self._admitted or not c._pending))
+            ]
             self.seconds += self.clock() - start
             if planning:
                 self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
