@@ -30,8 +30,8 @@ MITIGATIONS = ("stablemax", "orthograd", "ema")
 # Base cadences of the suite (the budget stretches them); any of it can be overridden per diagnostic.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     # tracked: warm-started Lanczos to 1% and a deflated trace on the carried sketch (8 HVPs); a
-    # fixed 32-sample slice of the batch keeps one measurement at a few training steps
-    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=8, eigen_max_iter=20, sub_batch=32),
+    # fixed 16-sample slice of the batch keeps one measurement at a few training steps
+    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=8, eigen_max_iter=20, sub_batch=16),
     "noise": dict(every_n_steps=25),
     "collapse": dict(every_n_steps=10),
     "regions": dict(

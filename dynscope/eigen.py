@@ -125,9 +125,14 @@ def lanczos(
         w = hq.double()
         alpha = float(w @ q)
         alphas.append(alpha)
-        for _ in range(2):  # full reorthogonalisation, twice for stability
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        # full reorthogonalisation; a second pass only when the first cancelled most of w
+        # ("twice is enough", Parlett/Kahan: then the rounding of the first pass matters)
+        before = float(w.norm())
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
         beta = float(w.norm())
+        if beta < 0.7 * before:
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+            beta = float(w.norm())
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:
             off = torch.tensor(betas, dtype=torch.float64)
