@@ -111,7 +111,7 @@ class CurvatureTracker:
                 products = op.matmat(sketch.to(device=op.device, dtype=op.dtype)).double()
                 extra, extra_products = [sketch.to(op.device).double()], [products]
                 values, vectors = _ritz(extra[0], products)
-                start = vectors[-1]  # the top Ritz vector of the sketch under the new Hessian
+                start = vectors  # the sketch's Ritz vectors under the new Hessian, summed (see _start_vector)
             eigen = lanczos(
                 op, 1, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=seed,
                 return_eigenvectors=True, start=start, keep_basis=True,
