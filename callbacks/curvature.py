@@ -109,7 +109,8 @@ class Curvature(DiagnosticCallback):
     ``sub_batch=k`` measures on the first ``k`` samples of the batch (every tensor whose first
     dimension is the batch size is sliced): the HVPs cost about ``k / batch`` of the full batch's,
     and the values are those of the Hessian of a ``k``-sample batch (noisier, and the sharpness of a
-    smaller batch is typically larger).
+    smaller batch is typically larger). Under DDP each rank slices its own batch (``k`` samples per
+    rank, averaged over the ranks).
 
     Args:
         num_matvecs: Hessian-vector products for the trace (batched). ``"tracked"``: half of them

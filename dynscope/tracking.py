@@ -147,4 +147,9 @@ def _ritz(basis: torch.Tensor, products: torch.Tensor, orthonormal: bool = False
     u, hu = (basis, products) if orthonormal else orthonormalize(basis, products)
     t = u @ hu.T
     values, w = torch.linalg.eigh((t + t.T) / 2)
-    return values, w.T @ u
+    vectors = w.T @ u
+    # eigh's signs are arbitrary (rounding can flip them, e.g. between DDP and one process); the
+    # summed start vector needs fixed ones: positive against a fixed pseudo-random direction
+    reference = torch.randn(u.shape[1], generator=torch.Generator().manual_seed(0), dtype=u.dtype).to(u.device)
+    signs = torch.where(vectors @ reference < 0, -1.0, 1.0).to(u.dtype)
+    return values, vectors * signs[:, None]
