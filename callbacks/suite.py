@@ -50,9 +50,8 @@ def prior_steps(child: DiagnosticCallback, batch_size: Optional[int] = None) -> 
     the trace's, Lanczos' (counted at half its step limit) and two for the sharpness. Per-sample
     gradient moments cost a few steps; a collapse check is one forward pass; linear regions
     evaluate every point's cross-polytope (about two batches' forwards per step, measured on the
-    benchmark CNN). After the first
-    measurement DynScope uses measured costs instead. A diagnostic may declare its own prior as an
-    ``expected_steps`` attribute.
+    benchmark CNN). After the first measurement DynScope uses measured costs instead. A diagnostic
+    may declare its own prior as an ``expected_steps`` attribute.
 
     Example:
         >>> prior_steps(Curvature(num_matvecs=16, eigen_max_iter=30))
@@ -332,7 +331,8 @@ class DynScope(CallbackBase):
                 head = n
         # The training time at which the measurement at the head of the queue will fit the allowance.
         need = self._expected(head, self._step_seconds) if head is not None else None
-        self._fits_at = training + (need - self.allowance.left) / self.allowance.budget if need is not None else 0.0
+        fits = need is not None and math.isfinite(need)  # an untimed first step: plan again at the next
+        self._fits_at = training + (need - self.allowance.left) / self.allowance.budget if fits else 0.0
         return wanting
 
     def _restretch(self, step: int) -> None:
