@@ -258,6 +258,7 @@ class DynScope(CallbackBase):
         self._step_seconds = 0.0
         self._previous: Dict[str, Dict[str, float]] = {}
         self._total_steps = math.inf  # the run's length, when the trainer knows it
+        self._train_at_end: Optional[float] = None  # training seconds when the fit ended
         self._batch_size: Optional[int] = None
         self._reduce = None
 
@@ -428,6 +429,7 @@ class DynScope(CallbackBase):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._reduce = mean_over_ranks(trainer)
+        self._train_at_end = None
         try:
             total = float(trainer.estimated_stepping_batches)
         except Exception:  # noqa: BLE001 - a loader without a length: the run's length is unknown
@@ -493,6 +495,7 @@ class DynScope(CallbackBase):
     def on_train_end(self, trainer, pl_module) -> None:
         self._each("on_train_end", trainer, pl_module)
         self._log(trainer)
+        self._train_at_end = self.training_seconds()
         if self.allowance is not None and is_global_zero(trainer):
             for line in self.unmeasured():
                 warnings.warn(line, RuntimeWarning, stacklevel=2)
@@ -500,7 +503,7 @@ class DynScope(CallbackBase):
     def unmeasured(self) -> List[str]:
         """One line per diagnostic that made no measurement in this fit, saying why."""
         lines = []
-        train = self.training_seconds()
+        train = self._train_at_end if self._train_at_end is not None else self.training_seconds()
         for name, child in self.callbacks.items():
             if child.num_measurements > self._counts_at_start.get(name, 0) or child.disabled or child.schedule.at_epoch_end:
                 continue
