@@ -1,7 +1,8 @@
 """Overhead of ``DynScope(budget=0.05)`` over plain training (issue 8), side by side in one run.
 
 Run: ``python benchmarks/bench_overhead.py [--steps 500] [--repeats 3] [--threads N]`` or
-``dynscope bench overhead``.
+``dynscope bench overhead``; issue 14's targets: ``--steps 300`` (every diagnostic at least once, or
+a line saying why not) and ``--steps 1000`` (each at least 3 times).
 
 For each model (a small CNN on 3x32x32 images and a small transformer on token sequences,
 synthetic data, batch 64), Lightning trains ``--steps`` steps with a TensorBoard logger, without
@@ -122,6 +123,8 @@ def overhead(name: str, steps: int, repeats: int) -> None:
         f"DynScope's own account {best.overhead():.3f} of training time; measurements: {counts}",
         flush=True,
     )
+    for line in best.unmeasured():
+        print(f"{'':>22}{line}")
 
 
 def cockpit_economy(steps: int, every: int = 16) -> Optional[float]:

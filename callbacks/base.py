@@ -92,6 +92,8 @@ class DiagnosticCallback(CallbackBase):
         self._micro: List[Any] = []  # earlier micro-batches of an accumulated step to measure
         # Set by DynScope: budget_gate(callback, step) -> whether a due measurement may run now.
         self.budget_gate: Optional[Callable[["DiagnosticCallback", int], bool]] = None
+        # The seconds counter costs are measured with (DynScope shares its own, injectable, clock).
+        self.clock: Callable[[], float] = time.perf_counter
 
     # -- what subclasses implement -----------------------------------------------------------
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
@@ -194,7 +196,7 @@ class DiagnosticCallback(CallbackBase):
             if self._batch is None or self.schedule.at_epoch_end:
                 self._batch = _detached_copy(batch)
             batch = self._batch
-        start = time.perf_counter()
+        start = self.clock()
         try:
             with quiet_logging(pl_module), eager():
                 # the outcome (measured, skipped, does not apply) is agreed across ranks: see .distributed
@@ -210,7 +212,7 @@ class DiagnosticCallback(CallbackBase):
             self.warn_once(type(error).__name__, f"skipped at step {step}: {type(error).__name__}: {error}")
             metrics = {}
         finally:
-            self.seconds_spent += time.perf_counter() - start
+            self.seconds_spent += self.clock() - start
         self.num_measurements += 1
         self.last_metrics = metrics
         log_scalars(trainer, {tag(self.group, k): v for k, v in metrics.items()}, step)

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
 from dynscope.optim import CoordinateClip
@@ -17,6 +18,7 @@ from dynscope.params import detached_params
 from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
 from dynscope.stability import (IndexOperator, StabilityOperator, UnsupportedOptimizer, minibatch_noise_factor,
                                 stability_scaling, unwrap_optimizer)
+from dynscope.tracking import CurvatureTracker
 
 from .base import DiagnosticCallback, _detached_copy, join_batches
 from .distributed import mean_over_ranks, on_every_rank, reduce_computed
@@ -78,7 +80,26 @@ def objective_at(objective: Objective, params: Dict[str, torch.Tensor]) -> Objec
     return other
 
 
-_MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
+_MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
+
+
+def batch_slice(batch: Any, size: Optional[int]) -> Any:
+    """The first ``size`` samples of ``batch``: every tensor whose first dimension is the batch size
+    (that of the first tensor in the batch) is sliced along it; other leaves pass through.
+
+    Example:
+        >>> import torch
+        >>> x, y = batch_slice((torch.zeros(8, 3), torch.arange(8)), 2)
+        >>> x.shape, y.tolist()
+        (torch.Size([2, 3]), [0, 1])
+    """
+    if size is None:
+        return batch
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves or leaves[0].shape[0] <= size:
+        return batch
+    full = leaves[0].shape[0]
+    return tree_map(lambda t: t[:size] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == full else t, batch)
 
 class Curvature(DiagnosticCallback):
     """Hessian trace (Hutchinson / Hutch++ / XTrace), top eigenvalues (Lanczos), the spectrum,
@@ -128,11 +149,31 @@ class Curvature(DiagnosticCallback):
     new parameters. Under ``"*-mixed"`` precision the model is evaluated outside autocast, in the
     parameters' dtype (float32): the curvature of the float32 objective.
 
+    With ``method="tracked"`` the measurements share their work (:class:`dynscope.tracking.CurvatureTracker`):
+    Lanczos starts from the top Ritz vector of a subspace carried over from the previous measurement,
+    and the trace is the exact trace on that subspace plus the Lanczos vectors (whose products
+    ``lambda_max`` paid for) plus Hutchinson on the rest; the subspace follows the top of the
+    spectrum by one subspace-iteration step per measurement. ``hessian_trace_stderr`` is then the
+    probes' standard error (the exact part has none).
+
+    ``sub_batch=k`` measures on the first ``k`` samples of the batch (every tensor whose first
+    dimension is the batch size is sliced): the HVPs cost about ``k / batch`` of the full batch's,
+    and the values are those of the Hessian of a ``k``-sample batch (noisier, and the sharpness of a
+    smaller batch is typically larger). Under DDP each rank slices its own batch (``k`` samples per
+    rank, averaged over the ranks).
+
     Args:
-        num_matvecs: Hessian-vector products for the trace (batched).
-        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` (see :func:`dynscope.hessian_trace`).
+        num_matvecs: Hessian-vector products for the trace (batched). ``"tracked"``: half of them
+            (up to 8) carry the sketch, the rest are probes.
+        method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` (see :func:`dynscope.hessian_trace`)
+            or ``"tracked"`` (needs ``eigen``).
+        sub_batch: measure on the first ``sub_batch`` samples of each batch (``None``: all).
+        hvp_method: the HVP kernel (``"auto"``: chosen from the model's structure, see
+            :func:`dynscope.hvp.choose_method`; or ``"loop"``, ``"reverse"``, ``"forward"``).
         eigen: compute ``lambda_max`` (Lanczos, warm-started from the previous eigenvector).
-        eigen_tol: Lanczos relative residual tolerance.
+        eigen_tol: relative accuracy of ``lambda_max`` (default 1%): Lanczos stops when its error
+            bound is below ``eigen_tol * lambda_max`` (:func:`dynscope.eigen.lanczos`);
+            ``lambda_max_converged`` is 0 when the step limit came first.
         eigen_max_iter: Lanczos steps at most.
         num_eigenvalues: log the top ``k`` eigenvalues as ``eigenvalues/<i>`` (when ``k > 1``).
         lambda_min: also the most negative eigenvalue (one more Lanczos run).
@@ -176,7 +217,7 @@ class Curvature(DiagnosticCallback):
         method: str = "hutchinson",
         *,
         eigen: bool = True,
-        eigen_tol: float = 1e-3,
+        eigen_tol: float = 1e-2,
         eigen_max_iter: int = 60,
         num_eigenvalues: int = 1,
         lambda_min: bool = False,
@@ -196,6 +237,8 @@ class Curvature(DiagnosticCallback):
         chunk_size: Optional[int] = None,
         checkpoint_eigenvectors: bool = True,
         strict: bool = False,
+        sub_batch: Optional[int] = None,
+        hvp_method: str = "auto",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -207,7 +250,7 @@ class Curvature(DiagnosticCallback):
             strict=strict,
         )
         if method not in _MIN_MATVECS:
-            raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'xtrace', got {method!r}")
+            raise ValueError(f"method must be 'hutchinson', 'hutch++', 'xtrace' or 'tracked', got {method!r}")
         if num_matvecs < _MIN_MATVECS[method]:
             raise ValueError(f"num_matvecs={num_matvecs} is too small for {method}")
         if num_eigenvalues < 1:
@@ -216,6 +259,19 @@ class Curvature(DiagnosticCallback):
             raise ValueError(f"eval_batches must be >= 0, got {eval_batches}")
         if eval_data not in ("train", "val"):
             raise ValueError(f"eval_data must be 'train' or 'val', got {eval_data!r}")
+        if method == "tracked" and not eigen:
+            raise ValueError("method='tracked' reuses the lambda_max run: it needs eigen=True")
+        if sub_batch is not None and sub_batch < 1:
+            raise ValueError(f"sub_batch must be a positive number of samples or None, got {sub_batch}")
+        if hvp_method not in ("auto", "forward", "reverse", "loop"):
+            raise ValueError(f"hvp_method must be 'auto', 'forward', 'reverse' or 'loop', got {hvp_method!r}")
+        self.sub_batch = sub_batch
+        self.hvp_method = hvp_method
+        sketch = min(num_matvecs // 2, 8)
+        self.tracker = CurvatureTracker(
+            trace_matvecs=num_matvecs - sketch, sketch=sketch, eigen_tol=eigen_tol, eigen_max_iter=eigen_max_iter,
+            seed=seed,
+        ) if method == "tracked" else None
         self.num_matvecs = num_matvecs
         self.method = method
         self.eigen = eigen
@@ -261,10 +317,12 @@ class Curvature(DiagnosticCallback):
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         train_batch = batch
-        batches = [batch]
         if self.eval_batches and self._eval:
             batches = list(self._eval)
             batch = join_batches(batches, self.warn_once) if len(batches) > 1 else batches[0]
+        else:
+            batch = batch_slice(batch, self.sub_batch)
+            batches = [batch]
 
         def local():
             objective = self.objective(pl_module, batch)
@@ -274,10 +332,15 @@ class Curvature(DiagnosticCallback):
         objective = on_every_rank(trainer, local, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
-        op = HessianOperator(objective, chunk_size=self.chunk_size, reduce=reduce)
+        op = HessianOperator(objective, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
         out: Dict[str, float] = {}
 
-        trace = hessian_trace(op, self.num_matvecs, method=self.method, seed=self.seed + step)
+        tracked = None
+        if self.tracker is not None:
+            tracked = self.tracker.measure(op, seed=self.seed + step)
+            trace = tracked.trace
+        else:
+            trace = hessian_trace(op, self.num_matvecs, method=self.method, seed=self.seed + step)
         out["hessian_trace"] = trace.value
         out["hessian_trace_stderr"] = trace.stderr
         if self.per_layer:
@@ -289,11 +352,14 @@ class Curvature(DiagnosticCallback):
         scaling = self._scaling(trainer, pl_module, objective)
 
         if self.eigen:
-            eig = top_eigenvalues(
-                op, self.num_eigenvalues, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
-                seed=self.seed, return_eigenvectors=True, start=self._eigvec,
-            )
-            self._eigvec = eig.eigenvectors[0]
+            if tracked is not None and self.num_eigenvalues == 1:
+                eig = tracked.eigen
+            else:
+                eig = top_eigenvalues(
+                    op, self.num_eigenvalues, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
+                    seed=self.seed, return_eigenvectors=True, start=self._eigvec,
+                )
+                self._eigvec = eig.eigenvectors[0]
             out["lambda_max"] = eig.value
             out["lambda_max_converged"] = float(eig.converged)
             if self.num_eigenvalues > 1:
@@ -382,7 +448,7 @@ class Curvature(DiagnosticCallback):
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
         ):
             stab_op = HessianOperator(batch_statistics_objective(pl_module, batch, self.loss_fn),
-                                      chunk_size=self.chunk_size, reduce=reduce)
+                                      method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
         res = top_eigenvalues(
             StabilityOperator(stab_op, scaling.scale, scaling.shift), which="LA", tol=self.eigen_tol,
             max_iter=self.eigen_max_iter, seed=self.seed, return_eigenvectors=True, start=self._pre_eigvec,
@@ -423,8 +489,8 @@ class Curvature(DiagnosticCallback):
             update = OrderedDict((n, now[n].detach() - self._before[n]) for n in now if n in self._before)
             if set(update) >= set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
                 update = OrderedDict((n, update[n]) for n in objective.layout.names)
-                op_before = HessianOperator(objective_at(objective, self._before), chunk_size=self.chunk_size,
-                                            reduce=reduce)
+                op_before = HessianOperator(objective_at(objective, self._before), method=self.hvp_method,
+                                            chunk_size=self.chunk_size, reduce=reduce)
                 out["update_sharpness"] = _reduced_sharpness(op_before, update)
                 out["update_sharpness_next"] = _reduced_sharpness(op, update)
                 clip = _coordinate_clip(trainer)
@@ -445,20 +511,25 @@ class Curvature(DiagnosticCallback):
             obj = self.objective(pl_module, b)
             g = obj.gradient() if reduce is None else _reduced_gradient(obj, reduce)
             if any(bool(v.any()) for v in g.values()):
-                values.append(_reduced_sharpness(HessianOperator(obj, chunk_size=self.chunk_size, reduce=reduce), g))
+                op = HessianOperator(obj, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
+                values.append(_reduced_sharpness(op, g))
         return sum(values) / len(values) if values else None
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        if self.checkpoint_eigenvectors:
+        if self.checkpoint_eigenvectors:  # parameter-sized vectors (the tracker's sketch too)
             state["eigenvector"] = self._eigvec
             state["preconditioned_eigenvector"] = self._pre_eigvec
+            if self.tracker is not None:
+                state["tracker"] = self.tracker.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._eigvec = state_dict.get("eigenvector")
         self._pre_eigvec = state_dict.get("preconditioned_eigenvector")
+        if self.tracker is not None and "tracker" in state_dict:
+            self.tracker.load_state_dict(state_dict["tracker"])
 
 
 def _coordinate_clip(trainer) -> Optional[CoordinateClip]:

@@ -10,8 +10,9 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+from torch.utils._pytree import tree_flatten
 
-from ._lightning import CallbackBase
+from ._lightning import CallbackBase, is_global_zero
 from .amplification import AutoEMA, MetricSpec, VarianceAmplification
 from .base import DiagnosticCallback
 from .budget import Allowance, power_of_two_at_least, share_budget
@@ -30,38 +31,55 @@ MITIGATIONS = ("stablemax", "orthograd", "ema")
 
 # Base cadences of the suite (the budget stretches them); any of it can be overridden per diagnostic.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "curvature": dict(every_n_steps=50, num_matvecs=16, eigen_max_iter=30),
+    # tracked: warm-started Lanczos to 1% and a deflated trace on the carried sketch (8 HVPs); a
+    # fixed 16-sample slice of the batch keeps one measurement at a few training steps
+    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=8, eigen_max_iter=20, sub_batch=16),
     "noise": dict(every_n_steps=25),
     "collapse": dict(every_n_steps=10),
     "regions": dict(
-        schedule="log", points_per_decade=4, functional=True, num_directions=16, num_points=128, num_test_points=128,
-        num_random_points=128,
+        schedule="log", points_per_decade=4, functional=True, num_directions=8, num_points=16, num_test_points=16,
+        num_random_points=16,
     ),
     "gva": dict(every_n_steps=10, window=20),
 }
 
-def prior_steps(child: DiagnosticCallback) -> float:
+
+def prior_steps(child: DiagnosticCallback, batch_size: Optional[int] = None) -> float:
     """What a first measurement is expected to cost, in training steps, before one has been timed.
 
-    An HVP costs about 2 to 4 training steps (measured by ``benchmarks/bench_curvature.py``);
-    Lanczos is counted at half its step limit. Per-sample gradient moments cost a few steps; a
-    collapse check is one forward pass; linear regions evaluate every point's cross-polytope.
+    An HVP costs about 2.5 training steps on the full batch (``benchmarks/bench_curvature.py``),
+    less on a sub-batch (a fifth of it is per-call overhead that does not shrink); the HVPs are
+    the trace's, Lanczos' (counted at half its step limit) and two for the sharpness. Per-sample
+    gradient moments cost a few steps; a collapse check is one forward pass; linear regions
+    evaluate every point's cross-polytope (about two batches' forwards per step, measured on the
+    benchmark CNN). After the first measurement DynScope uses measured costs instead. A diagnostic
+    may declare its own prior as an ``expected_steps`` attribute.
 
     Example:
         >>> prior_steps(Curvature(num_matvecs=16, eigen_max_iter=30))
-        99.0
+        82.5
+        >>> prior_steps(Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=32), batch_size=128)
+        20.0
     """
+    declared = getattr(child, "expected_steps", None)
+    if declared is not None:  # a diagnostic may declare its own prior
+        return float(declared)
     if isinstance(child, Curvature):
         matvecs = child.num_matvecs + (child.eigen_max_iter / 2 if child.eigen else 0) + (2 if child.sharpness else 0)
-        return 3.0 * matvecs
+        fraction = 1.0
+        if child.sub_batch is not None and batch_size:
+            fraction = 0.2 + 0.8 * min(1.0, child.sub_batch / batch_size)
+        return 2.5 * matvecs * fraction
     if isinstance(child, GradientNoise):
         return 4.0
     if isinstance(child, LinearRegions):
         points = child.num_points + child.num_test_points + child.num_random_points
-        return max(1.0, points * (2 * child.num_directions + 1) * len(child.radii) / (3 * 64))  # ~64 per batch
+        per_batch = batch_size or 64
+        return max(1.0, points * (2 * child.num_directions + 1) * len(child.radii) / (2 * per_batch))
     if isinstance(child, VarianceAmplification):
         return 3.0
     return 1.0
+
 
 SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged over ranks) at least this often
 
@@ -136,6 +154,15 @@ class DynScope(CallbackBase):
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
         strict: re-raise errors (a diagnostic that does not apply, a failing measurement) instead
             of warning and going on.
+        min_measurements: how many measurements each deferrable diagnostic should get over the
+            run (when the trainer knows its length): its cadence is never stretched beyond
+            ``total steps / min_measurements``, a due measurement of the diagnostic with the fewest
+            measurements so far is admitted first and the others wait behind it, so expensive
+            diagnostics are not crowded out by cheap ones. The budget still caps the overhead: a
+            diagnostic that did not fit at all is named at the end of the fit, with the reason.
+        clock: the seconds counter the budget runs on (default :func:`time.perf_counter`); shared
+            with the diagnostics' cost accounting. Tests pass a fake clock to drive the budget
+            independently of machine load.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -164,6 +191,8 @@ class DynScope(CallbackBase):
         tighten: float = 4.0,
         mode: str = "eval",
         strict: bool = False,
+        clock: Optional[Callable[[], float]] = None,
+        min_measurements: int = 4,
     ) -> None:
         mitigate = (mitigate,) if isinstance(mitigate, str) else tuple(mitigate)
         unknown = [m for m in mitigate if m not in MITIGATIONS]
@@ -175,6 +204,9 @@ class DynScope(CallbackBase):
             raise ValueError("'orthograd' is applied with the StableMax switch: use mitigate=('stablemax', 'orthograd')")
         if tighten < 1:
             raise ValueError(f"tighten must be >= 1, got {tighten}")
+        if min_measurements < 0:
+            raise ValueError(f"min_measurements must be >= 0, got {min_measurements}")
+        self.min_measurements = min_measurements
         self.loss_fn = loss_fn
         self.mitigate = mitigate
         self.tighten = float(tighten)
@@ -204,7 +236,9 @@ class DynScope(CallbackBase):
         self.callbacks = built
         self._names = {id(child): name for name, child in built.items()}
         self._priors = {name: prior_steps(child) for name, child in built.items()}
+        self.clock: Callable[[], float] = clock or time.perf_counter
         for child in built.values():
+            child.clock = self.clock
             if self.allowance is not None:
                 child.budget_gate = self._gate
 
@@ -221,16 +255,21 @@ class DynScope(CallbackBase):
         self._logged_at = -(10**9)
         self._fits_at = 0.0  # training seconds before which no waiting measurement can be admitted
         self._counts: Dict[str, int] = {}
+        self._counts_at_start: Dict[str, int] = {}
         self._spent: Dict[str, float] = {}
         self._step_seconds = 0.0
         self._previous: Dict[str, Dict[str, float]] = {}
+        self._total_steps = math.inf  # the run's length, when the trainer knows it
+        self._train_at_end: Optional[float] = None  # training seconds when the fit ended
+        self._batch_size: Optional[int] = None
+        self._reduce = None
 
     # -- the budget ---------------------------------------------------------------------------------
     def training_seconds(self) -> float:
         """Wall time of the fit so far (resumes included) minus the time spent in dynscope."""
         if self._fit_start is None:
             return 0.0
-        return max(self.elapsed_before + time.perf_counter() - self._fit_start - self.seconds, 0.0)
+        return max(self.elapsed_before + self.clock() - self._fit_start - self.seconds, 0.0)
 
     def overhead(self) -> float:
         """Time in dynscope as a fraction of the training time (``nan`` before any training)."""
@@ -240,27 +279,28 @@ class DynScope(CallbackBase):
     def _expected(self, name: str, step_seconds: float) -> float:
         if name in self.costs:
             return self.costs[name]
-        return self._priors[name] * step_seconds
+        # before any step has been timed the prior means nothing: the measurement waits for one
+        return self._priors[name] * step_seconds if step_seconds > 0 else math.inf
 
     def _gate(self, child: DiagnosticCallback, step: int) -> bool:
         if step != self._planned:  # an epoch-end schedule: not deferred (its time still counts)
             return True
         return self._names[id(child)] in self._admitted
 
-    def _plan(self, trainer, step: int) -> None:
+    def _plan(self, trainer, step: int, wanting: List[str]) -> List[str]:
         """At the first micro-batch of each optimizer step: refresh the cadences, admit due measurements.
 
         The cadences are refreshed every ``SYNC_EVERY`` steps and after each measurement. Under DDP
         the inputs are averaged over ranks first, and deferrable measurements are admitted only at
         those refreshes, so that a pending measurement does not cost a collective every step.
+        Returns the diagnostics that want to measure after this step (after a refresh of the cadences).
         """
-        wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
         refresh = step % SYNC_EVERY == 0 or self._measured
-        reduce = mean_over_ranks(trainer)
+        reduce = self._reduce
         waiting = reduce is None and self.training_seconds() < self._fits_at  # nothing pending fits yet
         if not refresh and (not wanting or reduce is not None or waiting):
             self._admitted = [n for n in wanting if not self.callbacks[n].deferrable]
-            return
+            return wanting
         names = list(self.callbacks)
         seconds, training = self.seconds, self.training_seconds()
         if reduce is not None:  # the same numbers on every rank, so the same decisions
@@ -278,30 +318,47 @@ class DynScope(CallbackBase):
             self._measured = False
             self._restretch(step)
             wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
-        wanting.sort(key=lambda n: (not self.near.get(n, False), self._expected(n, self._step_seconds)))
-        self._admitted = [
-            n for n in wanting
-            if self.allowance.admit(self._expected(n, self._step_seconds)) or not self.callbacks[n].deferrable
-        ]
-        # The training time at which the cheapest measurement still waiting would fit the allowance.
-        left = [self._expected(n, self._step_seconds) for n in wanting if n not in self._admitted]
-        self._fits_at = training + (min(left) - self.allowance.left) / self.allowance.budget if left else 0.0
+        # Near an event first, then the diagnostic with the fewest measurements, then the cheapest. The
+        # first deferrable one that does not fit holds the queue: the others wait behind it (saving
+        # up for it) instead of spending the allowance it needs.
+        wanting.sort(key=lambda n: (
+            not self.near.get(n, False), self.callbacks[n].num_measurements, self._expected(n, self._step_seconds)
+        ))
+        self._admitted, head = [], None
+        for n in wanting:
+            if not self.callbacks[n].deferrable:
+                self._admitted.append(n)
+            elif head is None and self.allowance.admit(self._expected(n, self._step_seconds)):
+                self._admitted.append(n)
+            elif head is None:
+                head = n
+        # The training time at which the measurement at the head of the queue will fit the allowance.
+        need = self._expected(head, self._step_seconds) if head is not None else None
+        fits = need is not None and math.isfinite(need)  # an untimed first step: plan again at the next
+        self._fits_at = training + (need - self.allowance.left) / self.allowance.budget if fits else 0.0
+        return wanting
 
     def _restretch(self, step: int) -> None:
         if self._step_seconds <= 0:
             return
-        rates, weights, floors = {}, {}, {}
+        rates, weights, floors, ceilings = {}, {}, {}, {}
         for name, child in self.callbacks.items():
             if child.schedule.at_epoch_end:
                 continue
-            rates[name] = self._expected(name, self._step_seconds) / _base_period(child, step)
+            period = _base_period(child, step)
+            rates[name] = self._expected(name, self._step_seconds) / period
             near = self.near.get(name, False)
             weights[name] = self.tighten if near else 1.0
             floors[name] = 1.0 / self.tighten if near and child.deferrable else 1.0
+            if child.deferrable and self.min_measurements and math.isfinite(self._total_steps):
+                # at least min_measurements over the run (the allowance still caps the overhead)
+                ceilings[name] = max(1.0, self._total_steps / self.min_measurements / period)
         raw = share_budget(rates, self.allowance.budget * self._step_seconds, weights, floors)
         for name, stretch in raw.items():
             child = self.callbacks[name]
             stretch = power_of_two_at_least(stretch)
+            if name in ceilings:
+                stretch = max(min(stretch, 2.0 ** math.floor(math.log2(ceilings[name]))), floors[name])
             if not child.deferrable:
                 stretch = max(stretch, child.schedule.stretch)  # only ever slowed down (evenly spaced)
             if stretch != child.schedule.stretch:
@@ -341,7 +398,7 @@ class DynScope(CallbackBase):
     def _each(self, hook: str, *args, only: Optional[List[DiagnosticCallback]] = None, **kwargs) -> None:
         """Call ``hook`` on every diagnostic (or those in ``only``); one that raises is dropped with a
         warning (unless strict, or it is a mitigation that was asked for)."""
-        start = time.perf_counter()
+        start = self.clock()
         try:
             for name, child in list(self.callbacks.items()):
                 if only is not None and child not in only:
@@ -358,7 +415,7 @@ class DynScope(CallbackBase):
                         raise
                     self._drop(name, error)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
     def _drop(self, name: str, error: BaseException) -> None:
         why = "does not apply to this model" if _does_not_apply(error) else "failed"
@@ -400,35 +457,60 @@ class DynScope(CallbackBase):
             child.set_stretch(1.0)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
-        self._start_step = steps_done(trainer, pl_module)
+        self._reduce = mean_over_ranks(trainer)
+        self._train_at_end = None
+        start = steps_done(trainer, pl_module)
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - a loader without a length: the run's length is unknown
+            total = math.inf
+        self._total_steps = total - start if math.isfinite(total) and total > 0 else math.inf
+        self._fit_start = self.clock()
+        self._start_step = start
         self._step_seconds = 0.0
         self._counts = {n: c.num_measurements for n, c in self.callbacks.items()}
+        self._counts_at_start = dict(self._counts)
         self._spent = {n: c.seconds_spent for n, c in self.callbacks.items()}
         self._each("on_train_start", trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        start = time.perf_counter()
+        start = self.clock()
         step = steps_done(trainer, pl_module) + 1
         if step != self._planned:  # the first micro-batch of an optimizer step
+            if self._batch_size is None:
+                self._learn_batch_size(batch)
+            wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
             if self.allowance is not None:
-                self._plan(trainer, step)
+                wanting = self._plan(trainer, step, wanting)
             self._planned = step
-            planning = [c for c in self.callbacks.values() if not c.idle_between_measurements or c.wants(step)]
-            self.seconds += time.perf_counter() - start
-            self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
+            # A pending measurement the budget did not admit has nothing to do in this step: skipped.
+            planning = [
+                c for n, c in self.callbacks.items()
+                if not c.idle_between_measurements or (n in wanting and (
+                    self.allowance is None or n in self._admitted or not c._pending))
+            ]
+            self.seconds += self.clock() - start
+            if planning:
+                self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=planning)
             # Diagnostics idle between measurements are not called again in a step without one.
             self._active = [c for c in planning if not c.idle_between_measurements or c.will_measure(step)]
             return
-        self.seconds += time.perf_counter() - start
-        self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
+        self.seconds += self.clock() - start
+        if self._active:
+            self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx, only=self._active)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._each("on_before_optimizer_step", trainer, pl_module, optimizer, only=self._active)
+        if self._active:
+            self._each("on_before_optimizer_step", trainer, pl_module, optimizer, only=self._active)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx, only=self._active)
-        self._after_measurements(trainer, self._active)
+        if self._active:
+            self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx, only=self._active)
+            self._after_measurements(trainer, self._active)
+        elif trainer.global_step - self._logged_at >= 50:
+            start = self.clock()
+            self._log(trainer)
+            self.seconds += self.clock() - start
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._each("on_train_epoch_end", trainer, pl_module)
@@ -443,6 +525,35 @@ class DynScope(CallbackBase):
     def on_train_end(self, trainer, pl_module) -> None:
         self._each("on_train_end", trainer, pl_module)
         self._log(trainer)
+        self._train_at_end = self.training_seconds()
+        if self.allowance is not None and is_global_zero(trainer):
+            for line in self.unmeasured():
+                warnings.warn(line, RuntimeWarning, stacklevel=2)
+
+    def unmeasured(self) -> List[str]:
+        """One line per diagnostic that made no measurement in this fit, saying why."""
+        lines = []
+        train = self._train_at_end if self._train_at_end is not None else self.training_seconds()
+        for name, child in self.callbacks.items():
+            if child.num_measurements > self._counts_at_start.get(name, 0) or child.disabled or child.schedule.at_epoch_end:
+                continue
+            need = self._expected(name, self._step_seconds)
+            steps = need / self._step_seconds if self._step_seconds > 0 else math.nan
+            lines.append(
+                f"dynscope DynScope: {name} was not measured in this run: one measurement is expected to cost "
+                f"~{steps:.0f} training steps and budget={self.budget} saved up "
+                f"{self.budget * train / self._step_seconds if self._step_seconds > 0 else 0:.0f} steps' worth over "
+                f"the run, shared with the other diagnostics; raise budget=, train longer or make it cheaper "
+                f"(e.g. curvature={{'sub_batch': 16}})"
+            )
+        return lines
+
+    def _learn_batch_size(self, batch) -> None:
+        """Priors that depend on the batch size (sub-batch curvature, regions) are refined once it is known."""
+        leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 1]
+        if leaves:
+            self._batch_size = int(leaves[0].shape[0])
+            self._priors = {name: prior_steps(child, self._batch_size) for name, child in self.callbacks.items()}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
         self._each("on_save_checkpoint", trainer, pl_module, checkpoint)
@@ -452,7 +563,7 @@ class DynScope(CallbackBase):
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        elapsed = self.elapsed_before + (time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0)
+        elapsed = self.elapsed_before + (self.clock() - self._fit_start if self._fit_start is not None else 0.0)
         return {
             "callbacks": {name: child.state_dict() for name, child in self.callbacks.items()},
             "seconds": self.seconds,

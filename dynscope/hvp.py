@@ -11,17 +11,20 @@ Three kernels compute ``H v`` for a batch of vectors ``V`` (leading dimension = 
 The retained graph is built with :func:`dynscope.second_order.cheap_second_order`: GELU,
 LayerNorm, softmax and attention then differentiate twice at a fraction of torch's per-probe cost.
 
-``method="auto"`` runs the first few probes (an eighth of the product at most, and their
-products are kept) with each of them, keeps the fastest that works and remembers the choice for
-the model; kernels that fail are skipped, which covers ops without a
-batching or forward-mode rule (for example forward-over-reverse raises "ZeroTensors are immutable"
-on Linear-Tanh-Linear with MSELoss in torch 2.13). A single vector always uses the retained graph. Probes are processed in chunks sized to a memory cap; a chunk that runs out of memory
-is halved and retried.
+``method="auto"`` picks the kernel from the model's structure, never from timings, so the same
+model gets the same kernel and the same numbers on every run (:func:`choose_method`): the
+per-probe ``"loop"`` on CPU, where it was as fast as or faster than the batched kernels on the
+benchmark MLPs, CNNs and transformer and needs the least memory, except for models whose
+per-probe work is so small that the per-call overhead dominates (then ``"reverse"``); the batched
+``"reverse"`` on accelerators. Forward-over-reverse is used only when asked for. A batched kernel
+that fails on the model (an op without a batching rule) falls back to ``"loop"`` for that model
+(a deterministic, error-driven choice, remembered per model). A single vector always uses the
+retained graph. Probes are processed in chunks sized to a memory cap; a chunk that runs out of
+memory is halved and retried.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 import weakref
 from collections import OrderedDict
@@ -38,7 +41,10 @@ Vectors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 DEFAULT_MEMORY_CAP = 2 * 1024**3
 _ORDER = ("forward", "reverse", "loop")
-_TRIAL_FRACTION = 8
+# On CPU the batched kernel wins only where the per-probe work is tiny (a 2k-parameter MLP at batch
+# 512: 0.6x the loop's time; an 85k MLP: 1.3x; the CNNs and the transformer: 1.0-1.7x); this many
+# values (3 parameter- and 3 activation-sized tensors per probe) is the boundary.
+_SMALL_PROBE = 2**19
 _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -195,43 +201,55 @@ def _apply(
     if m == 0:
         return vectors.clone()
     chunk = chunk_size or default_chunk_size(objective, m, memory_cap)
-    if method != "auto":
-        candidates = [method]
-    elif m == 1:  # one vector: nothing to batch, the retained graph is cheapest
-        candidates = ["loop"]
-    else:
-        chosen = _chosen_method(objective)
-        candidates = [chosen] if chosen else list(_ORDER)
+    auto = method == "auto"
+    if method == "auto":
+        method = "loop" if m == 1 else choose_method(objective)
     results, start = [], 0
     with objective.measuring():
         while start < m:
-            # The auto trial runs every candidate kernel: on a few probes only (an eighth of the
-            # product at most), whose products are kept; the winner takes the rest in full chunks.
-            size = chunk if len(candidates) == 1 else _trial_size(m, chunk)
-            part = vectors[start : start + size]
+            part = vectors[start : start + chunk]
             try:
-                out = _fastest_that_works(kernel, candidates, part)
+                kernel.method_used = method
+                out = kernel.run(method, part)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM we can shrink
                 if is_out_of_memory(error) and chunk > 1:
                     chunk = max(1, chunk // 2)
                     warnings.warn(f"dynscope: HVP chunk ran out of memory, retrying with {chunk} probes")
                     continue
+                if auto and method != "loop" and not isinstance(error, NonFiniteError):
+                    # an op without a batching rule: the per-probe kernel works for every op
+                    warnings.warn(f"dynscope: the {method!r} HVP kernel fails on this model ({type(error).__name__}: "
+                                  f"{error}); using 'loop'")
+                    method = objective._hvp_method = _CHOSEN[objective.model] = "loop"
+                    continue
                 raise
-            if len(candidates) > 1:
-                candidates = [kernel.method_used]
-                objective._hvp_method = _CHOSEN[objective.model] = kernel.method_used
             results.append(out)
             start += part.shape[0]
     out = results[0] if len(results) == 1 else torch.cat(results)
     return check_finite(reduce(out) if reduce is not None else out, "a Hessian-vector product")
 
 
-def _trial_size(m: int, chunk: int) -> int:
-    return max(1, min(chunk, m, max(2, m // _TRIAL_FRACTION)))
+def choose_method(objective: Objective) -> str:
+    """The batched HVP kernel ``method="auto"`` uses for ``objective``: decided by the model's
+    structure and device, never by timing (the same model gets the same kernel on every run).
 
+    ``"reverse"`` on accelerators and, on CPU, for models whose per-probe work (parameters plus
+    activations) is tiny; ``"loop"`` otherwise, and for a model on which ``"reverse"`` failed.
 
-def _chosen_method(objective: Objective) -> Optional[str]:
-    return getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective
+        >>> obj = Objective(nn.Linear(3, 2), nn.functional.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+        >>> choose_method(obj)
+        'reverse'
+    """
+    chosen = getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
+    if chosen is None:
+        small = 3 * objective.layout.numel + 3 * activation_numel(objective) <= _SMALL_PROBE
+        chosen = "reverse" if objective.device.type != "cpu" or small else "loop"
+        objective._hvp_method = _CHOSEN[objective.model] = chosen
+    return chosen
 
 
 def block_dots(vectors: torch.Tensor, products: torch.Tensor, blocks: Sequence[slice]) -> torch.Tensor:
@@ -260,44 +278,6 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 def _row_dots(v: torch.Tensor, parts: Sequence[torch.Tensor], blocks: Sequence[slice], out: torch.Tensor) -> None:
     for j, (sl, p) in enumerate(zip(blocks, parts)):
         torch.dot(v[sl], p.reshape(-1), out=out[j])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":  # kernels run asynchronously: time them to completion
-        torch.cuda.synchronize(device)
-
-
-def _fastest_that_works(kernel: _Kernel, candidates: List[str], part: torch.Tensor) -> torch.Tensor:
-    """Run ``part`` with every candidate kernel that works and keep the fastest.
-
-    Which kernel wins depends on the model and the device (vmapped forward-over-reverse can be
-    far slower than the batched reverse pass, e.g. through attention on CPU), so the choice is
-    measured once per model and remembered.
-    """
-    if len(candidates) == 1:
-        kernel.method_used = candidates[0]
-        return kernel.run(candidates[0], part)
-    errors, best = [], None
-    for name in candidates:
-        try:
-            if name != "forward":
-                kernel._retained_graph()  # built once and reused: not part of the per-chunk cost
-            _synchronize(part.device)
-            start = time.perf_counter()
-            out = kernel.run(name, part)
-            _synchronize(part.device)
-            elapsed = time.perf_counter() - start
-        except Exception as error:  # noqa: BLE001 - an unsupported op shows up as any error type
-            if is_out_of_memory(error):
-                raise
-            errors.append(f"{name}: {type(error).__name__}: {error}")
-            continue
-        if best is None or elapsed < best[0]:
-            best = (elapsed, name, out)
-    if best is None:
-        raise RuntimeError("no HVP kernel works for this model:\n  " + "\n  ".join(errors))
-    kernel.method_used = best[1]
-    return best[2]
 
 
 def hvp(
@@ -429,31 +409,24 @@ class HessianOperator:
         method = kw["method"]
         if kw["reduce"] is not None or method not in ("auto", "loop") or m == 0:
             return self._dots_of_products(probes, 0, m, blocks)
-        parts, start = [], 0
-        chosen = "loop" if method == "loop" or m == 1 else _chosen_method(objective)
-        if chosen is None:  # auto: the trial runs on the first few probes, its products count
-            start = _trial_size(m, m)
-            parts.append(self._dots_of_products(probes, 0, start, blocks))
-            chosen = _chosen_method(objective) or kernel.method_used
+        chosen = "loop" if method == "loop" or m == 1 else choose_method(objective)
         if chosen != "loop":
-            parts.append(self._dots_of_products(probes, start, m, blocks))
-            return torch.cat(parts)
-        self.num_matvecs += m - start
+            return self._dots_of_products(probes, 0, m, blocks)
+        self.num_matvecs += m
         layout = objective.layout
         shapes = layout.shapes
         wide = _wide(objective.dtype)
-        out = torch.empty(m - start, len(blocks), dtype=wide, device=objective.device)
+        out = torch.empty(m, len(blocks), dtype=wide, device=objective.device)
         with objective.measuring():
             kernel.method_used = "loop"
-            for i in range(start, m):
+            for i in range(m):
                 v = probes.row(i).to(device=objective.device, dtype=objective.dtype).contiguous()
                 views = [v[sl].view(shape) for sl, shape in zip(layout.slices().values(), shapes)]
                 hv = kernel._second(views, batched=False)
                 # the product's blocks are dotted with the probe while they are in cache
                 flat = [h.to(wide) for h in _as_blocks(hv, layout, blocks)]
-                _row_dots(v.to(wide), flat, blocks, out[i - start])
-        parts.append(check_finite(out, "a Hessian-vector product").double())
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+                _row_dots(v.to(wide), flat, blocks, out[i])
+        return check_finite(out, "a Hessian-vector product").double()
 
     def _dots_of_products(self, probes, start: int, stop: int, blocks: Sequence[slice]) -> torch.Tensor:
         vectors = probes.rows(start, stop).to(device=self.device, dtype=self.dtype)

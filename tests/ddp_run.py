@@ -152,7 +152,7 @@ def main() -> None:
     module = Module(args.poison_step, GLOBAL_BATCH // args.devices)
     scope = DynScope(
         budget=args.budget,
-        curvature={"every_n_steps": 2, "num_matvecs": 8, "eigen_max_iter": 20},
+        curvature={"every_n_steps": 2, "num_matvecs": 8, "eigen_max_iter": 20, "sub_batch": None},  # slices are per rank
         noise={"every_n_steps": 2},
         collapse={"every_n_steps": 2, "nlm_trigger": True, "nlm_threshold": -1.0, "accuracy_threshold": 0.0, "patience": 2},
         regions={"every_n_steps": 4, "schedule": "steps", "num_points": 16, "num_test_points": 0,

@@ -131,3 +131,41 @@ def test_reference_hessian_agrees_with_finite_differences_on_layernorm():
     H = exact_hessian(obj)
     assert torch.allclose(H, H.T, atol=1e-12)
     assert torch.allclose(H, finite_difference_hessian(obj), atol=1e-7)
+
+
+def test_auto_kernel_is_chosen_from_the_structure_and_gives_the_same_numbers_every_run():
+    from dynscope.hvp import choose_method
+
+    def fresh(sizes, batch):
+        torch.manual_seed(0)
+        return Objective(mlp(sizes), F.cross_entropy, classification_data(batch, (sizes[0],), classes=sizes[-1]))
+
+    V = torch.randn(6, fresh((4, 6, 3), 12).layout.numel, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for _ in range(3):
+        obj = fresh((4, 6, 3), 12)
+        runs.append(hvp_flat(obj, V))
+        assert obj._hvp_method == choose_method(obj) == "reverse"  # a tiny model on CPU: batched
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    big = fresh((64, 256, 256, 10), 128)  # 85k parameters: the per-probe loop on CPU
+    assert choose_method(big) == "loop"
+
+
+def test_a_batched_kernel_that_fails_falls_back_to_the_loop(monkeypatch):
+    from dynscope.hvp import _Kernel
+
+    torch.manual_seed(0)
+    obj = Objective(mlp((3, 5, 2)), F.cross_entropy, classification_data(8, (3,), classes=2))
+    real = _Kernel.run
+
+    def no_batching_rule(self, method, chunk):
+        if method == "reverse":
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return real(self, method, chunk)
+
+    monkeypatch.setattr(_Kernel, "run", no_batching_rule)
+    V = torch.randn(4, obj.layout.numel)
+    with pytest.warns(UserWarning, match="using 'loop'"):
+        out = hvp_flat(obj, V)
+    assert obj._hvp_method == "loop"
+    assert torch.allclose(out, V @ exact_hessian(obj).float().T, atol=1e-5)

@@ -3,8 +3,6 @@ budget and its tightening near events, the observer effect, resume, and Lightnin
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import pytorch_lightning as pl
@@ -112,52 +110,77 @@ def test_budget_sharing_and_allowance():
     assert near_event({"amplification": 3.0}, {"amplification": 2.0})
 
 
+class FakeClock:
+    """Seconds that pass only when the test says so: the budget's arithmetic, free of machine load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 class Sleeper(Classifier):
-    """A training step of known length, so that the budget's arithmetic can be checked in wall time."""
+    """A training step of known length (5 ms on the fake clock)."""
+
+    def __init__(self, net, clock):
+        super().__init__(net)
+        self.clock = clock
 
     def training_step(self, batch, batch_idx):
-        time.sleep(0.005)
+        self.clock.advance(0.005)
         return super().training_step(batch, batch_idx)
 
 
 class Slow(DiagnosticCallback):
-    """A diagnostic that takes 30 ms and reports a fixed eos_ratio."""
+    """A diagnostic that takes 30 ms (on the fake clock) and reports a fixed eos_ratio."""
 
     group = "slow"
 
-    def __init__(self, eos_ratio=0.0, every_n_steps=1):
+    def __init__(self, clock, eos_ratio=0.0, every_n_steps=1, cost=0.03):
         super().__init__(every_n_steps=every_n_steps)
+        self.fake = clock
         self.eos_ratio = eos_ratio
+        self.cost = cost
         self.steps = []
 
     def measure(self, trainer, pl_module, batch):
-        time.sleep(0.03)
+        self.fake.advance(self.cost)
         self.steps.append(trainer.global_step)
         return {"eos_ratio": self.eos_ratio}
 
 
-def run_sleeper(scope, steps):
+def run_sleeper(scope, steps, clock):
     torch.manual_seed(0)
     x, y = classification_data(64, (4,))
-    trainer(max_steps=steps, callbacks=[scope]).fit(Sleeper(mlp((4, 8, 3))), loader(x, y, batch_size=8))
+    trainer(max_steps=steps, callbacks=[scope]).fit(Sleeper(mlp((4, 8, 3)), clock), loader(x, y, batch_size=8))
 
 
 def test_the_budget_keeps_the_overhead_under_its_fraction():
-    slow = Slow(every_n_steps=1)
-    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow})
-    run_sleeper(scope, 200)
+    clock = FakeClock()
+    slow = Slow(clock, every_n_steps=1)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow},
+                     clock=clock)
+    run_sleeper(scope, 200, clock)
+    # Every second counted is one the fake clock was advanced by: 200 steps of 5 ms, 30 ms per measurement.
+    assert scope.training_seconds() == pytest.approx(200 * 0.005)
+    assert scope.seconds == pytest.approx(0.03 * len(slow.steps))
     # Each admitted measurement fit in the time saved up; the first one's cost was only estimated.
-    assert scope.seconds <= 0.1 * scope.training_seconds() + 0.05
-    assert len(slow.steps) >= 2 and len(slow.steps) * 0.03 <= 0.1 * scope.training_seconds() + 0.05
+    assert 2 <= len(slow.steps) and scope.seconds <= 0.1 * scope.training_seconds() + 0.03
     assert slow.schedule.stretch >= 8  # 30 ms per step wanted, 0.5 ms per step available
 
 
 def test_near_an_event_a_diagnostic_runs_more_often_than_its_base_cadence():
     counts = {}
     for eos in (0.1, 0.9):
-        slow = Slow(eos_ratio=eos, every_n_steps=32)
-        scope = DynScope(budget=0.9, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow})
-        run_sleeper(scope, 160)
+        clock = FakeClock()
+        slow = Slow(clock, eos_ratio=eos, every_n_steps=32)
+        scope = DynScope(budget=0.9, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow},
+                         clock=clock)
+        run_sleeper(scope, 160, clock)
         counts[eos] = len(slow.steps)
         assert slow.schedule.stretch == (1.0 if eos < 0.8 else 0.25)
     assert counts[0.9] >= 2 * counts[0.1]
@@ -177,6 +200,31 @@ def test_a_dynscope_reused_for_a_second_fit_starts_its_budget_accounts_afresh():
     seconds, elapsed, costs, spent = probe.seen
     assert seconds == 0.0 and elapsed == 0.0 and costs == {} and set(spent.values()) == {0.0}
     assert scope.seconds > 0  # and the second fit counted its own
+
+
+def test_an_expensive_diagnostic_is_not_crowded_out_by_cheap_ones():
+    # 5 ms steps, budget 10%: 0.5 ms per step to spend. A 1 ms check due every step would take it all;
+    # a 40 ms measurement due every 10 steps gets its turn because the fewest-measured goes first.
+    clock = FakeClock()
+    cheap, costly = Slow(clock, every_n_steps=1, cost=0.001), Slow(clock, every_n_steps=10, cost=0.04)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False,
+                     extra={"cheap": cheap, "costly": costly}, clock=clock)
+    run_sleeper(scope, 400, clock)
+    assert len(costly.steps) >= 4  # min_measurements over the run (its cadence capped at 400 / 4 steps)
+    assert len(cheap.steps) >= 4
+    assert scope.seconds <= 0.1 * scope.training_seconds() + 0.04  # the first one's cost was a prior
+    assert not scope.unmeasured()
+
+
+def test_a_diagnostic_that_cannot_fit_is_named_with_the_reason():
+    clock = FakeClock()
+    huge = Slow(clock, every_n_steps=10, cost=5.0)
+    huge.expected_steps = 1000.0  # 1000 steps of 5 ms: more than 40 steps ever save up
+    scope = DynScope(budget=0.05, curvature=False, noise=False, collapse=False, regions=False, extra={"huge": huge},
+                     clock=clock)
+    with pytest.warns(RuntimeWarning, match="huge was not measured in this run"):
+        run_sleeper(scope, 40, clock)
+    assert huge.steps == []
 
 
 # -- the observer effect, resume, configuration -----------------------------------------------------------

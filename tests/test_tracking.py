@@ -1,0 +1,81 @@
+"""Curvature(method="tracked", sub_batch=k) inside Lightning runs, against exact references."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from dynscope import Objective
+from dynscope.callbacks import Curvature
+from models import Classifier, classification_data, loader, mlp, trainer
+from reference import exact_hessian
+
+
+class Weights(pl.Callback):
+    def __init__(self):
+        self.after = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step] = {n[len("net."):]: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def run(callback, steps=9, batch_size=16):
+    torch.manual_seed(0)
+    module = Classifier(mlp((4, 6, 3)), lr=0.1, momentum=0.9)
+    x, y = classification_data(64, (4,))
+    weights, logged = Weights(), {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if callback._last_step == trainer.global_step and callback.last_metrics:
+                logged[trainer.global_step] = (dict(callback.last_metrics), batch)
+
+    trainer(max_steps=steps, callbacks=[weights, callback, Spy()]).fit(module, loader(x, y, batch_size=batch_size))
+    return weights.after, logged
+
+
+def exact_at(weights, batch):
+    net = mlp((4, 6, 3))
+    net.load_state_dict(weights)
+    return exact_hessian(Objective(net, F.cross_entropy, batch)).double()
+
+
+def test_tracked_curvature_on_a_sub_batch_matches_the_exact_hessian_of_that_slice():
+    callback = Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2, sub_batch=6, strict=True)
+    weights, logged = run(callback)
+    assert sorted(logged) == [1, 2, 4, 6, 8]
+    z_scores = []
+    for step, (metrics, batch) in logged.items():
+        x, y = batch
+        H = exact_at(weights[step], (x[:6], y[:6]))  # the first 6 samples of the step's batch
+        spectrum = torch.linalg.eigvalsh(H)
+        assert metrics["lambda_max"] == pytest.approx(float(spectrum[-1]), rel=1e-2)
+        assert metrics["lambda_max_converged"] == 1.0
+        z_scores.append((metrics["hessian_trace"] - float(spectrum.sum())) / metrics["hessian_trace_stderr"])
+        layers = sum(v for k, v in metrics.items() if k.startswith("hessian_trace/"))
+        assert layers == pytest.approx(metrics["hessian_trace"], rel=1e-9)
+    assert all(abs(z) < 4 for z in z_scores)
+    assert callback.tracker.num_measurements == 5 and callback.tracker.sketch_vectors.shape[0] == 4
+
+
+def test_sub_batch_larger_than_the_batch_measures_the_whole_batch():
+    whole, _ = run(Curvature(every_n_steps=4, num_matvecs=4, strict=True), steps=4)
+    callback = Curvature(every_n_steps=4, num_matvecs=4, sub_batch=1000, strict=True)
+    _, logged = run(callback, steps=4)
+    metrics, batch = logged[4]
+    H = exact_at(whole[4], batch)
+    assert metrics["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-2)
+
+
+def test_tracking_state_survives_a_checkpoint():
+    first = Curvature(every_n_steps=2, method="tracked", num_matvecs=6, strict=True)
+    run(first, steps=4)
+    state = first.state_dict()
+    second = Curvature(every_n_steps=2, method="tracked", num_matvecs=6, strict=True)
+    second.load_state_dict(state)
+    assert torch.equal(second.tracker.sketch_vectors, first.tracker.sketch_vectors)
+    assert second.tracker.num_measurements == first.tracker.num_measurements == 3
+    with pytest.raises(ValueError, match="eigen"):
+        Curvature(method="tracked", eigen=False)
+    with pytest.raises(ValueError, match="sub_batch"):
+        Curvature(sub_batch=0)
