@@ -194,7 +194,8 @@ class Curvature(DiagnosticCallback):
             Lanczos after a resume exactly as in an uninterrupted run. Each is parameter-sized (two
             with an Adam-type optimizer: the preconditioned one too), so the callback's state adds
             one or two copies of the weights to each checkpoint; ``False`` leaves them out (a
-            resumed run then starts Lanczos afresh: ``lambda_max`` agrees to ``eigen_tol``).
+            resumed run then starts Lanczos afresh: ``lambda_max`` agrees to ``eigen_tol``). With
+            ``method="tracked"`` the tracker's sketch (a few parameter-sized vectors) goes with them.
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
     Example:

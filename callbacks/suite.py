@@ -604,7 +604,10 @@ def _options(name: str, given: Options, kind: Optional[type] = None) -> Dict[str
             elif kind is SoftmaxCollapse and set(unknown) <= set(inspect.signature(AutoStableMax.__init__).parameters):
                 hint = ": they are options of the StableMax mitigation (AutoStableMax); add 'stablemax' to mitigate="
             raise ValueError(f"{name}= got unknown options {unknown} for {kind.__name__}{hint}")
-    return {**DEFAULTS[name], **given}
+    options = {**DEFAULTS[name], **given}
+    if name == "curvature" and options.get("method") == "tracked" and not options.get("eigen", True):
+        options["method"] = "hutchinson"  # the tracked trace reuses the lambda_max run the user turned off
+    return options
 
 
 def _base_period(child: DiagnosticCallback, step: int) -> float:
