@@ -28,11 +28,11 @@ from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
-from .dashboard import log_mitigation_event
-from .distributed import any_rank, on_every_rank, sum_over_ranks
+from .distributed import on_every_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
 from .regions import rngs_preserved
+from .trigger import Trigger, Triggered
 
 log = logging.getLogger("dynscope")
 
@@ -321,7 +321,7 @@ ACTIONS = ("stablemax", "orthograd", "rescale", "reset_optimizer")
 DEFAULT_ACTIONS = ACTIONS
 
 
-class AutoStableMax(SoftmaxCollapse):
+class AutoStableMax(Triggered, SoftmaxCollapse):
     """Acts when softmax collapse sets in, or before it, once the training set is fitted and the
     gradient only scales the weights up (naive loss minimisation).
 
@@ -435,8 +435,7 @@ class AutoStableMax(SoftmaxCollapse):
         )
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold is a fraction of samples in (0, 1], got {threshold}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.trigger = Trigger("stablemax", patience, conditions=("sc", "nlm"))
         if not -1.0 <= nlm_threshold <= 1.0:
             raise ValueError(f"nlm_threshold is a cosine in [-1, 1], got {nlm_threshold}")
         if not 0.0 <= accuracy_threshold <= 1.0:
@@ -453,20 +452,13 @@ class AutoStableMax(SoftmaxCollapse):
         if not chosen:
             raise ValueError(f"actions must name at least one of {ACTIONS}")
         self.threshold = threshold
-        self.patience = patience
         self.actions: Tuple[str, ...] = tuple(a for a in ACTIONS if a in chosen)
         self.orthograd = "orthograd" in self.actions
         self.rescale_factor = float(rescale_factor)
         self.nlm_trigger = nlm_trigger
         self.nlm_threshold = nlm_threshold
         self.accuracy_threshold = accuracy_threshold
-        self.active = False
-        self.triggered_step: Optional[int] = None
-        self.reason: Optional[str] = None
-        self.trigger_values: Optional[Dict[str, float]] = None
         self.applied: Optional[List[str]] = None
-        self._sc_streak = 0
-        self._nlm_streak = 0
 
     def _cannot(self, key: str, message: str) -> None:
         """A requested action cannot act: raise under ``strict``, else warn once."""
@@ -498,50 +490,41 @@ class AutoStableMax(SoftmaxCollapse):
         metrics = super().run(trainer, pl_module, batch)
         step = trainer.global_step
         if not self.active:
-            fire = self._update_streaks(metrics)
-            if any_rank(trainer, fire is not None, pl_module.device) and fire is None:
-                fire = "another rank's check fired"
-            if fire is not None:
-                self._trigger(trainer, pl_module, step, fire, metrics)
+            fired = self.trigger.check(trainer, self._hits(metrics), pl_module.device)
+            if fired is not None:
+                self._trigger(trainer, pl_module, step, self._reason(fired), metrics)
         scalars = {tag("mitigation", "stablemax"): float(self.active)}
         if self.orthograd:
             scalars[tag("mitigation", "orthograd")] = float(self.active)
         log_scalars(trainer, scalars, step)
         return metrics
 
-    def _update_streaks(self, metrics: Dict[str, float]) -> Optional[str]:
-        """Advance the consecutive-check counters; the reason to act now, or ``None``."""
+    def _hits(self, metrics: Dict[str, float]) -> Dict[str, Optional[bool]]:
+        """This check's conditions (``None``: not measured; no metrics at all: the check does not count)."""
         if not metrics:
-            return None
-        sc = metrics.get("sc_fraction")
-        if sc is not None:
-            self._sc_streak = self._sc_streak + 1 if sc >= self.threshold else 0
-        if self.nlm_trigger:
-            acc, cos = metrics.get("train_accuracy"), metrics.get("nlm_cos")
-            hit = acc is not None and cos is not None and acc >= self.accuracy_threshold and cos >= self.nlm_threshold
-            self._nlm_streak = self._nlm_streak + 1 if hit else 0
-        checks = f"{self.patience} consecutive check{'s' if self.patience > 1 else ''}"
-        if self._sc_streak >= self.patience:
-            return f"softmax collapse: sc_fraction >= {self.threshold:g} for {checks}"
-        if self.nlm_trigger and self._nlm_streak >= self.patience:
+            return {}
+        sc, acc, cos = metrics.get("sc_fraction"), metrics.get("train_accuracy"), metrics.get("nlm_cos")
+        fitted = acc is not None and cos is not None and acc >= self.accuracy_threshold and cos >= self.nlm_threshold
+        return {"sc": None if sc is None else sc >= self.threshold, "nlm": fitted if self.nlm_trigger else None}
+
+    def _reason(self, fired: str) -> str:
+        if fired == "sc":
+            return f"softmax collapse: sc_fraction >= {self.threshold:g} for {self.trigger.held}"
+        if fired == "nlm":
             return (
                 f"fitted and aligned (naive loss minimisation): train_accuracy >= {self.accuracy_threshold:g} and "
-                f"nlm_cos >= {self.nlm_threshold:g} for {checks}"
+                f"nlm_cos >= {self.nlm_threshold:g} for {self.trigger.held}"
             )
-        return None
+        return fired  # ANOTHER_RANK
 
     def _trigger(self, trainer, pl_module, step: int, reason: str, metrics: Dict[str, float]) -> None:
-        self.active = True
-        self.triggered_step = step
-        self.reason = reason
         keys = ("sc_fraction", "zero_loss_fraction", "max_logit_gap", "train_accuracy", "nlm_cos")
-        self.trigger_values = {k: float(metrics[k]) for k in keys if k in metrics}
+        self.trigger.fire(step, reason, metrics, keys)
         done = self._apply(trainer, pl_module, self.actions)
         self.applied = [a for a in self.actions if done.get(a)]
         action = "; ".join(done[a] for a in self.actions if done.get(a)) or "no action could be taken"
-        # the event text the dashboards and the report parse (the 0/1 scalars are logged by run)
-        log_mitigation_event(trainer, "stablemax", True, f"{reason}; {action} (from step {step + 1} on)",
-                             self.trigger_values, step, scalar=False)  # run() logs the 0/1 scalars
+        # the event text the dashboards and the report parse (run() logs the 0/1 scalars)
+        self.trigger.announce(trainer, f"{reason}; {action} (from step {step + 1} on)", scalar=False)
 
     def _apply(self, trainer, pl_module, actions) -> Dict[str, str]:
         """Take ``actions``; ``{action: what was done}`` for those that could act."""
@@ -574,21 +557,12 @@ class AutoStableMax(SoftmaxCollapse):
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state.update(
-            active=self.active, triggered_step=self.triggered_step, reason=self.reason,
-            trigger_values=self.trigger_values, sc_streak=self._sc_streak, nlm_streak=self._nlm_streak,
-            applied=self.applied,
-        )
+        state.update(self.trigger.state_dict(), applied=self.applied)
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.active = bool(state_dict.get("active", False))
-        self.triggered_step = state_dict.get("triggered_step")
-        self.reason = state_dict.get("reason")
-        self.trigger_values = state_dict.get("trigger_values")
-        self._sc_streak = int(state_dict.get("sc_streak", 0))
-        self._nlm_streak = int(state_dict.get("nlm_streak", 0))
+        self.trigger.load_state_dict(state_dict)
         # checkpoints from before `applied` existed: StableMax and, if configured, OrthoGrad were on
         self.applied = state_dict.get("applied") or (["stablemax"] + (["orthograd"] if self.orthograd else [])
                                                       if self.active else None)
