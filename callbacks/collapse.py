@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 from collections import defaultdict
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils._pytree import tree_map
@@ -122,9 +122,10 @@ def fractions(counts: torch.Tensor, prefix: str = "", accuracy: str = "train_acc
     }
 
 
-def loss_in_use(pl_module) -> str:
-    """``"stablemax"`` when the module's :class:`dynscope.nn.CrossEntropy` losses all use StableMax, else ``"softmax"``."""
-    losses = switchable_losses(pl_module)
+def loss_in_use(pl_module, loss_fn=None) -> str:
+    """``"stablemax"`` when the module's :class:`dynscope.nn.CrossEntropy` losses (and ``loss_fn``, if one) all
+    use StableMax, else ``"softmax"``."""
+    losses = switchable_losses(pl_module, loss_fn)
     return "stablemax" if losses and all(loss.mode == "stablemax" for loss in losses) else "softmax"
 
 
@@ -176,6 +177,10 @@ class SoftmaxCollapse(DiagnosticCallback):
         held_data: ``"none"`` or ``"val"`` (the trainer's validation data).
         held_batches: how many validation batches make up the held set.
         ignore_index: target value to leave out.
+        loss_fn: the training loss, accepted like every callback's ``loss_fn`` (e.g. ``[Curvature(loss_fn=ce),
+            GradientNoise(loss_fn=ce), SoftmaxCollapse(loss_fn=ce)]``). The counts need logits, not a loss
+            (see above); a :class:`dynscope.nn.CrossEntropy` given here counts as the loss in use (and is the one
+            :class:`AutoStableMax` switches, with those on the module); any other loss is not called.
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
     Example:
@@ -198,6 +203,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         held_data: str = "none",
         held_batches: int = 1,
         ignore_index: int = -100,
+        loss_fn: Optional[Callable] = None,
         schedule: str = "steps",
         points_per_decade: int = 10,
         fixed_batch: bool = False,
@@ -205,7 +211,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         strict: bool = False,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade,
+            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade, loss_fn=loss_fn,
             fixed_batch=fixed_batch, mode=mode, strict=strict,
         )
         if dtype is not None:
@@ -241,7 +247,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         reduce = sum_over_ranks(trainer)
         out: Dict[str, float] = {}
         context, loss_dtype = training_precision(trainer)
-        normalization = loss_in_use(pl_module)
+        normalization = loss_in_use(pl_module, self.loss_fn)
         counts = on_every_rank(trainer, lambda: collapse_counts(
             *measured_logits(pl_module, batch, self.mode, context), self.dtype or loss_dtype, self.ignore_index,
             normalization,
@@ -274,7 +280,7 @@ class SoftmaxCollapse(DiagnosticCallback):
             context, loss_dtype = training_precision(trainer)
             logits, targets = measured_logits(pl_module, batch, self.mode, context)
             counts = collapse_counts(logits, targets, self.dtype or loss_dtype, self.ignore_index,
-                                     loss_in_use(pl_module))
+                                     loss_in_use(pl_module, self.loss_fn))
             total = counts if total is None else total + counts
         return total
 
@@ -312,9 +318,12 @@ def _first_batches(loader, n: int) -> List[Any]:
     return batches
 
 
-def switchable_losses(pl_module) -> List[CrossEntropy]:
-    """Every :class:`dynscope.nn.CrossEntropy` among the module's submodules."""
-    return [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
+def switchable_losses(pl_module, loss_fn=None) -> List[CrossEntropy]:
+    """Every :class:`dynscope.nn.CrossEntropy` among the module's submodules, and ``loss_fn`` if it is one."""
+    losses = [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
+    if isinstance(loss_fn, CrossEntropy) and not any(loss is loss_fn for loss in losses):
+        losses.append(loss_fn)
+    return losses
 
 
 ACTIONS = ("stablemax", "orthograd", "rescale", "reset_optimizer")
@@ -378,9 +387,11 @@ class AutoStableMax(Triggered, SoftmaxCollapse):
     rescaled weights and the fresh optimizer state).
 
     Args:
+        every_n_steps: period of the checks (one forward pass each).
+        dtype: the dtype the loss is computed in (see :class:`SoftmaxCollapse`). These two are the
+            positional arguments, in :class:`SoftmaxCollapse`'s order; all others are passed by name.
         threshold: SC fraction that counts as collapse.
         patience: consecutive checks a condition must hold.
-        every_n_steps: period of the checks (one forward pass each).
         orthograd: ``True`` adds ``"orthograd"`` to ``actions`` (kept for older configurations).
         actions: what to do at the trigger, any of ``"stablemax"``, ``"orthograd"``, ``"rescale"``,
             ``"reset_optimizer"`` (a list, or one comma-separated string; default: all four).
@@ -407,30 +418,36 @@ class AutoStableMax(Triggered, SoftmaxCollapse):
 
     def __init__(
         self,
+        every_n_steps: int = 10,
+        dtype: Optional[str] = None,
+        *,
         threshold: float = 0.1,
         patience: int = 3,
-        every_n_steps: int = 10,
         orthograd: bool = False,
-        *,
         actions: Union[str, Sequence[str]] = DEFAULT_ACTIONS,
         rescale_factor: float = 0.5,
         nlm_trigger: bool = True,
         nlm_threshold: float = 0.5,
         accuracy_threshold: float = 1.0,
-        dtype: Optional[str] = None,
         per_layer: bool = True,
         held_data: str = "none",
         held_batches: int = 1,
         ignore_index: int = -100,
+        loss_fn: Optional[Callable] = None,
         schedule: str = "steps",
         points_per_decade: int = 10,
         fixed_batch: bool = False,
         mode: str = "eval",
         strict: bool = False,
     ) -> None:
+        if isinstance(every_n_steps, float) or isinstance(dtype, (int, float)):
+            raise TypeError(
+                "AutoStableMax's positional arguments are SoftmaxCollapse's (every_n_steps, dtype); pass threshold, "
+                f"patience and orthograd by name (got every_n_steps={every_n_steps!r}, dtype={dtype!r})"
+            )
         super().__init__(
             every_n_steps, dtype, nlm=True, per_layer=per_layer, held_data=held_data, held_batches=held_batches,
-            ignore_index=ignore_index, schedule=schedule, points_per_decade=points_per_decade,
+            ignore_index=ignore_index, loss_fn=loss_fn, schedule=schedule, points_per_decade=points_per_decade,
             fixed_batch=fixed_batch, mode=mode, strict=strict,
         )
         if not 0.0 < threshold <= 1.0:
@@ -467,7 +484,7 @@ class AutoStableMax(Triggered, SoftmaxCollapse):
         self.warn_once(key, message)
 
     def check_module(self, trainer, pl_module) -> None:
-        if "stablemax" in self.actions and not switchable_losses(pl_module):
+        if "stablemax" in self.actions and not switchable_losses(pl_module, self.loss_fn):
             self._cannot(
                 "no-loss",
                 f"{type(pl_module).__name__} holds no dynscope.nn.CrossEntropy, so the StableMax switch is skipped"
@@ -531,7 +548,7 @@ class AutoStableMax(Triggered, SoftmaxCollapse):
         done: Dict[str, str] = {}
         optimizers = [o for o in getattr(trainer.strategy, "optimizers", None) or [] if not _is_mock(o)]
         if "stablemax" in actions:
-            losses = switchable_losses(pl_module)
+            losses = switchable_losses(pl_module, self.loss_fn)
             for loss in losses:
                 loss.mode = "stablemax"
             if losses:
