@@ -138,6 +138,11 @@ class ProbeResult:
     step_norm: float
     num_directions: int
 
+    @property
+    def value(self) -> float:
+        """``amplification`` (the headline value, as every result's ``.value``)."""
+        return self.amplification
+
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:

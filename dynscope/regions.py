@@ -74,6 +74,11 @@ class LocalComplexityResult:
     num_directions: int
     applicable: bool = True
 
+    @property
+    def value(self) -> float:
+        """``total`` (the headline value, as every result's ``.value``)."""
+        return self.total
+
 
 # -- the neighbourhood -----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=32)
