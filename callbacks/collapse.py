@@ -21,6 +21,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_map
 
+from dynscope.context import measurement
 from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
 from dynscope.nn import CrossEntropy
 from dynscope.objective import NonFiniteError
@@ -60,19 +61,8 @@ def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval", con
     (dropout off, BatchNorm running statistics); ``"train"`` in train mode, with every buffer
     (BatchNorm running statistics) restored afterwards. The modules' train/eval flags are restored.
     """
-    flags = [(m, m.training) for m in module.modules()]
-    saved = [(b, b.clone()) for b in module.buffers()] if mode == "train" else []
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), (context or contextlib.nullcontext()):
-            module.train(mode == "train")
-            return module_logits(module, batch)
-    finally:
-        for m, training in flags:
-            m.training = training
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+    with measurement(module, mode, autocast=context):
+        return module_logits(module, batch)
 
 
 def collapse_counts(
