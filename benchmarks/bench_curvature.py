@@ -8,7 +8,8 @@ Run: ``python benchmarks/bench_curvature.py [--quick]`` or ``dynscope bench curv
    transformer, whose parameters are few and activations many, both are bound by the double
    backward itself: six matrix products per linear layer against a training step's three, so about
    two training steps per probe (section 4 measures 2.0 for dynscope, PyHessian ~2.3); the
-   second-order rules of ``dynscope.second_order`` remove most of the rest, which leaves ~1.1x.
+   second-order rules of ``dynscope.second_order`` remove most of the rest, which leaves ~1.1x
+   (they took one HVP on this transformer from about 40 ms to about 30 ms).
 2. Accuracy per cost: the median relative error (over 20 seeds) and the median seconds per call
    at each matvec budget, and the budget (and seconds) at which it reaches 5% and 1%, Hutchinson vs
    Hutch++ and XTrace, on a trained MLP whose exact Hessian and spectrum are computed. Target:

@@ -19,10 +19,10 @@ from dynscope.amplification import EMA_WARMUPS, ema_decay, evaluate_metric, rela
 
 from ._lightning import lightning_package
 from .base import DiagnosticCallback, _detached_copy
-from .dashboard import log_mitigation_event
-from .distributed import any_rank, mean_over_ranks, on_every_rank, reduce_computed
+from .distributed import mean_over_ranks, on_every_rank, reduce_computed
 from .logging import log_scalars, tag
 from .protocol import find_loss_fn
+from .trigger import Trigger, Triggered
 
 log = logging.getLogger("dynscope")
 
@@ -249,7 +249,7 @@ class WarmupEMA:
                 a.copy_(c)
 
 
-class AutoEMA(VarianceAmplification):
+class AutoEMA(Triggered, VarianceAmplification):
     """Evaluates with an EMA of the weights once it makes the long-horizon metric steadier.
 
     Measures everything :class:`VarianceAmplification` does (same tags) and keeps, from the first
@@ -366,8 +366,7 @@ class AutoEMA(VarianceAmplification):
         )
         if threshold is not None and not threshold > 0:
             raise ValueError(f"threshold must be > 0 (or None: no amplification trigger), got {threshold}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.trigger = Trigger("ema", patience, conditions=("ema",), unit="evaluation")
         if warmup not in EMA_WARMUPS:
             raise ValueError(f"warmup must be one of {EMA_WARMUPS}, got {warmup!r}")
         if not steadier >= 1:
@@ -377,7 +376,6 @@ class AutoEMA(VarianceAmplification):
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         self.threshold = threshold
-        self.patience = patience
         self.steadier = float(steadier)
         self.min_swing = float(min_swing)
         self.tolerance = float(tolerance)
@@ -385,12 +383,7 @@ class AutoEMA(VarianceAmplification):
         self.update = WarmupEMA(decay, warmup, power)
         self.use_buffers = use_buffers
         self.device = device
-        self.active = False
-        self.triggered_step: Optional[int] = None
-        self.reason: Optional[str] = None
-        self.trigger_values: Optional[Dict[str, float]] = None
         self.metrics_ema: deque = deque(maxlen=self.window)
-        self._streak = 0
         self._averaging = None  # Lightning's WeightAveraging, built in setup
         self._pending_averaging_state: Optional[Dict[str, Any]] = None
         self._pending_average_model: Optional[Dict[str, Any]] = None
@@ -479,11 +472,10 @@ class AutoEMA(VarianceAmplification):
         metrics = super().run(trainer, pl_module, batch)
         step = trainer.global_step
         if not self.active:
-            fire = self._update_streak(metrics)
-            if any_rank(trainer, fire is not None, pl_module.device) and fire is None:
-                fire = "another rank's check fired"
-            if fire is not None:
-                self._trigger(trainer, pl_module, step, fire, metrics)
+            steadier = self._steadier(metrics)
+            fired = self.trigger.check(trainer, self._hits(metrics, steadier), pl_module.device)
+            if fired is not None:
+                self._trigger(trainer, pl_module, step, self._reason(fired, steadier, metrics), metrics)
                 return metrics
         if metrics:
             log_scalars(trainer, {tag("mitigation", "ema"): float(self.active)}, step)
@@ -497,16 +489,18 @@ class AutoEMA(VarianceAmplification):
         slack = self.tolerance * abs(mean)
         return mean_ema >= mean - slack if self.higher_is_better else mean_ema <= mean + slack
 
-    def _update_streak(self, metrics: Dict[str, float]) -> Optional[str]:
+    def _hits(self, metrics: Dict[str, float], steadier: bool) -> Dict[str, Optional[bool]]:
+        """One condition: the EMA is steadier, or (with ``threshold``) the amplification exceeds it."""
         if not metrics or ("ema_swing_ratio" not in metrics and "amplification" not in metrics):
-            return None
+            return {}
         a = metrics.get("amplification")
         amplified = self.threshold is not None and a is not None and a > self.threshold  # nan compares False
-        steadier = self._steadier(metrics)
-        self._streak = self._streak + 1 if (steadier or amplified) else 0
-        if self._streak < self.patience:
-            return None
-        checks = f"{self.patience} consecutive evaluation{'s' if self.patience > 1 else ''} (window of {self.window})"
+        return {"ema": steadier or amplified}
+
+    def _reason(self, fired: str, steadier: bool, metrics: Dict[str, float]) -> str:
+        if fired != "ema":
+            return fired  # another rank's check fired
+        checks = f"{self.trigger.held} (window of {self.window})"
         if steadier:
             better = "higher" if self.higher_is_better else "lower"
             return (f"the EMA of the weights is {metrics['ema_swing_ratio']:.3g}x steadier on the metric (>= "
@@ -515,21 +509,17 @@ class AutoEMA(VarianceAmplification):
         return f"variance amplification > {self.threshold:g} for {checks}"
 
     def _trigger(self, trainer, pl_module, step: int, reason: str, metrics: Dict[str, float]) -> None:
-        self.active = True
-        self.triggered_step = step
-        self.reason = reason
         keys = ("ema_swing_ratio", "swing", "swing_ema", "amplification", "metric", "metric_ema", "loss")
-        self.trigger_values = {k: float(metrics[k]) for k in keys if k in metrics}
+        self.trigger.fire(step, reason, metrics, keys)
         if self.metrics_ema:
             self.trigger_values.update(mean_metric=statistics.fmean(self.metrics),
                                        mean_metric_ema=statistics.fmean(self.metrics_ema))
         d = self.update
-        values = dict(self.trigger_values, decay=d.decay)
-        text = log_mitigation_event(
-            trainer, "ema", True,
+        self.trigger.announce(
+            trainer,
             f"{reason}; evaluation (validation, and the weights at the end of training) uses the EMA of the weights "
             f"from this step on (decay {d.decay:g}, {d.warmup} warm-up, averaged since the first step)",
-            values, step,
+            dict(self.trigger_values, decay=d.decay),
         )
 
     # -- checkpointing ------------------------------------------------------------------------------
@@ -537,8 +527,7 @@ class AutoEMA(VarianceAmplification):
         state = super().state_dict()
         average = getattr(self._averaging, "_average_model", None)
         state.update(
-            active=self.active, triggered_step=self.triggered_step, reason=self.reason,
-            trigger_values=self.trigger_values, streak=self._streak, metrics_ema=list(self.metrics_ema),
+            self.trigger.state_dict(), streak=self.trigger.streaks["ema"], metrics_ema=list(self.metrics_ema),
             averaging=None if self._averaging is None else self._averaging.state_dict(),
             average_model=None if average is None else average.state_dict(),
         )
@@ -546,11 +535,8 @@ class AutoEMA(VarianceAmplification):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.active = bool(state_dict.get("active", False))
-        self.triggered_step = state_dict.get("triggered_step")
-        self.reason = state_dict.get("reason")
-        self.trigger_values = state_dict.get("trigger_values")
-        self._streak = int(state_dict.get("streak", 0))
+        self.trigger.load_state_dict(state_dict)
+        self.trigger.streaks["ema"] = int(state_dict.get("streak", 0))
         self.metrics_ema = deque(state_dict.get("metrics_ema", []), maxlen=self.window)
         self._pending_averaging_state = state_dict.get("averaging")
         self._pending_average_model = state_dict.get("average_model")

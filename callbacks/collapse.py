@@ -16,11 +16,12 @@ import contextlib
 import logging
 import math
 from collections import defaultdict
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils._pytree import tree_map
 
+from dynscope.context import measurement
 from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
 from dynscope.nn import CrossEntropy
 from dynscope.objective import NonFiniteError
@@ -28,11 +29,11 @@ from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
-from .dashboard import log_mitigation_event
-from .distributed import any_rank, on_every_rank, sum_over_ranks
+from .distributed import on_every_rank, sum_over_ranks
 from .logging import log_scalars, log_text, tag
 from .protocol import LossProtocolError, module_logits
 from .regions import rngs_preserved
+from .trigger import Trigger, Triggered
 
 log = logging.getLogger("dynscope")
 
@@ -60,19 +61,8 @@ def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval", con
     (dropout off, BatchNorm running statistics); ``"train"`` in train mode, with every buffer
     (BatchNorm running statistics) restored afterwards. The modules' train/eval flags are restored.
     """
-    flags = [(m, m.training) for m in module.modules()]
-    saved = [(b, b.clone()) for b in module.buffers()] if mode == "train" else []
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), (context or contextlib.nullcontext()):
-            module.train(mode == "train")
-            return module_logits(module, batch)
-    finally:
-        for m, training in flags:
-            m.training = training
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+    with measurement(module, mode, autocast=context):
+        return module_logits(module, batch)
 
 
 def collapse_counts(
@@ -122,9 +112,10 @@ def fractions(counts: torch.Tensor, prefix: str = "", accuracy: str = "train_acc
     }
 
 
-def loss_in_use(pl_module) -> str:
-    """``"stablemax"`` when the module's :class:`dynscope.nn.CrossEntropy` losses all use StableMax, else ``"softmax"``."""
-    losses = switchable_losses(pl_module)
+def loss_in_use(pl_module, loss_fn=None) -> str:
+    """``"stablemax"`` when the module's :class:`dynscope.nn.CrossEntropy` losses (and ``loss_fn``, if one) all
+    use StableMax, else ``"softmax"``."""
+    losses = switchable_losses(pl_module, loss_fn)
     return "stablemax" if losses and all(loss.mode == "stablemax" for loss in losses) else "softmax"
 
 
@@ -176,6 +167,10 @@ class SoftmaxCollapse(DiagnosticCallback):
         held_data: ``"none"`` or ``"val"`` (the trainer's validation data).
         held_batches: how many validation batches make up the held set.
         ignore_index: target value to leave out.
+        loss_fn: the training loss, accepted like every callback's ``loss_fn`` (e.g. ``[Curvature(loss_fn=ce),
+            GradientNoise(loss_fn=ce), SoftmaxCollapse(loss_fn=ce)]``). The counts need logits, not a loss
+            (see above); a :class:`dynscope.nn.CrossEntropy` given here counts as the loss in use (and is the one
+            :class:`AutoStableMax` switches, with those on the module); any other loss is not called.
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
     Example:
@@ -198,6 +193,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         held_data: str = "none",
         held_batches: int = 1,
         ignore_index: int = -100,
+        loss_fn: Optional[Callable] = None,
         schedule: str = "steps",
         points_per_decade: int = 10,
         fixed_batch: bool = False,
@@ -205,7 +201,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         strict: bool = False,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade,
+            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade, loss_fn=loss_fn,
             fixed_batch=fixed_batch, mode=mode, strict=strict,
         )
         if dtype is not None:
@@ -241,7 +237,7 @@ class SoftmaxCollapse(DiagnosticCallback):
         reduce = sum_over_ranks(trainer)
         out: Dict[str, float] = {}
         context, loss_dtype = training_precision(trainer)
-        normalization = loss_in_use(pl_module)
+        normalization = loss_in_use(pl_module, self.loss_fn)
         counts = on_every_rank(trainer, lambda: collapse_counts(
             *measured_logits(pl_module, batch, self.mode, context), self.dtype or loss_dtype, self.ignore_index,
             normalization,
@@ -274,7 +270,7 @@ class SoftmaxCollapse(DiagnosticCallback):
             context, loss_dtype = training_precision(trainer)
             logits, targets = measured_logits(pl_module, batch, self.mode, context)
             counts = collapse_counts(logits, targets, self.dtype or loss_dtype, self.ignore_index,
-                                     loss_in_use(pl_module))
+                                     loss_in_use(pl_module, self.loss_fn))
             total = counts if total is None else total + counts
         return total
 
@@ -312,16 +308,19 @@ def _first_batches(loader, n: int) -> List[Any]:
     return batches
 
 
-def switchable_losses(pl_module) -> List[CrossEntropy]:
-    """Every :class:`dynscope.nn.CrossEntropy` among the module's submodules."""
-    return [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
+def switchable_losses(pl_module, loss_fn=None) -> List[CrossEntropy]:
+    """Every :class:`dynscope.nn.CrossEntropy` among the module's submodules, and ``loss_fn`` if it is one."""
+    losses = [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
+    if isinstance(loss_fn, CrossEntropy) and not any(loss is loss_fn for loss in losses):
+        losses.append(loss_fn)
+    return losses
 
 
 ACTIONS = ("stablemax", "orthograd", "rescale", "reset_optimizer")
 DEFAULT_ACTIONS = ACTIONS
 
 
-class AutoStableMax(SoftmaxCollapse):
+class AutoStableMax(Triggered, SoftmaxCollapse):
     """Acts when softmax collapse sets in, or before it, once the training set is fitted and the
     gradient only scales the weights up (naive loss minimisation).
 
@@ -378,9 +377,11 @@ class AutoStableMax(SoftmaxCollapse):
     rescaled weights and the fresh optimizer state).
 
     Args:
+        every_n_steps: period of the checks (one forward pass each).
+        dtype: the dtype the loss is computed in (see :class:`SoftmaxCollapse`). These two are the
+            positional arguments, in :class:`SoftmaxCollapse`'s order; all others are passed by name.
         threshold: SC fraction that counts as collapse.
         patience: consecutive checks a condition must hold.
-        every_n_steps: period of the checks (one forward pass each).
         orthograd: ``True`` adds ``"orthograd"`` to ``actions`` (kept for older configurations).
         actions: what to do at the trigger, any of ``"stablemax"``, ``"orthograd"``, ``"rescale"``,
             ``"reset_optimizer"`` (a list, or one comma-separated string; default: all four).
@@ -407,36 +408,41 @@ class AutoStableMax(SoftmaxCollapse):
 
     def __init__(
         self,
+        every_n_steps: int = 10,
+        dtype: Optional[str] = None,
+        *,
         threshold: float = 0.1,
         patience: int = 3,
-        every_n_steps: int = 10,
         orthograd: bool = False,
-        *,
         actions: Union[str, Sequence[str]] = DEFAULT_ACTIONS,
         rescale_factor: float = 0.5,
         nlm_trigger: bool = True,
         nlm_threshold: float = 0.5,
         accuracy_threshold: float = 1.0,
-        dtype: Optional[str] = None,
         per_layer: bool = True,
         held_data: str = "none",
         held_batches: int = 1,
         ignore_index: int = -100,
+        loss_fn: Optional[Callable] = None,
         schedule: str = "steps",
         points_per_decade: int = 10,
         fixed_batch: bool = False,
         mode: str = "eval",
         strict: bool = False,
     ) -> None:
+        if isinstance(every_n_steps, float) or isinstance(dtype, (int, float)):
+            raise TypeError(
+                "AutoStableMax's positional arguments are SoftmaxCollapse's (every_n_steps, dtype); pass threshold, "
+                f"patience and orthograd by name (got every_n_steps={every_n_steps!r}, dtype={dtype!r})"
+            )
         super().__init__(
             every_n_steps, dtype, nlm=True, per_layer=per_layer, held_data=held_data, held_batches=held_batches,
-            ignore_index=ignore_index, schedule=schedule, points_per_decade=points_per_decade,
+            ignore_index=ignore_index, loss_fn=loss_fn, schedule=schedule, points_per_decade=points_per_decade,
             fixed_batch=fixed_batch, mode=mode, strict=strict,
         )
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold is a fraction of samples in (0, 1], got {threshold}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.trigger = Trigger("stablemax", patience, conditions=("sc", "nlm"))
         if not -1.0 <= nlm_threshold <= 1.0:
             raise ValueError(f"nlm_threshold is a cosine in [-1, 1], got {nlm_threshold}")
         if not 0.0 <= accuracy_threshold <= 1.0:
@@ -453,20 +459,13 @@ class AutoStableMax(SoftmaxCollapse):
         if not chosen:
             raise ValueError(f"actions must name at least one of {ACTIONS}")
         self.threshold = threshold
-        self.patience = patience
         self.actions: Tuple[str, ...] = tuple(a for a in ACTIONS if a in chosen)
         self.orthograd = "orthograd" in self.actions
         self.rescale_factor = float(rescale_factor)
         self.nlm_trigger = nlm_trigger
         self.nlm_threshold = nlm_threshold
         self.accuracy_threshold = accuracy_threshold
-        self.active = False
-        self.triggered_step: Optional[int] = None
-        self.reason: Optional[str] = None
-        self.trigger_values: Optional[Dict[str, float]] = None
         self.applied: Optional[List[str]] = None
-        self._sc_streak = 0
-        self._nlm_streak = 0
 
     def _cannot(self, key: str, message: str) -> None:
         """A requested action cannot act: raise under ``strict``, else warn once."""
@@ -475,7 +474,7 @@ class AutoStableMax(SoftmaxCollapse):
         self.warn_once(key, message)
 
     def check_module(self, trainer, pl_module) -> None:
-        if "stablemax" in self.actions and not switchable_losses(pl_module):
+        if "stablemax" in self.actions and not switchable_losses(pl_module, self.loss_fn):
             self._cannot(
                 "no-loss",
                 f"{type(pl_module).__name__} holds no dynscope.nn.CrossEntropy, so the StableMax switch is skipped"
@@ -498,57 +497,48 @@ class AutoStableMax(SoftmaxCollapse):
         metrics = super().run(trainer, pl_module, batch)
         step = trainer.global_step
         if not self.active:
-            fire = self._update_streaks(metrics)
-            if any_rank(trainer, fire is not None, pl_module.device) and fire is None:
-                fire = "another rank's check fired"
-            if fire is not None:
-                self._trigger(trainer, pl_module, step, fire, metrics)
+            fired = self.trigger.check(trainer, self._hits(metrics), pl_module.device)
+            if fired is not None:
+                self._trigger(trainer, pl_module, step, self._reason(fired), metrics)
         scalars = {tag("mitigation", "stablemax"): float(self.active)}
         if self.orthograd:
             scalars[tag("mitigation", "orthograd")] = float(self.active)
         log_scalars(trainer, scalars, step)
         return metrics
 
-    def _update_streaks(self, metrics: Dict[str, float]) -> Optional[str]:
-        """Advance the consecutive-check counters; the reason to act now, or ``None``."""
+    def _hits(self, metrics: Dict[str, float]) -> Dict[str, Optional[bool]]:
+        """This check's conditions (``None``: not measured; no metrics at all: the check does not count)."""
         if not metrics:
-            return None
-        sc = metrics.get("sc_fraction")
-        if sc is not None:
-            self._sc_streak = self._sc_streak + 1 if sc >= self.threshold else 0
-        if self.nlm_trigger:
-            acc, cos = metrics.get("train_accuracy"), metrics.get("nlm_cos")
-            hit = acc is not None and cos is not None and acc >= self.accuracy_threshold and cos >= self.nlm_threshold
-            self._nlm_streak = self._nlm_streak + 1 if hit else 0
-        checks = f"{self.patience} consecutive check{'s' if self.patience > 1 else ''}"
-        if self._sc_streak >= self.patience:
-            return f"softmax collapse: sc_fraction >= {self.threshold:g} for {checks}"
-        if self.nlm_trigger and self._nlm_streak >= self.patience:
+            return {}
+        sc, acc, cos = metrics.get("sc_fraction"), metrics.get("train_accuracy"), metrics.get("nlm_cos")
+        fitted = acc is not None and cos is not None and acc >= self.accuracy_threshold and cos >= self.nlm_threshold
+        return {"sc": None if sc is None else sc >= self.threshold, "nlm": fitted if self.nlm_trigger else None}
+
+    def _reason(self, fired: str) -> str:
+        if fired == "sc":
+            return f"softmax collapse: sc_fraction >= {self.threshold:g} for {self.trigger.held}"
+        if fired == "nlm":
             return (
                 f"fitted and aligned (naive loss minimisation): train_accuracy >= {self.accuracy_threshold:g} and "
-                f"nlm_cos >= {self.nlm_threshold:g} for {checks}"
+                f"nlm_cos >= {self.nlm_threshold:g} for {self.trigger.held}"
             )
-        return None
+        return fired  # ANOTHER_RANK
 
     def _trigger(self, trainer, pl_module, step: int, reason: str, metrics: Dict[str, float]) -> None:
-        self.active = True
-        self.triggered_step = step
-        self.reason = reason
         keys = ("sc_fraction", "zero_loss_fraction", "max_logit_gap", "train_accuracy", "nlm_cos")
-        self.trigger_values = {k: float(metrics[k]) for k in keys if k in metrics}
+        self.trigger.fire(step, reason, metrics, keys)
         done = self._apply(trainer, pl_module, self.actions)
         self.applied = [a for a in self.actions if done.get(a)]
         action = "; ".join(done[a] for a in self.actions if done.get(a)) or "no action could be taken"
-        # the event text the dashboards and the report parse (the 0/1 scalars are logged by run)
-        log_mitigation_event(trainer, "stablemax", True, f"{reason}; {action} (from step {step + 1} on)",
-                             self.trigger_values, step, scalar=False)  # run() logs the 0/1 scalars
+        # the event text the dashboards and the report parse (run() logs the 0/1 scalars)
+        self.trigger.announce(trainer, f"{reason}; {action} (from step {step + 1} on)", scalar=False)
 
     def _apply(self, trainer, pl_module, actions) -> Dict[str, str]:
         """Take ``actions``; ``{action: what was done}`` for those that could act."""
         done: Dict[str, str] = {}
         optimizers = [o for o in getattr(trainer.strategy, "optimizers", None) or [] if not _is_mock(o)]
         if "stablemax" in actions:
-            losses = switchable_losses(pl_module)
+            losses = switchable_losses(pl_module, self.loss_fn)
             for loss in losses:
                 loss.mode = "stablemax"
             if losses:
@@ -574,21 +564,12 @@ class AutoStableMax(SoftmaxCollapse):
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state.update(
-            active=self.active, triggered_step=self.triggered_step, reason=self.reason,
-            trigger_values=self.trigger_values, sc_streak=self._sc_streak, nlm_streak=self._nlm_streak,
-            applied=self.applied,
-        )
+        state.update(self.trigger.state_dict(), applied=self.applied)
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.active = bool(state_dict.get("active", False))
-        self.triggered_step = state_dict.get("triggered_step")
-        self.reason = state_dict.get("reason")
-        self.trigger_values = state_dict.get("trigger_values")
-        self._sc_streak = int(state_dict.get("sc_streak", 0))
-        self._nlm_streak = int(state_dict.get("nlm_streak", 0))
+        self.trigger.load_state_dict(state_dict)
         # checkpoints from before `applied` existed: StableMax and, if configured, OrthoGrad were on
         self.applied = state_dict.get("applied") or (["stablemax"] + (["orthograd"] if self.orthograd else [])
                                                       if self.active else None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -153,6 +153,7 @@ class LinearRegions(DiagnosticCallback):
             that do not use activation modules); see :func:`dynscope.local_complexity`.
         seed: seed of the sampled points and of the directions.
         chunk_size: points per batched forward (default: about 8192 vertices per forward).
+        loss_fn: accepted like every callback's ``loss_fn`` and not used (the regions need inputs only).
         Scheduling (``schedule="log"`` by default, ``points_per_decade``, ``every_n_steps``) and
         ``strict``: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
 
@@ -181,10 +182,12 @@ class LinearRegions(DiagnosticCallback):
         every_n_steps: int = 50,
         seed: int = 0,
         chunk_size: Optional[int] = None,
+        loss_fn: Optional[Callable] = None,
         strict: bool = False,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade, strict=strict
+            every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade, loss_fn=loss_fn,
+            strict=strict,
         )
         radii = (radii,) if isinstance(radii, (int, float)) else tuple(radii)
         if not radii or any(not (isinstance(r, (int, float)) and r > 0) for r in radii):

@@ -26,13 +26,15 @@ class Schedule:
     """Decides at which optimizer steps a diagnostic is due.
 
     Args:
-        kind: ``"steps"`` every ``every_n_steps`` steps (and at step 0 after the first update);
+        kind: ``"steps"`` every ``every_n_steps`` steps, and after the first optimizer step (step 1);
             ``"log"`` at log-spaced steps, ``points_per_decade`` per factor of ten (dense early,
             sparse late: for quantities that evolve over orders of magnitude of steps);
             ``"epoch"`` at the end of each training epoch.
         every_n_steps: the period for ``"steps"``.
         points_per_decade: the density for ``"log"``.
-        stretch: a factor (>= 1) by which an overhead budget slows the schedule down.
+
+    Attributes:
+        stretch: a factor (>= 1) by which an overhead budget slows the schedule down (1 at first).
 
     Example:
         >>> s = Schedule("log", points_per_decade=4)

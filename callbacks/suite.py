@@ -223,7 +223,7 @@ class DynScope(CallbackBase):
         if collapse is not False:
             kind = AutoStableMax if "stablemax" in mitigate else SoftmaxCollapse
             orthograd = {"orthograd": True} if "orthograd" in mitigate else {}
-            built["collapse"] = kind(**common, **orthograd, **_options("collapse", collapse, kind))
+            built["collapse"] = kind(loss_fn=loss_fn, **common, **orthograd, **_options("collapse", collapse, kind))
         if regions is not False:
             built["regions"] = LinearRegions(strict=strict, **_options("regions", regions, LinearRegions))
         if metric is not None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .context import measurement
 from .objective import Objective, batch_size_of, check_finite
 
 Metric = Callable[[nn.Module], float]
@@ -138,6 +139,11 @@ class ProbeResult:
     step_norm: float
     num_directions: int
 
+    @property
+    def value(self) -> float:
+        """``amplification`` (the headline value, as every result's ``.value``)."""
+        return self.amplification
+
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
@@ -146,15 +152,8 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     The train/eval flag of every submodule is restored afterwards, so evaluating a metric does not
     change training (eval mode: dropout off, BatchNorm uses and keeps its running statistics).
     """
-    flags = [(m, m.training) for m in module.modules()]
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            module.eval()
-            yield module
-    finally:
-        for m, training in flags:
-            m.training = training
+    with measurement(module, "eval"):
+        yield module
 
 
 def evaluate_metric(metric: Metric, module: nn.Module) -> float:

@@ -231,6 +231,16 @@ class NLMAlignment:
     global_cos: float
     per_tensor: Dict[str, float]
 
+    @property
+    def value(self) -> float:
+        """``global_cos`` (the headline value, as every result's ``.value``)."""
+        return self.global_cos
+
+    @property
+    def per_layer(self) -> Dict[str, float]:
+        """``per_tensor`` (per parameter tensor, as every result's ``.per_layer``)."""
+        return self.per_tensor
+
 
 def _cos(dot: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:
     denom = (a2 * b2).sqrt()

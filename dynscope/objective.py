@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Option
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .context import cuda_devices, measurement
 from .params import ParamDict, ParamLayout, detached_params
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -304,19 +304,11 @@ class Objective:
             finally:
                 self._depth -= 1
             return
-        want = self.mode == "train"
-        modes = [(m, m.training) for m in self.model.modules()]
-        switch = any(training != want for _, training in modes)  # else skip train() and the restore
-        devices = sorted({p.device.index or 0 for p in self.params.values() if p.is_cuda})
         self._depth = 1
         try:
-            # Fused attention kernels have no double-backward or forward-AD rules; the math one has.
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-                if switch:
-                    self.model.train(want)
+            # buffers are not restored: the loss swaps its own copies in (see ``swapped``)
+            with measurement(self.model, self.mode, grad=True, restore_buffers=False, math_attention=True,
+                             devices=cuda_devices(self.params.values())):
                 yield
         finally:
             self._depth = 0
-            if switch or any(m.training != training for m, training in modes):
-                for m, training in modes:
-                    m.training = training

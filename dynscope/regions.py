@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .context import measurement
 from .objective import check_finite
 
 #: Activation modules whose kinks delimit linear regions, with the pre-activation values of the kinks.
@@ -73,6 +74,11 @@ class LocalComplexityResult:
     radius: float
     num_directions: int
     applicable: bool = True
+
+    @property
+    def value(self) -> float:
+        """``total`` (the headline value, as every result's ``.value``)."""
+        return self.total
 
 
 # -- the neighbourhood -----------------------------------------------------------------------------
@@ -277,15 +283,8 @@ def _install_hooks(model: nn.Module, counter: _Counter, functional: bool) -> Tup
 @contextlib.contextmanager
 def _measuring(model: nn.Module) -> Iterator[None]:
     """Eval mode, no autograd, forked RNGs; the modules' training flags come back afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            model.eval()
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
+    with measurement(model, "eval"):
+        yield
 
 
 _warned_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

@@ -1,16 +1,21 @@
-"""GELU and LayerNorm with cheap second derivatives, for reverse-over-reverse HVPs.
+"""GELU, LayerNorm, softmax and attention with cheap second derivatives, for reverse-over-reverse HVPs.
 
 A reverse-over-reverse Hessian-vector product differentiates the backward pass once more for
-every probe. torch's generic double-backward formulas for ``gelu`` and ``layer_norm`` rebuild what
-they need from the layer's input on each call (the normal density and error function for GELU,
-some twenty full-size passes for LayerNorm). The rules here compute the probe-independent
-factors once, while the gradient graph is built, so that each probe pays a few multiplications
-and row means. On the benchmark transformer this takes an HVP from about 40 ms to about 30 ms.
+every probe. torch's generic double-backward formulas for ``gelu``, ``layer_norm`` and
+``softmax`` rebuild what they need from the layer's input on each call (the normal density and
+error function for GELU, some twenty full-size passes for LayerNorm). The rules here compute the
+probe-independent factors once, while the gradient graph is built, so that each probe pays a few
+multiplications and row means. ``scaled_dot_product_attention`` and
+``multi_head_attention_forward`` (``nn.MultiheadAttention``) are rewritten as matrix products
+around that softmax in the simple cases (no attention mask or dropout, float32/float64: see each
+function); the other cases run torch's own.
+What it saves is measured by ``benchmarks/bench_curvature.py`` (section 1).
 
-:func:`cheap_second_order` swaps them in through a ``TorchFunctionMode``. Values, gradients and
-Hessian-vector products equal torch's up to rounding (the tests compare with
-``torch.func.hessian``). Third derivatives are not available inside the mode (the rules' own
-backward is ``once_differentiable``); an HVP does not need them.
+:func:`cheap_second_order` swaps them in through a ``TorchFunctionMode``. Values and gradients
+equal torch's up to rounding, and Hessian-vector products equal the exact Hessian's (the tests
+compare with a dense Hessian built by double-backward through plain autograd, itself checked
+against central finite differences: ``tests/reference.py``). Third derivatives are not available
+inside the mode (the rules' own backward is ``once_differentiable``); an HVP does not need them.
 
 Example:
     >>> import torch

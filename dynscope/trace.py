@@ -365,6 +365,9 @@ def hessian_trace(
     num_matvecs: int = 32,
     method: Literal["hutchinson", "hutch++", "xtrace"] = "hutchinson",
     seed: Optional[int] = None,
+    *,
+    estimator: Optional[str] = None,
+    hvp_method: Optional[str] = None,
     **operator_kwargs,
 ) -> TraceResult:
     """Estimate the trace of the Hessian of ``objective`` (or of any operator / square matrix).
@@ -382,10 +385,13 @@ def hessian_trace(
             ``rank(H) < m/2`` (Hutch++: ``rank(H) <= m/3``) and its error falls faster than
             Hutch++'s as the budget grows (on the curvature benchmark's MLP about the same from
             16 to 64 matvecs, lower above, higher below).
+            ``estimator=`` is the same choice under an unambiguous name (it wins when given).
         seed: seed of the probe vectors (a private generator; the global RNG is untouched).
             Use the same seed on every data-parallel rank.
-        **operator_kwargs: passed to :class:`dynscope.HessianOperator` (``method``,
-            ``chunk_size``, ``memory_cap``, ``reduce``).
+        hvp_method: the Hessian-vector-product kernel of the :class:`dynscope.HessianOperator`
+            built from an objective (its ``method``: ``"auto"`` by default).
+        **operator_kwargs: passed to :class:`dynscope.HessianOperator` (``chunk_size``,
+            ``memory_cap``, ``reduce``).
 
     Example:
         >>> import torch
@@ -401,6 +407,9 @@ def hessian_trace(
     """
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be positive, got {num_matvecs}")
+    method = estimator or method
+    if hvp_method is not None:
+        operator_kwargs["method"] = hvp_method
     if method == "hutchinson":
         estimate = hutchinson
     elif method in ("hutch++", "hutchpp"):

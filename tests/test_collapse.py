@@ -465,3 +465,33 @@ def test_auto_stablemax_without_an_optimizer_warns_and_goes_on():
         trainer(max_steps=2, callbacks=[AutoStableMax(every_n_steps=1, patience=1, accuracy_threshold=0.0,
                                                       nlm_threshold=-1.0, strict=True)]).fit(
             NoOptimizer(mlp(), lr=0.01), data)
+
+
+def test_every_callback_accepts_loss_fn_and_a_crossentropy_given_as_loss_fn_is_the_one_switched():
+    from dynscope.callbacks import Curvature, GradientNoise, LinearRegions, VarianceAmplification
+
+    ce = CrossEntropy()
+    built = [Curvature(loss_fn=ce), GradientNoise(loss_fn=ce), SoftmaxCollapse(loss_fn=ce), AutoStableMax(loss_fn=ce),
+             LinearRegions(loss_fn=ce), VarianceAmplification(lambda m: 0.0, loss_fn=ce)]
+    assert all(c.loss_fn is ce for c in built)
+
+    class Outside(Classifier):  # the loss is not a submodule: only loss_fn tells AutoStableMax about it
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return ce(self(x), y)
+
+    x, y, data = _full_batch()
+    callback = AutoStableMax(1, threshold=0.1, patience=1, actions="stablemax", nlm_trigger=False, loss_fn=ce,
+                             strict=True)
+    trainer(max_steps=2, callbacks=[callback]).fit(Outside(_confident_net(scale=300.0), lr=LR), data)
+    assert callback.triggered_step == 1 and callback.applied == ["stablemax"] and ce.mode == "stablemax"
+    # after the switch the loss in use is StableMax's (no float32 collapse); the softmax still collapses
+    assert callback.last_metrics["sc_fraction"] == 0.0 and callback.last_metrics["softmax_sc_fraction"] > 0.1
+
+
+def test_auto_stablemax_positional_arguments_are_softmax_collapses():
+    callback = AutoStableMax(5, "float64")
+    assert (callback.schedule.every_n_steps, callback.dtype) == (5, "float64")
+    assert (callback.threshold, callback.patience) == (0.1, 3)
+    with pytest.raises(TypeError, match="positional arguments"):
+        AutoStableMax(0.1, 3)  # the old (threshold, patience) order is refused, not misread

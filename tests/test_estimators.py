@@ -335,3 +335,14 @@ def test_tracking_along_a_training_trajectory_matches_eigvalsh():
         assert per_layer == pytest.approx(got.trace.value, rel=1e-9)
     assert tracker.num_measurements == 6
     assert all(abs(z) < 4 for z in z_scores)  # unbiased, with an honest standard error
+@pytest.mark.parametrize("hvp_method", ["forward", "reverse", "loop"])
+def test_hessian_trace_takes_the_hvp_kernel_and_the_estimator_by_separate_names(hvp_method):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2)).double()
+    obj = Objective(net, F.cross_entropy, (torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))))
+    exact = float(torch.trace(exact_hessian(obj)))  # 14 parameters: 42 matvecs make Hutch++ exact
+    new = hessian_trace(obj, num_matvecs=42, estimator="hutch++", hvp_method=hvp_method, seed=0)
+    old = hessian_trace(obj, 42, "hutch++", 0)  # the old spelling: method= is the estimator
+    assert new.value == pytest.approx(exact, rel=1e-9) and old.value == pytest.approx(exact, rel=1e-9)
+    with pytest.raises(ValueError, match="unknown HVP method"):
+        hessian_trace(obj, num_matvecs=9, hvp_method="hutch++")  # reaches the operator, not the estimator

@@ -1,0 +1,86 @@
+"""The one measurement context: how dynscope runs a model without changing its training.
+
+Every measurement (the objective's loss and HVPs, a long-horizon metric, logits for collapse
+counting, linear-region counting) runs the model inside :func:`measurement`: in the mode asked for,
+with every RNG forked, and afterwards each submodule's train/eval flag (and, where asked, every
+buffer) is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def cuda_devices(tensors) -> list:
+    """The CUDA device indices among ``tensors`` (what ``torch.random.fork_rng`` must fork)."""
+    return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+
+
+@contextlib.contextmanager
+def measurement(
+    module: nn.Module,
+    mode: str = "eval",
+    *,
+    grad: bool = False,
+    restore_buffers: Optional[bool] = None,
+    autocast: Optional[ContextManager] = None,
+    math_attention: bool = False,
+    devices: Optional[Sequence[int]] = None,
+) -> Iterator[nn.Module]:
+    """Run the enclosed code on ``module`` in ``mode`` without a trace on training; yields ``module``.
+
+    Args:
+        module: the model; every submodule's ``training`` flag is restored afterwards (and only
+            touched when one differs from ``mode``).
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"``.
+        grad: autograd on (``torch.enable_grad``) or off (``torch.no_grad``, the default).
+        restore_buffers: put every buffer's value back afterwards (BatchNorm running statistics
+            updated by a train-mode forward); default: in train mode.
+        autocast: a context to run inside, e.g. the autocast of mixed-precision training so that
+            the values are the ones training sees.
+        math_attention: scaled-dot-product attention uses its math kernel (the fused ones have no
+            double-backward or forward-AD rules).
+        devices: the CUDA devices whose RNG to fork (default: those of the module's parameters).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2)).train()
+        >>> state = torch.random.get_rng_state()
+        >>> with measurement(model, "train"):
+        ...     _ = model(torch.randn(4, 2))          # draws dropout masks, updates BatchNorm statistics
+        >>> model.training, bool((model[2].running_mean == 0).all()), torch.equal(state, torch.random.get_rng_state())
+        (True, True, True)
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    want = mode == "train"
+    flags = [(m, m.training) for m in module.modules()]
+    switch = any(training != want for _, training in flags)
+    keep = want if restore_buffers is None else restore_buffers
+    saved = [(b, b.clone()) for b in module.buffers()] if keep else []
+    forked = cuda_devices(module.parameters()) if devices is None else list(devices)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=forked))
+            stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+            if math_attention:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if autocast is not None:
+                stack.enter_context(autocast)
+            if switch:
+                module.train(want)
+            yield module
+    finally:
+        if switch or any(m.training != training for m, training in flags):
+            for m, training in flags:
+                m.training = training
+        if saved:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
