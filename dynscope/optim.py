@@ -42,7 +42,52 @@ def orthogonalize_(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-class OrthoGrad(Optimizer):
+class WrappedOptimizer(Optimizer):
+    """An optimizer that delegates its groups, state and checkpoints to the optimizer it wraps.
+
+    Subclasses change what ``step`` does (OrthoGrad, CoordinateClip); ``param_groups``, ``state``,
+    ``defaults``, ``zero_grad``, ``add_param_group`` and the state dicts are the wrapped optimizer's,
+    so a checkpoint of the wrapper is the wrapped optimizer's checkpoint.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        # No Optimizer.__init__: groups and state belong to the wrapped optimizer. The hook
+        # registries exist so that Optimizer's own methods keep working on the wrapper.
+        self.optimizer = optimizer
+        for name in (
+            "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+        ):
+            self.__dict__[name] = {}
+
+    param_groups = property(lambda self: self.optimizer.param_groups,
+                            lambda self, v: setattr(self.optimizer, "param_groups", v))
+    state = property(lambda self: self.optimizer.state, lambda self, v: setattr(self.optimizer, "state", v))
+    defaults = property(lambda self: self.optimizer.defaults, lambda self, v: setattr(self.optimizer, "defaults", v))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class OrthoGrad(WrappedOptimizer):
     """Wraps any torch optimizer: before each step, per parameter tensor, the gradient's component
     along the weights is removed and the rest rescaled to the original gradient norm.
 
@@ -73,42 +118,7 @@ class OrthoGrad(Optimizer):
     def __init__(self, optimizer: Optimizer) -> None:
         if isinstance(optimizer, OrthoGrad):
             raise ValueError("this optimizer is already wrapped in OrthoGrad")
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"OrthoGrad wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        # No Optimizer.__init__: groups and state belong to the wrapped optimizer. The hook
-        # registries exist so that Optimizer's own methods keep working on the wrapper.
-        self.optimizer = optimizer
-        for name in (
-            "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
-        ):
-            self.__dict__[name] = {}
-
-    # -- the wrapped optimizer's data ----------------------------------------------------------
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value) -> None:
-        self.optimizer.defaults = value
+        super().__init__(optimizer)
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -130,30 +140,11 @@ class OrthoGrad(Optimizer):
         self.optimizer.step()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    # -- plumbing ---------------------------------------------------------------------------------
-    def __getstate__(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     def __repr__(self) -> str:
         return f"OrthoGrad({self.optimizer!r})"
 
 
-class CoordinateClip(Optimizer):
+class CoordinateClip(WrappedOptimizer):
     """Wraps any torch optimizer and clips the largest coordinates of each update (Pan and Li 2023).
 
     Pan and Li ("Toward understanding why Adam converges faster than SGD for Transformers") show
@@ -182,26 +173,14 @@ class CoordinateClip(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, fraction: float = 0.1, threshold: Optional[float] = None) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"CoordinateClip wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(optimizer)
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         if threshold is not None and not threshold >= 0:
             raise ValueError(f"threshold must be non-negative, got {threshold}")
-        self.optimizer, self.fraction, self.threshold = optimizer, float(fraction), threshold
+        self.fraction, self.threshold = float(fraction), threshold
         self.last_update: Dict[int, torch.Tensor] = {}
         self.num_steps = 0
-        for name in (
-            "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
-        ):
-            self.__dict__[name] = {}
-
-    param_groups = property(lambda self: self.optimizer.param_groups,
-                            lambda self, v: setattr(self.optimizer, "param_groups", v))
-    state = property(lambda self: self.optimizer.state, lambda self, v: setattr(self.optimizer, "state", v))
-    defaults = property(lambda self: self.optimizer.defaults, lambda self, v: setattr(self.optimizer, "defaults", v))
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = None
@@ -230,24 +209,6 @@ class CoordinateClip(Optimizer):
                 if bool(big.any()):
                     p.copy_(b + torch.where(big, u.clamp(-tau, tau), u))
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"CoordinateClip({self.optimizer!r}, fraction={self.fraction}, threshold={self.threshold})"
