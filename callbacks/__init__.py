@@ -5,6 +5,7 @@ dynscope its loss is described in :mod:`dynscope.callbacks.protocol`.
 """
 
 from .amplification import AutoEMA, VarianceAmplification
+from .attention import AttentionLogits
 from .base import DiagnosticCallback
 from .collapse import AutoStableMax, SoftmaxCollapse
 from .curvature import Curvature
@@ -15,6 +16,7 @@ from .suite import DynScope
 from .schedule import Schedule
 
 __all__ = [
+    "AttentionLogits",
     "AutoEMA",
     "VarianceAmplification",
     "AutoStableMax",

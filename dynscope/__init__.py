@@ -16,12 +16,16 @@ from .persample import GradientMoments, per_sample_grads, per_sample_moments
 from .regions import LocalComplexityResult, NotPiecewiseLinearWarning, local_complexity, orthonormal_directions, random_points_in_box
 from .collapse import NLMAlignment, max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
 from .amplification import ProbeResult, amplification_probe, ema_decay, variance_amplification
+from .attention import AttentionStats, attention_logits, capture_attention
 from . import rollouts  # noqa: E402  dynscope.rollouts (rollout_cost, autoregressive_error)
 from . import nn, optim  # noqa: E402  dynscope.nn (StableMax, CrossEntropy), dynscope.optim (OrthoGrad)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionStats",
+    "attention_logits",
+    "capture_attention",
     "ProbeResult",
     "amplification_probe",
     "ema_decay",
