@@ -197,6 +197,7 @@ def test_callback_on_gpt2_inside_lightning_logs_per_layer_and_head():
     assert [s for s, _ in recorder.scalars["dynscope/attention/max_logit"]] == [1, 2, 4]  # the schedule also measures the first step
     # the logged value is the measurement on the last batch at the final weights
     last = data[24:32]
+    module.eval()  # the callback measures in eval mode (dropout off)
     expected = summarize(attention_logits(module, lambda: module.model(input_ids=last)))
     assert recorder.scalars["dynscope/attention/max_logit"][-1][1] == pytest.approx(expected["max_logit"], rel=1e-5)
 
