@@ -9,6 +9,7 @@ from .attention import AttentionLogits
 from .base import DiagnosticCallback
 from .collapse import AutoStableMax, SoftmaxCollapse
 from .curvature import Curvature
+from .logits import AutoZLoss, OutputLogits
 from .noise import GradientNoise
 from .protocol import LossProtocolError
 from .regions import LinearRegions
@@ -20,12 +21,14 @@ __all__ = [
     "AutoEMA",
     "VarianceAmplification",
     "AutoStableMax",
+    "AutoZLoss",
     "Curvature",
     "DiagnosticCallback",
     "DynScope",
     "GradientNoise",
     "LinearRegions",
     "LossProtocolError",
+    "OutputLogits",
     "Schedule",
     "SoftmaxCollapse",
 ]

@@ -17,12 +17,17 @@ from .regions import LocalComplexityResult, NotPiecewiseLinearWarning, local_com
 from .collapse import NLMAlignment, max_logit_gap, nlm_alignment, softmax_collapse, zero_loss_fraction
 from .amplification import ProbeResult, amplification_probe, ema_decay, variance_amplification
 from .attention import AttentionStats, attention_logits, capture_attention
+from .logits import LogitStats, log_partition, output_logit_stats, z_loss
 from . import rollouts  # noqa: E402  dynscope.rollouts (rollout_cost, autoregressive_error)
 from . import nn, optim  # noqa: E402  dynscope.nn (StableMax, CrossEntropy), dynscope.optim (OrthoGrad)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LogitStats",
+    "log_partition",
+    "output_logit_stats",
+    "z_loss",
     "AttentionStats",
     "attention_logits",
     "capture_attention",
