@@ -13,6 +13,7 @@ from .logits import AutoZLoss, OutputLogits
 from .noise import GradientNoise
 from .protocol import LossProtocolError
 from .regions import LinearRegions
+from .spikes import SpikeForensics
 from .suite import DynScope
 from .schedule import Schedule
 
@@ -31,4 +32,5 @@ __all__ = [
     "OutputLogits",
     "Schedule",
     "SoftmaxCollapse",
+    "SpikeForensics",
 ]

@@ -18,12 +18,17 @@ from .collapse import NLMAlignment, max_logit_gap, nlm_alignment, softmax_collap
 from .amplification import ProbeResult, amplification_probe, ema_decay, variance_amplification
 from .attention import AttentionStats, attention_logits, capture_attention
 from .logits import LogitStats, log_partition, output_logit_stats, z_loss
+from .spikes import SpikeDetector, SpikeSnapshot, opposing_signals, sample_projections
 from . import rollouts  # noqa: E402  dynscope.rollouts (rollout_cost, autoregressive_error)
 from . import nn, optim  # noqa: E402  dynscope.nn (StableMax, CrossEntropy), dynscope.optim (OrthoGrad)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SpikeDetector",
+    "SpikeSnapshot",
+    "opposing_signals",
+    "sample_projections",
     "LogitStats",
     "log_partition",
     "output_logit_stats",
