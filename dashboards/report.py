@@ -237,8 +237,20 @@ def _group_section(run: Run, group: Group, markers: List[Marker]) -> str:
             f"<details><summary>{html.escape(panel.title)} ({len(panel.series)} layers)</summary>"
             + _figure([panel], markers, f"{group.title}: {panel.title}", ncols=1) + "</details>"
         )
+    out.append(_group_texts(run, group))
     out.append("</section>")
     return "\n".join(out)
+
+
+def _group_texts(run: Run, group: Group) -> str:
+    """The group's own text entries (e.g. the loss-spike forensics), newest last; mitigation events have their table."""
+    entries = sorted((step, tag, text) for tag, items in run.texts.items() if group_of(tag) == group.name and tag != EVENTS_TAG
+                     for step, text in items)
+    if not entries:
+        return ""
+    body = "".join(f"<div class=entry><b>step {step}</b> <code>{html.escape(tag)}</code><pre>{html.escape(text)}</pre></div>"
+                   for step, tag, text in entries)
+    return f"<details open><summary>{html.escape(group.title)}: {len(entries)} text entr{'y' if len(entries) == 1 else 'ies'}</summary>{body}</details>"
 
 
 def _figure(panels: List[Panel], markers: List[Marker], alt: str, ncols: int = 3) -> str:
@@ -317,4 +329,5 @@ td.act.on {{ color: #2e7d32; font-weight: 600; }}
 td.act.off {{ color: #757575; }}
 .empty {{ color: #777; font-style: italic; }}
 code {{ font-size: 12.5px; }}
+div.entry pre {{ white-space: pre-wrap; background: #fafafa; border: 1px solid #eee; padding: 6px; font-size: 12px; }}
 </style></head><body>"""
