@@ -41,8 +41,8 @@ class SpikeForensics(CallbackBase):
 
     Every training batch's loss (as handed to ``backward``, before the optimizer step) goes
     through :class:`dynscope.spikes.SpikeDetector`: a spike is a loss more than ``k`` robust
-    standard deviations (``1.4826 * MAD``) above the median of the last ``window`` losses, once
-    ``min_history`` losses are known. On a spike, still before the update, i.e. on the weights that
+    standard deviations (``1.4826 * MAD``) and more than ``min_jump`` above the median of the last
+    ``window`` losses, once ``min_history`` losses are known. On a spike, still before the update, i.e. on the weights that
     produced the spike, it takes a one-off snapshot (at most ``max_snapshots`` per run, at least
     ``cooldown`` steps apart) on the spiking batch plus up to ``history_batches`` recent batches
     from a ring buffer (CPU copies within ``memory_cap_mb``): the top Hessian eigenvalue and
@@ -67,6 +67,8 @@ class SpikeForensics(CallbackBase):
         k: robust z-score above which a loss is a spike.
         window: losses in the running window.
         min_history: losses needed before judging.
+        min_jump: a spike also rises more than this above the median (in loss units), so that a
+            loss near zero, whose wiggles are many robust deviations, is not a string of spikes.
         cooldown: optimizer steps between two snapshots.
         max_snapshots: snapshots per run (``0``: detect and log only).
         history_batches: recent batches added to the spiking batch for the snapshot.
@@ -96,6 +98,7 @@ class SpikeForensics(CallbackBase):
         window: int = 50,
         min_history: int = 20,
         *,
+        min_jump: float = 0.01,
         cooldown: int = 50,
         max_snapshots: int = 3,
         history_batches: int = 3,
@@ -107,7 +110,7 @@ class SpikeForensics(CallbackBase):
         log_every_n_steps: int = 10,
         strict: bool = False,
     ) -> None:
-        self.detector = SpikeDetector(k, window, min_history)
+        self.detector = SpikeDetector(k, window, min_history, min_jump=min_jump)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if min(cooldown, max_snapshots, history_batches, top_k) < 0 or eigen_max_iter < 1 or log_every_n_steps < 1:

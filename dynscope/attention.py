@@ -9,7 +9,9 @@ attention layer and per head:
 * ``max_logit``: the largest ``|q.k| * scale`` over the positions that take part in attention
   (``scale`` is what the layer uses, ``1/sqrt(d)`` by default; additive masks are not included);
 * ``entropy_min`` / ``entropy_mean``: the entropy (nats) of each query's attention distribution
-  (the softmax with the mask applied), its minimum and mean over the queries of the batch.
+  (the softmax with the mask applied), its minimum and mean over the queries of the batch that
+  attend to at least two keys (one key means zero entropy by construction, e.g. the first query
+  of causal attention).
 
 :func:`capture_attention` records them while the model runs: a forward pre-hook on every
 ``nn.MultiheadAttention`` recomputes ``q`` and ``k`` from its input projections, and a
@@ -90,7 +92,8 @@ def logit_stats(logits: torch.Tensor, valid: Optional[torch.Tensor] = None, bias
     Args:
         logits: ``q.k * scale`` (what ``max_logit`` reports).
         valid: boolean, broadcastable to ``logits``: which entries take part in attention
-            (default: all). Query rows with no valid entry are left out.
+            (default: all). The entropy statistics leave out query rows with fewer than two
+            valid entries (their entropy is 0 by construction: the first query of causal attention).
         bias: an additive mask or bias, broadcastable, added before the softmax (for the entropy only).
 
     Example:
@@ -108,8 +111,9 @@ def logit_stats(logits: torch.Tensor, valid: Optional[torch.Tensor] = None, bias
         valid = valid.expand_as(x) & torch.isfinite(scores)
     heads = x.shape[1]
     masked = scores.masked_fill(~valid, -math.inf)
-    row_ok = valid.any(-1)  # [B, H, Tq]
-    logp = torch.log_softmax(masked.masked_fill(~row_ok.unsqueeze(-1), 0.0), dim=-1)
+    has_key = valid.any(-1)  # [B, H, Tq]
+    row_ok = valid.sum(-1) >= 2  # a row with one key has zero entropy whatever the logits
+    logp = torch.log_softmax(masked.masked_fill(~has_key.unsqueeze(-1), 0.0), dim=-1)
     p = logp.exp()
     entropy = (-(torch.where(valid, p * logp, torch.zeros_like(p))).sum(-1)).clamp(min=0)  # [B, H, Tq]
     inf = torch.tensor(math.inf, dtype=torch.float64, device=x.device)

@@ -11,8 +11,9 @@ with the largest projections of either sign.
 
 :class:`SpikeDetector` is the rule: a loss is a spike when it exceeds the median of the last
 ``window`` losses by more than ``k`` robust standard deviations (``1.4826 * MAD``, floored at
-``1e-3 * |median|`` so that a flat plateau does not make every wiggle a spike), once
-``min_history`` losses are known.
+``1e-3 * |median|`` so that a flat plateau does not make every wiggle a spike) and by more than
+``min_jump`` in absolute terms (a loss near zero wiggles by many robust deviations without
+anything happening), once ``min_history`` losses are known.
 
 Example:
     >>> d = SpikeDetector(k=6.0, window=20, min_history=5)
@@ -41,12 +42,14 @@ __all__ = ["SpikeDetector", "SpikeSnapshot", "opposing_signals", "sample_project
 class SpikeDetector:
     """Robust running statistics of a loss and the spike rule (see the module docstring)."""
 
-    def __init__(self, k: float = 6.0, window: int = 50, min_history: int = 20, rel_floor: float = 1e-3) -> None:
+    def __init__(self, k: float = 6.0, window: int = 50, min_history: int = 20, rel_floor: float = 1e-3,
+                 min_jump: float = 0.01) -> None:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if window < 3 or not 3 <= min_history <= window:
             raise ValueError(f"need window >= min_history >= 3, got window={window}, min_history={min_history}")
         self.k, self.window, self.min_history, self.rel_floor = float(k), int(window), int(min_history), float(rel_floor)
+        self.min_jump = float(min_jump)
         self.values: Deque[float] = deque(maxlen=self.window)
 
     def stats(self) -> Tuple[float, float]:
@@ -68,7 +71,7 @@ class SpikeDetector:
             return ready, math.inf
         z = (loss - median) / scale if self.values else 0.0
         self.values.append(float(loss))
-        return ready and z > self.k, z
+        return ready and z > self.k and loss - median > self.min_jump, z
 
     def state_dict(self) -> Dict[str, Any]:
         return {"values": list(self.values)}
