@@ -90,7 +90,11 @@ class AttentionLogits(DiagnosticCallback):
     Logged (``dynscope/attention/...``): ``max_logit``, ``entropy_min``, ``entropy_mean`` (over
     all layers), the same per layer (``max_logit/<layer>``), and with ``per_head=True``
     ``head_max_logit/<layer>.h<i>``, ``head_entropy_min/<layer>.h<i>``. Under DDP the statistics
-    cover all ranks' batches. A model without recognised attention logs nothing (one warning).
+    cover all ranks' batches. A model without recognised attention logs nothing: the first
+    measurement warns once and switches the callback off.
+
+    Not among :class:`~dynscope.callbacks.DynScope`'s defaults; add it under the suite's budget with
+    ``DynScope(extra={"attention": AttentionLogits()})``.
 
     The forward is ``module.dynscope_logits(batch)`` when defined, else ``module(x)`` on ``(x, y)``
     batches, ``module(**batch)`` on dict batches (Hugging Face style) or ``module(batch)``.
@@ -143,9 +147,10 @@ class AttentionLogits(DiagnosticCallback):
 
         found = reduce_attention(trainer, on_every_rank(trainer, local, pl_module.device), pl_module.device)
         self.layers = found
-        if not found:
+        if not found:  # the same model on every rank: every rank switches off alike
             self.warn_once("none", "found no attention layer (nn.MultiheadAttention, scaled_dot_product_attention or "
-                                   "a Hugging Face attention module) in the forward pass; nothing to log")
+                                   "a Hugging Face attention module) in the forward pass; switched off")
+            self.disabled = True
             return {}
         return summarize(found, self.per_head)
 

@@ -219,7 +219,20 @@ def test_measuring_attention_leaves_training_bit_identical():
 def test_a_model_without_attention_warns_and_logs_nothing():
     recorder = Recorder()
     x, y = classification_data(32)
+    callback = AttentionLogits(every_n_steps=1)
     with pytest.warns(RuntimeWarning, match="no attention layer"):
-        trainer(max_steps=2, callbacks=[AttentionLogits(every_n_steps=1)], logger=recorder).fit(
-            Classifier(mlp()), loader(x, y))
+        trainer(max_steps=2, callbacks=[callback], logger=recorder).fit(Classifier(mlp()), loader(x, y))
     assert not any(t.startswith("dynscope/attention") for t in recorder.scalars)
+    assert callback.disabled and callback.num_measurements == 1  # switched off after the first look
+
+
+def test_inside_dynscope_as_an_extra_diagnostic():
+    from dynscope.callbacks import DynScope, OutputLogits
+
+    recorder = Recorder()
+    scope = DynScope(budget=None, curvature=False, noise=False, collapse=False, regions=False,
+                     extra={"attention": AttentionLogits(every_n_steps=2), "logits": OutputLogits(every_n_steps=2)})
+    x, y = classification_data(32, (5,), vocab=11)
+    trainer(max_steps=4, callbacks=[scope], logger=recorder).fit(Classifier(TinyTransformer()), loader(x, y))
+    assert [s for s, _ in recorder.scalars["dynscope/attention/max_logit/net.attn"]] == [1, 2, 4]
+    assert [s for s, _ in recorder.scalars["dynscope/logits/log_z_mean"]] == [1, 2, 4]
