@@ -12,7 +12,7 @@ Example:
     >>> import torch
     >>> s = output_logit_stats(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
     >>> round(s.log_z_mean, 4), round(s.log_z_max, 4), s.max_logit
-    (1.4204, 2.1269, 2.0)
+    (1.41, 2.1269, 2.0)
 """
 
 from __future__ import annotations
