@@ -96,3 +96,20 @@ def test_output_logits_leaves_training_bit_identical():
 
     a, b = run([]), run([OutputLogits(every_n_steps=1)])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_keeps_the_z_loss_and_the_reference(tmp_path):
+    def fit(callback, steps, ckpt=None):
+        module = make_module(3e-2, 0, vocab=16, seq=8, dim=16, layers=1, heads=2)
+        t = trainer(max_steps=steps, callbacks=[callback], enable_checkpointing=False)
+        t.fit(module, make_data(512, 16, 8, 0, 16), ckpt_path=ckpt)
+        return module, t
+
+    first = AutoZLoss(threshold=0.5, patience=1, every_n_steps=2)
+    module, t = fit(first, 12)
+    assert first.triggered_step is not None and module.criterion.z_loss == 1e-4
+    t.save_checkpoint(tmp_path / "run.ckpt")
+    second = AutoZLoss(threshold=0.5, patience=1, every_n_steps=2)
+    resumed, _ = fit(second, 16, str(tmp_path / "run.ckpt"))
+    assert second.triggered_step == first.triggered_step and second.reference == first.reference
+    assert resumed.criterion.z_loss == 1e-4  # re-applied to the fresh module's loss on resume
