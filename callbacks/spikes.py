@@ -32,10 +32,6 @@ def _nbytes(batch: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor))
 
 
-def _to_cpu(batch: Any) -> Any:
-    return tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t, batch)
-
-
 class SpikeForensics(CallbackBase):
     """Watches the training loss for spikes and dissects the first ones: sharpest direction, opposing samples.
 
@@ -45,7 +41,8 @@ class SpikeForensics(CallbackBase):
     ``window`` losses, once ``min_history`` losses are known. On a spike, still before the update, i.e. on the weights that
     produced the spike, it takes a one-off snapshot (at most ``max_snapshots`` per run, at least
     ``cooldown`` steps apart) on the spiking batch plus up to ``history_batches`` recent batches
-    from a ring buffer (CPU copies within ``memory_cap_mb``): the top Hessian eigenvalue and
+    from a ring buffer (references to the batches, no copies, within ``memory_cap_mb`` of their
+    tensors): the top Hessian eigenvalue and
     eigenvector ``v`` (Lanczos), every sample's gradient projection ``g_i . v`` and the ``top_k``
     samples with the largest projections of either sign: the opposing signals of Rosenfeld &
     Risteski 2023. It never changes training: the snapshot evaluates the loss through the
@@ -61,7 +58,9 @@ class SpikeForensics(CallbackBase):
     ``i``-th sample of step ``S``'s batch), or by ``module.dynscope_sample_ids(batch) -> Tensor[B]``
     when the module defines it. ``events`` holds the same as dicts. Under DDP the spike decision
     is agreed across ranks (one scalar all-reduce per step), the eigenvector is the global one and
-    the samples come from every rank.
+    the samples come from every rank. Cost per step: reading the loss (one device-to-host copy of a
+    scalar) and a median of ``window`` numbers; a snapshot costs ``eigen_max_iter`` Hessian-vector
+    products and one forward-mode pass on ``history_batches + 1`` batches.
 
     Args:
         k: robust z-score above which a loss is a spike.
@@ -72,7 +71,7 @@ class SpikeForensics(CallbackBase):
         cooldown: optimizer steps between two snapshots.
         max_snapshots: snapshots per run (``0``: detect and log only).
         history_batches: recent batches added to the spiking batch for the snapshot.
-        memory_cap_mb: memory of the ring buffer of batch copies.
+        memory_cap_mb: memory of the batches the ring buffer keeps alive.
         top_k: opposing samples reported on each side.
         eigen_max_iter: Lanczos steps (Hessian-vector products) for the top eigenpair.
         loss_fn: ``loss_fn(module(x), y)`` when the module defines no ``dynscope_loss``.
@@ -160,6 +159,9 @@ class SpikeForensics(CallbackBase):
     def _judge(self, trainer, pl_module, loss) -> None:
         step = trainer.global_step + 1  # the optimizer step this loss belongs to
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        scaler = getattr(getattr(getattr(trainer, "strategy", None), "precision_plugin", None), "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # "16-mixed" hands over the loss times the loss scale
+            value /= float(scaler.get_scale())
         spike, z = self.detector.update(value)
         if world_size(trainer) > 1:
             spike = any_rank(trainer, spike, pl_module.device)
@@ -188,7 +190,7 @@ class SpikeForensics(CallbackBase):
         if size > self.memory_cap:
             self._warn_once("cap", f"a batch ({size / 2**20:.1f} MB) exceeds memory_cap_mb; snapshots use the spiking batch only")
             return
-        self._buffer.append((step, _to_cpu(batch)))
+        self._buffer.append((step, tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, batch)))
         while len(self._buffer) > self.history_batches or sum(_nbytes(b) for _, b in self._buffer) > self.memory_cap:
             self._buffer.popleft()
 
@@ -207,9 +209,8 @@ class SpikeForensics(CallbackBase):
 
     def _forensics(self, trainer, pl_module, batch, step: int) -> Dict[str, Any]:
         parts = [(step, batch)]
-        to_device = getattr(getattr(trainer, "strategy", None), "batch_to_device", None)
         for old_step, old in reversed(self._buffer):
-            parts.append((old_step, to_device(old) if to_device else old))
+            parts.append((old_step, old))
         labels: List[str] = []
         ids = getattr(pl_module, "dynscope_sample_ids", None)
         batches = []

@@ -142,3 +142,14 @@ def test_forensics_never_change_training():
     watched, _ = planted_run([spikes], dropout=0.2)
     assert len(spikes.events) >= 2  # snapshots were taken
     assert_same_weights(baseline.state_dict(), watched.state_dict())
+
+
+def test_the_loss_scale_of_16_bit_mixed_precision_is_divided_out():
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fake = SimpleNamespace(global_step=0, world_size=1, loggers=[], is_global_zero=True,
+                           strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)))
+    spikes = SpikeForensics(history_batches=0, max_snapshots=0)
+    spikes.on_before_backward(fake, None, torch.tensor(2.5) * scaler.get_scale())
+    assert list(spikes.detector.values) == [2.5]
