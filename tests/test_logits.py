@@ -113,3 +113,20 @@ def test_a_resumed_run_keeps_the_z_loss_and_the_reference(tmp_path):
     resumed, _ = fit(second, 16, str(tmp_path / "run.ckpt"))
     assert second.triggered_step == first.triggered_step and second.reference == first.reference
     assert resumed.criterion.z_loss == 1e-4  # re-applied to the fresh module's loss on resume
+
+
+def test_auto_z_loss_stays_off_on_a_healthy_run():
+    # a stochastic language (a random Markov chain): log Z settles about a nat above its start
+    g = torch.Generator().manual_seed(0)
+    transitions = torch.softmax(torch.randn(32, 32, generator=g) * 2, dim=1)
+    x = torch.empty(2048, 17, dtype=torch.long)
+    x[:, 0] = torch.randint(0, 32, (2048,), generator=g)
+    for t in range(16):
+        x[:, t + 1] = torch.multinomial(transitions[x[:, t]], 1, generator=g).squeeze(1)
+    module = make_module(1e-2, 0, vocab=32, seq=16, dim=32, layers=1, heads=2)
+    callback, recorder = AutoZLoss(every_n_steps=10), Recorder()
+    data = torch.utils.data.DataLoader(x, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer(max_steps=150, callbacks=[callback], logger=recorder).fit(module, data)
+    drift = [v for _, v in recorder.scalars["dynscope/logits/log_z_drift"]]
+    assert callback.triggered_step is None and module.criterion.z_loss == 0.0
+    assert max(abs(v) for v in drift) < 2.5  # half the default threshold
