@@ -137,7 +137,15 @@ def train(args: argparse.Namespace, mitigate: bool, root: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only spin
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     root = run_dir(args.logdir, "transformer")
     results = {}
     for mitigate in (False, True):

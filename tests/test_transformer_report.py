@@ -43,3 +43,15 @@ def test_report_has_the_sections_the_events_and_the_forensics(logdir, tmp_path):
     kinds = {e.mitigation for e in mitigation_events(run)}
     assert {"zloss", "loss-spike"} <= kinds  # both are markers on every chart
     assert "g_i . v" in page and "#" in page  # the forensics table with the sample names
+
+
+def test_demo_transformer_runs_and_reports_the_switch(tmp_path, capsys):
+    import torch
+
+    from dynscope.cli.main import main
+
+    threads = torch.get_num_threads()
+    assert main(["demo", "transformer", "--steps", "40", "--logdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "AutoZLoss switched the z-loss on at step 30" in out and "logZ ctrl" in out
+    assert torch.get_num_threads() == threads  # the demo restores the thread count
