@@ -147,7 +147,7 @@ def test_forensics_never_change_training():
 def test_the_loss_scale_of_16_bit_mixed_precision_is_divided_out():
     from types import SimpleNamespace
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 1024.0)  # torch.amp.GradScaler's interface
     fake = SimpleNamespace(global_step=0, world_size=1, loggers=[], is_global_zero=True,
                            strategy=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)))
     spikes = SpikeForensics(history_batches=0, max_snapshots=0)
