@@ -22,6 +22,7 @@ DEMOS = {
     "curvature": ("dynscope.cli.demo_curvature", "curvature of a small MLP on synthetic data"),
     "gva": ("dynscope.cli.demo_gva", "variance amplification in behaviour cloning, damped by AutoEMA"),
     "suite": ("dynscope.cli.demo_suite", "every diagnostic at once on a small CNN, under a 5% overhead budget"),
+    "transformer": ("dynscope.cli.demo_transformer", "output-logit divergence of a small LM at a high learning rate, stopped by AutoZLoss"),
 }
 DEFAULT_DEMO = "grokking"
 

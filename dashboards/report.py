@@ -302,6 +302,7 @@ def _group_section(run: Run, group: Group, markers: List[Marker]) -> str:
             f"<details><summary>{html.escape(panel.title)} ({len(panel.series)} layers)</summary>"
             + _figure([panel], markers, f"{group.title}: {panel.title}", ncols=1) + "</details>"
         )
+    out.append(_group_texts(run, group))
     out.append("</section>")
     return "\n".join(out)
 
@@ -312,6 +313,8 @@ def _describe(group: Group, metric: str, present) -> str:
         if name == metric and when in present:
             return text
     return group.metrics[metric]
+
+
 def _histogram_figure(tag: str, entries) -> str:
     """The first and the last logged histogram of ``tag`` (e.g. the Hessian spectral density) as bars."""
     import io
@@ -335,6 +338,17 @@ def _histogram_figure(tag: str, entries) -> str:
     png = base64.b64encode(buffer.getvalue()).decode("ascii")
     alt = f"{tag}: eigenvalue counts at steps {', '.join(str(p[0]) for p in picks)}"
     return f'<figure class=histogram><img alt="{html.escape(alt)}" src="data:image/png;base64,{png}"></figure>'
+
+
+def _group_texts(run: Run, group: Group) -> str:
+    """The group's own text entries (e.g. the loss-spike forensics), newest last; mitigation events have their table."""
+    entries = sorted((step, tag, text) for tag, items in run.texts.items() if group_of(tag) == group.name and tag != EVENTS_TAG
+                     for step, text in items)
+    if not entries:
+        return ""
+    body = "".join(f"<div class=entry><b>step {step}</b> <code>{html.escape(tag)}</code><pre>{html.escape(text)}</pre></div>"
+                   for step, tag, text in entries)
+    return f"<details open><summary>{html.escape(group.title)}: {len(entries)} text entr{'y' if len(entries) == 1 else 'ies'}</summary>{body}</details>"
 
 
 def _figure(panels: List[Panel], markers: List[Marker], alt: str, ncols: int = 3) -> str:
@@ -414,4 +428,5 @@ td.act.on {{ color: #2e7d32; font-weight: 600; }}
 td.act.off {{ color: #757575; }}
 .empty {{ color: #777; font-style: italic; }}
 code {{ font-size: 12.5px; }}
+div.entry pre {{ white-space: pre-wrap; background: #fafafa; border: 1px solid #eee; padding: 6px; font-size: 12px; }}
 </style></head><body>"""

@@ -29,6 +29,9 @@ _SUBMODULE_OF = {
     "softmax_collapse": "collapse", "zero_loss_fraction": "collapse",
     "ProbeResult": "amplification", "amplification_probe": "amplification", "ema_decay": "amplification",
     "variance_amplification": "amplification",
+    "AttentionStats": "attention", "attention_logits": "attention", "capture_attention": "attention",
+    "LogitStats": "logits", "log_partition": "logits", "output_logit_stats": "logits", "z_loss": "logits",
+    "SpikeDetector": "spikes", "SpikeSnapshot": "spikes", "opposing_signals": "spikes", "sample_projections": "spikes",
 }
 _SUBPACKAGES = ("rollouts", "nn", "optim")  # dynscope.rollouts, dynscope.nn (StableMax, CrossEntropy), dynscope.optim
 
@@ -65,6 +68,17 @@ sys.modules[__name__].__class__ = _Package
 __version__ = "0.1.0"
 
 __all__ = [
+    "SpikeDetector",
+    "SpikeSnapshot",
+    "opposing_signals",
+    "sample_projections",
+    "LogitStats",
+    "log_partition",
+    "output_logit_stats",
+    "z_loss",
+    "AttentionStats",
+    "attention_logits",
+    "capture_attention",
     "ProbeResult",
     "amplification_probe",
     "ema_decay",

@@ -169,6 +169,9 @@ class CrossEntropy(nn.Module):
         mode: ``"softmax"`` or ``"stablemax"``; assignable later (``loss.mode = "stablemax"``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         ignore_index: as in torch's cross-entropy.
+        z_loss: coefficient of the z-loss ``z_loss * (logsumexp(logits))^2`` added per sample in
+            either mode (PaLM, Wortsman et al. 2023: ``1e-4``; reduced like the loss);
+            assignable later: :class:`dynscope.callbacks.AutoZLoss` sets it when ``log Z`` drifts.
 
     The mode is not part of the module's ``state_dict`` (loading weights saved with a plain
     ``nn.CrossEntropyLoss`` keeps working); AutoStableMax restores it on resume.
@@ -183,13 +186,14 @@ class CrossEntropy(nn.Module):
         tensor(0.2231)
     """
 
-    def __init__(self, mode: str = "softmax", reduction: str = "mean", ignore_index: int = -100) -> None:
+    def __init__(self, mode: str = "softmax", reduction: str = "mean", ignore_index: int = -100, z_loss: float = 0.0) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.mode = mode
+        self.z_loss = float(z_loss)
 
     @property
     def mode(self) -> str:
@@ -203,8 +207,15 @@ class CrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._mode == "stablemax":
-            return stablemax_cross_entropy(logits, targets, self.reduction, self.ignore_index)
-        return F.cross_entropy(logits, targets, reduction=self.reduction, ignore_index=self.ignore_index)
+            loss = stablemax_cross_entropy(logits, targets, self.reduction, self.ignore_index)
+        else:
+            loss = F.cross_entropy(logits, targets, reduction=self.reduction, ignore_index=self.ignore_index)
+        if getattr(self, "z_loss", 0.0):
+            from .logits import z_loss
+
+            loss = loss + self.z_loss * z_loss(logits, targets, self.reduction, self.ignore_index)
+        return loss
 
     def extra_repr(self) -> str:
-        return f"mode={self._mode!r}, reduction={self.reduction!r}"
+        z = f", z_loss={self.z_loss:g}" if getattr(self, "z_loss", 0.0) else ""
+        return f"mode={self._mode!r}, reduction={self.reduction!r}{z}"

@@ -97,6 +97,25 @@ class Watched(Classifier):
         return super().training_step(batch, batch_idx)
 
 
+def attention(step):
+    out = {"max_logit": 2.0 + 0.5 * step, "entropy_min": 1.0 / (1 + step), "entropy_mean": 2.0 - 0.05 * step}
+    out.update({f"max_logit/blocks.{i}.attn": (1.0 + i) * (1.0 + 0.3 * step) for i in range(2)})
+    return out
+
+
+def output_logits(step):
+    return {"log_z_mean": 4.0 + step, "log_z_max": 6.0 + step, "log_z_min": 3.0 + step, "log_z_drift": float(step),
+            "max_logit": 5.0 + step, "z_loss": (4.0 + step) ** 2}
+
+
+def spikes(step):
+    out = {"loss_zscore": -1.0 + 0.1 * step}
+    if step == 7:
+        out.update(detected=1.0, zscore=9.0, loss=3.0, lambda_max=12.0, opposition=0.8, grad_projection=0.1,
+                   top_positive=2.0, top_negative=-1.5, projection_std=0.7)
+    return out
+
+
 @dataclass
 class RunLogs:
     root: str  # what ``tensorboard --logdir`` / ``dynscope report`` get
@@ -115,6 +134,9 @@ def write_run_logs(root, max_steps: int = 14, name: str = "run") -> RunLogs:
         Synthetic("collapse", collapse),
         Synthetic("regions", regions),
         Synthetic("gva", gva),
+        Synthetic("attention", attention),
+        Synthetic("logits", output_logits),
+        Synthetic("spikes", spikes),
         SyntheticMitigation(switch_step=9),
     ]
     logger = pl.loggers.TensorBoardLogger(str(root), name=name, default_hp_metric=False)

@@ -128,11 +128,11 @@ def test_report_figures_load_in_chromium(run_logs, tmp_path):
         browser.goto("file://" + path)
         state = "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])"
         loaded = browser.wait_for(lambda v: v and all(done and w > 0 for done, w, _, _ in v), state, timeout=20)
-        assert len(loaded) == 13
+        assert len(loaded) == 17
         assert all(done and w > 300 and h > 200 for done, w, h, _ in loaded), loaded
         headings = browser.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.innerText)")
         assert headings == CATEGORY_TITLES
         opened = browser.evaluate("document.querySelectorAll('details').forEach(d => d.open = true) || "
                                   "Array.from(document.querySelectorAll('details img')).filter(i => i.width > 0).length")
-        assert opened == 5  # the per-layer figures display once expanded
+        assert opened == 6  # the per-layer figures display once expanded
         browser.screenshot(os.path.join(screenshots_dir(tmp_path), "report.png"), full_page=True)

@@ -110,12 +110,12 @@ def test_layout_categories_follow_the_catalogue():
 
 def test_callbacks_write_one_merged_layout_per_run(run_logs):
     layouts = layouts_in(run_logs.log_dir)
-    # curvature, noise, collapse, regions, gva, then mitigation + overhead: one rewrite per new group
-    assert len(layouts) == 6
+    # curvature, noise, collapse, regions, gva, attention, logits, spikes, then mitigation + overhead: one rewrite per new group
+    assert len(layouts) == 9
     assert [c.title for c in layouts[0].category] == ["Training (your metrics)", "Curvature", "Curvature · per layer"]
     assert [c.title for c in layouts[-1].category if not c.closed] == [
         "Training (your metrics)", "Curvature", "Gradient noise", "Softmax collapse", "Linear regions", "Amplification",
-        "Mitigations", "Overhead"]
+        "Attention", "Output logits", "Loss spikes", "Mitigations", "Overhead"]
     # the latest layout's regexes match series the run really logged
     run = read_logs(run_logs.log_dir)["."]
     regexes = charts(layouts[-1])

@@ -39,14 +39,16 @@ def page(run_logs, tmp_path_factory):
 
 
 def test_one_section_per_group_with_figures(page):
-    for group_id, title in [("training", "Training (your metrics)"), ("curvature", "Curvature"), ("noise", "Gradient noise"), ("collapse", "Softmax collapse"),
-                            ("regions", "Linear regions"), ("gva", "Amplification"), ("mitigation", "Mitigations"),
+    for group_id, title in [("training", "Training (your metrics)"), ("curvature", "Curvature"), ("noise", "Gradient noise"),
+                            ("collapse", "Softmax collapse"), ("regions", "Linear regions"), ("gva", "Amplification"),
+                            ("attention", "Attention"), ("logits", "Output logits"), ("spikes", "Loss spikes"),
+                            ("mitigation", "Mitigations"),
                             ("overhead", "Overhead")]:
         body = section(page, group_id)
         assert f"<h2>{title}</h2>" in body
         assert PNG.search(body), group_id
     figures = images(page)
-    assert len(figures) == 8 + 5  # a main figure per group (the user's metrics too), 5 collapsed per-layer ones
+    assert len(figures) == 11 + 6  # a main figure per group (the user's metrics too), 6 collapsed per-layer ones
     for alt, pixels in figures:
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300, alt
         assert pixels[..., :3].std() > 0.05, f"blank figure: {alt}"  # something is drawn
@@ -138,7 +140,7 @@ def test_cli_report(run_logs, tmp_path, capsys):
     out = tmp_path / "cli.html"
     assert main(["report", run_logs.root, "-o", str(out), "--quiet"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert len(images(out.read_text(encoding="utf-8"))) == 13
+    assert len(images(out.read_text(encoding="utf-8"))) == 17
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
