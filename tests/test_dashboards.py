@@ -235,7 +235,7 @@ def test_per_layer_values_are_also_one_histogram_per_metric_and_step(run_logs):
                     histograms.setdefault(value.tag, {})[event.step] = value.histo
     assert set(histograms) == {"dynscope/layers/curvature/hessian_trace", "dynscope/layers/noise/gsnr",
                                "dynscope/layers/noise/block_gsnr", "dynscope/layers/collapse/nlm_cos",
-                               "dynscope/layers/regions/lc_train"}
+                               "dynscope/layers/regions/lc_train", "dynscope/layers/attention/max_logit"}
     run = read_logs(run_logs.log_dir)["."]
     for key, by_step in histograms.items():
         group, metric = key.split("/")[2:4]
