@@ -219,7 +219,7 @@ def dashboard_groups(runs: List[Dict]) -> str:
     """The custom-scalars categories the demo's runs have (titles from the dashboards' catalogue)."""
     from dynscope.dashboards.groups import GROUPS
 
-    names = ["collapse"] + (["mitigation"] if any(r["name"].startswith("auto") for r in runs) else [])
+    names = ["collapse"] + (["mitigation"] if any(r["mitigation"] != "-" for r in runs) else [])
     return ", ".join(GROUPS[n].title for n in names)
 
 

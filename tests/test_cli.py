@@ -130,5 +130,8 @@ def test_the_grokking_demos_results_table_fits_100_columns(capsys):
     # the groups it points to exist in the dashboards
     from dynscope.dashboards.groups import GROUPS
 
-    titles = demo_grokking.dashboard_groups([{"name": "control"}, {"name": "auto-stablemax"}]).split(", ")
+    control = {"name": "control", "mitigation": "-"}
+    rescued = {"name": "AutoStableMax()", "mitigation": "step 100: stablemax, orthograd, rescale, reset_optimizer"}
+    titles = demo_grokking.dashboard_groups([control, rescued]).split(", ")
     assert titles == [GROUPS["collapse"].title, GROUPS["mitigation"].title]
+    assert demo_grokking.dashboard_groups([control]) == GROUPS["collapse"].title
