@@ -62,6 +62,15 @@ def _pyplot():
     return plt
 
 
+def plain_log_ticks(ax) -> None:
+    """Tick labels of a log axis as plain numbers: its default labels are mathtext, which the
+    figures turn off so that tag names with ``$`` stay plain text."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def render_panels(panels: Sequence[Panel], markers: Sequence[Marker] = (), ncols: int = 3) -> bytes:
     """The panels as one PNG (bytes). Tag names are drawn as plain text (``$`` is not math)."""
     plt = _pyplot()
@@ -110,6 +119,7 @@ def _draw(ax, panel: Panel, markers: Sequence[Marker], colors: Dict[str, str]) -
     finite = values[np.isfinite(values)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3 and panel.reference is None:
         ax.set_yscale("log")
+        plain_log_ticks(ax)
     if panel.reference is not None:
         label = f"{panel.reference_label} ({panel.reference:g})"
         ax.axhline(panel.reference, color="#c0392b", ls="--", lw=1.2, label=label)

@@ -319,7 +319,7 @@ def _histogram_figure(tag: str, entries) -> str:
     """The first and the last logged histogram of ``tag`` (e.g. the Hessian spectral density) as bars."""
     import io
 
-    from .plots import _pyplot
+    from .plots import _pyplot, plain_log_ticks
 
     plt = _pyplot()
     picks = [entries[0]] if len(entries) == 1 else [entries[0], entries[-1]]
@@ -328,6 +328,7 @@ def _histogram_figure(tag: str, entries) -> str:
         lefts = [low] + list(limits[:-1])
         ax.bar(lefts, counts, width=[r - l for l, r in zip(lefts, limits)], align="edge", color="#1f77b4")
         ax.set_yscale("symlog", linthresh=1.0)
+        plain_log_ticks(ax)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("count")
         ax.set_title(f"{tag.split('/')[-1].replace('_', ' ')} at step {step}", fontsize=9)

@@ -221,3 +221,25 @@ def test_eos_description_threshold_line_and_user_metrics(tmp_path, adam):
     # OrthoGrad switched on by the same decision: its row says why
     assert re.search(r"<td class=num>20</td><td>orthograd</td><td class='act on'>on</td><td>with stablemax: softmax "
                      r"collapse; switched</td>", page)
+
+
+def test_log_axes_label_their_ticks_as_plain_numbers():
+    """The figures turn mathtext off (tag names with '$' stay text), so a log axis must not use its
+    default mathtext labels, which would print as '$\\mathdefault{10^{0}}$'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dynscope.dashboards.plots import plain_log_ticks
+
+    with plt.rc_context({"text.parse_math": False}):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], [1e-3, 1.0, 10.0])
+        ax.set_yscale("log")
+        plain_log_ticks(ax)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        plt.close(fig)
+    assert labels and not any("$" in label for label in labels)
+    assert {"0.001", "0.01", "0.1", "1", "10"} <= set(labels)
