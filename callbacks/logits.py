@@ -6,22 +6,19 @@ Wortsman et al. 2023 (Sec. 3.2); the math is in :mod:`dynscope.logits`, the swit
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from dynscope.dashboards.events import format_event
 from dynscope.logits import LogitStats, output_logit_stats
 from dynscope.nn import CrossEntropy
 
 from .base import DiagnosticCallback
-from .collapse import EVENTS, measured_logits, training_precision
-from .distributed import any_rank, on_every_rank, world_size
-from .logging import log_scalars, log_text, tag
+from .collapse import measured_logits, training_precision
+from .distributed import on_every_rank, world_size
+from .logging import log_scalars, tag
 from .protocol import LossProtocolError
-
-log = logging.getLogger("dynscope")
+from .trigger import Trigger, Triggered
 
 
 def reduce_logit_stats(trainer, stats: LogitStats, device=None) -> LogitStats:
@@ -109,7 +106,7 @@ def z_loss_targets(pl_module) -> List[CrossEntropy]:
     return [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
 
 
-class AutoZLoss(OutputLogits):
+class AutoZLoss(Triggered, OutputLogits):
     """Adds the z-loss ``coefficient * (log Z)^2`` to the module's :class:`dynscope.nn.CrossEntropy`
     when ``log Z`` drifts.
 
@@ -170,18 +167,11 @@ class AutoZLoss(OutputLogits):
         )
         if not threshold > 0:
             raise ValueError(f"threshold must be positive (nats of log Z drift), got {threshold}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
         if not coefficient > 0:
             raise ValueError(f"coefficient must be positive, got {coefficient}")
         self.threshold = float(threshold)
-        self.patience = int(patience)
         self.coefficient = float(coefficient)
-        self.active = False
-        self.triggered_step: Optional[int] = None
-        self.reason: Optional[str] = None
-        self.trigger_values: Optional[Dict[str, float]] = None
-        self._streak = 0
+        self.trigger = Trigger("zloss", patience, conditions=("drift",))
 
     def check_module(self, trainer, pl_module) -> None:
         if not z_loss_targets(pl_module):
@@ -200,27 +190,21 @@ class AutoZLoss(OutputLogits):
         step = trainer.global_step
         if not self.active:
             drift = metrics.get("log_z_drift")
-            if drift is not None:
-                self._streak = self._streak + 1 if abs(drift) >= self.threshold else 0
-            fire = self._streak >= self.patience
-            if any_rank(trainer, fire, pl_module.device):
-                self._trigger(trainer, pl_module, step, metrics, fire)
+            fired = self.trigger.check(trainer, {"drift": None if drift is None else abs(drift) >= self.threshold},
+                                       pl_module.device)
+            if fired is not None:
+                self._trigger(trainer, pl_module, step, metrics, fired)
         log_scalars(trainer, {tag("mitigation", "zloss"): float(self.active)}, step)
         return metrics
 
-    def _trigger(self, trainer, pl_module, step: int, metrics: Dict[str, float], here: bool) -> None:
-        self.active = True
-        self.triggered_step = step
-        checks = f"{self.patience} consecutive check{'s' if self.patience > 1 else ''}"
-        self.reason = (f"output-logit divergence: |log_z_drift| >= {self.threshold:g} for {checks}" if here
-                       else "another rank's check fired")
-        keys = ("log_z_drift", "log_z_mean", "log_z_max", "max_logit")
-        self.trigger_values = {k: float(metrics[k]) for k in keys if k in metrics}
+    def _trigger(self, trainer, pl_module, step: int, metrics: Dict[str, float], fired: str) -> None:
+        reason = (f"output-logit divergence: |log_z_drift| >= {self.threshold:g} for {self.trigger.held}"
+                  if fired == "drift" else fired)  # else ANOTHER_RANK
+        self.trigger.fire(step, reason, metrics, ("log_z_drift", "log_z_mean", "log_z_max", "max_logit"))
         count = self._apply(pl_module)
         action = f"added the z-loss {self.coefficient:g}*logZ^2 to {count} CrossEntropy loss{'es' if count != 1 else ''}"
-        text = format_event("zloss", "on", step, f"{self.reason}; {action} (from step {step + 1} on)", self.trigger_values)
-        log.info("dynscope AutoZLoss: %s", text)
-        log_text(trainer, EVENTS, text, step)
+        # run() logs the 0/1 scalar
+        self.trigger.announce(trainer, f"{reason}; {action} (from step {step + 1} on)", scalar=False)
 
     def _apply(self, pl_module) -> int:
         losses = z_loss_targets(pl_module)
@@ -230,17 +214,13 @@ class AutoZLoss(OutputLogits):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state.update(active=self.active, triggered_step=self.triggered_step, reason=self.reason,
-                     trigger_values=self.trigger_values, streak=self._streak)
+        state.update(self.trigger.state_dict(), streak=self.trigger.streaks["drift"])
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.active = bool(state_dict.get("active", False))
-        self.triggered_step = state_dict.get("triggered_step")
-        self.reason = state_dict.get("reason")
-        self.trigger_values = state_dict.get("trigger_values")
-        self._streak = int(state_dict.get("streak", 0))
+        self.trigger.load_state_dict(state_dict)
+        self.trigger.streaks["drift"] = int(state_dict.get("streak", 0))
 
 
 __all__ = ["AutoZLoss", "OutputLogits", "reduce_logit_stats", "z_loss_targets"]

@@ -1,7 +1,7 @@
 """One mitigation trigger: named conditions, patience, agreement across ranks, the event.
 
-:class:`AutoStableMax` and :class:`AutoEMA` compose a :class:`Trigger` rather than each keeping its
-own streak counters, rank agreement and event bookkeeping; a new mitigation does the same.
+:class:`AutoStableMax`, :class:`AutoEMA` and :class:`AutoZLoss` compose a :class:`Trigger` rather than
+each keeping its own streak counters, rank agreement and event bookkeeping; a new mitigation does the same.
 """
 
 from __future__ import annotations
