@@ -283,7 +283,35 @@ def two_batch_noise_scale(small_sq_norm: float, big_sq_norm: float, small_batch:
     return TwoBatchEstimate(_ratio(trace, grad_sq), trace, grad_sq)
 
 
-class TwoBatchNoiseScale:
+class _SmoothedMoments:
+    """Exponential moving averages of ``tr(Sigma)`` and ``|G|**2`` (raw: the bias correction
+    ``1 - ema**num_updates`` is the same for both), with their checkpoint state."""
+
+    def __init__(self, ema: float = 0.9) -> None:
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        self.ema = ema
+        self.trace_sigma = 0.0
+        self.grad_sq_norm = 0.0
+        self.num_updates = 0
+
+    def _fold(self, trace_sigma: float, grad_sq_norm: float) -> None:
+        self.num_updates += 1
+        self.trace_sigma = self.ema * self.trace_sigma + (1.0 - self.ema) * trace_sigma
+        self.grad_sq_norm = self.ema * self.grad_sq_norm + (1.0 - self.ema) * grad_sq_norm
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"ema": self.ema, "trace_sigma": self.trace_sigma, "grad_sq_norm": self.grad_sq_norm,
+                "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.ema = float(state.get("ema", self.ema))
+        self.trace_sigma = float(state.get("trace_sigma", 0.0))
+        self.grad_sq_norm = float(state.get("grad_sq_norm", 0.0))
+        self.num_updates = int(state.get("num_updates", 0))
+
+
+class TwoBatchNoiseScale(_SmoothedMoments):
     """The two-batch estimator with exponential moving averages of ``tr(Sigma)`` and ``|G|**2``.
 
     McCandlish et al. smooth numerator and denominator separately and take the ratio of the
@@ -298,38 +326,17 @@ class TwoBatchNoiseScale:
         3.3333333333333335
     """
 
-    def __init__(self, ema: float = 0.9) -> None:
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        self.ema = ema
-        self.trace_sigma = 0.0
-        self.grad_sq_norm = 0.0
-        self.num_updates = 0
-
     def update(self, small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int) -> TwoBatchEstimate:
         """Fold in one pair of gradient norms; returns the smoothed estimate."""
         est = two_batch_noise_scale(small_sq_norm, big_sq_norm, small_batch, big_batch)
         if not (math.isfinite(est.trace_sigma) and math.isfinite(est.grad_sq_norm)):
             raise ValueError("the gradient norms must be finite")
-        self.num_updates += 1
-        self.trace_sigma = self.ema * self.trace_sigma + (1.0 - self.ema) * est.trace_sigma
-        self.grad_sq_norm = self.ema * self.grad_sq_norm + (1.0 - self.ema) * est.grad_sq_norm
+        self._fold(est.trace_sigma, est.grad_sq_norm)
         correction = 1.0 - self.ema**self.num_updates
         trace, grad_sq = self.trace_sigma / correction, self.grad_sq_norm / correction
         return TwoBatchEstimate(_ratio(trace, grad_sq), trace, grad_sq)
 
-    def state_dict(self) -> Dict[str, float]:
-        return {"ema": self.ema, "trace_sigma": self.trace_sigma, "grad_sq_norm": self.grad_sq_norm,
-                "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: Dict[str, float]) -> None:
-        self.ema = float(state.get("ema", self.ema))
-        self.trace_sigma = float(state.get("trace_sigma", 0.0))
-        self.grad_sq_norm = float(state.get("grad_sq_norm", 0.0))
-        self.num_updates = int(state.get("num_updates", 0))
-
-
-class SmoothedNoiseScale:
+class SmoothedNoiseScale(_SmoothedMoments):
     """``B_simple`` from many batches: unbiased ``tr(Sigma)`` and ``|G|**2`` of each, smoothed separately.
 
     A single batch's ``tr(Sigma) / |G_B|**2`` is biased low because ``E|G_B|**2 = |G|**2 +
@@ -348,22 +355,12 @@ class SmoothedNoiseScale:
         3.4285714285714284
     """
 
-    def __init__(self, ema: float = 0.9) -> None:
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        self.ema = ema
-        self.trace_sigma = 0.0
-        self.grad_sq_norm = 0.0
-        self.num_updates = 0
-
     def update(self, trace_sigma: float, batch_grad_sq: float, batch_size: int) -> float:
         """Fold in one batch (``tr(Sigma)`` unbiased, ``|G_B|**2``, ``B``); returns the smoothed ``B_simple``."""
         if not (math.isfinite(trace_sigma) and math.isfinite(batch_grad_sq)):
             raise ValueError("the gradient statistics must be finite")
         grad_sq = batch_grad_sq - trace_sigma / batch_size
-        self.num_updates += 1
-        self.trace_sigma = self.ema * self.trace_sigma + (1.0 - self.ema) * trace_sigma
-        self.grad_sq_norm = self.ema * self.grad_sq_norm + (1.0 - self.ema) * grad_sq
+        self._fold(trace_sigma, grad_sq)
         return self.value
 
     @property
@@ -374,12 +371,3 @@ class SmoothedNoiseScale:
         return _ratio(self.trace_sigma, self.grad_sq_norm) if self.grad_sq_norm > 0 else (
             math.inf if self.trace_sigma > 0 else math.nan)
 
-    def state_dict(self) -> Dict[str, float]:
-        return {"ema": self.ema, "trace_sigma": self.trace_sigma, "grad_sq_norm": self.grad_sq_norm,
-                "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: Dict[str, float]) -> None:
-        self.ema = float(state.get("ema", self.ema))
-        self.trace_sigma = float(state.get("trace_sigma", 0.0))
-        self.grad_sq_norm = float(state.get("grad_sq_norm", 0.0))
-        self.num_updates = int(state.get("num_updates", 0))
