@@ -336,6 +336,7 @@ class TwoBatchNoiseScale(_SmoothedMoments):
         trace, grad_sq = self.trace_sigma / correction, self.grad_sq_norm / correction
         return TwoBatchEstimate(_ratio(trace, grad_sq), trace, grad_sq)
 
+
 class SmoothedNoiseScale(_SmoothedMoments):
     """``B_simple`` from many batches: unbiased ``tr(Sigma)`` and ``|G|**2`` of each, smoothed separately.
 
