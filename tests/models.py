@@ -57,6 +57,34 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
+class _Encoder(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, h):
+        return self.rnn(h)[0]
+
+
+class SeqFirstTagger(nn.Module):
+    """Batch-first data, sequence-first inside: the Embedding and the head see ``[T, B, ...]``."""
+
+    def __init__(self, rnn=nn.LSTM, vocab: int = 7, dim: int = 4, hidden: int = 5, tags: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.encoder = _Encoder(rnn(dim, hidden))  # one level down: no batch_first on the tagger's children
+        self.head = nn.Linear(hidden, tags)
+
+    def forward(self, tokens):  # [B, T] -> [B, T, tags]
+        return self.head(self.encoder(self.embed(tokens.T))).transpose(0, 1)
+
+
+def tagging_loss(model, batch):
+    tokens, tags = batch
+    logits = model(tokens)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tags.reshape(-1), reduction="none").view(tags.shape).mean(1)
+
+
 class Classifier(pl.LightningModule):
     """A LightningModule around any network, with cross-entropy and SGD."""
 

@@ -21,7 +21,8 @@ from dynscope import (
 )
 from dynscope.callbacks import GradientNoise, LossProtocolError
 from dynscope.persample import GradientMoments, default_sample_chunk
-from models import Classifier, Recorder, SmallCNN, TinyTransformer, classification_data, loader, mlp, trainer
+from models import (Classifier, Recorder, SeqFirstTagger, SmallCNN, TinyTransformer, classification_data, loader, mlp,
+                    tagging_loss, trainer)
 from observer import assert_same_weights, trained_weights
 
 
@@ -224,34 +225,6 @@ def test_fast_path_on_the_transformer_equals_vmap():
     hooked = {n for n, m in fast.methods.items() if m == "hooks"}
     assert hooked == {"embed.weight", "ff.0.weight", "ff.0.bias", "ff.2.weight", "ff.2.bias", "head.weight", "head.bias"}
     assert_close_dict(fast.sq_dev, slow.sq_dev, atol=1e-12, rtol=1e-9)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, h):
-        return self.rnn(h)[0]
-
-
-class SeqFirstTagger(nn.Module):
-    """Batch-first data, sequence-first inside: the Embedding and the head see ``[T, B, ...]``."""
-
-    def __init__(self, rnn=nn.LSTM, vocab: int = 7, dim: int = 4, hidden: int = 5, tags: int = 3):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.encoder = _Encoder(rnn(dim, hidden))  # one level down: no batch_first on the tagger's children
-        self.head = nn.Linear(hidden, tags)
-
-    def forward(self, tokens):  # [B, T] -> [B, T, tags]
-        return self.head(self.encoder(self.embed(tokens.T))).transpose(0, 1)
-
-
-def tagging_loss(model, batch):
-    tokens, tags = batch
-    logits = model(tokens)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tags.reshape(-1), reduction="none").view(tags.shape).mean(1)
 
 
 def loop_reference(model, sample_loss, batch):

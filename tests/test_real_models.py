@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from identity import Aliased, attribute_identity
-from models import Classifier, Recorder, classification_data, loader, trainer
+from models import Classifier, Recorder, SeqFirstTagger, classification_data, loader, tagging_loss, trainer
 from observer import assert_same_weights
 from reference import exact_hessian
 from torch import nn
@@ -72,34 +72,6 @@ def lm_loss(model, batch):
 def classification_loss(model, batch):
     tokens, mask, labels = batch
     return F.cross_entropy(model(input_ids=tokens, attention_mask=mask).logits, labels, reduction="none")
-
-
-class _Encoder(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, h):
-        return self.rnn(h)[0]
-
-
-class Tagger(nn.Module):
-    """Batch-first data, sequence-first inside (``[T, B, ...]``): an LSTM or GRU tagger."""
-
-    def __init__(self, rnn=nn.LSTM, vocab: int = 7, dim: int = 3, hidden: int = 4, tags: int = 3):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.encoder = _Encoder(rnn(dim, hidden))
-        self.head = nn.Linear(hidden, tags)
-
-    def forward(self, tokens):
-        return self.head(self.encoder(self.embed(tokens.T))).transpose(0, 1)
-
-
-def tagging_loss(model, batch):
-    tokens, tags = batch
-    logits = model(tokens)
-    return F.cross_entropy(logits.transpose(1, 2), tags, reduction="none").mean(1)
 
 
 class TransformerLM(nn.Module):
@@ -164,8 +136,8 @@ def _cases():
                  ["transformer.wte.weight", "transformer.h.0.ln_2.weight", "transformer.h.0.mlp.c_proj.bias"]),
         "bert": (bert(), classification_loss, (tokens, mask, labels),
                  ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.output.dense.bias", "classifier.weight"]),
-        "lstm": (Tagger(nn.LSTM), tagging_loss, (tags_tokens, tags), None),
-        "gru": (Tagger(nn.GRU), tagging_loss, (tags_tokens, tags), None),
+        "lstm": (SeqFirstTagger(nn.LSTM, dim=3, hidden=4), tagging_loss, (tags_tokens, tags), None),
+        "gru": (SeqFirstTagger(nn.GRU, dim=3, hidden=4), tagging_loss, (tags_tokens, tags), None),
         "transformer_lm": (TransformerLM(), next_token_loss, (tags_tokens,),
                            ["embed.weight", "encoder.layers.0.linear2.weight", "decoder.bias"]),
         "resnet": (ResNet(), resnet_loss, (images, image_labels), ["block.conv2.weight", "block.bn2.weight", "fc.weight"]),
@@ -270,7 +242,7 @@ class TaggingModule(Classifier):
     """The sequence-first GRU tagger as a LightningModule (per-sample losses from dynscope_loss)."""
 
     def __init__(self):
-        super().__init__(Tagger(nn.GRU), lr=0.05, momentum=0.9)
+        super().__init__(SeqFirstTagger(nn.GRU, dim=3, hidden=4), lr=0.05, momentum=0.9)
         del self.criterion
 
     def dynscope_loss(self, batch):
