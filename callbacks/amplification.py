@@ -15,7 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from dynscope.amplification import EMA_WARMUPS, ema_decay, evaluate_metric, relative_swing, variance_amplification
+from dynscope.amplification import (
+    EMA_WARMUPS, EMAWindow, WarmupEMA, ema_window, evaluate_metric, relative_swing, variance_amplification,
+)
 
 from ._lightning import lightning_package
 from .base import DiagnosticCallback, _detached_copy
@@ -218,37 +220,6 @@ class VarianceAmplification(DiagnosticCallback):
         self._train_losses = list(state_dict.get("train_losses", []))
 
 
-class WarmupEMA:
-    """``multi_avg_fn`` for :class:`torch.optim.swa_utils.AveragedModel`: an EMA with the warm-up
-    schedule of :func:`dynscope.amplification.ema_decay` (non-float buffers are copied).
-
-    Example:
-        >>> import torch
-        >>> from torch.optim.swa_utils import AveragedModel
-        >>> net = torch.nn.Linear(1, 1, bias=False)
-        >>> ema = AveragedModel(net, multi_avg_fn=WarmupEMA(decay=0.5, warmup="none"))
-        >>> for value in (1.0, 3.0, 5.0):
-        ...     _ = net.weight.data.fill_(value)
-        ...     ema.update_parameters(net)
-        >>> ema.module.weight.item()   # 1, then 0.5*1 + 0.5*3 = 2, then 0.5*2 + 0.5*5
-        3.5
-    """
-
-    def __init__(self, decay: float = 0.99, warmup: str = "inverse", power: float = 0.75) -> None:
-        ema_decay(1, decay, warmup, power)  # validates
-        self.decay, self.warmup, self.power = decay, warmup, power
-
-    @torch.no_grad()
-    def __call__(self, averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged) -> None:
-        d = ema_decay(int(num_averaged), self.decay, self.warmup, self.power)
-        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
-        for a, c in zip(averaged, current):
-            if not torch.is_floating_point(a):
-                a.copy_(c)
-
-
 class AutoEMA(Triggered, VarianceAmplification):
     """Evaluates with an EMA of the weights once it makes the long-horizon metric steadier.
 
@@ -387,6 +358,7 @@ class AutoEMA(Triggered, VarianceAmplification):
         self._averaging = None  # Lightning's WeightAveraging, built in setup
         self._pending_averaging_state: Optional[Dict[str, Any]] = None
         self._pending_average_model: Optional[Dict[str, Any]] = None
+        self._window: Optional[EMAWindow] = None  # the last measurement's window statistics
 
     @property
     def ema_module(self) -> Optional[torch.nn.Module]:
@@ -448,6 +420,7 @@ class AutoEMA(Triggered, VarianceAmplification):
 
     # -- measuring and deciding --------------------------------------------------------------------
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
+        self._window = None
         out = super().measure(trainer, pl_module, batch)
         if not out or not self._averaged():
             return out
@@ -462,10 +435,8 @@ class AutoEMA(Triggered, VarianceAmplification):
         if len(self.metrics) == self.window:
             out["swing"] = relative_swing(self.metrics)
         if len(self.metrics_ema) == self.window and len(self.metrics) == self.window:
-            out["swing_ema"] = relative_swing(self.metrics_ema)
-            online, averaged = _swing(self.metrics), _swing(self.metrics_ema)
-            out["ema_swing_ratio"] = online / averaged if averaged > 0 else (math.inf if online > 0 else math.nan)
-            out["amplification_ema"] = variance_amplification(self.metrics_ema, list(self.losses))
+            self._window = ema_window(self.metrics, self.metrics_ema, self.losses)
+            out.update(self._window.metrics())
         return out
 
     def run(self, trainer, pl_module, batch) -> Dict[str, float]:
@@ -482,12 +453,9 @@ class AutoEMA(Triggered, VarianceAmplification):
         return metrics
 
     def _steadier(self, metrics: Dict[str, float]) -> bool:
-        ratio, swing = metrics.get("ema_swing_ratio"), metrics.get("swing")
-        if ratio is None or swing is None or not ratio >= self.steadier or not swing >= self.min_swing:
-            return False
-        mean, mean_ema = statistics.fmean(self.metrics), statistics.fmean(self.metrics_ema)
-        slack = self.tolerance * abs(mean)
-        return mean_ema >= mean - slack if self.higher_is_better else mean_ema <= mean + slack
+        window = self._window if "ema_swing_ratio" in metrics else None  # this measurement's window
+        return window is not None and window.steadier(self.steadier, self.min_swing, self.tolerance,
+                                                      self.higher_is_better)
 
     def _hits(self, metrics: Dict[str, float], steadier: bool) -> Dict[str, Optional[bool]]:
         """One condition: the EMA is steadier, or (with ``threshold``) the amplification exceeds it."""
@@ -543,8 +511,4 @@ class AutoEMA(Triggered, VarianceAmplification):
         self._load_pending()
 
 
-def _swing(values) -> float:
-    """``std(dv)``: the spread of the iterate-to-iterate changes (population std)."""
-    v = [float(x) for x in values]
-    d = [b - a for a, b in zip(v, v[1:])]
-    return statistics.pstdev(d) if len(d) > 1 else math.nan
+__all__ = ["AutoEMA", "MetricSpec", "VarianceAmplification", "WarmupEMA", "resolve_metric"]

@@ -22,9 +22,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from dynscope.context import measurement
-from dynscope.collapse import NLMAlignment, collapsed_rows, logit_gaps, nlm_alignment, resolve_dtype, zero_loss_rows
+from dynscope.collapse import CollapseCounts, NLMAlignment, NotClassLogitsError, nlm_alignment, resolve_dtype
+from dynscope.collapse import collapse_counts as core_collapse_counts
 from dynscope.nn import CrossEntropy
-from dynscope.objective import NonFiniteError
 from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
@@ -68,48 +68,17 @@ def measured_logits(module: torch.nn.Module, batch: Any, mode: str = "eval", con
 def collapse_counts(
     logits: torch.Tensor, targets: torch.Tensor, dtype, ignore_index: int, normalization: str = "softmax"
 ) -> torch.Tensor:
-    """float64 ``[samples, collapsed, zero_loss, gap_sum, correct, softmax_collapsed]`` over non-ignored samples.
-
-    ``collapsed`` and ``zero_loss`` are of the loss in use (``normalization``), ``softmax_collapsed``
-    always of the softmax. Sums, so that batches and ranks combine by adding.
-    """
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
-        raise LossProtocolError(
-            "SoftmaxCollapse needs class logits shaped [..., C] with C >= 2, got "
-            f"{getattr(logits, 'shape', type(logits).__name__)}"
-        )
-    if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
-        raise LossProtocolError(
-            "SoftmaxCollapse needs integer class targets (soft or regression targets have no softmax collapse); "
-            f"got {getattr(targets, 'dtype', type(targets).__name__)}"
-        )
-    keep = targets.detach().reshape(-1).to(logits.device) != ignore_index
-    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
-    # NaN or +inf logits (or a row of -inf) have no softmax: skip rather than count them as not collapsed.
-    # A -inf logit for a masked class is fine.
-    if rows.numel() and bool(rows.isnan().any() | rows.isposinf().any() | rows.amax(-1).isneginf().any()):
-        raise NonFiniteError(f"the logits are not finite ({rows.flatten()[:4].tolist()}...); the check is undefined here")
-    softmax = collapsed_rows(logits, dtype)[keep]
-    collapsed = softmax if normalization == "softmax" else collapsed_rows(logits, dtype, normalization)[keep]
-    zero = zero_loss_rows(logits, targets, dtype, ignore_index, normalization)[keep]
-    labels = targets.detach().reshape(-1).to(logits.device)[keep]
-    gaps = logit_gaps(rows).sum() if rows.shape[-1] >= 2 else torch.tensor(float("nan"))
-    correct = (rows.argmax(-1) == labels).sum()
-    parts = [keep.sum(), collapsed.sum(), zero.sum(), gaps, correct, softmax.sum()]
-    return torch.stack([torch.as_tensor(p, dtype=torch.float64).to(logits.device) for p in parts])
+    """:func:`dynscope.collapse.collapse_counts`; logits or targets that do not fit are a
+    :class:`LossProtocolError` (the diagnostic does not apply to this module: it is dropped)."""
+    try:
+        return core_collapse_counts(logits, targets, dtype, ignore_index, normalization)
+    except NotClassLogitsError as error:
+        raise LossProtocolError(str(error)) from error
 
 
 def fractions(counts: torch.Tensor, prefix: str = "", accuracy: str = "train_accuracy") -> Dict[str, float]:
-    n, collapsed, zero, gaps, correct, softmax = counts.tolist()
-    if n == 0:
-        return {}
-    return {
-        f"{prefix}sc_fraction": collapsed / n,
-        f"{prefix}zero_loss_fraction": zero / n,
-        f"{prefix}softmax_sc_fraction": softmax / n,
-        f"{prefix}max_logit_gap": gaps / n,
-        accuracy: correct / n,
-    }
+    """The logged fractions of summed counts (:meth:`dynscope.collapse.CollapseCounts.fractions`)."""
+    return CollapseCounts.from_tensor(counts).fractions(prefix, accuracy)
 
 
 def loss_in_use(pl_module, loss_fn=None) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import statistics
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -125,8 +125,12 @@ def _train(args, rho: float, name: str, root: str, callback_factory):
     return callback, [m["amplification"] for _, _, m in history.rows if "amplification" in m]
 
 
-def _swing(values) -> float:
-    return float(np.std(np.diff(np.asarray(values, dtype=np.float64))))
+def _window(cb):
+    """The last window's statistics (:func:`dynscope.amplification.ema_window`), ``None`` before it is full."""
+    from dynscope.amplification import ema_window
+
+    full = len(cb.metrics) == len(cb.metrics_ema) == len(cb.losses) >= 3
+    return ema_window(cb.metrics, cb.metrics_ema, cb.losses) if full else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,13 +152,12 @@ def run(args: argparse.Namespace) -> int:
         ["system", "rho(A)", "mean L", "mean J online", "mean J EMA", "swing online", "swing EMA", "EMA steadier",
          "A median (2nd half)", "AutoEMA"],
         [
-            (name, f"{rho:g}", f"{statistics.fmean(cb.losses):.4f}", f"{statistics.fmean(cb.metrics):.3f}",
-             f"{statistics.fmean(cb.metrics_ema):.3f}", f"{_swing(cb.metrics) / abs(statistics.fmean(cb.metrics)):.4f}",
-             f"{_swing(cb.metrics_ema) / abs(statistics.fmean(cb.metrics_ema)):.4f}",
-             f"{_swing(cb.metrics) / _swing(cb.metrics_ema):.1f}x" if _swing(cb.metrics_ema) > 0 else "n/a",
+            (name, f"{rho:g}", f"{statistics.fmean(cb.losses):.4f}", f"{w.mean:.3f}", f"{w.mean_ema:.3f}",
+             f"{w.swing:.4f}", f"{w.swing_ema:.4f}",
+             f"{w.ema_swing_ratio:.1f}x" if math.isfinite(w.ema_swing_ratio) else "n/a",
              f"{statistics.median(late(values)):.2f}" if values else "n/a",
              f"on at step {cb.triggered_step}" if cb.active else "off")
-            for name, rho, cb, values in runs
+            for name, rho, cb, values in runs for w in [_window(cb)] if w is not None
         ],
     )
     print("\n(swing: std of the iterate-to-iterate change of J over |mean J|; EMA steadier: std(dJ online) / "

@@ -12,17 +12,21 @@ between consecutive iterates. The paper gives no scalar; dynscope uses two:
 * :func:`amplification_probe`, from the current parameters alone: the same ratio for steps along
   sampled minibatch-noise directions.
 
-An exponential moving average of the iterates damps the swing (see
-:class:`dynscope.callbacks.AutoEMA`).
+An exponential moving average of the iterates damps the swing: :func:`ema_decay` is its warm-up
+schedule, :class:`WarmupEMA` the in-place update (for :class:`torch.optim.swa_utils.AveragedModel`),
+:func:`ema_window` compares the metric's swing under the online and the averaged weights over a
+window of evaluations (what :class:`dynscope.callbacks.AutoEMA` decides on). The logged metrics are
+declared in :data:`METRICS`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +34,10 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .context import measurement
+from .metrics import Metric, Metrics
 from .objective import Objective, batch_size_of, check_finite
 
-Metric = Callable[[nn.Module], float]
+LongHorizonMetric = Callable[[nn.Module], float]
 
 
 def _series(values: Sequence[float], name: str) -> np.ndarray:
@@ -156,7 +161,7 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
-def evaluate_metric(metric: Metric, module: nn.Module) -> float:
+def evaluate_metric(metric: LongHorizonMetric, module: nn.Module) -> float:
     """``float(metric(module))`` inside :func:`evaluating`; raises ``ValueError`` if not finite."""
     with evaluating(module):
         value = metric(module)
@@ -195,7 +200,7 @@ def _minibatches(batch: Any, size: int, count: int, generator: torch.Generator) 
 
 def amplification_probe(
     objective: Objective,
-    metric: Metric,
+    metric: LongHorizonMetric,
     *,
     lr: float,
     minibatch_size: Optional[int] = None,
@@ -332,3 +337,142 @@ def ema_decay(t: int, decay: float = 0.99, warmup: str = "inverse", power: float
     if warmup == "polynomial":
         return min(decay, 1.0 - (1.0 + t) ** -power)
     return decay
+
+
+class WarmupEMA:
+    """The EMA update with the warm-up schedule of :func:`ema_decay`, as ``multi_avg_fn`` for
+    :class:`torch.optim.swa_utils.AveragedModel` (non-float buffers are copied).
+
+    ``averaged <- d_t averaged + (1 - d_t) current`` in place, ``d_t = ema_decay(t, decay, warmup,
+    power)`` at the ``t``-th update after the first (which ``AveragedModel`` makes a copy).
+
+    Example:
+        >>> import torch
+        >>> from torch.optim.swa_utils import AveragedModel
+        >>> net = torch.nn.Linear(1, 1, bias=False)
+        >>> ema = AveragedModel(net, multi_avg_fn=WarmupEMA(decay=0.5, warmup="none"))
+        >>> for value in (1.0, 3.0, 5.0):
+        ...     _ = net.weight.data.fill_(value)
+        ...     ema.update_parameters(net)
+        >>> ema.module.weight.item()   # 1, then 0.5*1 + 0.5*3 = 2, then 0.5*2 + 0.5*5
+        3.5
+    """
+
+    def __init__(self, decay: float = 0.99, warmup: str = "inverse", power: float = 0.75) -> None:
+        ema_decay(1, decay, warmup, power)  # validates
+        self.decay, self.warmup, self.power = decay, warmup, power
+
+    @torch.no_grad()
+    def __call__(self, averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged) -> None:
+        d = ema_decay(int(num_averaged), self.decay, self.warmup, self.power)
+        floats = [(a, c) for a, c in zip(averaged, current) if torch.is_floating_point(a)]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+        for a, c in zip(averaged, current):
+            if not torch.is_floating_point(a):
+                a.copy_(c)
+
+
+# -- the window statistics AutoEMA decides on ------------------------------------------------------------
+
+
+def change_spread(values: Sequence[float]) -> float:
+    """``std(dv)``: the population standard deviation of the consecutive changes (``nan`` with fewer than 2).
+
+    Example:
+        >>> change_spread([1.0, 3.0, 1.0, 3.0])   # d = [2, -2, 2]: mean 2/3, std sqrt(32/9)
+        1.8856180831641267
+    """
+    v = [float(x) for x in values]
+    d = [b - a for a, b in zip(v, v[1:])]
+    return statistics.pstdev(d) if len(d) > 1 else math.nan
+
+
+@dataclass(frozen=True)
+class EMAWindow:
+    """The long-horizon metric under the online and the EMA weights over one window of evaluations.
+
+    Attributes:
+        swing: relative swing ``std(dJ) / |mean J|`` of the online metric (:func:`relative_swing`).
+        swing_ema: the same for the metric at the EMA weights.
+        ema_swing_ratio: ``std(dJ_online) / std(dJ_ema)``: how many times steadier the EMA is
+            (``inf`` when only the online metric moves, ``nan`` when neither does).
+        amplification_ema: :func:`variance_amplification` of the EMA's metric against the losses.
+        mean, mean_ema: the metric's mean under the online and the EMA weights.
+    """
+
+    swing: float
+    swing_ema: float
+    ema_swing_ratio: float
+    amplification_ema: float
+    mean: float
+    mean_ema: float
+
+    @property
+    def value(self) -> float:
+        """``ema_swing_ratio`` (the headline value, as every result's ``.value``)."""
+        return self.ema_swing_ratio
+
+    def metrics(self) -> Dict[str, float]:
+        """The logged metrics: ``swing``, ``swing_ema``, ``ema_swing_ratio``, ``amplification_ema``."""
+        return {"swing": self.swing, "swing_ema": self.swing_ema, "ema_swing_ratio": self.ema_swing_ratio,
+                "amplification_ema": self.amplification_ema}
+
+    def steadier(self, factor: float = 3.0, min_swing: float = 0.005, tolerance: float = 0.02,
+                 higher_is_better: bool = False) -> bool:
+        """Whether evaluating at the EMA pays: it is ``factor`` times steadier, the online metric
+        swings by at least ``min_swing``, and the EMA's mean is no worse than ``tolerance |mean J|``.
+
+        Example:
+            >>> w = ema_window([10.0, 12.0, 10.0, 12.0], [11.0, 11.2, 11.0, 11.2], [1.0, 1.01, 1.0, 1.01])
+            >>> round(w.ema_swing_ratio, 6), w.steadier(factor=3.0), w.steadier(factor=20.0)
+            (10.0, True, False)
+            >>> w.steadier(tolerance=0.0), w.steadier(tolerance=0.0, higher_is_better=True)   # mean 11.1 vs 11
+            (False, True)
+        """
+        if not self.ema_swing_ratio >= factor or not self.swing >= min_swing:
+            return False
+        slack = tolerance * abs(self.mean)
+        return self.mean_ema >= self.mean - slack if higher_is_better else self.mean_ema <= self.mean + slack
+
+
+def ema_window(
+    long_horizon_values: Sequence[float], long_horizon_values_ema: Sequence[float], losses: Sequence[float]
+) -> EMAWindow:
+    """Compare the metric's swing under the online and the EMA weights over one window (>= 3 evaluations each).
+
+    ``long_horizon_values`` and ``long_horizon_values_ema`` are ``J`` at the online and at the EMA
+    weights at the same evaluations, ``losses`` the training losses there (the amplification of the
+    EMA's metric is against the same loss).
+
+    Example:
+        >>> w = ema_window([10.0, 12.0, 10.0, 12.0], [11.0, 11.2, 11.0, 11.2], [1.0, 1.01, 1.0, 1.01])
+        >>> round(w.swing, 6), round(w.swing_ema, 6), round(w.ema_swing_ratio, 6)   # std(dJ) = 4*sqrt(2)/3, std(dJ_ema) a tenth
+        (0.17142, 0.016988, 10.0)
+    """
+    online, averaged = change_spread(long_horizon_values), change_spread(long_horizon_values_ema)
+    ratio = online / averaged if averaged > 0 else (math.inf if online > 0 else math.nan)
+    return EMAWindow(
+        swing=relative_swing(long_horizon_values), swing_ema=relative_swing(long_horizon_values_ema),
+        ema_swing_ratio=ratio, amplification_ema=variance_amplification(long_horizon_values_ema, list(losses)),
+        mean=statistics.fmean(long_horizon_values), mean_ema=statistics.fmean(long_horizon_values_ema),
+    )
+
+
+# -- what the amplification diagnostics log (see dynscope.metrics) -----------------------------------------
+
+METRICS = Metrics(
+    "gva",
+    Metric("amplification", "A = relative spread of the metric's changes / that of the loss's changes.", "ratio",
+           chart="amplification"),
+    Metric("metric", "The long-horizon metric of the online weights.", "metric", chart="metric"),
+    Metric("metric_ema", "The same metric for the (shadow) EMA of the weights (AutoEMA).", "metric", chart="metric"),
+    Metric("loss", "Training loss over the same window.", "loss", chart="loss"),
+    Metric("swing", "Relative swing of the metric, std(dJ)/|mean J| over the window: an alarm of its own (AutoEMA).",
+           "ratio", chart="swing"),
+    Metric("swing_ema", "The same for the EMA of the weights (AutoEMA).", "ratio", chart="swing"),
+    Metric("ema_swing_ratio", "std(dJ online) / std(dJ EMA): how many times steadier the EMA is (AutoEMA acts from 3).",
+           "ratio", chart="steadiness"),
+    Metric("amplification_ema", "A of the EMA's metric against the same loss (AutoEMA).", "ratio",
+           chart="amplification"),
+)

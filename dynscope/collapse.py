@@ -22,6 +22,11 @@ Naive loss minimisation (NLM): after the training set is fitted, the cheapest wa
 loss further is to scale the logits up, and the gradient aligns with the weights themselves;
 :func:`nlm_alignment` reports ``cos(theta, -grad)`` (near 1 under NLM).
 
+Counting for a training run: :func:`count_collapse` measures one batch of logits and returns a
+:class:`CollapseCounts` (sums, so that batches and data-parallel ranks combine by adding), whose
+:meth:`~CollapseCounts.fractions` are the metrics :class:`dynscope.callbacks.SoftmaxCollapse` logs
+(declared in :data:`METRICS`).
+
 Logits here have the class dimension last: ``[..., C]``, with targets shaped ``[...]``.
 """
 
@@ -34,6 +39,9 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .metrics import Metric, Metrics
+from .objective import NonFiniteError
 
 DTypeLike = Union[None, str, torch.dtype]
 
@@ -287,3 +295,154 @@ def nlm_alignment(
     if not per_tensor:
         raise ValueError("no parameter has a gradient: run backward first or pass grads=")
     return NLMAlignment(_cos(dot, a2, b2), dict(per_tensor))
+
+
+# -- counting over a training run --------------------------------------------------------------------
+
+
+class NotClassLogitsError(TypeError):
+    """The model's outputs are not class logits ``[..., C]`` (``C >= 2``) with integer class targets."""
+
+
+@dataclass(frozen=True)
+class CollapseCounts:
+    """Sums over the non-ignored samples of one or more batches (they combine by adding).
+
+    ``collapsed`` and ``zero_loss`` are of the loss in use (the ``normalization`` counted with),
+    ``softmax_collapsed`` always of the softmax; ``gap_sum`` sums :func:`logit_gaps`; ``correct``
+    counts arg-max hits.
+    """
+
+    samples: float
+    collapsed: float
+    zero_loss: float
+    gap_sum: float
+    correct: float
+    softmax_collapsed: float
+
+    @classmethod
+    def from_tensor(cls, counts: torch.Tensor) -> "CollapseCounts":
+        """From the ``[6]`` tensor of :func:`collapse_counts` (e.g. after summing it over ranks)."""
+        return cls(*(float(v) for v in counts.reshape(-1).tolist()))
+
+    def as_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor([self.samples, self.collapsed, self.zero_loss, self.gap_sum, self.correct,
+                             self.softmax_collapsed], dtype=torch.float64, device=device)
+
+    def __add__(self, other: "CollapseCounts") -> "CollapseCounts":
+        return CollapseCounts(*(a + b for a, b in zip(self.as_tensor().tolist(), other.as_tensor().tolist())))
+
+    @property
+    def value(self) -> float:
+        """``sc_fraction`` (the headline value, as every result's ``.value``; ``nan`` without samples)."""
+        return self.collapsed / self.samples if self.samples else float("nan")
+
+    def fractions(self, prefix: str = "", accuracy: str = "train_accuracy") -> Dict[str, float]:
+        """The logged metrics: ``{prefix}sc_fraction``, ``zero_loss_fraction``, ``softmax_sc_fraction``,
+        ``max_logit_gap`` (mean gap) and ``accuracy``; empty without samples.
+
+        Example:
+            >>> c = count_collapse(torch.tensor([[30.0, 0.0], [30.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1, 0]))
+            >>> c.fractions("held_", "held_accuracy") == {"held_sc_fraction": 2 / 3, "held_zero_loss_fraction": 1 / 3,
+            ...     "held_softmax_sc_fraction": 2 / 3, "held_max_logit_gap": 61 / 3, "held_accuracy": 2 / 3}
+            True
+        """
+        n = self.samples
+        if n == 0:
+            return {}
+        return {
+            f"{prefix}sc_fraction": self.collapsed / n,
+            f"{prefix}zero_loss_fraction": self.zero_loss / n,
+            f"{prefix}softmax_sc_fraction": self.softmax_collapsed / n,
+            f"{prefix}max_logit_gap": self.gap_sum / n,
+            accuracy: self.correct / n,
+        }
+
+
+def collapse_counts(
+    logits: torch.Tensor, targets: torch.Tensor, dtype: DTypeLike = None, ignore_index: int = -100,
+    normalization: str = "softmax",
+) -> torch.Tensor:
+    """:func:`count_collapse` as a float64 tensor ``[samples, collapsed, zero_loss, gap_sum, correct,
+    softmax_collapsed]`` on the logits' device, ready to be summed over batches or ranks.
+
+    Raises:
+        NotClassLogitsError: the logits are not ``[..., C]`` with ``C >= 2``, or the targets are not integers.
+        NonFiniteError: a kept row has a NaN or ``+inf`` logit, or no finite one (a ``-inf`` logit of a
+            masked class is fine): its softmax is undefined.
+
+    Example:
+        >>> collapse_counts(torch.tensor([[30.0, 0.0], [1.0, 0.0]]), torch.tensor([0, -100])).tolist()
+        [1.0, 1.0, 1.0, 30.0, 1.0, 1.0]
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] < 2:
+        raise NotClassLogitsError(
+            "SoftmaxCollapse needs class logits shaped [..., C] with C >= 2, got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+        raise NotClassLogitsError(
+            "SoftmaxCollapse needs integer class targets (soft or regression targets have no softmax collapse); "
+            f"got {getattr(targets, 'dtype', type(targets).__name__)}"
+        )
+    labels = targets.detach().reshape(-1).to(logits.device)
+    keep = labels != ignore_index
+    rows = logits.detach().reshape(-1, logits.shape[-1])[keep]
+    if rows.numel() and bool(rows.isnan().any() | rows.isposinf().any() | rows.amax(-1).isneginf().any()):
+        raise NonFiniteError(f"the logits are not finite ({rows.flatten()[:4].tolist()}...); the check is undefined here")
+    softmax = collapsed_rows(logits, dtype)[keep]
+    collapsed = softmax if normalization == "softmax" else collapsed_rows(logits, dtype, normalization)[keep]
+    zero = zero_loss_rows(logits, targets, dtype, ignore_index, normalization)[keep]
+    correct = (rows.argmax(-1) == labels[keep]).sum()
+    parts = [keep.sum(), collapsed.sum(), zero.sum(), logit_gaps(rows).sum(), correct, softmax.sum()]
+    return torch.stack([torch.as_tensor(p, dtype=torch.float64).to(logits.device) for p in parts])
+
+
+def count_collapse(
+    logits: torch.Tensor, targets: torch.Tensor, dtype: DTypeLike = None, ignore_index: int = -100,
+    normalization: str = "softmax",
+) -> CollapseCounts:
+    """Softmax collapse, zero losses, logit gaps and accuracy of one batch of logits, as :class:`CollapseCounts`.
+
+    Args:
+        logits: ``[..., C]`` (class dimension last, ``C >= 2``).
+        targets: integer class indices shaped like ``logits`` without its last dimension.
+        dtype: the dtype the loss is computed in (see :func:`softmax_collapse`); default: the logits'.
+        ignore_index: targets with this value are left out.
+        normalization: the loss in use, ``"softmax"`` or ``"stablemax"`` (``softmax_collapsed`` is
+            always the softmax's).
+
+    Example:
+        >>> z = torch.tensor([[30.0, 0.0], [30.0, 0.0], [1.0, 0.0]])   # e^-30 < 2^-24 < e^-1
+        >>> c = count_collapse(z, torch.tensor([0, 1, 0]))
+        >>> c.samples, c.collapsed, c.zero_loss, c.correct, c.value
+        (3.0, 2.0, 1.0, 2.0, 0.6666666666666666)
+        >>> count_collapse(z, torch.tensor([0, 1, 0]), normalization="stablemax").collapsed
+        0.0
+    """
+    return CollapseCounts.from_tensor(collapse_counts(logits, targets, dtype, ignore_index, normalization))
+
+
+# -- what the collapse diagnostics log (see dynscope.metrics) ------------------------------------------
+
+METRICS = Metrics(
+    "collapse",
+    Metric("sc_fraction", "Fraction of samples whose top-class log-probability is exactly 0 in the loss in use "
+                          "(its dtype).", "fraction of samples", chart="collapse"),
+    Metric("zero_loss_fraction", "Fraction of samples with an exactly-zero loss (the loss in use).",
+           "fraction of samples", chart="collapse"),
+    Metric("softmax_sc_fraction", "The softmax's collapse fraction, also after a switch to StableMax (how far the "
+                                  "logits grew).", "fraction of samples", chart="collapse"),
+    Metric("nlm_cos", "cos(θ, −∇L): positive when the gradient just scales the weights (naive loss minimisation).",
+           "cosine", per_layer=True, chart="nlm"),
+    Metric("max_logit_gap", "Mean over samples of the gap between the top logit and the runner-up.", "logit units", chart="gap"),
+    Metric("train_accuracy", "Training accuracy on the measured batch.", "accuracy", chart="accuracy"),
+    Metric("held_sc_fraction", "Softmax collapse on held-out (validation) batches (held_data='val').",
+           "fraction of samples", chart="collapse"),
+    Metric("held_zero_loss_fraction", "Exactly-zero losses on the held-out batches.", "fraction of samples",
+           chart="collapse"),
+    Metric("held_max_logit_gap", "Mean logit gap on the held-out batches.", "logit units", chart="gap"),
+    Metric("held_accuracy", "Accuracy on the held-out batches.", "accuracy", chart="accuracy"),
+    Metric("held_softmax_sc_fraction", "The softmax's collapse on the held-out batches (also after a switch to "
+                                       "StableMax).", "fraction of samples", chart="collapse"),
+)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .context import measurement
+from .metrics import Metric, Metrics
 from .objective import check_finite
 
 #: Activation modules whose kinks delimit linear regions, with the pre-activation values of the kinks.
@@ -460,3 +461,14 @@ def _result(model, counter: _Counter, num_points: int, radius: float, num_direct
         num_directions=num_directions,
         applicable=applicable,
     )
+
+
+# -- what the linear-region diagnostics log (see dynscope.metrics) -------------------------------------
+
+METRICS = Metrics(
+    "regions",
+    Metric("lc_train", "Local complexity around training points (falls, rises, falls while grokking).",
+           "neurons crossing", per_layer=True, chart="lc"),
+    Metric("lc_test", "Local complexity around test points.", "neurons crossing", per_layer=True, chart="lc"),
+    Metric("lc_random", "Local complexity around random points.", "neurons crossing", per_layer=True, chart="lc"),
+)
