@@ -382,15 +382,17 @@ def _finals_table(run: Run, groups: List[Group]) -> str:
             s = run.scalars[tag]
             metric = tag if group.user else tag[len(f"{PREFIX}/{group.name}/"):] or group.name
             step, value = s.last
+            unit = "" if group.user else group.unit(metric.split("/")[0])
             rows.append(
                 f"<tr><td>{html.escape(group.title)}</td><td><code>{html.escape(metric)}</code></td>"
                 f"<td class=num>{_num(value)}</td><td class=num>{step}</td>"
-                f"<td class=num>{_num(float(s.values.min()))}</td><td class=num>{_num(float(s.values.max()))}</td></tr>"
+                f"<td class=num>{_num(float(s.values.min()))}</td><td class=num>{_num(float(s.values.max()))}</td>"
+                f"<td>{html.escape(unit)}</td></tr>"
             )
     if not rows:
         return ""
     return ("<h3>Final values</h3><table class=finals><thead><tr><th>group</th><th>metric</th><th>final</th>"
-            f"<th>at step</th><th>min</th><th>max</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f"<th>at step</th><th>min</th><th>max</th><th>unit</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _is_layer_tag(group: Group, tag: str) -> bool:

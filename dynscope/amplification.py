@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .context import measurement
-from .metrics import Metric, Metrics
+from .metrics import GVA as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
 from .objective import Objective, batch_size_of, check_finite
 
 LongHorizonMetric = Callable[[nn.Module], float]
@@ -457,22 +457,3 @@ def ema_window(
         ema_swing_ratio=ratio, amplification_ema=variance_amplification(long_horizon_values_ema, list(losses)),
         mean=statistics.fmean(long_horizon_values), mean_ema=statistics.fmean(long_horizon_values_ema),
     )
-
-
-# -- what the amplification diagnostics log (see dynscope.metrics) -----------------------------------------
-
-METRICS = Metrics(
-    "gva",
-    Metric("amplification", "A = relative spread of the metric's changes / that of the loss's changes.", "ratio",
-           chart="amplification"),
-    Metric("metric", "The long-horizon metric of the online weights.", "metric", chart="metric"),
-    Metric("metric_ema", "The same metric for the (shadow) EMA of the weights (AutoEMA).", "metric", chart="metric"),
-    Metric("loss", "Training loss over the same window.", "loss", chart="loss"),
-    Metric("swing", "Relative swing of the metric, std(dJ)/|mean J| over the window: an alarm of its own (AutoEMA).",
-           "ratio", chart="swing"),
-    Metric("swing_ema", "The same for the EMA of the weights (AutoEMA).", "ratio", chart="swing"),
-    Metric("ema_swing_ratio", "std(dJ online) / std(dJ EMA): how many times steadier the EMA is (AutoEMA acts from 3).",
-           "ratio", chart="steadiness"),
-    Metric("amplification_ema", "A of the EMA's metric against the same loss (AutoEMA).", "ratio",
-           chart="amplification"),
-)

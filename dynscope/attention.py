@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .metrics import Metric, Metrics
+from .metrics import ATTENTION as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
 
 __all__ = ["AttentionStats", "attention_logits", "capture_attention", "logit_stats", "qk_stats", "summarize"]
 
@@ -368,19 +368,3 @@ def summarize(found: Dict[str, AttentionStats], per_head: bool = False) -> Dict[
                 out[f"head_max_logit/{layer}.h{i}"] = float(s.max_logit[i])
                 out[f"head_entropy_min/{layer}.h{i}"] = float(s.entropy_min[i])
     return out
-
-
-# -- what the attention diagnostics log (see dynscope.metrics) -----------------------------------------
-
-METRICS = Metrics(
-    "attention",
-    Metric("max_logit", "Largest |q·k|·scale over the attended positions (scale = 1/√d unless the layer sets it).",
-           "|q·k|·scale", per_layer=True, chart="max_logit"),
-    Metric("entropy_min", "Smallest entropy (nats) of a query's attention distribution: near 0, attention sits on "
-                          "one token.", "nats", per_layer=True, chart="entropy"),
-    Metric("entropy_mean", "Mean attention entropy over the batch's queries.", "nats", per_layer=True, chart="entropy"),
-    Metric("head_max_logit", "Largest attention logit of one head (per_head=True).", "|q·k|·scale", per_layer=True,
-           layer_only=True),
-    Metric("head_entropy_min", "Smallest attention entropy of one head (per_head=True).", "nats", per_layer=True,
-           layer_only=True),
-)

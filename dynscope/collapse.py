@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import Metric, Metrics
+from .metrics import COLLAPSE as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
 from .objective import NonFiniteError
 
 DTypeLike = Union[None, str, torch.dtype]
@@ -421,28 +421,3 @@ def count_collapse(
         0.0
     """
     return CollapseCounts.from_tensor(collapse_counts(logits, targets, dtype, ignore_index, normalization))
-
-
-# -- what the collapse diagnostics log (see dynscope.metrics) ------------------------------------------
-
-METRICS = Metrics(
-    "collapse",
-    Metric("sc_fraction", "Fraction of samples whose top-class log-probability is exactly 0 in the loss in use "
-                          "(its dtype).", "fraction of samples", chart="collapse"),
-    Metric("zero_loss_fraction", "Fraction of samples with an exactly-zero loss (the loss in use).",
-           "fraction of samples", chart="collapse"),
-    Metric("softmax_sc_fraction", "The softmax's collapse fraction, also after a switch to StableMax (how far the "
-                                  "logits grew).", "fraction of samples", chart="collapse"),
-    Metric("nlm_cos", "cos(θ, −∇L): positive when the gradient just scales the weights (naive loss minimisation).",
-           "cosine", per_layer=True, chart="nlm"),
-    Metric("max_logit_gap", "Mean over samples of the gap between the top logit and the runner-up.", "logit units", chart="gap"),
-    Metric("train_accuracy", "Training accuracy on the measured batch.", "accuracy", chart="accuracy"),
-    Metric("held_sc_fraction", "Softmax collapse on held-out (validation) batches (held_data='val').",
-           "fraction of samples", chart="collapse"),
-    Metric("held_zero_loss_fraction", "Exactly-zero losses on the held-out batches.", "fraction of samples",
-           chart="collapse"),
-    Metric("held_max_logit_gap", "Mean logit gap on the held-out batches.", "logit units", chart="gap"),
-    Metric("held_accuracy", "Accuracy on the held-out batches.", "accuracy", chart="accuracy"),
-    Metric("held_softmax_sc_fraction", "The softmax's collapse on the held-out batches (also after a switch to "
-                                       "StableMax).", "fraction of samples", chart="collapse"),
-)

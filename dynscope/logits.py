@@ -22,7 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .metrics import Metric, Metrics
+from .metrics import LOGITS as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
 
 __all__ = ["LogitStats", "log_partition", "output_logit_stats", "z_loss"]
 
@@ -114,17 +114,3 @@ def z_loss(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, reducti
         return sq.sum().to(logits.dtype)
     count = keep.sum().clamp(min=1) if keep is not None else sq.numel()
     return (sq.sum() / count).to(logits.dtype)
-
-
-# -- what the output-logit diagnostics log (see dynscope.metrics) --------------------------------------
-
-METRICS = Metrics(
-    "logits",
-    Metric("log_z_mean", "Mean log Z = logsumexp of the output logits over the positions.", "log Z", chart="log_z"),
-    Metric("log_z_max", "Largest log Z of a position.", "log Z", chart="log_z"),
-    Metric("log_z_min", "Smallest log Z of a position.", "log Z", chart="log_z"),
-    Metric("log_z_drift", "log_z_mean minus its value at the first measurement (AutoZLoss acts on it).", "nats",
-           chart="drift"),
-    Metric("max_logit", "Largest output logit.", "logit", chart="max_logit"),
-    Metric("z_loss", "mean((log Z)²): the z-loss per unit coefficient.", "(log Z)²", chart="z_loss"),
-)

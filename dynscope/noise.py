@@ -372,24 +372,3 @@ class SmoothedNoiseScale(_SmoothedMoments):
         return _ratio(self.trace_sigma, self.grad_sq_norm) if self.grad_sq_norm > 0 else (
             math.inf if self.trace_sigma > 0 else math.nan)
 
-
-
-# -- what the gradient-noise diagnostics log (see dynscope.metrics) ---------------------------------
-from .metrics import Metric, Metrics  # noqa: E402 - kept at the end: the declarations are an appendix
-
-METRICS = Metrics(
-    "noise",
-    Metric("gsnr", "Mean gradient signal-to-noise ratio mean(g)²/var(g) per coordinate (Liu et al. 2020).", "ratio",
-           per_layer=True, chart="gsnr"),
-    Metric("block_gsnr", "Block g-SNR ‖g_p‖/std(g_p) per parameter tensor (SGD-SaI, Xu et al. 2024).", "‖g‖/std(g)",
-           per_layer=True, layer_only=True),
-    Metric("noise_scale", "Simple gradient noise scale B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018).", "samples",
-           chart="noise_scale"),
-    Metric("critical_batch", "B_simple from unbiased tr(Σ) and ‖G‖² smoothed separately: the critical batch size.",
-           "samples", chart="noise_scale"),
-    Metric("noise_scale_two_batch", "Under DDP: B_simple from one rank's vs the all-reduced gradient (unbiased "
-                                    "two-batch estimate, EMA-smoothed).", "samples", chart="noise_scale"),
-    Metric("noise_scale_over_batch", "Smoothed B_simple / batch size: above 1, a larger batch still helps.", "ratio",
-           chart="over_batch"),
-    Metric("grad_norm", "Norm of the mini-batch gradient.", "‖g‖", chart="grad_norm"),
-)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .context import measurement
-from .metrics import Metric, Metrics
+from .metrics import REGIONS as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
 from .objective import check_finite
 
 #: Activation modules whose kinks delimit linear regions, with the pre-activation values of the kinks.
@@ -461,14 +461,3 @@ def _result(model, counter: _Counter, num_points: int, radius: float, num_direct
         num_directions=num_directions,
         applicable=applicable,
     )
-
-
-# -- what the linear-region diagnostics log (see dynscope.metrics) -------------------------------------
-
-METRICS = Metrics(
-    "regions",
-    Metric("lc_train", "Local complexity around training points (falls, rises, falls while grokking).",
-           "neurons crossing", per_layer=True, chart="lc"),
-    Metric("lc_test", "Local complexity around test points.", "neurons crossing", per_layer=True, chart="lc"),
-    Metric("lc_random", "Local complexity around random points.", "neurons crossing", per_layer=True, chart="lc"),
-)

@@ -33,7 +33,7 @@ import torch
 from torch.func import jvp
 
 from .eigen import top_eigenvalues
-from .metrics import Metric, Metrics
+from .metrics import SPIKES as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
 from .objective import Objective, check_finite
 from .persample import per_sample_grads
 
@@ -183,24 +183,3 @@ def opposing_signals(
         positive=order.flip(0)[:k].tolist(), negative=order[:k].tolist(), eigenvector=v.detach(),
         converged=bool(eig.converged),
     )
-
-
-
-# -- what the spike diagnostics log (see dynscope.metrics) ---------------------------------------------
-
-METRICS = Metrics(
-    "spikes",
-    Metric("loss_zscore", "Training loss in robust standard deviations (1.4826·MAD) above the running median.",
-           "robust std", chart="zscore"),
-    Metric("detected", "1 at each detected spike.", "0/1", chart="detected"),
-    Metric("zscore", "Robust z-score of the spiking loss.", "robust std", chart="zscore"),
-    Metric("loss", "The spiking loss.", "loss"),
-    Metric("lambda_max", "Top Hessian eigenvalue at the pre-spike weights (spiking and recent batches).", "eigenvalue",
-           chart="lambda_max"),
-    Metric("opposition", "1 − |Σ gᵢ·v| / Σ |gᵢ·v|: near 1 when opposing samples cancel along v.", "fraction",
-           chart="opposition"),
-    Metric("top_positive", "Largest per-sample projection gᵢ·v.", "gᵢ·v", chart="projections"),
-    Metric("top_negative", "Most negative per-sample projection gᵢ·v.", "gᵢ·v", chart="projections"),
-    Metric("grad_projection", "Batch gradient along the top eigenvector v.", "gᵢ·v", chart="projections"),
-    Metric("projection_std", "Spread of the per-sample projections.", "gᵢ·v", chart="projections"),
-)

@@ -1,9 +1,10 @@
-"""One tag registry (dashboards/groups.py): every tag a dynscope callback can log has a chart.
+"""One tag registry: the core declares every metric (dynscope.metrics), the dashboards chart them
+(dashboards/groups.py), and every tag a dynscope callback can log is declared and has a chart.
 
 The tags come from real runs that switch every option on (Adam for the preconditioned sharpness,
 held-out collapse data, every mitigation firing, the overhead budget), not from a hand-typed list;
-only the DDP-only two-batch noise scale is named by hand. The README's table is checked against
-the same registry.
+only the DDP-only two-batch noise scale is named by hand. The declarations and the charts are
+checked against each other both ways, and the README's table against the declarations.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from dynscope.callbacks import DynScope
 from dynscope.dashboards.groups import GROUPS, STABILITY_LINE_TAG, chart_for_tag, group_of
 from dynscope.dashboards.layout import build_layout
+from dynscope.metrics import DECLARED
 from dynscope.nn import CrossEntropy
 from models import Classifier, Recorder, classification_data, loader, mlp, trainer
 
@@ -88,11 +90,51 @@ def test_every_chart_regex_is_in_the_tensorboard_layout(logged_tags):
         assert any(re.match(r, tag) for r in regexes), tag
 
 
-def test_the_readme_table_names_every_registered_metric():
+def test_every_logged_tag_is_declared_by_the_core(logged_tags):
+    undeclared = []
+    for tag in sorted(logged_tags | set(DDP_ONLY)):
+        group = group_of(tag)
+        if tag in TEXT_ONLY or tag == STABILITY_LINE_TAG or group == "overhead":  # the suite's own cost account
+            continue
+        parts = tag.split("/")
+        metric = DECLARED[group][parts[2]] if group in DECLARED and parts[2] in DECLARED[group] else None
+        layered = len(parts) > 3 and not parts[3].startswith("r=")  # regions' radius suffix is not a layer
+        if metric is None or (layered and not metric.per_layer) or (not layered and metric.layer_only):
+            undeclared.append(tag)
+    assert not undeclared, f"logged but not declared (as logged, overall or per layer) in dynscope.metrics: {undeclared}"
+
+
+def test_every_declared_metric_has_a_chart_and_every_charted_metric_is_declared():
+    assert set(DECLARED) <= set(GROUPS)
+    for name, declared in DECLARED.items():
+        group = GROUPS[name]
+        assert group.declared is declared and group.metrics == declared.descriptions()
+        for metric in declared:
+            overall, layer = f"dynscope/{name}/{metric.name}", f"dynscope/{name}/{metric.name}/layer.0"
+            if metric.chart is not None:
+                chart = chart_for_tag(overall)
+                assert chart is not None and not chart.per_layer and metric.name in chart.metrics, overall
+            else:
+                assert chart_for_tag(overall) is None and (metric.layer_only or metric.name in group.table_only), overall
+            if metric.per_layer:
+                chart = chart_for_tag(layer)
+                assert chart is not None and chart.per_layer and metric.name in chart.metrics, layer
+            else:
+                assert chart_for_tag(layer) is None or chart_for_tag(layer).pattern, layer
+        for chart in group.charts:
+            for metric in chart.metrics:
+                assert metric in declared, f"{name}: chart {chart.title!r} draws the undeclared {metric!r}"
+                assert declared[metric].per_layer if chart.per_layer else declared[metric].chart is not None
+            for mitigation in chart.events:
+                assert mitigation in DECLARED["mitigation"], (chart.title, mitigation)
+        assert set(group.table_only) == {m.name for m in declared if m.table_only}
+
+
+def test_the_readme_table_names_every_declared_metric():
     readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8").read()
     table = "\n".join(line for line in readme.splitlines() if line.startswith("|"))  # every table of the README
-    for name, group in GROUPS.items():
-        if group.user or name in ("mitigation", "overhead"):
+    for name, declared in DECLARED.items():
+        if name == "mitigation":
             continue
-        for metric in group.metrics:
+        for metric in declared.names:
             assert any(f"`{p}{metric}{e}" in table for p in ("", f"{name}/") for e in ("`", "/")), f"{name}/{metric} missing from the README table"

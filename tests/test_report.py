@@ -78,6 +78,9 @@ def test_events_and_final_values_tables(page, run_logs):
         assert shown, metric
         assert float(shown[1]) == pytest.approx(curvature.last_metrics[metric], rel=1e-3)
         assert int(shown[2]) == run_logs.max_steps
+    # the unit column is the core's declaration (dynscope.metrics)
+    assert re.search(r"<code>hessian_trace</code></td>(<td class=num>[^<]+</td>){4}<td>tr\(H\)</td></tr>", finals)
+    assert re.search(r"<code>eos_ratio</code></td>(<td class=num>[^<]+</td>){4}<td>ratio</td></tr>", finals)
 
 
 def test_partial_and_older_logs(tmp_path):
