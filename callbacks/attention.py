@@ -5,13 +5,13 @@ The math is in :mod:`dynscope.attention` (Wortsman et al. 2023; Zhai et al. 2023
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from typing import Any, Dict, Mapping
 
 import torch
 
 from dynscope.attention import AttentionStats, capture_attention, summarize
+from dynscope.context import measurement
 
 from .base import DiagnosticCallback
 from .collapse import training_precision
@@ -27,19 +27,8 @@ def measured_forward(module: torch.nn.Module, batch: Any, mode: str = "eval", co
     when defined, else ``module(x)`` for ``(x, y)`` batches, ``module(**batch)`` for dicts and
     ``module(batch)`` for a tensor.
     """
-    flags = [(m, m.training) for m in module.modules()]
-    saved = [(b, b.clone()) for b in module.buffers()] if mode == "train" else []
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), (context or contextlib.nullcontext()):
-            module.train(mode == "train")
-            return _forward(module, batch)
-    finally:
-        for m, training in flags:
-            m.training = training
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+    with measurement(module, mode, autocast=context):
+        return _forward(module, batch)
 
 
 def _forward(module, batch):
