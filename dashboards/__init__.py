@@ -1,6 +1,6 @@
 """dynscope's dashboards: the TensorBoard custom-scalars layout and the static HTML report.
 
-* :mod:`~dynscope.dashboards.groups` — the catalogue of groups, charts and metric descriptions.
+* :mod:`~dynscope.dashboards.groups` — the catalogue of groups and charts over the metrics :mod:`dynscope.metrics` declares.
 * :mod:`~dynscope.dashboards.layout` — the custom-scalars layout proto (written by the callbacks).
 * :mod:`~dynscope.dashboards.events` — reading event files; the text of mitigation events.
 * :mod:`~dynscope.dashboards.report` — ``write_report(logdir, output)``, behind ``dynscope report``.

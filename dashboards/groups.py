@@ -93,7 +93,12 @@ class Chart:
 
 @dataclass(frozen=True)
 class Group:
-    """A dashboard category: title, a one-paragraph summary, metric descriptions, charts."""
+    """A dashboard category: title, a one-paragraph summary, metric descriptions, charts.
+
+    For dynscope's own groups the descriptions and ``table_only`` come from the core's
+    declarations (``declared``, :mod:`dynscope.metrics`); the user's and the overhead group are
+    described here.
+    """
 
     name: str
     title: str
