@@ -21,18 +21,16 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_map
 
-from dynscope.context import measurement
+from dynscope.context import measurement, rngs_preserved
 from dynscope.collapse import CollapseCounts, NLMAlignment, NotClassLogitsError, nlm_alignment, resolve_dtype
 from dynscope.collapse import collapse_counts as core_collapse_counts
 from dynscope.nn import CrossEntropy
-from dynscope.dashboards.events import format_event
 from dynscope.optim import OrthoGrad
 
 from .base import DiagnosticCallback
 from .distributed import on_every_rank, sum_over_ranks
-from .logging import log_scalars, log_text, tag
+from .logging import log_scalars, tag
 from .protocol import LossProtocolError, module_logits
-from .regions import rngs_preserved
 from .trigger import Trigger, Triggered
 
 log = logging.getLogger("dynscope")

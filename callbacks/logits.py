@@ -14,7 +14,7 @@ from dynscope.logits import LogitStats, output_logit_stats
 from dynscope.nn import CrossEntropy
 
 from .base import DiagnosticCallback
-from .collapse import measured_logits, training_precision
+from .collapse import measured_logits, switchable_losses, training_precision
 from .distributed import on_every_rank, world_size
 from .logging import log_scalars, tag
 from .protocol import LossProtocolError
@@ -103,7 +103,7 @@ class OutputLogits(DiagnosticCallback):
 
 def z_loss_targets(pl_module) -> List[CrossEntropy]:
     """Every :class:`dynscope.nn.CrossEntropy` among the module's submodules."""
-    return [m for m in pl_module.modules() if isinstance(m, CrossEntropy)]
+    return switchable_losses(pl_module)
 
 
 class AutoZLoss(Triggered, OutputLogits):

@@ -11,14 +11,12 @@ loader (Lightning restarts it at every validation anyway), with every global RNG
 
 from __future__ import annotations
 
-import contextlib
-import random
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
+from dynscope.context import rngs_preserved
 from dynscope.regions import PIECEWISE_LINEAR, SMOOTH, NotPiecewiseLinearWarning, local_complexity, random_points_in_box
 
 from .base import DiagnosticCallback
@@ -44,18 +42,6 @@ def module_inputs(module, batch: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise LossProtocolError(f"the inputs must be a tensor, got {type(inputs).__name__}: {INPUTS_HELP}")
     return inputs
-
-
-@contextlib.contextmanager
-def rngs_preserved() -> Iterator[None]:
-    """Python's, numpy's and torch's global RNGs come back as they were (dataset transforms may draw)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 def _first_loader(loaders: Any) -> Any:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .context import measurement
-from .metrics import GVA as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
+from .metrics import GVA as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 from .objective import Objective, batch_size_of, check_finite
 
 LongHorizonMetric = Callable[[nn.Module], float]

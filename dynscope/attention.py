@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .metrics import ATTENTION as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
+from .metrics import ATTENTION as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 
-__all__ = ["AttentionStats", "attention_logits", "capture_attention", "logit_stats", "qk_stats", "summarize"]
+__all__ = ["METRICS", "AttentionStats", "attention_logits", "capture_attention", "logit_stats", "qk_stats", "summarize"]
 
 DEFAULT_MEMORY_CAP = 64 * 2**20  # bytes of logits materialised at once
 

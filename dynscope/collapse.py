@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import COLLAPSE as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
+from .metrics import COLLAPSE as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 from .objective import NonFiniteError
 
 DTypeLike = Union[None, str, torch.dtype]

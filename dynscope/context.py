@@ -9,11 +9,34 @@ buffer) is exactly what it was.
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import ContextManager, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@contextlib.contextmanager
+def rngs_preserved() -> Iterator[None]:
+    """Python's, numpy's and torch's (CPU) global RNGs come back as they were (dataset transforms may draw).
+
+    Example:
+        >>> state = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+        >>> with rngs_preserved():
+        ...     _ = random.random(), np.random.rand(), torch.rand(1)
+        >>> after = random.getstate(), np.random.get_state()[1], torch.random.get_rng_state()
+        >>> after[0] == state[0], bool((after[1] == state[1]).all()), torch.equal(after[2], state[2])
+        (True, True, True)
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def cuda_devices(tensors) -> list:

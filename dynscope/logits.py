@@ -22,9 +22,9 @@ from typing import Dict, Optional
 
 import torch
 
-from .metrics import LOGITS as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
+from .metrics import LOGITS as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 
-__all__ = ["LogitStats", "log_partition", "output_logit_stats", "z_loss"]
+__all__ = ["METRICS", "LogitStats", "log_partition", "output_logit_stats", "z_loss"]
 
 
 def log_partition(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:

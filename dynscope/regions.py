@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .context import measurement
-from .metrics import REGIONS as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
+from .metrics import REGIONS as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 from .objective import check_finite
 
 #: Activation modules whose kinks delimit linear regions, with the pre-activation values of the kinks.

@@ -33,11 +33,11 @@ import torch
 from torch.func import jvp
 
 from .eigen import top_eigenvalues
-from .metrics import SPIKES as METRICS  # what this diagnostic logs: the declarations in dynscope.metrics
+from .metrics import SPIKES as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 from .objective import Objective, check_finite
 from .persample import per_sample_grads
 
-__all__ = ["SpikeDetector", "SpikeSnapshot", "opposing_signals", "sample_projections"]
+__all__ = ["METRICS", "SpikeDetector", "SpikeSnapshot", "opposing_signals", "sample_projections"]
 
 
 class SpikeDetector:
