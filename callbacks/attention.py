@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from dynscope.attention import AttentionStats, capture_attention, summarize
+from dynscope.attention import AttentionStats, capture_attention, combine_attention, pack_attention, summarize
 from dynscope.context import measurement
 
 from .base import DiagnosticCallback
@@ -51,18 +51,8 @@ def reduce_attention(trainer, found: "OrderedDict[str, AttentionStats]", device=
     """The statistics over all ranks' batches (max, min, sums): the same result on every rank."""
     if world_size(trainer) <= 1 or not found:
         return found
-    names = list(found)
-    heads = [found[n].heads for n in names]
-    flat = torch.cat([torch.stack([s.max_logit, -s.entropy_min, s.entropy_sum, s.rows]) for s in found.values()], dim=1)
-    gathered = trainer.strategy.all_gather(flat.to(device or flat.device)).reshape(-1, 4, flat.shape[1]).cpu()
-    merged = torch.stack([gathered[:, 0].max(0).values, -gathered[:, 1].max(0).values, gathered[:, 2].sum(0), gathered[:, 3].sum(0)])
-    out: "OrderedDict[str, AttentionStats]" = OrderedDict()
-    start = 0
-    for name, h in zip(names, heads):
-        part = merged[:, start : start + h]
-        out[name] = AttentionStats(part[0], part[1], part[2], part[3], found[name].kind)
-        start += h
-    return out
+    flat = pack_attention(found)
+    return combine_attention(found, trainer.strategy.all_gather(flat.to(device or flat.device)).cpu())
 
 
 class AttentionLogits(DiagnosticCallback):

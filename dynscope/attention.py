@@ -52,7 +52,8 @@ from torch.overrides import TorchFunctionMode
 
 from .metrics import ATTENTION as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 
-__all__ = ["METRICS", "AttentionStats", "attention_logits", "capture_attention", "logit_stats", "qk_stats", "summarize"]
+__all__ = ["METRICS", "AttentionStats", "attention_logits", "capture_attention", "combine_attention", "logit_stats",
+           "pack_attention", "qk_stats", "summarize"]
 
 DEFAULT_MEMORY_CAP = 64 * 2**20  # bytes of logits materialised at once
 
@@ -333,6 +334,36 @@ def capture_attention(model: nn.Module, memory_cap: int = DEFAULT_MEMORY_CAP) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+def pack_attention(found: Dict[str, AttentionStats]) -> torch.Tensor:
+    """The layers' statistics as one float64 ``[4, total heads]`` tensor (to gather across ranks):
+    rows ``max_logit``, ``-entropy_min``, ``entropy_sum``, ``rows``; :func:`combine_attention` undoes it."""
+    return torch.cat([torch.stack([s.max_logit, -s.entropy_min, s.entropy_sum, s.rows]).double() for s in found.values()],
+                     dim=1)
+
+
+def combine_attention(found: Dict[str, AttentionStats], gathered: torch.Tensor) -> "OrderedDict[str, AttentionStats]":
+    """The statistics of ``found``'s layers over every rank, from the ranks' :func:`pack_attention`
+    tensors stacked as ``gathered`` (``[ranks, 4, total heads]``): what :meth:`AttentionStats.merge`
+    of the ranks' statistics gives.
+
+    Example:
+        >>> a, b = logit_stats(torch.tensor([[[[0.0, 1.0]]]])), logit_stats(torch.tensor([[[[0.0, 5.0]]]]))
+        >>> both = combine_attention({"attn": a}, torch.stack([pack_attention({"attn": a}), pack_attention({"attn": b})]))
+        >>> float(both["attn"].max_logit[0]) == float(a.merge(b).max_logit[0]) == 5.0
+        True
+    """
+    gathered = gathered.reshape(-1, 4, gathered.shape[-1]).double()
+    merged = torch.stack([gathered[:, 0].max(0).values, -gathered[:, 1].max(0).values, gathered[:, 2].sum(0),
+                          gathered[:, 3].sum(0)])
+    out: "OrderedDict[str, AttentionStats]" = OrderedDict()
+    start = 0
+    for name, stats in found.items():
+        part = merged[:, start : start + stats.heads]
+        out[name] = AttentionStats(part[0], part[1], part[2], part[3], stats.kind)
+        start += stats.heads
+    return out
 
 
 def attention_logits(model: nn.Module, run, memory_cap: int = DEFAULT_MEMORY_CAP) -> "OrderedDict[str, AttentionStats]":

@@ -206,3 +206,22 @@ def test_the_core_imports_no_lightning_and_the_vocabulary_no_torch():
             "print('LIGHTNING', sorted(m for m in ('pytorch_lightning', 'lightning') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "TORCH False" in out and "LIGHTNING []" in out, out
+
+
+# -- attention statistics across ranks -------------------------------------------------------------------------
+
+
+def test_combining_packed_attention_statistics_is_merging_them():
+    from collections import OrderedDict
+
+    from dynscope.attention import combine_attention, logit_stats, pack_attention
+
+    g = torch.Generator().manual_seed(0)
+    ranks = [OrderedDict((name, logit_stats(torch.randn(2, heads, 5, 5, generator=g) * scale))
+                         for name, heads, scale in (("a", 2, 1.0), ("b", 3, 4.0))) for _ in range(3)]
+    combined = combine_attention(ranks[0], torch.stack([pack_attention(r) for r in ranks]))
+    for name in ("a", "b"):
+        want = ranks[0][name].merge(ranks[1][name]).merge(ranks[2][name])
+        got = combined[name]
+        for field in ("max_logit", "entropy_min", "entropy_sum", "rows"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field).double(), rtol=1e-12, atol=0)
