@@ -197,6 +197,16 @@ def test_each_diagnostic_module_binds_its_declarations():
         assert module.METRICS is DECLARED[group]
     assert set(count_collapse(torch.randn(3, 4), torch.zeros(3, dtype=torch.long)).fractions()) <= set(DECLARED["collapse"].names)
     assert set(ema_window([1.0, 2.0, 1.5], [1.0, 1.2, 1.1], [1.0, 0.9, 0.8]).metrics()) <= set(DECLARED["gva"].names)
+    from dynscope.attention import logit_stats, summarize
+    from dynscope.logits import output_logit_stats
+
+    assert set(output_logit_stats(torch.randn(2, 3, 5)).metrics()) | {"log_z_drift"} == set(DECLARED["logits"].names)
+    found = {"block": logit_stats(torch.randn(1, 2, 3, 3))}
+    logged = {(key.split("/")[0], "/" in key) for key in summarize(found, per_head=True)}
+    attention = DECLARED["attention"]
+    assert {name for name, _ in logged} == set(attention.names)
+    for name, layered in logged:
+        assert attention[name].per_layer if layered else not attention[name].layer_only, (name, layered)
 
 
 def test_the_core_imports_no_lightning_and_the_vocabulary_no_torch():
