@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections import defaultdict
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -203,12 +202,7 @@ class SoftmaxCollapse(DiagnosticCallback):
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         reduce = sum_over_ranks(trainer)
         out: Dict[str, float] = {}
-        context, loss_dtype = training_precision(trainer)
-        normalization = loss_in_use(pl_module, self.loss_fn)
-        counts = on_every_rank(trainer, lambda: collapse_counts(
-            *measured_logits(pl_module, batch, self.mode, context), self.dtype or loss_dtype, self.ignore_index,
-            normalization,
-        ), pl_module.device)
+        counts = on_every_rank(trainer, lambda: self._counts(trainer, pl_module, batch), pl_module.device)
         out.update(fractions(reduce(counts) if reduce else counts))
         if self.held_data == "val":
             held = on_every_rank(trainer, lambda: self._held_counts(trainer, pl_module), pl_module.device)
@@ -218,11 +212,15 @@ class SoftmaxCollapse(DiagnosticCallback):
             self.schedule.at_epoch_end or self._alignment[0] == self._planned_step
         ):
             alignment: NLMAlignment = self._alignment[1]
-            if not math.isnan(alignment.global_cos):
-                out["nlm_cos"] = alignment.global_cos
-            if self.per_layer:  # an undefined cosine (zero-norm tensor) is left out, not logged as NaN
-                out.update({f"nlm_cos/{name}": v for name, v in alignment.per_tensor.items() if not math.isnan(v)})
+            out.update(alignment.metrics(self.per_layer))
         return out
+
+    def _counts(self, trainer, pl_module, batch) -> torch.Tensor:
+        """This rank's collapse counts on ``batch``, with the loss in use counted as training computes it."""
+        context, loss_dtype = training_precision(trainer)
+        logits, targets = measured_logits(pl_module, batch, self.mode, context)
+        return collapse_counts(logits, targets, self.dtype or loss_dtype, self.ignore_index,
+                               loss_in_use(pl_module, self.loss_fn))
 
     def _held_counts(self, trainer, pl_module) -> Optional[torch.Tensor]:
         if not self._held:  # fetched once; retried while there is none yet
@@ -231,15 +229,8 @@ class SoftmaxCollapse(DiagnosticCallback):
         if not self._held:
             self.warn_once("held", "held_data='val' but the trainer has no validation data; held metrics skipped")
             return None
-        total = None
-        for cpu_batch in self._held:
-            batch = trainer.strategy.batch_to_device(cpu_batch) if hasattr(trainer, "strategy") else cpu_batch
-            context, loss_dtype = training_precision(trainer)
-            logits, targets = measured_logits(pl_module, batch, self.mode, context)
-            counts = collapse_counts(logits, targets, self.dtype or loss_dtype, self.ignore_index,
-                                     loss_in_use(pl_module, self.loss_fn))
-            total = counts if total is None else total + counts
-        return total
+        to_device = trainer.strategy.batch_to_device if hasattr(trainer, "strategy") else (lambda b: b)
+        return sum(self._counts(trainer, pl_module, to_device(b)) for b in self._held)
 
 
 def _val_loader(trainer, pl_module):

@@ -32,6 +32,7 @@ Logits here have the class dimension last: ``[..., C]``, with targets shaped ``[
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Union
@@ -248,6 +249,19 @@ class NLMAlignment:
     def per_layer(self) -> Dict[str, float]:
         """``per_tensor`` (per parameter tensor, as every result's ``.per_layer``)."""
         return self.per_tensor
+
+    def metrics(self, per_layer: bool = True) -> Dict[str, float]:
+        """The logged metrics: ``nlm_cos`` and (``per_layer``) ``nlm_cos/<parameter>``; undefined
+        cosines are left out, not reported as NaN.
+
+        Example:
+            >>> NLMAlignment(0.5, {"w": 1.0, "b": float("nan")}).metrics()
+            {'nlm_cos': 0.5, 'nlm_cos/w': 1.0}
+        """
+        out = {} if math.isnan(self.global_cos) else {"nlm_cos": self.global_cos}
+        if per_layer:
+            out.update({f"nlm_cos/{name}": v for name, v in self.per_tensor.items() if not math.isnan(v)})
+        return out
 
 
 def _cos(dot: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:

@@ -235,3 +235,21 @@ def test_combining_packed_attention_statistics_is_merging_them():
         got = combined[name]
         for field in ("max_logit", "entropy_min", "entropy_sum", "rows"):
             torch.testing.assert_close(getattr(got, field), getattr(want, field).double(), rtol=1e-12, atol=0)
+
+
+def test_nlm_alignment_metrics_are_the_cosines_written_out():
+    from dynscope.collapse import nlm_alignment
+
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        net.bias.zero_()  # a zero-norm tensor: its cosine is undefined and is not logged
+    net.weight.grad = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
+    net.bias.grad = torch.tensor([1.0, 1.0])
+    theta, minus_g = [1.0, 2.0, 3.0, 4.0], [1.0, 0.0, 0.0, 1.0]
+    cos_w = sum(a * b for a, b in zip(theta, minus_g)) / math.sqrt(sum(a * a for a in theta) * sum(b * b for b in minus_g))
+    # global: theta = (w, 0, 0), -g = (-grad w, -1, -1)
+    cos_all = 5.0 / math.sqrt(30.0 * 4.0)
+    metrics = nlm_alignment(net).metrics()
+    assert metrics == pytest.approx({"nlm_cos": cos_all, "nlm_cos/weight": cos_w})
+    assert nlm_alignment(net).metrics(per_layer=False) == pytest.approx({"nlm_cos": cos_all})
