@@ -15,9 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from dynscope.amplification import (
-    EMA_WARMUPS, EMAWindow, WarmupEMA, ema_window, evaluate_metric, relative_swing, variance_amplification,
-)
+from dynscope.amplification import EMA_WARMUPS, AmplificationWindow, WarmupEMA, evaluate_metric
 
 from ._lightning import lightning_package
 from .base import DiagnosticCallback, _detached_copy
@@ -127,11 +125,24 @@ class VarianceAmplification(DiagnosticCallback):
         self.loss = loss
         self.reference_batches = reference_batches
         self.every_n_steps = every_n_steps
-        self.metrics: deque = deque(maxlen=self.window)
-        self.losses: deque = deque(maxlen=self.window)
-        self.steps: deque = deque(maxlen=self.window)
+        self.history = AmplificationWindow(self.window)  # the evaluations and their statistics
         self._reference: List[Any] = []
         self._train_losses: List[float] = []
+
+    @property
+    def metrics(self) -> deque:
+        """The long-horizon metric at the window's evaluations."""
+        return self.history.metrics
+
+    @property
+    def losses(self) -> deque:
+        """The loss at the window's evaluations."""
+        return self.history.losses
+
+    @property
+    def steps(self) -> deque:
+        """The global steps of the window's evaluations."""
+        return self.history.steps
 
     @property
     def state_key(self) -> str:
@@ -156,8 +167,7 @@ class VarianceAmplification(DiagnosticCallback):
         factor = 2 ** max(0, math.ceil(math.log2(max(stretch, 1.0)) - 1e-9))
         if factor != self.schedule.stretch:
             self.schedule.stretch = float(factor)
-            for series in (self.metrics, self.losses, self.steps):
-                series.clear()
+            self.history.clear()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.loss == "reference" and len(self._reference) < self.reference_batches:
@@ -182,13 +192,7 @@ class VarianceAmplification(DiagnosticCallback):
         if reduce is not None:
             both = reduce(torch.tensor([j, loss], dtype=torch.float64, device=pl_module.device))
             j, loss = (float(v) for v in both)
-        self.metrics.append(j)
-        self.losses.append(loss)
-        self.steps.append(trainer.global_step)
-        out = {"metric": j, "loss": loss}
-        if len(self.metrics) == self.window:
-            out["amplification"] = variance_amplification(self.metrics, self.losses)
-        return out
+        return self.history.add(j, loss, trainer.global_step)
 
     def _loss(self, pl_module) -> Optional[float]:
         if self.loss == "train":
@@ -213,9 +217,7 @@ class VarianceAmplification(DiagnosticCallback):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.metrics = deque(state_dict.get("metrics", []), maxlen=self.window)
-        self.losses = deque(state_dict.get("losses", []), maxlen=self.window)
-        self.steps = deque(state_dict.get("steps", []), maxlen=self.window)
+        self.history.load_state_dict(state_dict)  # metrics, losses, steps (and AutoEMA's metrics_ema)
         self._reference = list(state_dict.get("reference", []))
         self._train_losses = list(state_dict.get("train_losses", []))
 
@@ -354,11 +356,14 @@ class AutoEMA(Triggered, VarianceAmplification):
         self.update = WarmupEMA(decay, warmup, power)
         self.use_buffers = use_buffers
         self.device = device
-        self.metrics_ema: deque = deque(maxlen=self.window)
         self._averaging = None  # Lightning's WeightAveraging, built in setup
         self._pending_averaging_state: Optional[Dict[str, Any]] = None
         self._pending_average_model: Optional[Dict[str, Any]] = None
-        self._window: Optional[EMAWindow] = None  # the last measurement's window statistics
+
+    @property
+    def metrics_ema(self) -> deque:
+        """The metric at the EMA weights at the window's evaluations."""
+        return self.history.metrics_ema
 
     @property
     def ema_module(self) -> Optional[torch.nn.Module]:
@@ -395,12 +400,6 @@ class AutoEMA(Triggered, VarianceAmplification):
             self._averaging.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def set_stretch(self, stretch: float) -> None:
-        before = self.schedule.stretch
-        super().set_stretch(stretch)
-        if self.schedule.stretch != before:
-            self.metrics_ema.clear()
-
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.active and self._averaged():
             self._averaging.on_validation_epoch_start(trainer, pl_module)
@@ -420,7 +419,6 @@ class AutoEMA(Triggered, VarianceAmplification):
 
     # -- measuring and deciding --------------------------------------------------------------------
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
-        self._window = None
         out = super().measure(trainer, pl_module, batch)
         if not out or not self._averaged():
             return out
@@ -430,13 +428,7 @@ class AutoEMA(Triggered, VarianceAmplification):
             lambda: torch.tensor(evaluate_metric(self.metric, self.ema_module), dtype=torch.float64, device=pl_module.device),
             torch.zeros((), dtype=torch.float64, device=pl_module.device),
         ))
-        self.metrics_ema.append(j_ema)
-        out["metric_ema"] = j_ema
-        if len(self.metrics) == self.window:
-            out["swing"] = relative_swing(self.metrics)
-        if len(self.metrics_ema) == self.window and len(self.metrics) == self.window:
-            self._window = ema_window(self.metrics, self.metrics_ema, self.losses)
-            out.update(self._window.metrics())
+        out.update(self.history.add_ema(j_ema))
         return out
 
     def run(self, trainer, pl_module, batch) -> Dict[str, float]:
@@ -453,7 +445,7 @@ class AutoEMA(Triggered, VarianceAmplification):
         return metrics
 
     def _steadier(self, metrics: Dict[str, float]) -> bool:
-        window = self._window if "ema_swing_ratio" in metrics else None  # this measurement's window
+        window = self.history.last_ema if "ema_swing_ratio" in metrics else None  # this measurement's window
         return window is not None and window.steadier(self.steadier, self.min_swing, self.tolerance,
                                                       self.higher_is_better)
 
@@ -505,7 +497,6 @@ class AutoEMA(Triggered, VarianceAmplification):
         super().load_state_dict(state_dict)
         self.trigger.load_state_dict(state_dict)
         self.trigger.streaks["ema"] = int(state_dict.get("streak", 0))
-        self.metrics_ema = deque(state_dict.get("metrics_ema", []), maxlen=self.window)
         self._pending_averaging_state = state_dict.get("averaging")
         self._pending_average_model = state_dict.get("average_model")
         self._load_pending()

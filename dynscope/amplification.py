@@ -24,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -457,3 +457,77 @@ def ema_window(
         ema_swing_ratio=ratio, amplification_ema=variance_amplification(long_horizon_values_ema, list(losses)),
         mean=statistics.fmean(long_horizon_values), mean_ema=statistics.fmean(long_horizon_values_ema),
     )
+
+
+class AmplificationWindow:
+    """The running window of evaluations behind variance amplification (as :class:`dynscope.SpikeDetector`
+    is for spikes): the last ``size`` values of the long-horizon metric ``J``, the loss ``L``, their
+    steps and ``J`` at an EMA of the weights, and the statistics over them.
+
+    :meth:`add` records an evaluation and returns ``metric``, ``loss`` and, over a full window,
+    ``amplification``; :meth:`add_ema` then records ``J`` at the EMA weights and returns
+    ``metric_ema``, ``swing`` (full window) and the :class:`EMAWindow` metrics (both windows full),
+    keeping that :class:`EMAWindow` as ``last_ema``.
+
+    Example:
+        >>> w = AmplificationWindow(3)
+        >>> for j, loss, j_ema in [(10.0, 1.0, 11.0), (12.0, 1.01, 11.2), (10.0, 1.0, 11.0)]:
+        ...     out = w.add(j, loss)
+        ...     out.update(w.add_ema(j_ema))
+        >>> round(out["amplification"], 6) == round(variance_amplification([10, 12, 10], [1.0, 1.01, 1.0]), 6)
+        True
+        >>> round(out["ema_swing_ratio"], 6), w.last_ema is not None
+        (10.0, True)
+    """
+
+    def __init__(self, size: int) -> None:
+        if int(size) != size or size < 3:
+            raise ValueError(f"window must be an integer >= 3 (two differences at least), got {size!r}")
+        self.size = int(size)
+        self.metrics: Deque[float] = deque(maxlen=self.size)
+        self.losses: Deque[float] = deque(maxlen=self.size)
+        self.steps: Deque[Any] = deque(maxlen=self.size)
+        self.metrics_ema: Deque[float] = deque(maxlen=self.size)
+        self.last_ema: Optional[EMAWindow] = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.metrics) == self.size
+
+    def add(self, metric: float, loss: float, step: Any = None) -> Dict[str, float]:
+        """Record ``J`` and ``L`` of one evaluation; ``amplification`` once the window is full."""
+        self.last_ema = None
+        self.metrics.append(metric)
+        self.losses.append(loss)
+        self.steps.append(step)
+        out = {"metric": metric, "loss": loss}
+        if self.full:
+            out["amplification"] = variance_amplification(self.metrics, self.losses)
+        return out
+
+    def add_ema(self, metric_ema: float) -> Dict[str, float]:
+        """Record ``J`` at the EMA weights for the evaluation just :meth:`add`-ed."""
+        self.metrics_ema.append(metric_ema)
+        out = {"metric_ema": metric_ema}
+        if self.full:
+            out["swing"] = relative_swing(self.metrics)
+            if len(self.metrics_ema) == self.size:
+                self.last_ema = ema_window(self.metrics, self.metrics_ema, self.losses)
+                out.update(self.last_ema.metrics())
+        return out
+
+    def clear(self) -> None:
+        """Start a new window (e.g. when the spacing of the evaluations changes)."""
+        for series in (self.metrics, self.losses, self.steps, self.metrics_ema):
+            series.clear()
+        self.last_ema = None
+
+    def state_dict(self) -> Dict[str, list]:
+        return {"metrics": list(self.metrics), "losses": list(self.losses), "steps": list(self.steps),
+                "metrics_ema": list(self.metrics_ema)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name in ("metrics", "losses", "steps", "metrics_ema"):
+            getattr(self, name).clear()
+            getattr(self, name).extend(state.get(name, []))
+        self.last_ema = None

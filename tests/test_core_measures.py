@@ -253,3 +253,28 @@ def test_nlm_alignment_metrics_are_the_cosines_written_out():
     metrics = nlm_alignment(net).metrics()
     assert metrics == pytest.approx({"nlm_cos": cos_all, "nlm_cos/weight": cos_w})
     assert nlm_alignment(net).metrics(per_layer=False) == pytest.approx({"nlm_cos": cos_all})
+
+
+def test_amplification_window_keeps_the_last_evaluations_and_their_statistics():
+    from dynscope.amplification import AmplificationWindow, relative_swing
+
+    g = torch.Generator().manual_seed(0)
+    js, losses, emas = (torch.rand(9, generator=g).add(1).tolist() for _ in range(3))
+    window = AmplificationWindow(4)
+    for i, (j, loss, ema) in enumerate(zip(js, losses, emas)):
+        out = window.add(j, loss, step=10 * i)
+        assert ("amplification" in out) == (i >= 3)
+        out.update(window.add_ema(ema))
+    last = slice(-4, None)
+    assert list(window.steps) == [50, 60, 70, 80]
+    assert out["amplification"] == pytest.approx(variance_amplification(js[last], losses[last]), rel=1e-12)
+    assert out["swing"] == pytest.approx(relative_swing(js[last]), rel=1e-12)
+    assert out["ema_swing_ratio"] == pytest.approx(change_spread(js[last]) / change_spread(emas[last]), rel=1e-12)
+    assert window.last_ema.metrics() == {k: out[k] for k in window.last_ema.metrics()}
+    restored = AmplificationWindow(4)
+    restored.load_state_dict(window.state_dict())
+    assert restored.state_dict() == window.state_dict() and restored.full
+    window.clear()
+    assert not window.full and window.state_dict() == {"metrics": [], "losses": [], "steps": [], "metrics_ema": []}
+    with pytest.raises(ValueError):
+        AmplificationWindow(2)
