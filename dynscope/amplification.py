@@ -15,7 +15,8 @@ between consecutive iterates. The paper gives no scalar; dynscope uses two:
 An exponential moving average of the iterates damps the swing: :func:`ema_decay` is its warm-up
 schedule, :class:`WarmupEMA` the in-place update (for :class:`torch.optim.swa_utils.AveragedModel`),
 :func:`ema_window` compares the metric's swing under the online and the averaged weights over a
-window of evaluations (what :class:`dynscope.callbacks.AutoEMA` decides on). The logged metrics are
+window of evaluations (what :class:`dynscope.callbacks.AutoEMA` decides on), and
+:class:`AmplificationWindow` keeps that running window during training. The logged metrics are
 declared in :data:`METRICS`.
 """
 
