@@ -206,18 +206,27 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
     shift = None  # the first element: the spread from deviations from it does not cancel an offset
     scale = 1.0
     # per piece: the mean is t * scale (t is sum_i g_i on the hook path); block g-SNR is scale-free
+    buffers: Dict[tuple, torch.Tensor] = {}  # one set of piece-sized temporaries: fresh ones cost page faults
+
+    def buffer(kind: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
+        key = (kind, like.numel(), dtype or like.dtype)
+        if key not in buffers:
+            buffers[key] = torch.empty(like.numel(), dtype=dtype or like.dtype, device=like.device)
+        return buffers[key]
+
     for t, scale, sq_dev in moments.scaled_pieces(name):
         if t.numel() == 0:
             continue
-        quotient = t / sq_dev
-        if float(sq_dev.amin()) <= floor:  # rare: masking costs more than the rest of the piece
-            zero = sq_dev <= floor
+        quotient = torch.div(t, sq_dev, out=buffer("quotient", t))
+        if float(sq_dev.amin()) <= floor:  # masking costs more than the rest of the piece
+            zero = torch.le(sq_dev, floor, out=buffer("zero", t, torch.bool))
             zeros += int(torch.count_nonzero(zero))
             quotient.masked_fill_(zero, 0.0)
         snr += float(torch.dot(quotient, t))
         sq_dev_sum += float(sq_dev.sum())
-        shift = float(t[0]) if shift is None else shift
-        deviation = t - shift  # near 0 where the elements share an offset (exactly 0 where all equal)
+        shift = t[:1].clone() if shift is None else shift
+        # near 0 where the elements share an offset (exactly 0 where all equal)
+        deviation = torch.sub(t, shift, out=buffer("deviation", t))
         t_sq_norm += float(torch.dot(t, t))
         total, total_sq = total + float(deviation.sum()), total_sq + float(torch.dot(deviation, deviation))
         numel += t.numel()

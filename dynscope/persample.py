@@ -579,30 +579,17 @@ def _agrees(autograd: torch.Tensor, hooked: torch.Tensor, bound: torch.Tensor, t
 
 
 def _spread_and_hot_rows(s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """``sq = s2 - s1**2 / n`` (in ``s2``'s storage), the rows where it resolves badly, and ``max s2``.
+    """``sq = s2 - s1**2 / n`` (in place in ``s2``), the rows where it resolves badly, and ``max s2``.
 
     A coordinate is hot where ``s1**2 / n > HOT s2``, i.e. ``sq < (1 - HOT) s2``: there ``sq``
     carries the rounding of ``s2`` amplified more than ``1 / (1 - HOT)`` times (every negative
     ``sq`` is hot). Elsewhere ``sq`` is accurate to a few eps of itself and needs no clamping.
-    Row blocks of about :data:`PIECE` elements keep the temporaries in cache (full-size ones cost
-    page faults, 3x the arithmetic).
     """
-    a, b = s1.reshape(s1.shape[0], -1), s2.reshape(s2.shape[0], -1)
-    hot = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
-    if b.numel() == 0:
-        return b.reshape(s2.shape), hot, 0.0
-    second = float(b.amax())
-    step = max(1, PIECE // b.shape[1]) if b.device.type == "cpu" else b.shape[0]
-    sq_buf = margin_buf = None
-    for start in range(0, a.shape[0], step):
-        part = slice(start, start + step)
-        sq = torch.addcmul(b[part], a[part], a[part], value=-1.0 / count, out=sq_buf)
-        margin = torch.add(sq, b[part], alpha=-(1.0 - HOT), out=margin_buf)
-        torch.lt(margin.amin(1), 0, out=hot[part])
-        b[part].copy_(sq)
-        if sq_buf is None and sq.shape[0] == step:
-            sq_buf, margin_buf = sq, margin
-    return b.reshape(s2.shape), hot, second
+    if s2.numel() == 0:
+        return s2, torch.zeros(s2.shape[0], dtype=torch.bool, device=s2.device), 0.0
+    second = float(s2.amax())
+    hot = torch.addcmul(s2, s1, s1, value=-1.0 / (HOT * count)).reshape(s2.shape[0], -1).amin(1).lt(0)
+    return s2.addcmul_(s1, s1, value=-1.0 / count), hot, second
 
 
 class _Shifted:
@@ -652,9 +639,9 @@ def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str]
                 s1_64 = dy64.T @ x64
                 sq[rows] = (dy64.square().T @ x64.square()).addcmul_(s1_64, s1_64, value=-1.0 / size).clamp_min_(0).to(dtype)
             out["weight"] = (RawSums(s1, sq, None, second / size), None, size)
-        if "bias" in attrs:
+        if "bias" in attrs:  # float64 sums of the output gradients: all of them, certified by the graph check too
             d = dy.double()
-            out["bias"] = (_finalize(d.sum(0), d.square().sum(0), size), dy.abs().sum(0), size)
+            out["bias"] = (_finalize(d.sum(0), d.square().sum(0), size), None, size)
         return out
     xs = _cat([r[0].reshape(size, -1, r[0].shape[-1]) for r in records], 1).to(dtype)
     dys = _cat([r[1].reshape(size, -1, r[1].shape[-1]) for r in records], 1).to(dtype)
