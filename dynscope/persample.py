@@ -12,9 +12,13 @@ Two ways to get them:
   forward and backward of ``sum_i l_i``; forward hooks on ``nn.Linear``, ``nn.Conv1d``/``Conv2d``
   and ``nn.Embedding`` keep each layer's input and its output gradient, from which
   ``sum_i g_i`` and ``sum_i g_i**2`` follow without ever holding ``B x P`` numbers (for a Linear
-  layer on ``[B, in]`` inputs: ``sum_i g_i**2 = (dY**2)^T (X**2)``). Layers that see a sequence
-  (``[B, T, in]``), convolutions and layers called several times sum their per-sample
-  contribution over positions before squaring (per layer, chunked over samples).
+  layer on ``[B, in]`` inputs: ``sum_i g_i**2 = (dY**2)^T (X**2)``, one GEMM, with ``sum_i g_i``
+  autograd's own). Layers that see a sequence (``[B, T, in]``), convolutions (one grouped
+  weight-gradient kernel with the samples as groups) and layers called several times sum their
+  per-sample contribution over positions before squaring (per layer, chunked over samples).
+  The spread ``sum_i (g_i - mean)**2`` stays in the gradients' dtype (float32 at least): where
+  float32 would cancel (``n mean**2 > sum g**2 / 2``, high SNR) those rows are recomputed in
+  float64; materialised per-sample gradients are shifted by the first sample's instead.
 
   It is valid only when the loss is the mean of independent per-sample losses and nothing mixes
   samples (BatchNorm in train mode does; in eval mode it is fine). Three checks guard it, per
@@ -26,8 +30,8 @@ Two ways to get them:
   must equal autograd's batch gradient element by element within the summation's rounding bound.
   Tensors that fail, parameters of other kinds (LayerNorm, attention projections used through
   ``F.multi_head_attention_forward``, free ``nn.Parameter`` s) and tensors held by two modules
-  (tied weights) go to the vmap path. Sums of squares are shifted or, where float32 would cancel
-  (high SNR), recomputed in float64.
+  (tied weights) go to the vmap path. The probe batch (4 samples) runs once per model and call
+  structure (the layers' call shapes on the batch); later measurements reuse its answer.
 
 * ``loop``: where vmap cannot trace the model (data-dependent control flow such as Hugging Face's
   attention-mask checks, ``nn.GRU``), one plain backward per sample, chunked to the memory cap;
