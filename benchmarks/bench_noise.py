@@ -26,7 +26,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -310,8 +309,16 @@ def summary(rows) -> None:
 
 
 def main(quick: bool = False, threads: int = 1) -> int:
-    warnings.filterwarnings("ignore")
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _main(quick)
+    finally:  # `dynscope bench` runs other benchmarks in this process after this one
+        torch.set_num_threads(before)
+
+
+def _main(quick: bool) -> int:
+    warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU time (shared machine: timings are noisy)")
     gsnr_kinds = ["plain step", "dynscope fast path", "dynscope vmap (2 GiB cap)",
                   f"dynscope vmap ({SMALL_CAP >> 20} MiB cap)", "Cockpit MeanGSNR step", "BackPACK Variance step"]

@@ -221,7 +221,7 @@ class GradientMoments:
         return GradientMoments(count, mean, sq_dev, dict(self.methods), self.eps)
 
 
-PIECE = 1 << 16  # elements per piece of the float64 summaries (a core's cache)
+PIECE = 1 << 16  # elements per piece of the summaries (a core's cache)
 BLOCK_ELEMENTS = 1 << 20  # elements per temporary of the per-sample moments
 
 
