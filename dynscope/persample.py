@@ -551,6 +551,7 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
     return plan
 
 
+GROUPED_CONV_DEVICES = ("cpu",)  # where a convolution's per-sample weight gradients come from one grouped kernel call
 HookSums = Tuple[RawSums, Optional[torch.Tensor], int]
 # (the moments, a bound >= sum of |terms| of sum_i g_i (None: sum_i g_i is autograd's own), number of terms)
 
@@ -692,12 +693,15 @@ def _conv_sums(module: nn.Module, records: List[Record], attrs: Dict[str, str], 
     shape = (module.out_channels, module.in_channels) + kernel  # the weight as a 2-d convolution's
 
     def per_sample_weight(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:  # [b, *shape]
-        # the weight gradient of the same convolution with the samples as groups: one kernel call,
-        # 2-3x faster on CPU than unfold + batched GEMM, and no [b, C*kh*kw, L] columns
         x = x.unsqueeze(2) if one_d else x
         dy = dy.unsqueeze(2) if one_d else dy
-        x = x if symmetric else F.pad(x, flat_pad)
         b = x.shape[0]
+        if x.device.type not in GROUPED_CONV_DEVICES:  # unfold + batched GEMM: cuDNN's grouped kernel may round in TF32
+            cols = F.unfold(F.pad(x, flat_pad), kernel, dilation=dilation, stride=stride)  # [b, C*kh*kw, L]
+            return torch.bmm(dy.reshape(b, shape[0], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
+        # the weight gradient of the same convolution with the samples as groups: one kernel call,
+        # 2-3x faster on CPU than unfold + batched GEMM, and no [b, C*kh*kw, L] columns
+        x = x if symmetric else F.pad(x, flat_pad)
         stand_in = torch.empty((b * shape[0],) + shape[1:], dtype=dtype, device=x.device)
         grad = torch.ops.aten.convolution_backward(
             dy.reshape(1, -1, *dy.shape[2:]), x.reshape(1, -1, *x.shape[2:]), stand_in, None, stride, padding,

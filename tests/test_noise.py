@@ -664,7 +664,12 @@ def _conv_loss(model, batch):
     return (model((seq, image)) - y).square()[:, 0]
 
 
-def test_convolution_rule_equals_a_per_sample_loop():
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped kernel", "unfold"])
+def test_convolution_rule_equals_a_per_sample_loop(grouped, monkeypatch):
+    import dynscope.persample as persample
+
+    if not grouped:  # the CUDA branch (unfold + batched GEMM), here on the CPU
+        monkeypatch.setattr(persample, "GROUPED_CONV_DEVICES", ())
     torch.manual_seed(0)
     model = _Convs().double()
     batch = _conv_batch()
