@@ -1,17 +1,23 @@
-"""Cost of gradient-noise measurements (GSNR, noise scale) against a training step and Cockpit.
+"""Cost of gradient-noise measurements (GSNR, noise scale) against a training step, BackPACK and Cockpit.
 
-1. MLPs 64-256-256-10 and 256-1024-1024-10, batch 128, cross-entropy, synthetic data: one plain
-   SGD step, dynscope's measurement (hook fast path; vmap path with the default and a small
-   memory cap), and, when BackPACK/Cockpit import, Cockpit's MeanGSNR step and BackPACK's
-   Variance extension, side by side in one run.
+1. MLPs 64-256-256-10 and 256-1024-1024-10 (batch 128) and the small CNN of ``bench_overhead.py``
+   (two 3x3 conv + max-pool blocks and two Linear layers on 3x32x32 images, batch 64),
+   cross-entropy, synthetic data: one plain SGD step, dynscope's measurement (hook fast path;
+   vmap path with the default and a small memory cap), and, when they import, Cockpit's MeanGSNR
+   step and BackPACK's Variance extension (``pip install --no-deps backpack-for-pytorch einops
+   unfoldNd``; rows say "not installed" otherwise), side by side in one run. Issue 14's targets:
+   dynscope's GSNR measurement <= 2x a training step and <= BackPACK's Variance step; the
+   summary table prints both ratios to the plain step next to each other.
 2. Per-sample gradients of a small transformer: vmap vs a loop of per-sample backward passes.
 
-Peak memory is the rise of the resident-set high-water mark (``VmHWM``, reset just before the
-call) of a fresh subprocess over the call, after the model and batch are built. Repeats are
-interleaved across the rows so that load swings on a shared machine hit every row alike. Cockpit 1.0.2 imports
-``pkg_resources``, gone from setuptools >= 81; a minimal stand-in is installed when missing.
+Times are CPU time (``time.process_time``) on ``--threads`` threads (default 1: on a shared
+machine wall time mostly measures the neighbours), medians of repeats interleaved across the rows
+so that load swings hit every row alike. Peak memory is the rise of the resident-set high-water
+mark (``VmHWM``, reset just before the call) of a fresh subprocess over the call, after the model
+and batch are built. Cockpit 1.0.2 imports ``pkg_resources``, gone from setuptools >= 81; a
+minimal stand-in is installed when missing.
 
-    python benchmarks/bench_noise.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/bench_noise.py [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,11 +64,23 @@ class Transformer(nn.Module):
         return self.head(self.block(self.embed(tokens) + self.pos).mean(1))
 
 
+def small_cnn() -> nn.Sequential:
+    """The CNN of ``bench_overhead.py`` (3x32x32 inputs, 10 classes)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
 def setup(spec: Dict):
     torch.manual_seed(0)
     if spec["model"] == "transformer":
         model = Transformer(seq=spec["seq"])
         x = torch.randint(0, 512, (spec["batch"], spec["seq"]))
+    elif spec["model"] == "cnn":
+        model = small_cnn()
+        x = torch.randn(spec["batch"], 3, 32, 32)
     else:
         d_in, hidden = spec["model"]
         model = mlp(d_in, hidden)
@@ -202,7 +219,7 @@ KINDS = {
 
 
 def median_ms(fns: Dict[str, Optional[Callable[[], None]]], repeats: int, warmup: int = 2) -> Dict[str, Optional[float]]:
-    """Median wall time of each function; repeats are interleaved so that load swings hit all alike."""
+    """Median CPU time of each function; repeats are interleaved so that load swings hit all alike."""
     live = {k: f for k, f in fns.items() if f is not None}
     for fn in live.values():
         for _ in range(warmup):
@@ -210,9 +227,9 @@ def median_ms(fns: Dict[str, Optional[Callable[[], None]]], repeats: int, warmup
     times = {k: [] for k in live}
     for _ in range(repeats):
         for kind, fn in live.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            times[kind].append(time.perf_counter() - start)
+            times[kind].append(time.process_time() - start)
     return {k: (1000 * statistics.median(times[k]) if k in times else None) for k in fns}
 
 
@@ -255,10 +272,10 @@ def peak_mib(spec: Dict) -> Optional[float]:
 
 
 def _fmt(v: Optional[float], digits: int = 1) -> str:
-    return "unavailable" if v is None else f"{v:.{digits}f}"
+    return "not installed" if v is None else f"{v:.{digits}f}"
 
 
-def table(title: str, spec: Dict, kinds, baseline: str, repeats: int, reference: Optional[str] = None) -> None:
+def table(title: str, spec: Dict, kinds, baseline: str, repeats: int, reference: Optional[str] = None) -> Dict[str, Optional[float]]:
     model, x, y = setup(spec)
     fns = {}
     for kind in kinds:  # BackPACK's extend() changes the module: give it its own copy
@@ -277,21 +294,47 @@ def table(title: str, spec: Dict, kinds, baseline: str, repeats: int, reference:
         if reference:
             line += f" {_fmt(ref, 3)} |"
         print(line + f" {_fmt(mib)} |")
+    return times
 
 
-def main(quick: bool = False) -> int:
+def summary(rows) -> None:
+    """GSNR per measurement and BackPACK's Variance step, each over the plain step, side by side."""
+    print("\n### GSNR vs a training step and BackPACK's Variance (targets: GSNR/step <= 2, GSNR <= BackPACK)")
+    print("| model | step ms | GSNR ms | GSNR / step | BackPACK Variance / step | GSNR / BackPACK |")
+    print("|---|---|---|---|---|---|")
+    for name, times in rows:
+        step, gsnr, variance = times["plain step"], times["dynscope fast path"], times.get("BackPACK Variance step")
+        print(f"| {name} | {_fmt(step, 2)} | {_fmt(gsnr, 2)} | {_fmt(gsnr / step, 2)} | "
+              f"{_fmt(None if variance is None else variance / step, 2)} | {_fmt(None if variance is None else gsnr / variance, 2)} |")
+
+
+def main(quick: bool = False, threads: int = 1) -> int:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _main(quick)
+    finally:  # `dynscope bench` runs other benchmarks in this process after this one
+        torch.set_num_threads(before)
+
+
+def _main(quick: bool) -> int:
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU (shared machine: timings are noisy)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU time (shared machine: timings are noisy)")
     gsnr_kinds = ["plain step", "dynscope fast path", "dynscope vmap (2 GiB cap)",
                   f"dynscope vmap ({SMALL_CAP >> 20} MiB cap)", "Cockpit MeanGSNR step", "BackPACK Variance step"]
-    sizes = [(64, 256)] if quick else [(64, 256), (256, 1024)]
-    for d_in, hidden in sizes:
-        params = sum(p.numel() for p in mlp(d_in, hidden).parameters())
-        table(
-            f"GSNR + noise scale per measurement: MLP {d_in}-{hidden}-{hidden}-10 ({params} params), batch 128",
-            {"model": (d_in, hidden), "batch": 128}, gsnr_kinds, "plain step",
-            repeats=5 if quick else 15, reference="Cockpit MeanGSNR step",
+    specs = [("MLP 64-256-256-10", {"model": (64, 256), "batch": 128})]
+    if not quick:
+        specs.append(("MLP 256-1024-1024-10", {"model": (256, 1024), "batch": 128}))
+    specs.append(("small CNN", {"model": "cnn", "batch": 64}))
+    rows = []
+    for name, spec in specs:
+        params = sum(p.numel() for p in setup(spec)[0].parameters())
+        times = table(
+            f"GSNR + noise scale per measurement: {name} ({params} params), batch {spec['batch']}",
+            spec, gsnr_kinds, "plain step", repeats=5 if quick else 21, reference="Cockpit MeanGSNR step",
         )
+        rows.append((name, times))
+    summary(rows)
     seq, batch = (16, 16) if quick else (32, 64)
     table(
         f"per-sample gradients: transformer (embed 512x64, 1 pre-LN encoder layer, seq {seq}), batch {batch}",
@@ -311,4 +354,6 @@ def main(quick: bool = False) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    sys.exit(main(parser.parse_args().quick))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    sys.exit(main(args.quick, args.threads))

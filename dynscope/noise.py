@@ -201,26 +201,39 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
         return cache[name]
     n = moments.count
     floor = (ROUNDING_FLOOR * moments.eps) ** 2 * (n - 1) * _module_second_moment(moments, name)
-    snr = sq_dev_sum = sq_norm = total = total_sq = 0.0
+    snr = sq_dev_sum = t_sq_norm = total = total_sq = 0.0
     zeros = numel = 0
     shift = None  # the first element: the spread from deviations from it does not cancel an offset
-    for mean, sq_dev in moments.pieces(name):
-        zero = sq_dev <= floor
-        quotient = mean / sq_dev
-        num_zero = int(torch.count_nonzero(zero))
-        if num_zero:  # rare: masking costs more than the rest of the piece
+    scale = 1.0
+    # per piece: the mean is t * scale (t is sum_i g_i on the hook path); block g-SNR is scale-free
+    buffers: Dict[tuple, torch.Tensor] = {}  # one set of piece-sized temporaries: fresh ones cost page faults
+
+    def buffer(kind: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
+        key = (kind, like.numel(), dtype or like.dtype)
+        if key not in buffers:
+            buffers[key] = torch.empty(like.numel(), dtype=dtype or like.dtype, device=like.device)
+        return buffers[key]
+
+    for t, scale, sq_dev in moments.scaled_pieces(name):
+        if t.numel() == 0:
+            continue
+        quotient = torch.div(t, sq_dev, out=buffer("quotient", t))
+        if float(sq_dev.amin()) <= floor:  # masking costs more than the rest of the piece
+            zero = torch.le(sq_dev, floor, out=buffer("zero", t, torch.bool))
+            zeros += int(torch.count_nonzero(zero))
             quotient.masked_fill_(zero, 0.0)
-        snr += float(torch.dot(quotient, mean))
+        snr += float(torch.dot(quotient, t))
         sq_dev_sum += float(sq_dev.sum())
-        shift = float(mean[0]) if shift is None else shift
-        deviation = mean - shift  # near 0 where the elements share an offset (exactly 0 where all equal)
-        sq_norm += float(torch.dot(mean, mean))
+        shift = t[:1].clone() if shift is None else shift
+        # near 0 where the elements share an offset (exactly 0 where all equal)
+        deviation = torch.sub(t, shift, out=buffer("deviation", t))
+        t_sq_norm += float(torch.dot(t, t))
         total, total_sq = total + float(deviation.sum()), total_sq + float(torch.dot(deviation, deviation))
-        zeros, numel = zeros + num_zero, numel + mean.numel()
+        numel += t.numel()
     # population variance of G_p's elements; below float64 rounding of sq_norm / numel it is 0
     spread = total_sq / numel - (total / numel) ** 2 if numel > 1 else 0.0
-    block = math.sqrt(sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * sq_norm / numel else math.nan
-    cache[name] = _LayerSummary(snr * (n - 1), numel - int(zeros), sq_dev_sum, sq_norm, block)
+    block = math.sqrt(t_sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * t_sq_norm / numel else math.nan
+    cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - zeros, sq_dev_sum, t_sq_norm * scale**2, block)
     return cache[name]
 
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pytorch_lightning as pl
 from dynscope import (
     NotPerSampleError,
     Objective,
@@ -633,3 +632,111 @@ def test_an_embedding_also_used_as_the_output_projection_is_not_hooked():
     assert fast.methods["embed.weight"] != "hooks" and fast.methods["mix.weight"] == "hooks"
     ref = GradientMoments.from_samples(loop_reference(model, loss, (x, y)))
     assert_close_dict(fast.sq_dev, ref.sq_dev, atol=1e-12, rtol=1e-9)
+
+
+class _Convs(nn.Module):
+    """Convolutions the grouped per-sample rule must get right: asymmetric 'same' padding (even
+    kernel), stride with dilation, and one layer called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.even = nn.Conv1d(2, 3, 4, padding="same")  # pads 1 left, 2 right
+        self.strided = nn.Conv2d(1, 2, 3, stride=2, dilation=2, padding=2)
+        self.twice = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(3 + 2, 1)
+
+    def forward(self, batch):
+        seq, image = batch
+        a = torch.tanh(self.even(seq)).mean(2)
+        b = self.twice(torch.tanh(self.twice(torch.tanh(self.strided(image))))).mean((2, 3))
+        return self.head(torch.cat([a, b], 1))
+
+
+def _conv_batch(offset=0.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    seq, image = torch.randn(10, 2, 7, generator=g, dtype=dtype), torch.randn(10, 1, 9, 9, generator=g, dtype=dtype)
+    y = offset + (0.1 if offset else 1.0) * torch.randn(10, 1, generator=g, dtype=dtype)
+    return seq, image, y
+
+
+def _conv_loss(model, batch):
+    seq, image, y = batch
+    return (model((seq, image)) - y).square()[:, 0]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped kernel", "unfold"])
+def test_convolution_rule_equals_a_per_sample_loop(grouped, monkeypatch):
+    import dynscope.persample as persample
+
+    if not grouped:  # the CUDA branch (unfold + batched GEMM), here on the CPU
+        monkeypatch.setattr(persample, "GROUPED_CONV_DEVICES", ())
+    torch.manual_seed(0)
+    model = _Convs().double()
+    batch = _conv_batch()
+    fast = per_sample_moments(Objective(model, sample_loss_fn=_conv_loss, batch=batch))
+    assert set(fast.methods.values()) == {"hooks"}
+    ref = GradientMoments.from_samples(loop_reference(model, _conv_loss, batch))
+    assert_close_dict(fast.mean, ref.mean, atol=1e-13, rtol=1e-10)
+    assert_close_dict(fast.sq_dev, ref.sq_dev, atol=1e-13, rtol=1e-9)
+    tiny = per_sample_moments(Objective(model, sample_loss_fn=_conv_loss, batch=batch), memory_cap=1)  # a sample a chunk
+    assert_close_dict(tiny.sq_dev, ref.sq_dev, atol=1e-13, rtol=1e-9)
+
+
+def test_convolution_rule_keeps_float32_accuracy_at_high_snr():
+    # targets offset 30 with spread 0.1: per-sample conv gradients ~1e2-1e3 times their spread (shifted sums)
+    torch.manual_seed(0)
+    model = _Convs()
+    batch = _conv_batch(offset=30.0, dtype=torch.float32)
+    fast = per_sample_moments(Objective(model, sample_loss_fn=_conv_loss, batch=batch))
+    assert set(fast.methods.values()) == {"hooks"}
+    ref = float64_loop_moments(model, _conv_loss, batch)
+    got, want = gradient_snr(fast), gradient_snr(ref)
+    assert want.value > 1000
+    assert got.num_coordinates == want.num_coordinates
+    for name in want.per_layer:
+        assert math.isclose(got.per_layer[name], want.per_layer[name], rel_tol=1e-4), name
+    assert math.isclose(gradient_noise_scale(fast).value, gradient_noise_scale(ref).value, rel_tol=1e-5)
+
+
+def rel_error(got, want):
+    return float(((got - want).abs() / want).max())
+
+
+def test_hot_rows_of_a_linear_layer_are_recomputed_and_the_rest_kept():
+    # half the outputs regress onto offset targets (SNR ~1e4: float32's s2 - s1**2/n would cancel),
+    # half onto noise (SNR < 1: float32 is exact enough); each half must match the float64 loop
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    x = 1 + 0.01 * torch.randn(48, 6)  # nearly equal hidden features: the weight rows inherit the targets' SNR
+    y = torch.cat([300 + 0.01 * torch.randn(48, 2), torch.randn(48, 2)], 1)
+    obj = Objective(model, sample_loss_fn=_mse_per_sample, batch=(x, y))
+    fast = per_sample_moments(obj)
+    assert set(fast.methods.values()) == {"hooks"}
+    ref = float64_loop_moments(model, _mse_per_sample, (x, y))
+    mean, var = ref.mean["2.weight"], ref.sq_dev["2.weight"] / (ref.count - 1)
+    per_row = (mean.square() / var).mean(1)
+    assert bool((per_row[:2] > 1e3).all()) and bool((per_row[2:] < 10).all())  # hot rows and cool rows
+    samples = per_sample_moments(obj, "vmap")  # float32 per-sample gradients: what float32 can resolve
+    for name in ref.sq_dev:
+        error, floor = (rel_error(m.sq_dev[name], ref.sq_dev[name]) for m in (fast, samples))
+        assert error < 1e-3 and error < 2 * floor + 1e-5, (name, error, floor)  # float32 s2 - s1**2/n: up to 180
+    got, want = gradient_snr(fast), gradient_snr(ref)
+    for name in want.per_layer:
+        assert math.isclose(got.per_layer[name], want.per_layer[name], rel_tol=1e-4), name
+
+
+def test_the_probe_runs_once_per_model_and_call_structure(monkeypatch):
+    import dynscope.persample as persample
+
+    probes = []
+    real = persample._call_shapes
+    monkeypatch.setattr(persample, "_call_shapes", lambda *a: probes.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = mlp((4, 6, 3))
+    x, y = classification_data(10, (4,))
+    first = per_sample_moments(Objective(model, F.cross_entropy, (x, y)))
+    again = per_sample_moments(Objective(model, F.cross_entropy, (x, y)))
+    assert len(probes) == 1 and again.methods == first.methods == {n: "hooks" for n in first.methods}
+    assert_close_dict(again.sq_dev, first.sq_dev, atol=0, rtol=0)
+    per_sample_moments(Objective(model, F.cross_entropy, (x[:7], y[:7])))  # another batch size: probed
+    assert len(probes) == 2
