@@ -23,6 +23,8 @@ eigenvalues; even 100 deflated probes leave a 2-12% standard error) stays at a m
 from __future__ import annotations
 
 import contextlib
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -30,7 +32,7 @@ import torch
 
 from .eigen import EigenResult, lanczos
 from .hvp import as_operator
-from .trace import TraceResult, deflated_hutchinson, orthonormalize
+from .trace import RademacherProbes, TraceResult, deflated_hutchinson, orthonormalize
 
 
 @dataclass
@@ -86,9 +88,14 @@ class CurvatureTracker:
         eigen_tol: float = 1e-2,
         eigen_max_iter: int = 30,
         seed: int = 0,
+        memory: float = 0.0,
     ):
         if trace_matvecs < 1:
             raise ValueError(f"trace_matvecs must be positive, got {trace_matvecs}")
+        if not 0.0 <= memory < 1.0:
+            raise ValueError(f"memory must be in [0, 1), got {memory}")
+        if memory > 0 and trace_matvecs < 4:
+            raise ValueError(f"memory > 0 needs trace_matvecs >= 4 (two carried and two fresh probes), got {trace_matvecs}")
         if sketch < 0:
             raise ValueError(f"sketch must be >= 0, got {sketch}")
         self.trace_matvecs = trace_matvecs
@@ -96,6 +103,8 @@ class CurvatureTracker:
         self.eigen_tol = eigen_tol
         self.eigen_max_iter = eigen_max_iter
         self.seed = seed
+        self.memory = memory
+        self._carried: Optional[Dict[str, Any]] = None  # the probe set carried to the next measurement
         self.eigenvector: Optional[torch.Tensor] = None
         self.sketch_vectors: Optional[torch.Tensor] = None  # [sketch, n], orthonormal rows
         self.num_measurements = 0
@@ -107,6 +116,7 @@ class CurvatureTracker:
         seed = self.seed + self.num_measurements if seed is None else seed
         start = self.eigenvector if self.eigenvector is not None and self.eigenvector.shape == (n,) else None
         sketch = self.sketch_vectors if self.sketch_vectors is not None and self.sketch_vectors.shape[1:] == (n,) else None
+        carried = self._carried if self._carried is not None and self._carried["size"] == n else None
         with getattr(op, "measuring", contextlib.nullcontext)():
             extra, extra_products = [], []
             if sketch is not None and sketch.shape[0]:
@@ -125,7 +135,10 @@ class CurvatureTracker:
             basis, products = orthonormalize(
                 torch.cat([w @ eigen.basis.double(), *extra]), torch.cat([w @ eigen.products.double(), *extra_products])
             )
-            trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed, orthonormal=True)
+            if self.memory > 0:
+                trace = self._carried_trace(op, basis, products, carried, seed)
+            else:
+                trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed, orthonormal=True)
         trace.num_matvecs += sum(e.shape[0] for e in extra)
         self.eigenvector = eigen.eigenvectors[0].detach()
         if self.sketch:
@@ -134,6 +147,77 @@ class CurvatureTracker:
         self.num_measurements += 1
         eigen.basis = eigen.products = eigen.tridiagonal = None  # not kept: [m, n] each
         return TrackedCurvature(eigen=eigen, trace=trace)
+
+    def _carried_trace(self, op, u: torch.Tensor, hu: torch.Tensor, carried: Optional[Dict[str, Any]], seed: int) -> TraceResult:
+        """The exact head on ``span(u)`` plus the tail ``tr((I-P) H (I-P))`` tracked across measurements.
+
+        Each probe set is used twice: fresh at one measurement and carried to the next, where the
+        same probes under the new Hessian give the change of the tail (DeltaShift, Woodruff et al.
+        2022). With memory ``w``: ``tail_t = w (tail_{t-1} + mean_c[q_t - q_{t-1}]) + (1 - w) mean_f[q_t]``,
+        ``q(z) = z'^T H z'``, ``z' = (I - P) z``. Every term is unbiased, whatever the two matrices,
+        so the estimate is; its variance is a sum over independent probe sets, each term estimated
+        from its own probes (``stderr``; ``dof`` by Welch-Satterthwaite).
+        """
+        n, wgt = op.size, self.memory
+        keep = self.trace_matvecs // 2
+        num_fresh = self.trace_matvecs - (carried["count"] if carried is not None else 0)
+        rows = []
+        if carried is not None:
+            rows.append(RademacherProbes(carried["total"], n, carried["seed"]).rows(carried["first"], carried["total"]))
+        rows.append(RademacherProbes(num_fresh, n, seed).rows(0, num_fresh))
+        z = torch.cat(rows).to(device=op.device, dtype=torch.float64)
+        if u.shape[0]:
+            z = z - (z @ u.T) @ u
+        hz = op.matmat(z.to(op.dtype)).double()
+        t = u @ hu.T
+        t = (t + t.T) / 2
+        head = float(torch.trace(t))
+        head_rows = 2 * (u * hu).sum(0) - ((t @ u) * u).sum(0)
+        forms = z * hz  # [m, n]: per probe and coordinate
+        q = forms.sum(1)
+        layout = getattr(op, "layout", None)
+        blocks = (lambda v: {k: float(x) for k, x in layout.block_sums(v).items()}) if layout is not None else (lambda v: {})
+        k = 0 if carried is None else carried["count"]
+        q_c, q_f = q[:k], q[k:]
+        # the fresh probes enter with weight ``share`` (all of it at the first measurement); the
+        # last ``keep`` of them are carried, the others' part of the variance is settled now
+        share = 1.0 if carried is None else 1.0 - wgt
+        fresh_mean = float(q_f.mean())
+        fresh_pooled = float(q_f.var())  # iid probes of one matrix: one pooled sample variance
+        c = share * keep / num_fresh
+        settled = (share - c) ** 2 * fresh_pooled / (num_fresh - keep) if num_fresh > keep else 0.0
+        settled_w = settled**2 / (num_fresh - 1)
+        fresh_var = c**2 * fresh_pooled / keep
+        fresh_layers = blocks(forms[k:].mean(0))
+        if carried is None:
+            tail, tail_layers = fresh_mean, fresh_layers
+        else:
+            change = float((q_c - carried["q"]).mean())
+            tail = wgt * (carried["tail"] + change) + share * fresh_mean
+            delta_layers = blocks(forms[:k].mean(0))
+            tail_layers = {
+                name: wgt * (carried["tail_layers"][name] + delta_layers[name] - carried["layers"][name]) + share * fresh_layers[name]
+                for name in fresh_layers
+            }
+            # the carried set's whole part: w * mean_c[q_t - (1 - c_{t-1}) q_{t-1}]
+            part = wgt**2 * float((q_c - (1.0 - carried["coef"]) * carried["q"]).var()) / k
+            settled += wgt**2 * carried["settled"] + part
+            settled_w += wgt**4 * carried["settled_w"] + part**2 / (k - 1)
+        variance = settled + fresh_var
+        dof_terms = settled_w + fresh_var**2 / (num_fresh - 1)
+        dof = int(variance**2 / dof_terms) if dof_terms > 0 and math.isfinite(dof_terms) else 0
+        carried_rows = forms[len(q) - keep :]
+        self._carried = dict(
+            size=n, seed=seed, total=num_fresh, first=num_fresh - keep, count=keep, coef=c,
+            q=q[len(q) - keep :].clone(), layers=blocks(carried_rows.mean(0)),
+            tail=tail, tail_layers=tail_layers, settled=settled, settled_w=settled_w,
+        )
+        head_layers = blocks(head_rows)
+        per_layer = OrderedDict((name, head_layers[name] + tail_layers[name]) for name in head_layers)
+        return TraceResult(
+            value=head + tail, stderr=math.sqrt(variance) if variance >= 0 else math.nan, per_layer=per_layer,
+            num_matvecs=len(q), method="tracked", dof=dof,
+        )
 
     def state_dict(self) -> Dict[str, Any]:
         return {"eigenvector": self.eigenvector, "sketch": self.sketch_vectors, "num_measurements": self.num_measurements}
