@@ -310,14 +310,56 @@ def test_tracking_a_slowly_drifting_matrix_takes_few_matvecs_per_measurement():
         deflated_hutchinson(MatrixOperator(torch.eye(3)), 0)
 
 
-def test_tracking_along_a_training_trajectory_matches_eigvalsh():
+def _flat_drifting_matrices(n=60, steps=8, seed=0):
+    """A flat, indefinite spectrum (no small subspace holds the trace) that rotates and grows 2% a step."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    skew = torch.randn(n, n, generator=g, dtype=torch.float64)
+    rotation = torch.linalg.matrix_exp(0.02 * (skew - skew.T) / math.sqrt(n))
+    for t in range(steps):
+        eig = torch.linspace(-1.0, 3.0, n, dtype=torch.float64) * (1 + 0.02 * t)
+        yield basis @ torch.diag(eig) @ basis.T, eig
+        basis = rotation @ basis
+
+
+def test_carried_probes_track_the_trace_of_a_drifting_matrix_without_bias_and_with_an_honest_stderr():
+    from dynscope.tracking import CurvatureTracker
+
+    mats = list(_flat_drifting_matrices())
+    errors = {0.0: [], 0.7: []}
+    z_scores = []
+    for rep in range(60):
+        for memory in errors:
+            tracker = CurvatureTracker(trace_matvecs=8, sketch=0, eigen_tol=1e-2, memory=memory)
+            for t, (A, eig) in enumerate(mats):
+                got = tracker.measure(MatrixOperator(A), seed=1000 * rep + t)  # same probes for both
+                assert got.trace.num_matvecs == 8  # lambda_max: see the tests above (this spectrum has no gap)
+                if t >= 3:
+                    errors[memory].append(got.trace.value - float(eig.sum()))
+                    if memory:
+                        z_scores.append(errors[memory][-1] / got.trace.stderr)
+    rms = {m: math.sqrt(sum(e * e for e in v) / len(v)) for m, v in errors.items()}
+    tracked = errors[0.7]
+    assert rms[0.7] < 0.75 * rms[0.0]  # the carried probes pay on a slowly drifting matrix
+    mean = sum(tracked) / len(tracked)
+    assert abs(mean) < 3 * rms[0.7] / math.sqrt(len(tracked) / 5)  # unbiased (measurements of one run correlate)
+    z_rms = math.sqrt(sum(z * z for z in z_scores) / len(z_scores))
+    assert 0.8 < z_rms < 1.3  # the stderr is the spread it claims
+    with pytest.raises(ValueError, match="memory"):
+        CurvatureTracker(memory=1.0)
+    with pytest.raises(ValueError, match="trace_matvecs >= 4"):
+        CurvatureTracker(trace_matvecs=3, memory=0.5)
+
+
+@pytest.mark.parametrize("memory", [0.0, 0.7])
+def test_tracking_along_a_training_trajectory_matches_eigvalsh(memory):
     from dynscope.tracking import CurvatureTracker
 
     torch.manual_seed(0)
     net = mlp((5, 12, 3))
     x, y = classification_data(64, (5,), seed=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    tracker = CurvatureTracker(trace_matvecs=4, sketch=4, eigen_tol=1e-2)
+    tracker = CurvatureTracker(trace_matvecs=4, sketch=0 if memory else 4, eigen_tol=1e-2, memory=memory)
     z_scores = []
     for step in range(60):
         opt.zero_grad()
