@@ -21,8 +21,10 @@ ReLU MLP at start-up). Also printed: the Hutchinson floor, i.e. the probes that 
 needs for a 5% standard error, ``(sd_1 / 0.05 tr)^2`` with ``sd_1`` the per-probe standard
 deviation, and the relative Frobenius drift between measurements ``rho``.
 
-Per measurement: HVPs, CPU seconds (``time.process_time``) and relative errors; at the end
-medians after the first measurement and the share within 1% / 5%.
+Each estimator runs in ``--replicates`` independent copies (probe seeds), so that errors are
+distributions, not single draws. Per measurement: HVPs, CPU seconds (``time.process_time``) and
+median relative errors; at the end, after the first measurement, medians, RMS and the share within
+1% / 5%.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def cpu(fn):
     return out, time.process_time() - start
 
 
-def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool) -> int:
+def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool, replicates: int) -> int:
     check_reference()
     torch.manual_seed(0)
     sizes = (20, 32, 32, 10) if small else ((16, 64, 64, 10) if quick else (64, 256, 256, 10))
@@ -97,14 +99,19 @@ def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool) -
     net = mlp(sizes)
     n = sum(p.numel() for p in net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    trackers = {name: CurvatureTracker(eigen_tol=1e-2, eigen_max_iter=30, **kw) for name, kw in VARIANTS.items()}
+    names = ["cold", *VARIANTS]
+    trackers = [{name: CurvatureTracker(eigen_tol=1e-2, eigen_max_iter=30, **kw) for name, kw in VARIANTS.items()}
+                for _ in range(replicates)]
     rows = []
     probes = rademacher(32, n, seed=123)
     previous = None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {sizes} ({n} parameters), batch {batch}; "
-          f"measured every {every} steps on {'the first %d samples of the step batch' % measure if step_batch else 'a fixed set of %d samples' % measure}")
-    print(f"   {'step':>4} {'lambda':>8} {'tr(H)':>8} {'floor':>6} {'rho':>5} | cold 8: HVPs  cpu s  e_lam  e_tr | "
-          + " | ".join(f"{name}: HVPs  cpu s  e_lam  e_tr" for name in trackers))
+          f"measured every {every} steps on {'the first %d samples of the step batch' % measure if step_batch else 'a fixed set of %d samples' % measure}; "
+          f"{replicates} independent replicates of each estimator (probe seeds)")
+    print("   floor: probes plain Hutchinson needs for a 5% standard error; rho: |H_t - H_prev|_F / |H_t|_F; "
+          "per estimator: HVPs lambda+trace, CPU s, median |error| of lambda_max and of tr(H) over the replicates")
+    print(f"   {'step':>4} {'lambda':>8} {'tr(H)':>8} {'floor':>6} {'rho':>5} | "
+          + " | ".join(f"{name:<11}: HVPs  cpu s  e_lam  e_tr" for name in names))
     for step in range(1, steps + 1):
         i = (step * batch) % (x.shape[0] - batch)
         opt.zero_grad()
@@ -121,28 +128,34 @@ def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool) -
         sd1 = float((probes.double() * hz).sum(1).std())
         rho = float((hz - previous).norm() / hz.norm()) if previous is not None else float("nan")
         previous = hz
-        row = dict(step=step)
-        order = ["cold", *trackers] if step // every % 2 == 0 else [*trackers, "cold"]  # interleaved
-        for name in order:
-            if name == "cold":
-                (eig, trace), t = cpu(lambda: (top_eigenvalues(op, which="LA", tol=1e-2, max_iter=30, seed=step),
-                                               hessian_trace(op, 8, seed=step)))
-            else:
-                res, t = cpu(lambda: trackers[name].measure(op, seed=step))
-                eig, trace = res.eigen, res.trace
-            row[name] = (eig.num_matvecs, trace.num_matvecs, t, abs(eig.value - lam) / lam, abs(trace.value - tr) / abs(tr))
+        row = {name: [] for name in names}
+        for r in range(replicates):
+            seed = 1000 * r + step
+            order = names if (step // every + r) % 2 == 0 else names[::-1]  # interleaved
+            for name in order:
+                if name == "cold":
+                    (eig, trace), t = cpu(lambda: (top_eigenvalues(op, which="LA", tol=1e-2, max_iter=30, seed=seed),
+                                                   hessian_trace(op, 8, seed=seed)))
+                else:
+                    res, t = cpu(lambda: trackers[r][name].measure(op, seed=seed))
+                    eig, trace = res.eigen, res.trace
+                row[name].append((eig.num_matvecs, trace.num_matvecs, t, abs(eig.value - lam) / lam,
+                                  abs(trace.value - tr) / abs(tr)))
         rows.append(row)
-        cells = " | ".join(f"{r[0]:>3}+{r[1]:<3} {r[2]:5.2f} {r[3]:6.2%} {r[4]:5.1%}" for r in (row[k] for k in ["cold", *trackers]))
+        med = {name: [statistics.median(v[j] for v in row[name]) for j in range(5)] for name in names}
+        cells = " | ".join(f"{m[0]:>5.1f}+{m[1]:<3.0f} {m[2]:5.3f} {m[3]:6.2%} {m[4]:5.1%}" for m in (med[k] for k in names))
         print(f"   {step:>4} {lam:8.4g} {tr:8.4g} {(sd1 / (0.05 * tr)) ** 2:6.0f} {rho:5.2f} | {cells}", flush=True)
         net.train()
     later = rows[1:]
-    print("   after the first measurement (medians; share of lambda_max within 1%, of tr(H) within 5%):")
-    for name in ["cold", *trackers]:
-        col = [r[name] for r in later]
+    print("   after the first measurement, over measurements x replicates (HVPs and CPU s: medians; errors: median and RMS; "
+          "shares within 1% / 5%):")
+    for name in names:
+        col = [v for r in later for v in r[name]]
         med = [statistics.median(c[j] for c in col) for j in range(5)]
-        print(f"   {name:<12} HVPs {med[0]:.0f} (lambda) + {med[1]:.0f} (trace), cpu {med[2]:.3f} s; "
-              f"lambda err {med[3]:.2%} ({sum(c[3] <= 0.01 for c in col) / len(col):.0%} within 1%); "
-              f"trace err {med[4]:.1%} ({sum(c[4] <= 0.05 for c in col) / len(col):.0%} within 5%)")
+        rms = [statistics.mean(c[j] ** 2 for c in col) ** 0.5 for j in (3, 4)]
+        print(f"   {name:<12} HVPs {med[0]:.0f} (lambda, max {max(c[0] for c in col)}) + {med[1]:.0f} (trace), cpu {med[2]:.3f} s; "
+              f"lambda err median {med[3]:.2%} rms {rms[0]:.2%} ({sum(c[3] <= 0.01 for c in col) / len(col):.0%} within 1%); "
+              f"trace err median {med[4]:.1%} rms {rms[1]:.1%} ({sum(c[4] <= 0.05 for c in col) / len(col):.0%} within 5%)")
     print("   target: lambda_max to 1% and tr(H) to 5% in <= 8 HVPs each")
     return 0
 
@@ -154,7 +167,8 @@ if __name__ == "__main__":
     parser.add_argument("--step-batch", action="store_true", help="measure on each step's batch (not a fixed set)")
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--measure", type=int, default=16, help="samples in the measurement set")
+    parser.add_argument("--replicates", type=int, default=8, help="independent probe seeds per estimator")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.exit(main(args.quick, args.step_batch, args.every, args.measure, args.small))
+    sys.exit(main(args.quick, args.step_batch, args.every, args.measure, args.small, args.replicates))
