@@ -234,6 +234,8 @@ class CurvatureTracker:
         )
 
     def state_dict(self) -> Dict[str, Any]:
+        """The warm starts (eigenvector, sketch); the carried probes are left out: a resumed run may
+        measure on other data, so its trace starts afresh."""
         return {"eigenvector": self.eigenvector, "sketch": self.sketch_vectors, "num_measurements": self.num_measurements}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
