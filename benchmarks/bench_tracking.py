@@ -2,8 +2,9 @@
 
 Run: ``python benchmarks/bench_tracking.py [--quick] [--step-batch] [--every 20]``.
 
-A ReLU MLP trains 200 SGD steps (momentum 0.9, batch 128; 64-256-256-10, 85k parameters, or the
-2k MLP 20-32-32-10 with ``--small``); every ``--every`` steps ``lambda_max`` (target 1%) and
+A ReLU MLP trains 200 SGD steps (momentum 0.9, batch 128; 64-256-256-10, 85k parameters, the
+2k MLP 20-32-32-10 with ``--small``, or the CNN with BatchNorm of ``bench_anchors.py`` with
+``--cnn``, measured in eval mode); every ``--every`` steps ``lambda_max`` (target 1%) and
 ``tr(H)`` (target 5%) are measured on a fixed measurement set (the first ``--measure`` samples, 16
 by default as in ``DynScope``; ``--step-batch``: the first samples of each step's batch instead),
 interleaved:
@@ -11,10 +12,12 @@ interleaved:
 * cold: Lanczos from a random vector (``tol=1e-2``) and Hutchinson with 8 probes;
 * tracked variants of :class:`dynscope.tracking.CurvatureTracker` (warm-started Lanczos; trace =
   exact head on the Krylov space / sketch + 8 trace HVPs), with and without carried probes
-  (``memory``, DeltaShift-style).
+  (``memory`` fixed at 0.7, or ``"auto"``: chosen from the previous measurement's variances;
+  DeltaShift-style).
 
 Exact references: ``lambda_max`` by Lanczos to ``1e-8``; ``tr(H)`` in closed form: for a ReLU
-network every scalar weight enters the output piecewise linearly, so the diagonal of the
+network (convolutions, max-pooling and eval-mode BatchNorm included) every scalar weight enters
+the output piecewise linearly, so the diagonal of the
 second-order network term vanishes and ``tr(H) = tr(GGN) = mean_s sum_c p_sc |grad CE(z_s, c)|^2``
 (per-sample gradients, one per sample and class; checked against ``torch.func.hessian`` on a tiny
 ReLU MLP at start-up). Also printed: the Hutchinson floor, i.e. the probes that plain Hutchinson
@@ -41,6 +44,7 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_anchors import cnn_bn  # noqa: E402
 from bench_curvature import mlp  # noqa: E402
 from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues  # noqa: E402
 from dynscope.trace import rademacher  # noqa: E402
@@ -49,7 +53,7 @@ from dynscope.tracking import CurvatureTracker  # noqa: E402
 VARIANTS = {  # name: CurvatureTracker arguments (8 trace HVPs each)
     "sketch4+4": dict(trace_matvecs=4, sketch=4),
     "carry8 w.7": dict(trace_matvecs=8, sketch=0, memory=0.7),
-    "carry8 w.85": dict(trace_matvecs=8, sketch=0, memory=0.85),
+    "carry8 auto": dict(trace_matvecs=8, sketch=0, memory="auto"),
 }
 
 
@@ -89,14 +93,15 @@ def cpu(fn):
     return out, time.process_time() - start
 
 
-def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool, replicates: int) -> int:
+def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool, replicates: int, cnn: bool = False) -> int:
     check_reference()
     torch.manual_seed(0)
     sizes = (20, 32, 32, 10) if small else ((16, 64, 64, 10) if quick else (64, 256, 256, 10))
     batch, steps = (64, 100) if quick else (128, 200)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(4096, sizes[0], generator=g), torch.randint(0, 10, (4096,), generator=g)
-    net = mlp(sizes)
+    shape = (3, 16, 16) if cnn else (sizes[0],)
+    x, y = torch.randn(4096, *shape, generator=g), torch.randint(0, 10, (4096,), generator=g)
+    net = cnn_bn() if cnn else mlp(sizes)
     n = sum(p.numel() for p in net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     names = ["cold", *VARIANTS]
@@ -105,7 +110,7 @@ def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool, r
     rows = []
     probes = rademacher(32, n, seed=123)
     previous = None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {sizes} ({n} parameters), batch {batch}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'CNN+BN (eval mode)' if cnn else f'MLP {sizes}'} ({n} parameters), batch {batch}; "
           f"measured every {every} steps on {'the first %d samples of the step batch' % measure if step_batch else 'a fixed set of %d samples' % measure}; "
           f"{replicates} independent replicates of each estimator (probe seeds)")
     print("   floor: probes plain Hutchinson needs for a 5% standard error; rho: |H_t - H_prev|_F / |H_t|_F; "
@@ -164,6 +169,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="the 2k MLP 20-32-32-10")
+    parser.add_argument("--cnn", action="store_true", help="the CNN with BatchNorm of bench_anchors (measured in eval mode)")
     parser.add_argument("--step-batch", action="store_true", help="measure on each step's batch (not a fixed set)")
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--measure", type=int, default=16, help="samples in the measurement set")
@@ -171,4 +177,4 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.exit(main(args.quick, args.step_batch, args.every, args.measure, args.small, args.replicates))
+    sys.exit(main(args.quick, args.step_batch, args.every, args.measure, args.small, args.replicates, args.cnn))

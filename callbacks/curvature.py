@@ -157,10 +157,10 @@ class Curvature(DiagnosticCallback):
     probes' standard error (the exact part has none). On a fixed evaluation set (``eval_batches``,
     as in :class:`~dynscope.callbacks.DynScope`) consecutive Hessians differ by the training alone,
     and the trace probes are carried instead: each probe set is used at two consecutive
-    measurements, whose difference it estimates (``memory=0.7`` of
-    :class:`~dynscope.tracking.CurvatureTracker`). How far that gets depends on the model: the
-    trace of a flat spectrum needs hundreds of probes for 5%, which no tracking replaces
-    (``benchmarks/bench_tracking.py``).
+    measurements, whose difference it estimates, weighted against the fresh probes by their
+    variances (``memory="auto"`` of :class:`~dynscope.tracking.CurvatureTracker`). How far that
+    gets depends on the model: the trace of a flat spectrum needs hundreds of probes for 5%, which
+    no tracking replaces (``benchmarks/bench_tracking.py``).
 
     ``sub_batch=k`` measures on the first ``k`` samples of the batch (every tensor whose first
     dimension is the batch size is sliced): the HVPs cost about ``k / batch`` of the full batch's,
@@ -278,7 +278,7 @@ class Curvature(DiagnosticCallback):
         self.hvp_method = hvp_method
         # on a fixed evaluation set consecutive Hessians differ by the training alone: the probes are
         # carried to the next measurement (memory); on the step's batch they would not be the same matrix
-        memory = 0.7 if eval_batches and num_matvecs >= 4 else 0.0
+        memory = "auto" if eval_batches and num_matvecs >= 4 else 0.0
         sketch = 0 if memory else min(num_matvecs // 2, 8)
         self.tracker = CurvatureTracker(
             trace_matvecs=num_matvecs - sketch, sketch=sketch, eigen_tol=eigen_tol, eigen_max_iter=eigen_max_iter,
