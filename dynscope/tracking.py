@@ -185,7 +185,10 @@ class CurvatureTracker:
         2022). With memory ``w``: ``tail_t = w (tail_{t-1} + mean_c[q_t - q_{t-1}]) + (1 - w) mean_f[q_t]``,
         ``q(z) = z'^T H z'``, ``z' = (I - P) z``. Every term is unbiased, whatever the two matrices,
         so the estimate is; its variance is a sum over independent probe sets, each term estimated
-        from its own probes (``stderr``; ``dof`` by Welch-Satterthwaite).
+        from its own probes (``stderr``; ``dof`` by Welch-Satterthwaite). ``memory="auto"`` sets
+        ``w_t`` to the inverse-variance weight of the prediction against the fresh probes, from the
+        variances of measurement ``t - 1`` (so that the new probes do not choose their own weight,
+        which would bias the estimate and shrink its stderr).
         """
         n = op.size
         keep = self.trace_matvecs // 2
@@ -243,7 +246,8 @@ class CurvatureTracker:
         change_var = float((q_c - (1.0 - carried["coef"]) * carried["q"]).var()) / k if carried is not None else math.nan
         fresh_next = float(q.var()) / (self.trace_matvecs - keep)
         prediction_next = settled + fresh_var + change_var
-        next_memory = min(_MAX_MEMORY, fresh_next / (prediction_next + fresh_next)) if carried is not None else 0.5
+        total = prediction_next + fresh_next
+        next_memory = min(_MAX_MEMORY, fresh_next / total) if carried is not None and total > 0 and math.isfinite(total) else 0.5
         dof_terms = settled_w + fresh_var**2 / (num_fresh - 1)
         dof = int(variance**2 / dof_terms) if dof_terms > 0 and math.isfinite(dof_terms) else 0
         carried_rows = forms[len(q) - keep :]
