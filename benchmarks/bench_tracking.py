@@ -1,20 +1,33 @@
 """Tracked curvature along a training trajectory vs cold starts (issue 14), side by side in one run.
 
-Run: ``python benchmarks/bench_tracking.py [--quick] [--fixed-batch]``.
+Run: ``python benchmarks/bench_tracking.py [--quick] [--step-batch] [--every 20]``.
 
-An MLP 64-256-256-10 (85k parameters) trains 200 SGD steps (momentum 0.9, batch 128); every 20
-steps ``lambda_max`` (target 1%) and ``tr(H)`` (target 5%) are measured on the step's batch (or a
-fixed batch with ``--fixed-batch``), three ways, interleaved:
+A ReLU MLP trains 200 SGD steps (momentum 0.9, batch 128; 64-256-256-10, 85k parameters, the
+2k MLP 20-32-32-10 with ``--small``, or the CNN with BatchNorm of ``bench_anchors.py`` with
+``--cnn``, measured in eval mode); every ``--every`` steps ``lambda_max`` (target 1%) and
+``tr(H)`` (target 5%) are measured on a fixed measurement set (the first ``--measure`` samples, 16
+by default as in ``DynScope``; ``--step-batch``: the first samples of each step's batch instead),
+interleaved:
 
 * cold: Lanczos from a random vector (``tol=1e-2``) and Hutchinson with 8 probes;
-* tracked: :class:`dynscope.tracking.CurvatureTracker` (Lanczos from the carried sketch's top Ritz
-  vector, trace = exact part on the sketch and the top Ritz vectors + 4 probes; 4 + 4 HVPs);
-* the reference: Lanczos to 1e-8 and a deflated Hutchinson with 100 probes on its 60-vector Krylov
-  space (its standard error is printed).
+* tracked variants of :class:`dynscope.tracking.CurvatureTracker` (warm-started Lanczos; trace =
+  exact head on the Krylov space / sketch + 8 trace HVPs), with and without carried probes
+  (``memory`` fixed at 0.7, or ``"auto"``: chosen from the previous measurement's variances;
+  DeltaShift-style).
 
-Printed per measurement: HVPs, CPU seconds (``time.process_time``) and relative errors; at the
-end medians and the share of measurements within 1% / 5%. On a machine shared with other jobs the
-CPU seconds are the comparable figure.
+Exact references: ``lambda_max`` by Lanczos to ``1e-8``; ``tr(H)`` in closed form: for a ReLU
+network (convolutions, max-pooling and eval-mode BatchNorm included) every scalar weight enters
+the output piecewise linearly, so the diagonal of the
+second-order network term vanishes and ``tr(H) = tr(GGN) = mean_s sum_c p_sc |grad CE(z_s, c)|^2``
+(per-sample gradients, one per sample and class; checked against ``torch.func.hessian`` on a tiny
+ReLU MLP at start-up). Also printed: the Hutchinson floor, i.e. the probes that plain Hutchinson
+needs for a 5% standard error, ``(sd_1 / 0.05 tr)^2`` with ``sd_1`` the per-probe standard
+deviation, and the relative Frobenius drift between measurements ``rho``.
+
+Each estimator runs in ``--replicates`` independent copies (probe seeds), so that errors are
+distributions, not single draws. Per measurement: HVPs, CPU seconds (``time.process_time``) and
+median relative errors; at the end, after the first measurement, medians, RMS and the share within
+1% / 5%.
 """
 
 from __future__ import annotations
@@ -27,13 +40,51 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_anchors import cnn_bn  # noqa: E402
 from bench_curvature import mlp  # noqa: E402
 from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues  # noqa: E402
-from dynscope.trace import deflated_hutchinson  # noqa: E402
+from dynscope.trace import rademacher  # noqa: E402
 from dynscope.tracking import CurvatureTracker  # noqa: E402
+
+VARIANTS = {  # name: CurvatureTracker arguments (8 trace HVPs each)
+    "sketch4+4": dict(trace_matvecs=4, sketch=4),
+    "carry8 w.7": dict(trace_matvecs=8, sketch=0, memory=0.7),
+    "carry8 auto": dict(trace_matvecs=8, sketch=0, memory="auto"),
+}
+
+
+def ggn_trace(net, x, y=None) -> float:
+    """``tr(GGN)`` of the mean cross-entropy, exactly: ``mean_s sum_c p_sc |grad_theta CE(z_s, c)|^2``."""
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    with torch.no_grad():
+        p = F.softmax(net(x), -1).double()
+
+    def loss(prm, xs, c):
+        return F.cross_entropy(functional_call(net, prm, (xs[None],)), c[None])
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))
+    total = 0.0
+    for c in range(p.shape[1]):
+        g = per(params, x, torch.full((x.shape[0],), c))
+        sq = sum(v.double().pow(2).flatten(1).sum(1) for v in g.values())
+        total += float((p[:, c] * sq).sum())
+    return total / x.shape[0]
+
+
+def check_reference() -> None:
+    from torch.func import hessian
+
+    torch.manual_seed(1)
+    net = mlp((5, 7, 6, 3)).double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    h = hessian(lambda prm: F.cross_entropy(functional_call(net, prm, (x,)), y))(params)
+    exact = sum(float(torch.diagonal(h[k][k].reshape(v.numel(), v.numel())).sum()) for k, v in params.items())
+    assert abs(ggn_trace(net, x) - exact) <= 1e-9 * abs(exact), (ggn_trace(net, x), exact)
 
 
 def cpu(fn):
@@ -42,63 +93,88 @@ def cpu(fn):
     return out, time.process_time() - start
 
 
-def main(quick: bool = False, fixed_batch: bool = False) -> int:
+def main(quick: bool, step_batch: bool, every: int, measure: int, small: bool, replicates: int, cnn: bool = False) -> int:
+    check_reference()
     torch.manual_seed(0)
-    sizes, batch, steps, every = ((16, 64, 64, 10), 64, 100, 20) if quick else ((64, 256, 256, 10), 128, 200, 20)
+    sizes = (20, 32, 32, 10) if small else ((16, 64, 64, 10) if quick else (64, 256, 256, 10))
+    batch, steps = (64, 100) if quick else (128, 200)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(4096, sizes[0], generator=g), torch.randint(0, 10, (4096,), generator=g)
-    net = mlp(sizes)
+    shape = (3, 16, 16) if cnn else (sizes[0],)
+    x, y = torch.randn(4096, *shape, generator=g), torch.randint(0, 10, (4096,), generator=g)
+    net = cnn_bn() if cnn else mlp(sizes)
+    n = sum(p.numel() for p in net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    tracker = CurvatureTracker(trace_matvecs=4, sketch=4, eigen_tol=1e-2, eigen_max_iter=30)
+    names = ["cold", *VARIANTS]
+    trackers = [{name: CurvatureTracker(eigen_tol=1e-2, eigen_max_iter=30, **kw) for name, kw in VARIANTS.items()}
+                for _ in range(replicates)]
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {sizes}, batch {batch}, "
-          f"{'fixed batch' if fixed_batch else 'the step batch'}, every {every} steps")
-    print(f"   {'step':>4}  {'lambda':>8}  {'trace':>9}  | cold: HVPs  cpu s  err lam  err tr | tracked: HVPs(eig+tr)  cpu s  err lam  err tr")
+    probes = rademacher(32, n, seed=123)
+    previous = None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'CNN+BN (eval mode)' if cnn else f'MLP {sizes}'} ({n} parameters), batch {batch}; "
+          f"measured every {every} steps on {'the first %d samples of the step batch' % measure if step_batch else 'a fixed set of %d samples' % measure}; "
+          f"{replicates} independent replicates of each estimator (probe seeds)")
+    print("   floor: probes plain Hutchinson needs for a 5% standard error; rho: |H_t - H_prev|_F / |H_t|_F; "
+          "per estimator: HVPs lambda+trace, CPU s, median |error| of lambda_max and of tr(H) over the replicates")
+    print(f"   {'step':>4} {'lambda':>8} {'tr(H)':>8} {'floor':>6} {'rho':>5} | "
+          + " | ".join(f"{name:<11}: HVPs  cpu s  e_lam  e_tr" for name in names))
     for step in range(1, steps + 1):
         i = (step * batch) % (x.shape[0] - batch)
-        xb, yb = (x[:batch], y[:batch]) if fixed_batch else (x[i : i + batch], y[i : i + batch])
         opt.zero_grad()
         F.cross_entropy(net(x[i : i + batch]), y[i : i + batch]).backward()
         opt.step()
         if step % every and step != 1:
             continue
+        xb, yb = (x[i : i + measure], y[i : i + measure]) if step_batch else (x[:measure], y[:measure])
         net.eval()
         op = HessianOperator(Objective(net, F.cross_entropy, (xb, yb)))
-        ref = top_eigenvalues(op, which="LA", tol=1e-8, max_iter=60, keep_basis=True)
-        ref_trace = deflated_hutchinson(op, 100, ref.basis, ref.products, seed=10**6 + step)
-        (cold_eig, cold_tr), cold_t = cpu(lambda: (top_eigenvalues(op, which="LA", tol=1e-2, max_iter=30, seed=step),
-                                                    hessian_trace(op, 8, seed=step)))
-        tracked, tracked_t = cpu(lambda: tracker.measure(op, seed=step))
-        lam, tr = ref.value, ref_trace.value
-        row = dict(
-            step=step, cold_hvps=cold_eig.num_matvecs + cold_tr.num_matvecs, cold_t=cold_t,
-            cold_lam=abs(cold_eig.value - lam) / lam, cold_tr=abs(cold_tr.value - tr) / abs(tr),
-            eig_hvps=tracked.eigen.num_matvecs, tr_hvps=tracked.trace.num_matvecs, t=tracked_t,
-            lam=abs(tracked.eigen.value - lam) / lam, tr=abs(tracked.trace.value - tr) / abs(tr),
-        )
+        lam = top_eigenvalues(op, which="LA", tol=1e-8, max_iter=80).value
+        tr = ggn_trace(net, xb)
+        hz = op.matmat(probes).double()
+        sd1 = float((probes.double() * hz).sum(1).std())
+        rho = float((hz - previous).norm() / hz.norm()) if previous is not None else float("nan")
+        previous = hz
+        row = {name: [] for name in names}
+        for r in range(replicates):
+            seed = 1000 * r + step
+            order = names if (step // every + r) % 2 == 0 else names[::-1]  # interleaved
+            for name in order:
+                if name == "cold":
+                    (eig, trace), t = cpu(lambda: (top_eigenvalues(op, which="LA", tol=1e-2, max_iter=30, seed=seed),
+                                                   hessian_trace(op, 8, seed=seed)))
+                else:
+                    res, t = cpu(lambda: trackers[r][name].measure(op, seed=seed))
+                    eig, trace = res.eigen, res.trace
+                row[name].append((eig.num_matvecs, trace.num_matvecs, t, abs(eig.value - lam) / lam,
+                                  abs(trace.value - tr) / abs(tr)))
         rows.append(row)
-        print(f"   {step:>4}  {lam:8.4g}  {tr:9.4g}  | {row['cold_hvps']:10d}  {cold_t:5.2f}  {row['cold_lam']:7.1%}  "
-              f"{row['cold_tr']:6.1%} | {row['eig_hvps']:>12d}+{row['tr_hvps']:<8d}  {tracked_t:5.2f}  {row['lam']:7.1%}  "
-              f"{row['tr']:6.1%}   (reference trace stderr {ref_trace.stderr / abs(tr):.1%})", flush=True)
+        med = {name: [statistics.median(v[j] for v in row[name]) for j in range(5)] for name in names}
+        cells = " | ".join(f"{m[0]:>5.1f}+{m[1]:<3.0f} {m[2]:5.3f} {m[3]:6.2%} {m[4]:5.1%}" for m in (med[k] for k in names))
+        print(f"   {step:>4} {lam:8.4g} {tr:8.4g} {(sd1 / (0.05 * tr)) ** 2:6.0f} {rho:5.2f} | {cells}", flush=True)
         net.train()
-    later = rows[1:]  # after the first measurement
-    med = lambda key: statistics.median(r[key] for r in later)  # noqa: E731
-    share = lambda key, bound: sum(r[key] <= bound for r in later) / len(later)  # noqa: E731
-    print(f"   after the first measurement (medians): cold {med('cold_hvps'):.0f} HVPs, {med('cold_t'):.2f} s; "
-          f"tracked {med('eig_hvps'):.0f} + {med('tr_hvps'):.0f} HVPs, {med('t'):.2f} s "
-          f"(time ratio tracked / cold {med('t') / med('cold_t'):.2f})")
-    print(f"   lambda_max within 1%: cold {share('cold_lam', 0.01):.0%}, tracked {share('lam', 0.01):.0%}; "
-          f"trace within 5%: cold {share('cold_tr', 0.05):.0%}, tracked {share('tr', 0.05):.0%} "
-          f"(median error cold {med('cold_tr'):.1%}, tracked {med('tr'):.1%}); "
-          f"target: 1% and 5% in <= 8 HVPs each")
+    later = rows[1:]
+    print("   after the first measurement, over measurements x replicates (HVPs and CPU s: medians; errors: median and RMS; "
+          "shares within 1% / 5%):")
+    for name in names:
+        col = [v for r in later for v in r[name]]
+        med = [statistics.median(c[j] for c in col) for j in range(5)]
+        rms = [statistics.mean(c[j] ** 2 for c in col) ** 0.5 for j in (3, 4)]
+        print(f"   {name:<12} HVPs {med[0]:.0f} (lambda, max {max(c[0] for c in col)}) + {med[1]:.0f} (trace), cpu {med[2]:.3f} s; "
+              f"lambda err median {med[3]:.2%} rms {rms[0]:.2%} ({sum(c[3] <= 0.01 for c in col) / len(col):.0%} within 1%); "
+              f"trace err median {med[4]:.1%} rms {rms[1]:.1%} ({sum(c[4] <= 0.05 for c in col) / len(col):.0%} within 5%)")
+    print("   target: lambda_max to 1% and tr(H) to 5% in <= 8 HVPs each")
     return 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--fixed-batch", action="store_true", help="measure on one fixed batch (the Hessian drifts slowly)")
+    parser.add_argument("--small", action="store_true", help="the 2k MLP 20-32-32-10")
+    parser.add_argument("--cnn", action="store_true", help="the CNN with BatchNorm of bench_anchors (measured in eval mode)")
+    parser.add_argument("--step-batch", action="store_true", help="measure on each step's batch (not a fixed set)")
+    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--measure", type=int, default=16, help="samples in the measurement set")
+    parser.add_argument("--replicates", type=int, default=8, help="independent probe seeds per estimator")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.exit(main(args.quick, args.fixed_batch))
+    sys.exit(main(args.quick, args.step_batch, args.every, args.measure, args.small, args.replicates, args.cnn))

@@ -154,20 +154,28 @@ class Curvature(DiagnosticCallback):
     and the trace is the exact trace on that subspace plus the Lanczos vectors (whose products
     ``lambda_max`` paid for) plus Hutchinson on the rest; the subspace follows the top of the
     spectrum by one subspace-iteration step per measurement. ``hessian_trace_stderr`` is then the
-    probes' standard error (the exact part has none).
+    probes' standard error (the exact part has none). On a fixed evaluation set (``eval_batches``,
+    as in :class:`~dynscope.callbacks.DynScope`) consecutive Hessians differ by the training alone,
+    and the trace probes are carried instead: each probe set is used at two consecutive
+    measurements, whose difference it estimates, weighted against the fresh probes by their
+    variances (``memory="auto"`` of :class:`~dynscope.tracking.CurvatureTracker`). How far that
+    gets depends on the model: the trace of a flat spectrum needs hundreds of probes for 5%, which
+    no tracking replaces (``benchmarks/bench_tracking.py``).
 
     ``sub_batch=k`` measures on the first ``k`` samples of the batch (every tensor whose first
     dimension is the batch size is sliced): the HVPs cost about ``k / batch`` of the full batch's,
     and the values are those of the Hessian of a ``k``-sample batch (noisier, and the sharpness of a
     smaller batch is typically larger). Under DDP each rank slices its own batch (``k`` samples per
-    rank, averaged over the ranks).
+    rank, averaged over the ranks). With ``eval_batches`` the evaluation set is sliced the same way.
 
     Args:
         num_matvecs: Hessian-vector products for the trace (batched). ``"tracked"``: half of them
-            (up to 8) carry the sketch, the rest are probes.
+            (up to 8) carry the sketch, the rest are probes; with ``eval_batches`` all are probes,
+            half of them carried to the next measurement.
         method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` (see :func:`dynscope.hessian_trace`)
             or ``"tracked"`` (needs ``eigen``).
-        sub_batch: measure on the first ``sub_batch`` samples of each batch (``None``: all).
+        sub_batch: measure on the first ``sub_batch`` samples of each batch, or of the evaluation
+            set (``None``: all).
         hvp_method: the HVP kernel (``"auto"``: chosen from the model's structure, see
             :func:`dynscope.hvp.choose_method`; or ``"loop"``, ``"reverse"``, ``"forward"``).
         eigen: compute ``lambda_max`` (Lanczos, warm-started from the previous eigenvector).
@@ -268,10 +276,13 @@ class Curvature(DiagnosticCallback):
             raise ValueError(f"hvp_method must be 'auto', 'forward', 'reverse' or 'loop', got {hvp_method!r}")
         self.sub_batch = sub_batch
         self.hvp_method = hvp_method
-        sketch = min(num_matvecs // 2, 8)
+        # on a fixed evaluation set consecutive Hessians differ by the training alone: the probes are
+        # carried to the next measurement (memory); on the step's batch they would not be the same matrix
+        memory = "auto" if eval_batches and num_matvecs >= 4 else 0.0
+        sketch = 0 if memory else min(num_matvecs // 2, 8)
         self.tracker = CurvatureTracker(
             trace_matvecs=num_matvecs - sketch, sketch=sketch, eigen_tol=eigen_tol, eigen_max_iter=eigen_max_iter,
-            seed=seed,
+            seed=seed, memory=memory,
         ) if method == "tracked" else None
         self.num_matvecs = num_matvecs
         self.method = method
@@ -320,7 +331,7 @@ class Curvature(DiagnosticCallback):
         train_batch = batch
         if self.eval_batches and self._eval:
             batches = list(self._eval)
-            batch = join_batches(batches, self.warn_once) if len(batches) > 1 else batches[0]
+            batch = batch_slice(join_batches(batches, self.warn_once) if len(batches) > 1 else batches[0], self.sub_batch)
         else:
             batch = batch_slice(batch, self.sub_batch)
             batches = [batch]

@@ -31,9 +31,10 @@ MITIGATIONS = ("stablemax", "orthograd", "ema")
 
 # Base cadences of the suite (the budget stretches them); any of it can be overridden per diagnostic.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    # tracked: warm-started Lanczos to 1% and a deflated trace on the carried sketch (8 HVPs); a
-    # fixed 16-sample slice of the batch keeps one measurement at a few training steps
-    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=8, eigen_max_iter=20, sub_batch=16),
+    # tracked: warm-started Lanczos to 1% and a trace whose probes carry over (8 HVPs), on a fixed
+    # measurement set (16 samples of the first batch) so that consecutive Hessians differ by the
+    # training alone; 16 samples keep one measurement at a few training steps
+    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=8, eigen_max_iter=20, sub_batch=16, eval_batches=1),
     "noise": dict(every_n_steps=25),
     "collapse": dict(every_n_steps=10),
     "regions": dict(

@@ -310,14 +310,73 @@ def test_tracking_a_slowly_drifting_matrix_takes_few_matvecs_per_measurement():
         deflated_hutchinson(MatrixOperator(torch.eye(3)), 0)
 
 
-def test_tracking_along_a_training_trajectory_matches_eigvalsh():
+def _flat_drifting_matrices(n=60, steps=8, seed=0):
+    """A flat, indefinite spectrum (no small subspace holds the trace) that rotates and grows 2% a step."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    skew = torch.randn(n, n, generator=g, dtype=torch.float64)
+    rotation = torch.linalg.matrix_exp(0.02 * (skew - skew.T) / math.sqrt(n))
+    for t in range(steps):
+        eig = torch.linspace(-1.0, 3.0, n, dtype=torch.float64) * (1 + 0.02 * t)
+        yield basis @ torch.diag(eig) @ basis.T, eig
+        basis = rotation @ basis
+
+
+def _unrelated_matrices(n=60, steps=8, seed=0):
+    """A new random eigenbasis at every measurement, the scale alternating: nothing persists."""
+    g = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        eig = torch.linspace(-1.0, 3.0, n, dtype=torch.float64) * (1 + 0.5 * (t % 2))
+        yield basis @ torch.diag(eig) @ basis.T, eig
+
+
+def _tracked_trace_errors(mats, memory, reps=60):
+    from dynscope.tracking import CurvatureTracker
+
+    errors, z_scores = [], []
+    for rep in range(reps):
+        tracker = CurvatureTracker(trace_matvecs=8, sketch=0, eigen_tol=1e-2, memory=memory)
+        for t, (A, eig) in enumerate(mats):
+            got = tracker.measure(MatrixOperator(A), seed=1000 * rep + t)  # the same probes for every memory
+            assert got.trace.num_matvecs == 8  # lambda_max: see the tests above (these spectra have no gap)
+            if t >= 3:
+                errors.append(got.trace.value - float(eig.sum()))
+                z_scores.append(errors[-1] / got.trace.stderr)
+    rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+    return rms, sum(errors) / len(errors), math.sqrt(sum(z * z for z in z_scores) / len(z_scores)), len(errors)
+
+
+def test_carried_probes_track_the_trace_of_a_drifting_matrix_without_bias_and_with_an_honest_stderr():
+    from dynscope.tracking import CurvatureTracker
+
+    drifting, unrelated = list(_flat_drifting_matrices()), list(_unrelated_matrices())
+    cold = _tracked_trace_errors(drifting, 0.0)[0]
+    for memory in (0.7, "auto"):
+        rms, mean, z_rms, count = _tracked_trace_errors(drifting, memory)
+        assert rms < 0.8 * cold  # the carried probes pay on a slowly drifting matrix
+        assert abs(mean) < 3 * rms / math.sqrt(count / 5)  # unbiased (measurements of one run correlate)
+        assert 0.8 < z_rms < 1.35  # the stderr is the spread it claims
+    # when nothing persists, a fixed memory costs accuracy; "auto" lowers its weight and stays near cold
+    cold = _tracked_trace_errors(unrelated, 0.0)[0]
+    assert _tracked_trace_errors(unrelated, 0.7)[0] > 1.4 * cold
+    rms, mean, z_rms, count = _tracked_trace_errors(unrelated, "auto")
+    assert rms < 1.3 * cold and abs(mean) < 3 * rms / math.sqrt(count / 5) and 0.8 < z_rms < 1.4
+    with pytest.raises(ValueError, match="memory"):
+        CurvatureTracker(memory=1.0)
+    with pytest.raises(ValueError, match="trace_matvecs >= 4"):
+        CurvatureTracker(trace_matvecs=3, memory="auto")
+
+
+@pytest.mark.parametrize("memory", [0.0, 0.7, "auto"])
+def test_tracking_along_a_training_trajectory_matches_eigvalsh(memory):
     from dynscope.tracking import CurvatureTracker
 
     torch.manual_seed(0)
     net = mlp((5, 12, 3))
     x, y = classification_data(64, (5,), seed=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    tracker = CurvatureTracker(trace_matvecs=4, sketch=4, eigen_tol=1e-2)
+    tracker = CurvatureTracker(trace_matvecs=4, sketch=0 if memory else 4, eigen_tol=1e-2, memory=memory)
     z_scores = []
     for step in range(60):
         opt.zero_grad()

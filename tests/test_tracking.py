@@ -79,3 +79,24 @@ def test_tracking_state_survives_a_checkpoint():
         Curvature(method="tracked", eigen=False)
     with pytest.raises(ValueError, match="sub_batch"):
         Curvature(sub_batch=0)
+
+
+def test_tracked_curvature_on_a_fixed_measurement_set_carries_its_probes_and_matches_the_exact_hessian():
+    # as DynScope's default: a fixed slice of the first batch, probes carried between measurements
+    callback = Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2, sub_batch=6,
+                         eval_batches=1, strict=True)
+    assert callback.tracker.memory == "auto" and callback.tracker.sketch == 0
+    weights, logged = run(callback)
+    assert sorted(logged) == [1, 2, 4, 6, 8]
+    first = logged[1][1]  # the measurement set: the first 6 samples of the first batch, at every step
+    z_scores = []
+    for step, (metrics, _) in logged.items():
+        H = exact_at(weights[step], (first[0][:6], first[1][:6]))
+        spectrum = torch.linalg.eigvalsh(H)
+        assert metrics["lambda_max"] == pytest.approx(float(spectrum[-1]), rel=1e-2)
+        z_scores.append((metrics["hessian_trace"] - float(spectrum.sum())) / metrics["hessian_trace_stderr"])
+        layers = sum(v for k, v in metrics.items() if k.startswith("hessian_trace/"))
+        assert layers == pytest.approx(metrics["hessian_trace"], rel=1e-9)
+    assert all(abs(z) < 4 for z in z_scores)
+    assert callback.tracker._carried is not None and callback.tracker._carried["count"] == 4
+    assert 0 < callback.tracker.last_memory <= 0.9
