@@ -1,0 +1,119 @@
+"""Which HVP kernel runs, and how many probes go into one batched call.
+
+Both are decided from the model's structure and device, never from timings, so the same model
+gets the same kernel, the same chunks and the same numbers on every run.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from .objective import Objective
+
+#: The memory cap of the per-sample kernels (bytes). The HVP kernels' default is relative to the
+#: per-probe loop's footprint instead (:func:`loop_footprint`).
+DEFAULT_MEMORY_CAP = 2 * 1024**3
+# On CPU the batched kernel wins only where the per-probe work is tiny (a 2k-parameter MLP at batch
+# 512: 0.6x the loop's time; an 85k MLP: 1.3x; the CNNs and the transformer: 1.0-1.7x); this many
+# values (3 parameter- and 3 activation-sized tensors per probe) is the boundary.
+_SMALL_PROBE = 2**19
+# A batched call may use this multiple of the per-probe loop's memory when no cap is given.
+_LOOP_MULTIPLE = 2
+_CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def activation_numel(objective: Objective) -> int:
+    """Number of activation values one forward pass produces (cached on the objective)."""
+    cached = getattr(objective, "_activation_numel", None)
+    if cached is not None:
+        return cached
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in objective.model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with objective.measuring(), torch.no_grad():
+            objective.loss(objective.params)
+    finally:
+        for h in handles:
+            h.remove()
+    objective._activation_numel = max(total, 1)
+    return objective._activation_numel
+
+
+def probe_bytes(objective: Objective) -> int:
+    """Working memory of one probe in a batched call: a gradient, a tangent and an HVP (three
+    parameter-sized tensors) plus the backward's activation-sized temporaries (about three)."""
+    itemsize = torch.finfo(objective.dtype).bits // 8
+    return itemsize * (3 * objective.layout.numel + 3 * activation_numel(objective))
+
+
+def loop_footprint(objective: Objective) -> int:
+    """Bytes the per-probe loop needs: the retained gradient graph (the forward's activations and
+    their gradients, about two activation-sized tensors, plus the parameter-sized gradient) and one
+    probe's working memory."""
+    itemsize = torch.finfo(objective.dtype).bits // 8
+    graph = itemsize * (objective.layout.numel + 2 * activation_numel(objective))
+    return graph + probe_bytes(objective)
+
+
+def default_chunk_size(objective: Objective, num_vectors: int, memory_cap: Optional[int] = None) -> int:
+    """Probes per batched call (the HVP kernels' ``chunk_size``).
+
+    With ``memory_cap`` (bytes) the chunk's working memory stays under it; without, a batched call
+    needs at most twice the per-probe loop's memory (:func:`loop_footprint`: the retained graph
+    plus one probe), so choosing a batched kernel never more than doubles the peak.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective
+        >>> obj = Objective(nn.Linear(3, 2), nn.functional.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+        >>> default_chunk_size(obj, 100), default_chunk_size(obj, 100, memory_cap=2**30)
+        (2, 100)
+    """
+    per_probe = max(probe_bytes(objective), 1)
+    if memory_cap is None:
+        graph = loop_footprint(objective) - per_probe
+        # graph + k * per_probe <= 2 * (graph + per_probe)
+        chunk = ((_LOOP_MULTIPLE - 1) * graph + _LOOP_MULTIPLE * per_probe) // per_probe
+    else:
+        chunk = memory_cap // per_probe
+    return int(max(1, min(num_vectors, chunk)))
+
+
+def choose_method(objective: Objective) -> str:
+    """The batched HVP kernel ``method="auto"`` uses for ``objective``: decided by the model's
+    structure and device, never by timing (the same model gets the same kernel on every run).
+
+    ``"reverse"`` on accelerators and, on CPU, for models whose per-probe work (parameters plus
+    activations) is tiny; ``"loop"`` otherwise, and for a model on which ``"reverse"`` failed.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective
+        >>> obj = Objective(nn.Linear(3, 2), nn.functional.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+        >>> choose_method(obj)
+        'reverse'
+    """
+    chosen = getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
+    if chosen is None:
+        small = 3 * objective.layout.numel + 3 * activation_numel(objective) <= _SMALL_PROBE
+        chosen = "reverse" if objective.device.type != "cpu" or small else "loop"
+        remember(objective, chosen)
+    return chosen
+
+
+def remember(objective: Objective, method: str) -> None:
+    """Use ``method`` for this objective's model from now on (e.g. ``"loop"`` after a batched
+    kernel failed on it: a deterministic, error-driven choice)."""
+    objective._hvp_method = _CHOSEN[objective.model] = method
