@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
+from dynscope import HessianOperator, Objective, directional_sharpness, hessian_trace, top_eigenvalues
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
 from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
@@ -492,18 +492,18 @@ class Curvature(DiagnosticCallback):
                 update = OrderedDict((n, update[n]) for n in objective.layout.names)
                 op_before = HessianOperator(objective_at(objective, self._before), method=self.hvp_method,
                                             chunk_size=self.chunk_size, reduce=reduce)
-                out["update_sharpness"] = _reduced_sharpness(op_before, update)
-                out["update_sharpness_next"] = _reduced_sharpness(op, update)
+                out["update_sharpness"] = directional_sharpness(op_before, update)
+                out["update_sharpness_next"] = directional_sharpness(op, update)
                 clip = _coordinate_clip(trainer)
                 if clip is not None and self._clip_steps is not None and clip.num_steps == self._clip_steps + 1:
                     named = dict(pl_module.named_parameters())
                     raw = OrderedDict((n, clip.last_update.get(id(named[n]))) for n in objective.layout.names)
                     if all(u is not None for u in raw.values()) and any(bool(u.any()) for u in raw.values()):
-                        out["update_sharpness_unclipped"] = _reduced_sharpness(op_before, raw)
+                        out["update_sharpness_unclipped"] = directional_sharpness(op_before, raw)
         self._before = None
         gradient = objective.gradient() if reduce is None else _reduced_gradient(objective, reduce)
         if any(bool(g.any()) for g in gradient.values()):
-            out["grad_sharpness"] = _reduced_sharpness(op, gradient)
+            out["grad_sharpness"] = directional_sharpness(op, gradient)
         return out
 
     def _batch_sharpness(self, pl_module, batches, reduce) -> Optional[float]:
@@ -513,7 +513,7 @@ class Curvature(DiagnosticCallback):
             g = obj.gradient() if reduce is None else _reduced_gradient(obj, reduce)
             if any(bool(v.any()) for v in g.values()):
                 op = HessianOperator(obj, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
-                values.append(_reduced_sharpness(op, g))
+                values.append(directional_sharpness(op, g))
         return sum(values) / len(values) if values else None
 
     def state_dict(self) -> Dict[str, Any]:
@@ -573,15 +573,6 @@ def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:
     layout = objective.layout
     like = torch.zeros(layout.numel, dtype=objective.dtype, device=objective.device)
     return layout.unflatten(reduce_computed(reduce, lambda: layout.flatten(objective.gradient(), batch_dims=0), like))
-
-
-def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) -> float:
-    """``u^T H u / ||u||^2`` through the operator (so that it is all-reduced under DDP)."""
-    layout = op.layout
-    u = layout.flatten(direction, batch_dims=0).to(op.dtype).unsqueeze(0)
-    hu = op.matmat(u)
-    return float((u.double() * hu.double()).sum() / (u.double() ** 2).sum())
-
 
 
 def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:

@@ -10,6 +10,7 @@ import weakref
 from typing import Optional
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from .objective import Objective
 
@@ -20,32 +21,40 @@ DEFAULT_MEMORY_CAP = 2 * 1024**3
 # 512: 0.6x the loop's time; an 85k MLP: 1.3x; the CNNs and the transformer: 1.0-1.7x); this many
 # values (3 parameter- and 3 activation-sized tensors per probe) is the boundary.
 _SMALL_PROBE = 2**19
-# A batched call may use this multiple of the per-probe loop's memory when no cap is given.
+# Without a cap a batched call may use twice the per-probe loop's memory, and at least this many
+# bytes (on small models twice the loop's memory is a few probes: too few to amortise a call)
 _LOOP_MULTIPLE = 2
+_MIN_CAP = 32 * 2**20
+_ACTIVATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def activation_numel(objective: Objective) -> int:
-    """Number of activation values one forward pass produces (cached on the objective)."""
+    """Number of activation values one forward pass produces (cached per model and batch shapes)."""
     cached = getattr(objective, "_activation_numel", None)
     if cached is not None:
         return cached
-    total = 0
+    leaves = tree_flatten(objective.batch)[0]
+    key = (objective.mode, tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t) for t in leaves))
+    known = _ACTIVATIONS.setdefault(objective.model, {})
+    if key not in known:
+        total = 0
 
-    def count(_module, _inputs, output):
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel()
+        def count(_module, _inputs, output):
+            nonlocal total
+            if isinstance(output, torch.Tensor):
+                total += output.numel()
 
-    leaves = [m for m in objective.model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    try:
-        with objective.measuring(), torch.no_grad():
-            objective.loss(objective.params)
-    finally:
-        for h in handles:
-            h.remove()
-    objective._activation_numel = max(total, 1)
+        handles = [m.register_forward_hook(count) for m in objective.model.modules() if not list(m.children())]
+        try:
+            with objective.measuring(), torch.no_grad():
+                objective.loss(objective.params)
+        finally:
+            for h in handles:
+                h.remove()
+        known.clear()  # one entry per model: the batch shape rarely changes
+        known[key] = max(total, 1)
+    objective._activation_numel = known[key]
     return objective._activation_numel
 
 
@@ -70,7 +79,8 @@ def default_chunk_size(objective: Objective, num_vectors: int, memory_cap: Optio
 
     With ``memory_cap`` (bytes) the chunk's working memory stays under it; without, a batched call
     needs at most twice the per-probe loop's memory (:func:`loop_footprint`: the retained graph
-    plus one probe), so choosing a batched kernel never more than doubles the peak.
+    plus one probe), or 32 MiB where that is more: choosing a batched kernel does not more than
+    double the peak of a model that needs more than 16 MiB per probe.
 
     Example:
         >>> import torch
@@ -78,13 +88,13 @@ def default_chunk_size(objective: Objective, num_vectors: int, memory_cap: Optio
         >>> from dynscope import Objective
         >>> obj = Objective(nn.Linear(3, 2), nn.functional.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
         >>> default_chunk_size(obj, 100), default_chunk_size(obj, 100, memory_cap=2**30)
-        (2, 100)
+        (100, 100)
     """
     per_probe = max(probe_bytes(objective), 1)
     if memory_cap is None:
         graph = loop_footprint(objective) - per_probe
         # graph + k * per_probe <= 2 * (graph + per_probe)
-        chunk = ((_LOOP_MULTIPLE - 1) * graph + _LOOP_MULTIPLE * per_probe) // per_probe
+        chunk = max(((_LOOP_MULTIPLE - 1) * graph + _LOOP_MULTIPLE * per_probe) // per_probe, _MIN_CAP // per_probe)
     else:
         chunk = memory_cap // per_probe
     return int(max(1, min(num_vectors, chunk)))

@@ -15,6 +15,7 @@ LayerNorm, softmax and attention then differentiate twice at a fraction of torch
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence
 
@@ -27,6 +28,8 @@ from .objective import NonFiniteError, Objective, check_finite
 from .second_order import cheap_second_order
 
 METHODS = ("forward", "reverse", "loop")
+# models on which no second-order rule applied: their gradient graph is built without the mode
+_NO_RULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -49,9 +52,15 @@ class HVPKernel:
     def _retained_graph(self):
         if self._graph is None:
             params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in self.objective.params.items())
+            model = self.objective.model
             try:
-                with cheap_second_order():  # GELU, LayerNorm, attention: cheap per-probe double backward
+                if model in _NO_RULES:  # the mode's per-op dispatch costs more than a small model's forward
                     grads = self._gradient_graph(params)
+                else:
+                    with cheap_second_order() as mode:  # GELU, LayerNorm, attention: cheap per-probe double backward
+                        grads = self._gradient_graph(params)
+                    if not mode.used:
+                        _NO_RULES.add(model)
             except NonFiniteError:
                 raise
             except Exception as error:  # noqa: BLE001 - a rule that does not fit this model: torch's own rules
@@ -203,8 +212,8 @@ def loop_quadratic_forms(kernel: HVPKernel, probes, blocks: Sequence[slice]) -> 
 def block_dots(vectors: torch.Tensor, products: torch.Tensor, blocks: Sequence[slice]) -> torch.Tensor:
     """``[m, len(blocks)]`` float64: ``vectors[i, b] . products[i, b]`` per row ``i`` and block ``b``.
 
-    One dot per row and block, so no ``[m, n]`` temporary. Half-precision inputs are summed in
-    float32.
+    One fused dot per block over a group of rows (no ``[m, n]`` temporary: half-precision inputs
+    are widened to float32 a group of rows at a time).
 
     Example:
         >>> import torch
@@ -213,10 +222,17 @@ def block_dots(vectors: torch.Tensor, products: torch.Tensor, blocks: Sequence[s
                 [ 4., 11.]], dtype=torch.float64)
     """
     wide = _wide(products.dtype)
-    out = torch.empty(len(vectors), len(blocks), dtype=wide, device=products.device)
-    for i, (v, p) in enumerate(zip(vectors, products)):
-        _row_dots(v.to(wide), [p[sl].to(wide) for sl in blocks], blocks, out[i])
-    return out.double()
+    m = len(vectors)
+    out = torch.empty(len(blocks), m, dtype=wide, device=products.device)
+    rows = m if vectors.dtype == products.dtype == wide else max(1, _WIDEN_ELEMENTS // max(products.shape[1], 1))
+    for start in range(0, m, rows):
+        v, p = vectors[start : start + rows].to(wide), products[start : start + rows].to(wide)
+        for j, sl in enumerate(blocks):
+            torch.linalg.vecdot(v[:, sl], p[:, sl], dim=1, out=out[j, start : start + rows])
+    return out.T.double()
+
+
+_WIDEN_ELEMENTS = 2**22
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
