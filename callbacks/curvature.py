@@ -189,7 +189,10 @@ class Curvature(DiagnosticCallback):
         sharpness: compute ``update_sharpness`` and ``grad_sharpness``.
         per_layer: log the per-tensor traces.
         seed: base seed of the probe vectors (the step is added, the same on every rank).
-        chunk_size: probes per batched HVP call (default: sized to a memory cap).
+        chunk_size: items (here: probes) per vectorized call of the HVP kernel (default: as many as
+            fit in ``memory_cap``).
+        memory_cap: bytes a batched HVP call may use (default: about twice the per-probe loop's
+            memory, at least 32 MiB; see :func:`dynscope.hvp.kernel_plan`).
         checkpoint_eigenvectors: keep the last top eigenvector(s) in checkpoints, to warm-start
             Lanczos after a resume exactly as in an uninterrupted run. Each is parameter-sized (two
             with an Adam-type optimizer: the preconditioned one too), so the callback's state adds
@@ -240,6 +243,7 @@ class Curvature(DiagnosticCallback):
         strict: bool = False,
         sub_batch: Optional[int] = None,
         hvp_method: str = "auto",
+        memory_cap: Optional[int] = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -264,6 +268,8 @@ class Curvature(DiagnosticCallback):
             raise ValueError("method='tracked' reuses the lambda_max run: it needs eigen=True")
         if sub_batch is not None and sub_batch < 1:
             raise ValueError(f"sub_batch must be a positive number of samples or None, got {sub_batch}")
+        if memory_cap is not None and memory_cap < 1:
+            raise ValueError(f"memory_cap must be a positive number of bytes or None, got {memory_cap}")
         if hvp_method not in ("auto", "forward", "reverse", "loop"):
             raise ValueError(f"hvp_method must be 'auto', 'forward', 'reverse' or 'loop', got {hvp_method!r}")
         self.sub_batch = sub_batch
@@ -290,6 +296,7 @@ class Curvature(DiagnosticCallback):
         self.per_layer = per_layer
         self.seed = seed
         self.chunk_size = chunk_size
+        self.memory_cap = memory_cap
         self.checkpoint_eigenvectors = checkpoint_eigenvectors
         self._before: Optional[Dict[str, torch.Tensor]] = None
         self._clip_steps: Optional[int] = None
@@ -333,7 +340,7 @@ class Curvature(DiagnosticCallback):
         objective = on_every_rank(trainer, local, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
-        op = HessianOperator(objective, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
+        op = self._operator(objective, reduce)
         out: Dict[str, float] = {}
 
         tracked = None
@@ -448,8 +455,7 @@ class Curvature(DiagnosticCallback):
         if scaling.kind == "adam" and self.mode == "eval" and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
         ):
-            stab_op = HessianOperator(batch_statistics_objective(pl_module, batch, self.loss_fn),
-                                      method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
+            stab_op = self._operator(batch_statistics_objective(pl_module, batch, self.loss_fn), reduce)
         res = top_eigenvalues(
             StabilityOperator(stab_op, scaling.scale, scaling.shift), which="LA", tol=self.eigen_tol,
             max_iter=self.eigen_max_iter, seed=self.seed, return_eigenvectors=True, start=self._pre_eigvec,
@@ -490,8 +496,7 @@ class Curvature(DiagnosticCallback):
             update = OrderedDict((n, now[n].detach() - self._before[n]) for n in now if n in self._before)
             if set(update) >= set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
                 update = OrderedDict((n, update[n]) for n in objective.layout.names)
-                op_before = HessianOperator(objective_at(objective, self._before), method=self.hvp_method,
-                                            chunk_size=self.chunk_size, reduce=reduce)
+                op_before = self._operator(objective_at(objective, self._before), reduce)
                 out["update_sharpness"] = directional_sharpness(op_before, update)
                 out["update_sharpness_next"] = directional_sharpness(op, update)
                 clip = _coordinate_clip(trainer)
@@ -512,9 +517,14 @@ class Curvature(DiagnosticCallback):
             obj = self.objective(pl_module, b)
             g = obj.gradient() if reduce is None else _reduced_gradient(obj, reduce)
             if any(bool(v.any()) for v in g.values()):
-                op = HessianOperator(obj, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
+                op = self._operator(obj, reduce)
                 values.append(directional_sharpness(op, g))
         return sum(values) / len(values) if values else None
+
+    def _operator(self, objective: Objective, reduce=None) -> HessianOperator:
+        """The Hessian of ``objective`` with this callback's kernel settings (``reduce``: over ranks)."""
+        return HessianOperator(objective, method=self.hvp_method, chunk_size=self.chunk_size,
+                               memory_cap=self.memory_cap, reduce=reduce)
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()

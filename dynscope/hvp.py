@@ -15,8 +15,9 @@ The machinery lives in three short modules, re-exported here:
   asked for. A batched kernel that fails on the model (an op without a batching rule) falls back to
   ``"loop"`` for that model (a deterministic, error-driven choice, remembered per model). A single
   vector always uses the retained graph. Batched calls take ``chunk_size`` probes at a time, by
-  default as many as keep the call within twice the per-probe loop's memory (or within
-  ``memory_cap`` bytes when given); a chunk that runs out of memory is halved and retried.
+  default as many as keep the call within about twice the per-probe loop's memory (at least 32
+  MiB; where that is one probe, the loop itself) or within ``memory_cap`` bytes when given
+  (:func:`kernel_plan`); a chunk that runs out of memory is halved and retried.
 * :mod:`dynscope.operators`: :class:`Operator` (the base every estimator takes),
   :class:`OperatorWrapper`, :class:`HessianOperator`, :class:`MatrixOperator`,
   :class:`ScaledOperator`.
@@ -30,7 +31,7 @@ from typing import Callable, Literal, Mapping, Optional, Union
 import torch
 
 from .kernel_choice import (_CHOSEN, _SMALL_PROBE, DEFAULT_MEMORY_CAP, activation_numel,  # noqa: F401
-                            choose_method, default_chunk_size, loop_footprint, probe_bytes)
+                            choose_method, default_chunk_size, kernel_plan, loop_footprint, probe_bytes)
 from .kernels import (METHODS as _ORDER, HVPKernel, _as_blocks, _row_dots, _wide, block_dots,  # noqa: F401
                       is_out_of_memory, loop_quadratic_forms, run_chunked)
 from .objective import Objective

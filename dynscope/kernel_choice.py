@@ -7,7 +7,7 @@ gets the same kernel, the same chunks and the same numbers on every run.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -77,27 +77,50 @@ def loop_footprint(objective: Objective) -> int:
 def default_chunk_size(objective: Objective, num_vectors: int, memory_cap: Optional[int] = None) -> int:
     """Probes per batched call (the HVP kernels' ``chunk_size``).
 
-    With ``memory_cap`` (bytes) the chunk's working memory stays under it; without, a batched call
-    needs at most twice the per-probe loop's memory (:func:`loop_footprint`: the retained graph
-    plus one probe), or 32 MiB where that is more: choosing a batched kernel does not more than
-    double the peak of a model that needs more than 16 MiB per probe.
+    With ``memory_cap`` (bytes) the chunk's working memory stays under it. Without, the chunk's
+    working memory stays under the per-probe loop's whole footprint (:func:`loop_footprint`: the
+    retained graph plus one probe), so that a batched call needs at most about twice the loop's
+    memory, or under 32 MiB where that is more (a few probes would not amortise a call).
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> from dynscope import Objective
         >>> obj = Objective(nn.Linear(3, 2), nn.functional.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
-        >>> default_chunk_size(obj, 100), default_chunk_size(obj, 100, memory_cap=2**30)
-        (100, 100)
+        >>> default_chunk_size(obj, 100), default_chunk_size(obj, 100, memory_cap=2 * probe_bytes(obj))
+        (100, 2)
     """
     per_probe = max(probe_bytes(objective), 1)
-    if memory_cap is None:
-        graph = loop_footprint(objective) - per_probe
-        # graph + k * per_probe <= 2 * (graph + per_probe)
-        chunk = max(((_LOOP_MULTIPLE - 1) * graph + _LOOP_MULTIPLE * per_probe) // per_probe, _MIN_CAP // per_probe)
-    else:
-        chunk = memory_cap // per_probe
-    return int(max(1, min(num_vectors, chunk)))
+    cap = max(loop_footprint(objective), _MIN_CAP) if memory_cap is None else memory_cap
+    return int(max(1, min(num_vectors, cap // per_probe)))
+
+
+def kernel_plan(objective: Objective, num_vectors: int, method: str = "auto", chunk_size: Optional[int] = None,
+                memory_cap: Optional[int] = None) -> Tuple[str, int]:
+    """``(kernel, probes per call)`` for ``num_vectors`` products.
+
+    ``method="auto"`` takes :func:`choose_method`'s kernel, and the per-probe loop where a batched
+    call would hold a single probe (one vector, or a default chunk of one: the loop then needs less
+    memory for the same work). The loop's chunks only slice the output: all probes in one.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective
+        >>> obj = Objective(nn.Linear(3, 2), nn.functional.cross_entropy, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+        >>> kernel_plan(obj, 8), kernel_plan(obj, 1), kernel_plan(obj, 8, "reverse", memory_cap=1)
+        (('reverse', 8), ('loop', 1), ('reverse', 1))
+    """
+    m = max(num_vectors, 1)
+    auto = method == "auto"
+    if auto:
+        method = "loop" if m == 1 else choose_method(objective)
+    if chunk_size is not None:
+        return method, chunk_size
+    if method == "loop":
+        return method, m
+    chunk = default_chunk_size(objective, m, memory_cap)
+    return ("loop", m) if auto and chunk == 1 else (method, chunk)
 
 
 def choose_method(objective: Objective) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch.func import grad, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .kernel_choice import choose_method, default_chunk_size, remember
+from .kernel_choice import kernel_plan, remember
 from .objective import NonFiniteError, Objective, check_finite
 from .second_order import cheap_second_order
 
@@ -145,7 +145,8 @@ def run_chunked(
     memory_cap: Optional[int],
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]],
 ) -> torch.Tensor:
-    """``H V`` for ``V: [m, n]`` in chunks of ``chunk_size`` probes (default: :func:`default_chunk_size`).
+    """``H V`` for ``V: [m, n]`` in chunks of ``chunk_size`` probes (kernel and default chunks:
+    :func:`dynscope.kernel_choice.kernel_plan`).
 
     A chunk that runs out of memory is halved and retried; under ``method="auto"`` a batched kernel
     that fails on the model falls back to ``"loop"`` (remembered for the model). ``reduce`` is
@@ -161,10 +162,7 @@ def run_chunked(
     if m == 0:
         return vectors.clone()
     auto = method == "auto"
-    if auto:
-        method = "loop" if m == 1 else choose_method(objective)
-    # the loop's chunks only bound the output's slices: no need to size them
-    chunk = chunk_size or (m if method == "loop" else default_chunk_size(objective, m, memory_cap))
+    method, chunk = kernel_plan(objective, m, method, chunk_size, memory_cap)
     results, start = [], 0
     with objective.measuring():
         while start < m:

@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Optional, Sequence, Tuple
 
 import torch
 
-from .kernel_choice import choose_method
+from .kernel_choice import kernel_plan
 from .kernels import HVPKernel, block_dots, loop_quadratic_forms, run_chunked
 from .objective import Objective, check_finite
 
@@ -108,9 +108,9 @@ class HessianOperator(Operator):
         objective: the loss as a function of the parameters (:class:`dynscope.Objective`).
         method: the HVP kernel: ``"auto"`` (default, chosen from the model's structure by
             :func:`dynscope.hvp.choose_method`), ``"forward"``, ``"reverse"`` or ``"loop"``.
-        chunk_size: probes per batched HVP call; default: sized to ``memory_cap``.
-        memory_cap: bytes a batched call may use; default (None): twice the per-probe loop's
-            footprint (:func:`dynscope.hvp.default_chunk_size`).
+        chunk_size: items (here: probes) per vectorized call; default: as many as fit in ``memory_cap``.
+        memory_cap: bytes a batched call may use; default (None): about twice the per-probe
+            loop's memory, at least 32 MiB (:func:`dynscope.hvp.kernel_plan`).
         reduce: applied once to each product's result, e.g. an all-reduce mean over data-parallel
             ranks so that ``H`` is the Hessian of the global objective. It may have
             ``fail(like, error)``: a rank whose local products fail joins the reduction flagged, and
@@ -191,7 +191,7 @@ class HessianOperator(Operator):
             True
         """
         m = probes.num
-        loop = self.method == "loop" or (self.method == "auto" and m > 0 and (m == 1 or choose_method(self.objective) == "loop"))
+        loop = m > 0 and kernel_plan(self.objective, m, self.method, self.chunk_size, self.memory_cap)[0] == "loop"
         if self.reduce is not None or not loop:
             return super().quadratic_forms(probes, blocks)
         self.num_matvecs += m
