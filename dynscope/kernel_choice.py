@@ -21,10 +21,11 @@ DEFAULT_MEMORY_CAP = 2 * 1024**3
 # 512: 0.6x the loop's time; an 85k MLP: 1.3x; the CNNs and the transformer: 1.0-1.7x); this many
 # values (3 parameter- and 3 activation-sized tensors per probe) is the boundary.
 _SMALL_PROBE = 2**19
-# Without a cap a batched call may use twice the per-probe loop's memory, and at least this many
-# bytes (on small models twice the loop's memory is a few probes: too few to amortise a call)
-_LOOP_MULTIPLE = 2
-_MIN_CAP = 32 * 2**20
+# Without a cap a batched call's probes may use the per-probe loop's footprint, and at least this
+# many bytes: on small models the loop's footprint is a few probes, too few to amortise a call. On
+# CPU larger chunks are slower, not faster (the 2k MLP at batch 512: 16 probes, ~13 MiB, took 0.8x
+# the time of 32 probes in one call): the chunk's working set should stay within the caches.
+_MIN_CAP = 16 * 2**20
 _ACTIVATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _CHOSEN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
@@ -80,7 +81,7 @@ def default_chunk_size(objective: Objective, num_vectors: int, memory_cap: Optio
     With ``memory_cap`` (bytes) the chunk's working memory stays under it. Without, the chunk's
     working memory stays under the per-probe loop's whole footprint (:func:`loop_footprint`: the
     retained graph plus one probe), so that a batched call needs at most about twice the loop's
-    memory, or under 32 MiB where that is more (a few probes would not amortise a call).
+    memory, or under 16 MiB where that is more (a few probes would not amortise a call).
 
     Example:
         >>> import torch

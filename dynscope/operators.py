@@ -110,7 +110,7 @@ class HessianOperator(Operator):
             :func:`dynscope.hvp.choose_method`), ``"forward"``, ``"reverse"`` or ``"loop"``.
         chunk_size: items (here: probes) per vectorized call; default: as many as fit in ``memory_cap``.
         memory_cap: bytes a batched call may use; default (None): about twice the per-probe
-            loop's memory, at least 32 MiB (:func:`dynscope.hvp.kernel_plan`).
+            loop's memory, at least 16 MiB (:func:`dynscope.hvp.kernel_plan`).
         reduce: applied once to each product's result, e.g. an all-reduce mean over data-parallel
             ranks so that ``H`` is the Hessian of the global objective. It may have
             ``fail(like, error)``: a rank whose local products fail joins the reduction flagged, and

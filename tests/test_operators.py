@@ -134,10 +134,10 @@ def test_directional_sharpness_of_an_operator_an_objective_and_a_reduced_operato
 def test_the_default_chunk_keeps_a_batched_call_within_the_loops_footprint():
     torch.manual_seed(0)
     small = Objective(mlp((4, 6, 3)), F.cross_entropy, classification_data(12, (4,)))
-    assert kernel_plan(small, 16) == ("reverse", 16)  # tiny: the whole batch within the 32 MiB floor
+    assert kernel_plan(small, 16) == ("reverse", 16)  # tiny: the whole batch within the 16 MiB floor
     big = Objective(mlp((64, 512, 512, 10)), F.cross_entropy, classification_data(2048, (64,), classes=10))
     chunk = default_chunk_size(big, 64)
-    assert chunk * probe_bytes(big) <= max(loop_footprint(big), 32 * 2**20)
+    assert chunk * probe_bytes(big) <= max(loop_footprint(big), 16 * 2**20)
     assert default_chunk_size(big, 64, memory_cap=2**34) == 64  # the user raises the cap
     big._hvp_method = "reverse"  # as on an accelerator
     assert chunk == 1 and kernel_plan(big, 64) == ("loop", 64)  # one probe per call: the loop, with less memory
