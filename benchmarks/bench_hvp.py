@@ -68,11 +68,13 @@ CASES = {
     "MLP 64-256-256-10 (85k) / B512": (lambda: mlp((64, 256, 256, 10)), (512, 64)),
     "CNN+BN 3-16-32-32 / B32 16x16": (cnn_bn, (32, 3, 16, 16)),
 }
+# memory only (``--memory-case``): a trace takes ~15 CPU s here
+LARGE = {"CNN+BN 3-16-32-32 / B128 32x32": (cnn_bn, (128, 3, 32, 32))}
 
 
 def setup(name):
     torch.manual_seed(0)
-    build, shape = CASES[name]
+    build, shape = {**CASES, **LARGE}[name]
     model = build().eval()
     return model, torch.randn(*shape), torch.randint(0, 10, (shape[0],))
 
@@ -148,11 +150,11 @@ def peak_mib(**spec):
         return None
 
 
-def main(repeats: int, memory: bool) -> int:
+def main(repeats: int, memory: bool, memory_case: str = "CNN+BN 3-16-32-32 / B32 16x16", timing: bool = True) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); curvlinops "
           f"{'available' if curvlinops else 'n/a'}, PyHessian {'available' if PyHessian else 'n/a'}")
     print(f"1. trace, {PROBES} probes, set-up included (CPU ms)   dynscope  curvlinops  PyHessian   ratios")
-    for name in CASES:
+    for name in CASES if timing else ():
         model, x, y = setup(name)
         t = cpu_medians(tracers(model, x, y), repeats)
         ours = t["dynscope"]
@@ -160,7 +162,7 @@ def main(repeats: int, memory: bool) -> int:
         ratios = "  ".join(f"{k} {t[k] / ours:4.2f}x" for k in ("curvlinops", "PyHessian") if k in t)
         print(f"   {name:<34} {'  '.join(cells)}   {ratios}", flush=True)
     if memory:
-        case = "CNN+BN 3-16-32-32 / B32 16x16"
+        case = memory_case
         print(f"2. peak memory of the trace on {case} (MiB over the resident set)")
         rows = [("dynscope loop", dict(who="dynscope", method="loop")),
                 ("dynscope reverse, default cap", dict(who="dynscope", method="reverse")),
@@ -177,6 +179,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--memory-case", default="CNN+BN 3-16-32-32 / B32 16x16", choices=[*CASES, *LARGE])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.exit(main(args.repeats, not args.no_memory))
+    sys.exit(main(args.repeats, not args.no_memory, args.memory_case, not args.no_timing))
