@@ -11,6 +11,24 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_hvp.py [--repeats 7] [--no-memo
    (``VmHWM``, reset through ``/proc/self/clear_refs`` after a warm-up call) in a fresh process, for
    dynscope's per-probe loop, its batched kernel at the default cap and at a 2 GiB cap, and
    PyHessian. Target: the batched kernel at the default cap within 2x of the loop.
+   ``--memory-case "CNN+BN 3-16-32-32 / B128 32x32"`` measures the issue's size (slow: ~15 CPU s
+   per trace).
+
+Measured on the project's 2-core CPU under load from other jobs (medians of 9; a 96-probe trace
+in parentheses), ratio = anchor / dynscope:
+
+=============================  ==========  =============  ===========
+case                           dynscope    vs curvlinops  vs PyHessian
+=============================  ==========  =============  ===========
+MLP 2k / B32                   5.4 ms      2.27x (2.42x)  6.40x
+MLP 2k / B512                  32.3 ms     1.19x (1.29x)  1.50x
+MLP 85k / B512                 326 ms      1.52x          1.07x
+CNN+BN / B32 16x16             697 ms      2.24x          1.00x
+=============================  ==========  =============  ===========
+
+Peak memory (MiB): CNN+BN B32 16x16: loop 10.7, batched at the default cap 17.9 (1.7x), at 2 GiB
+242.8, PyHessian 18.9; CNN+BN B128 32x32: loop 228, batched at the default cap 124, at 2 GiB 885,
+PyHessian 267.
 
 Anchors are optional (``pip install --no-deps curvlinops-for-pytorch scipy einops einconv opt-einsum
 linear_operator``, ``pip install --no-deps pyhessian``); a missing one reads "n/a".
