@@ -1,6 +1,6 @@
 """Per-call cost and memory of one Hutchinson trace (issue 14, item 5), side by side in one process.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_hvp.py [--repeats 7] [--no-memory]``.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_hvp.py [--repeats 7] [--no-memory]`` or ``dynscope bench hvp``.
 
 1. A 32-probe trace, everything a caller pays counted: dynscope builds its ``Objective`` and runs
    ``hessian_trace``; curvlinops builds its ``HessianLinearOperator`` and runs ``hutchinson_trace``;
@@ -168,7 +168,10 @@ def peak_mib(**spec):
         return None
 
 
-def main(repeats: int, memory: bool, memory_case: str = "CNN+BN 3-16-32-32 / B32 16x16", timing: bool = True) -> int:
+def main(quick: bool = False, repeats: int = 7, memory: bool = True, memory_case: str = "CNN+BN 3-16-32-32 / B32 16x16",
+         timing: bool = True) -> int:
+    if quick:
+        repeats = min(repeats, 2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); curvlinops "
           f"{'available' if curvlinops else 'n/a'}, PyHessian {'available' if PyHessian else 'n/a'}")
     print(f"1. trace, {PROBES} probes, set-up included (CPU ms)   dynscope  curvlinops  PyHessian   ratios")
@@ -201,4 +204,4 @@ if __name__ == "__main__":
     parser.add_argument("--memory-case", default="CNN+BN 3-16-32-32 / B32 16x16", choices=[*CASES, *LARGE])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.exit(main(args.repeats, not args.no_memory, args.memory_case, not args.no_timing))
+    sys.exit(main(False, args.repeats, not args.no_memory, args.memory_case, not args.no_timing))
