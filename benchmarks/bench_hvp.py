@@ -171,7 +171,7 @@ def peak_mib(**spec):
 def main(quick: bool = False, repeats: int = 7, memory: bool = True, memory_case: str = "CNN+BN 3-16-32-32 / B32 16x16",
          timing: bool = True) -> int:
     if quick:
-        repeats = min(repeats, 2)
+        repeats, memory = min(repeats, 2), False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); curvlinops "
           f"{'available' if curvlinops else 'n/a'}, PyHessian {'available' if PyHessian else 'n/a'}")
     print(f"1. trace, {PROBES} probes, set-up included (CPU ms)   dynscope  curvlinops  PyHessian   ratios")
