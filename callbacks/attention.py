@@ -6,14 +6,14 @@ The math is in :mod:`dynscope.attention` (Wortsman et al. 2023; Zhai et al. 2023
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from dynscope.attention import AttentionStats, capture_attention, combine_attention, pack_attention, summarize
 from dynscope.context import measurement
 
-from .base import DiagnosticCallback
+from .base import DiagnosticCallback, memory_cap_bytes
 from .collapse import training_precision
 from .distributed import on_every_rank, world_size
 from .protocol import LossProtocolError
@@ -81,7 +81,8 @@ class AttentionLogits(DiagnosticCallback):
     Args:
         every_n_steps: measure every this many optimizer steps.
         per_head: also log every head.
-        memory_cap_mb: attention logits materialised at once (batch chunks).
+        memory_cap: bytes of attention logits materialised at once (batch chunks; default 64 MiB).
+        memory_cap_mb: the same in MiB (older name, kept as an alias).
         Other arguments: see :class:`~dynscope.callbacks.DiagnosticCallback`.
 
     Example:
@@ -99,7 +100,8 @@ class AttentionLogits(DiagnosticCallback):
         every_n_steps: int = 50,
         *,
         per_head: bool = False,
-        memory_cap_mb: int = 64,
+        memory_cap: Optional[int] = None,
+        memory_cap_mb: Optional[float] = None,
         schedule: str = "steps",
         points_per_decade: int = 10,
         fixed_batch: bool = False,
@@ -110,17 +112,20 @@ class AttentionLogits(DiagnosticCallback):
             every_n_steps=every_n_steps, schedule=schedule, points_per_decade=points_per_decade,
             fixed_batch=fixed_batch, mode=mode, strict=strict,
         )
-        if memory_cap_mb < 1:
-            raise ValueError(f"memory_cap_mb must be at least 1, got {memory_cap_mb}")
         self.per_head = per_head
-        self.memory_cap_mb = memory_cap_mb
+        self.memory_cap = memory_cap_bytes(memory_cap, memory_cap_mb, 64 * 2**20, "AttentionLogits")
         self.layers: "OrderedDict[str, AttentionStats]" = OrderedDict()  # the last measurement
+
+    @property
+    def memory_cap_mb(self) -> float:
+        """The memory cap in MiB (older name)."""
+        return self.memory_cap / 2**20
 
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         context, _ = training_precision(trainer)
 
         def local():
-            with capture_attention(pl_module, self.memory_cap_mb * 2**20) as found:
+            with capture_attention(pl_module, self.memory_cap) as found:
                 measured_forward(pl_module, batch, self.mode, context)
             return found
 

@@ -251,6 +251,19 @@ def eager():
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+def memory_cap_bytes(memory_cap: Optional[int], memory_cap_mb: Optional[float], default: Optional[int],
+                     owner: str) -> Optional[int]:
+    """The memory cap in bytes from ``memory_cap`` (bytes) or the older ``memory_cap_mb`` (MiB, kept
+    as an alias); ``default`` when neither is given. Both, or a cap below one byte, raise."""
+    if memory_cap is not None and memory_cap_mb is not None:
+        raise ValueError(f"{owner}: give memory_cap (bytes) or memory_cap_mb (MiB), not both")
+    if memory_cap_mb is not None:
+        memory_cap = int(memory_cap_mb * 2**20)
+    if memory_cap is not None and memory_cap < 1:
+        raise ValueError(f"{owner}: the memory cap must be at least one byte, got {memory_cap}")
+    return default if memory_cap is None else int(memory_cap)
+
+
 def _detached_copy(batch: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, batch)
 

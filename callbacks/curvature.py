@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
+from dynscope import HessianOperator, Objective, directional_sharpness, hessian_trace, top_eigenvalues
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
 from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
@@ -197,7 +197,10 @@ class Curvature(DiagnosticCallback):
         sharpness: compute ``update_sharpness`` and ``grad_sharpness``.
         per_layer: log the per-tensor traces.
         seed: base seed of the probe vectors (the step is added, the same on every rank).
-        chunk_size: probes per batched HVP call (default: sized to a memory cap).
+        chunk_size: items (here: probes) per vectorized call of the HVP kernel (default: as many as
+            fit in ``memory_cap``).
+        memory_cap: bytes a batched HVP call may use (default: about twice the per-probe loop's
+            memory, at least 16 MiB; see :func:`dynscope.hvp.kernel_plan`).
         checkpoint_eigenvectors: keep the last top eigenvector(s) in checkpoints, to warm-start
             Lanczos after a resume exactly as in an uninterrupted run. Each is parameter-sized (two
             with an Adam-type optimizer: the preconditioned one too), so the callback's state adds
@@ -248,6 +251,7 @@ class Curvature(DiagnosticCallback):
         strict: bool = False,
         sub_batch: Optional[int] = None,
         hvp_method: str = "auto",
+        memory_cap: Optional[int] = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -272,6 +276,8 @@ class Curvature(DiagnosticCallback):
             raise ValueError("method='tracked' reuses the lambda_max run: it needs eigen=True")
         if sub_batch is not None and sub_batch < 1:
             raise ValueError(f"sub_batch must be a positive number of samples or None, got {sub_batch}")
+        if memory_cap is not None and memory_cap < 1:
+            raise ValueError(f"memory_cap must be a positive number of bytes or None, got {memory_cap}")
         if hvp_method not in ("auto", "forward", "reverse", "loop"):
             raise ValueError(f"hvp_method must be 'auto', 'forward', 'reverse' or 'loop', got {hvp_method!r}")
         self.sub_batch = sub_batch
@@ -301,6 +307,7 @@ class Curvature(DiagnosticCallback):
         self.per_layer = per_layer
         self.seed = seed
         self.chunk_size = chunk_size
+        self.memory_cap = memory_cap
         self.checkpoint_eigenvectors = checkpoint_eigenvectors
         self._before: Optional[Dict[str, torch.Tensor]] = None
         self._clip_steps: Optional[int] = None
@@ -344,7 +351,7 @@ class Curvature(DiagnosticCallback):
         objective = on_every_rank(trainer, local, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
-        op = HessianOperator(objective, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
+        op = self._operator(objective, reduce)
         out: Dict[str, float] = {}
 
         tracked = None
@@ -459,8 +466,7 @@ class Curvature(DiagnosticCallback):
         if scaling.kind == "adam" and self.mode == "eval" and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
         ):
-            stab_op = HessianOperator(batch_statistics_objective(pl_module, batch, self.loss_fn),
-                                      method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
+            stab_op = self._operator(batch_statistics_objective(pl_module, batch, self.loss_fn), reduce)
         res = top_eigenvalues(
             StabilityOperator(stab_op, scaling.scale, scaling.shift), which="LA", tol=self.eigen_tol,
             max_iter=self.eigen_max_iter, seed=self.seed, return_eigenvectors=True, start=self._pre_eigvec,
@@ -501,20 +507,19 @@ class Curvature(DiagnosticCallback):
             update = OrderedDict((n, now[n].detach() - self._before[n]) for n in now if n in self._before)
             if set(update) >= set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
                 update = OrderedDict((n, update[n]) for n in objective.layout.names)
-                op_before = HessianOperator(objective_at(objective, self._before), method=self.hvp_method,
-                                            chunk_size=self.chunk_size, reduce=reduce)
-                out["update_sharpness"] = _reduced_sharpness(op_before, update)
-                out["update_sharpness_next"] = _reduced_sharpness(op, update)
+                op_before = self._operator(objective_at(objective, self._before), reduce)
+                out["update_sharpness"] = directional_sharpness(op_before, update)
+                out["update_sharpness_next"] = directional_sharpness(op, update)
                 clip = _coordinate_clip(trainer)
                 if clip is not None and self._clip_steps is not None and clip.num_steps == self._clip_steps + 1:
                     named = dict(pl_module.named_parameters())
                     raw = OrderedDict((n, clip.last_update.get(id(named[n]))) for n in objective.layout.names)
                     if all(u is not None for u in raw.values()) and any(bool(u.any()) for u in raw.values()):
-                        out["update_sharpness_unclipped"] = _reduced_sharpness(op_before, raw)
+                        out["update_sharpness_unclipped"] = directional_sharpness(op_before, raw)
         self._before = None
         gradient = objective.gradient() if reduce is None else _reduced_gradient(objective, reduce)
         if any(bool(g.any()) for g in gradient.values()):
-            out["grad_sharpness"] = _reduced_sharpness(op, gradient)
+            out["grad_sharpness"] = directional_sharpness(op, gradient)
         return out
 
     def _batch_sharpness(self, pl_module, batches, reduce) -> Optional[float]:
@@ -523,9 +528,14 @@ class Curvature(DiagnosticCallback):
             obj = self.objective(pl_module, b)
             g = obj.gradient() if reduce is None else _reduced_gradient(obj, reduce)
             if any(bool(v.any()) for v in g.values()):
-                op = HessianOperator(obj, method=self.hvp_method, chunk_size=self.chunk_size, reduce=reduce)
-                values.append(_reduced_sharpness(op, g))
+                op = self._operator(obj, reduce)
+                values.append(directional_sharpness(op, g))
         return sum(values) / len(values) if values else None
+
+    def _operator(self, objective: Objective, reduce=None) -> HessianOperator:
+        """The Hessian of ``objective`` with this callback's kernel settings (``reduce``: over ranks)."""
+        return HessianOperator(objective, method=self.hvp_method, chunk_size=self.chunk_size,
+                               memory_cap=self.memory_cap, reduce=reduce)
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
@@ -584,15 +594,6 @@ def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:
     layout = objective.layout
     like = torch.zeros(layout.numel, dtype=objective.dtype, device=objective.device)
     return layout.unflatten(reduce_computed(reduce, lambda: layout.flatten(objective.gradient(), batch_dims=0), like))
-
-
-def _reduced_sharpness(op: HessianOperator, direction: Dict[str, torch.Tensor]) -> float:
-    """``u^T H u / ||u||^2`` through the operator (so that it is all-reduced under DDP)."""
-    layout = op.layout
-    u = layout.flatten(direction, batch_dims=0).to(op.dtype).unsqueeze(0)
-    hu = op.matmat(u)
-    return float((u.double() * hu.double()).sum() / (u.double() ** 2).sum())
-
 
 
 def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:

@@ -9,9 +9,10 @@ from torch import nn
 
 from dynscope.noise import SmoothedNoiseScale, TwoBatchNoiseScale, gradient_noise_scale, gradient_snr
 from dynscope.objective import NotPerSampleError
+from dynscope.kernel_choice import DEFAULT_MEMORY_CAP
 from dynscope.persample import per_sample_moments
 
-from .base import DiagnosticCallback
+from .base import DiagnosticCallback, memory_cap_bytes
 from .distributed import on_every_rank, sum_over_ranks, world_size
 from .protocol import LossProtocolError, find_loss_fn
 
@@ -61,8 +62,9 @@ class GradientNoise(DiagnosticCallback):
         per_layer: log ``gsnr/<layer>``.
         block: log ``block_gsnr/<layer>``.
         method: ``"auto"`` (hooks where they apply) or ``"vmap"`` (no hooks; a loop where vmap fails).
-        chunk_size: samples per vmap chunk (default: sized to ``memory_cap_mb``).
-        memory_cap_mb: working memory cap for per-sample gradients, in MiB.
+        chunk_size: items (here: samples) per vectorized call (default: as many as fit in ``memory_cap``).
+        memory_cap: working memory of the per-sample gradients, in bytes (default 2 GiB).
+        memory_cap_mb: the same in MiB (older name, kept as an alias).
         two_batch_ema: EMA factor of the two-batch estimator under DDP (0 = no smoothing).
         noise_ema: EMA factor of ``critical_batch``'s numerator and denominator (0 = this batch only).
         Other arguments: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.
@@ -87,7 +89,8 @@ class GradientNoise(DiagnosticCallback):
         block: bool = True,
         method: str = "auto",
         chunk_size: Optional[int] = None,
-        memory_cap_mb: int = 2048,
+        memory_cap: Optional[int] = None,
+        memory_cap_mb: Optional[float] = None,
         two_batch_ema: float = 0.9,
         noise_ema: float = 0.9,
         schedule: str = "steps",
@@ -109,16 +112,19 @@ class GradientNoise(DiagnosticCallback):
             raise ValueError(f"method must be 'auto' or 'vmap', got {method!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")
-        if memory_cap_mb < 1:
-            raise ValueError(f"memory_cap_mb must be at least 1, got {memory_cap_mb}")
+        self.memory_cap = memory_cap_bytes(memory_cap, memory_cap_mb, DEFAULT_MEMORY_CAP, "GradientNoise")
         self.per_layer = per_layer
         self.block = block
         self.method = method
         self.chunk_size = chunk_size
-        self.memory_cap_mb = memory_cap_mb
         self.two_batch = TwoBatchNoiseScale(two_batch_ema)
         self.smoothed = SmoothedNoiseScale(noise_ema)
         self._checked = False
+
+    @property
+    def memory_cap_mb(self) -> float:
+        """The memory cap in MiB (older name)."""
+        return self.memory_cap / 2**20
 
     def check_module(self, trainer, pl_module) -> None:
         find_loss_fn(pl_module, self.loss_fn, per_sample=True)
@@ -142,7 +148,7 @@ class GradientNoise(DiagnosticCallback):
             try:
                 return per_sample_moments(
                     objective, self.method, chunk_size=self.chunk_size,
-                    memory_cap=self.memory_cap_mb * 2**20, check=not self._checked,
+                    memory_cap=self.memory_cap, check=not self._checked,
                 )
             except NotPerSampleError as error:  # does not apply: dropped (on every rank alike under DDP)
                 raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error

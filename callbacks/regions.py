@@ -138,7 +138,8 @@ class LinearRegions(DiagnosticCallback):
         functional: also count ``F.relu``-style calls inside ``forward`` methods (needed for models
             that do not use activation modules); see :func:`dynscope.local_complexity`.
         seed: seed of the sampled points and of the directions.
-        chunk_size: points per batched forward (default: about 8192 vertices per forward).
+        chunk_size: items (here: points) per vectorized call, one batched forward (default: about
+            8192 vertices per forward).
         loss_fn: accepted like every callback's ``loss_fn`` and not used (the regions need inputs only).
         Scheduling (``schedule="log"`` by default, ``points_per_decade``, ``every_n_steps``) and
         ``strict``: see :class:`~dynscope.callbacks.base.DiagnosticCallback`.

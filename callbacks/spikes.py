@@ -17,7 +17,7 @@ from dynscope.dashboards.events import format_event
 from dynscope.spikes import SpikeDetector, SpikeSnapshot, opposing_signals
 
 from ._lightning import CallbackBase
-from .base import join_batches
+from .base import join_batches, memory_cap_bytes
 from .collapse import EVENTS
 from .distributed import any_rank, mean_over_ranks, on_every_rank, world_size
 from .logging import log_scalars, log_text, tag
@@ -41,7 +41,7 @@ class SpikeForensics(CallbackBase):
     ``window`` losses, once ``min_history`` losses are known. On a spike, still before the update, i.e. on the weights that
     produced the spike, it takes a one-off snapshot (at most ``max_snapshots`` per run, at least
     ``cooldown`` steps apart) on the spiking batch plus up to ``history_batches`` recent batches
-    from a ring buffer (references to the batches, no copies, within ``memory_cap_mb`` of their
+    from a ring buffer (references to the batches, no copies, within ``memory_cap`` bytes of their
     tensors): the top Hessian eigenvalue and
     eigenvector ``v`` (Lanczos), every sample's gradient projection ``g_i . v`` and the ``top_k``
     samples with the largest projections of either sign: the opposing signals of Rosenfeld &
@@ -71,7 +71,8 @@ class SpikeForensics(CallbackBase):
         cooldown: optimizer steps between two snapshots.
         max_snapshots: snapshots per run (``0``: detect and log only).
         history_batches: recent batches added to the spiking batch for the snapshot.
-        memory_cap_mb: memory of the batches the ring buffer keeps alive.
+        memory_cap: bytes of batches the ring buffer keeps alive (default 64 MiB).
+        memory_cap_mb: the same in MiB (older name, kept as an alias).
         top_k: opposing samples reported on each side.
         eigen_max_iter: Lanczos steps (Hessian-vector products) for the top eigenpair.
         loss_fn: ``loss_fn(module(x), y)`` when the module defines no ``dynscope_loss``.
@@ -101,7 +102,8 @@ class SpikeForensics(CallbackBase):
         cooldown: int = 50,
         max_snapshots: int = 3,
         history_batches: int = 3,
-        memory_cap_mb: float = 64.0,
+        memory_cap: Optional[int] = None,
+        memory_cap_mb: Optional[float] = None,
         top_k: int = 5,
         eigen_max_iter: int = 20,
         loss_fn: Optional[Callable] = None,
@@ -117,7 +119,7 @@ class SpikeForensics(CallbackBase):
         self.cooldown = cooldown
         self.max_snapshots = max_snapshots
         self.history_batches = history_batches
-        self.memory_cap = int(memory_cap_mb * 2**20)
+        self.memory_cap = memory_cap_bytes(memory_cap, memory_cap_mb, 64 * 2**20, "SpikeForensics")
         self.top_k = top_k
         self.eigen_max_iter = eigen_max_iter
         self.loss_fn = loss_fn
@@ -188,7 +190,7 @@ class SpikeForensics(CallbackBase):
     def _remember(self, step: int, batch: Any) -> None:
         size = _nbytes(batch)
         if size > self.memory_cap:
-            self._warn_once("cap", f"a batch ({size / 2**20:.1f} MB) exceeds memory_cap_mb; snapshots use the spiking batch only")
+            self._warn_once("cap", f"a batch ({size / 2**20:.1f} MB) exceeds memory_cap; snapshots use the spiking batch only")
             return
         self._buffer.append((step, tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, batch)))
         while len(self._buffer) > self.history_batches or sum(_nbytes(b) for _, b in self._buffer) > self.memory_cap:

@@ -13,7 +13,8 @@ import types
 # torch. A name is imported from its submodule on first use.
 _SUBMODULE_OF = {
     "EigenResult": "eigen", "top_eigenvalues": "eigen",
-    "HessianOperator": "hvp", "MatrixOperator": "hvp", "ScaledOperator": "hvp", "hvp": "hvp",
+    "HessianOperator": "operators", "MatrixOperator": "operators", "ScaledOperator": "operators", "hvp": "hvp",
+    "Operator": "operators", "OperatorWrapper": "operators",
     "NonFiniteError": "objective", "NotPerSampleError": "objective", "Objective": "objective",
     "ParamLayout": "params",
     "clip_top_coordinates": "sharpness", "directional_sharpness": "sharpness",
@@ -90,6 +91,8 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "MatrixOperator",
+    "Operator",
+    "OperatorWrapper",
     "ScaledOperator",
     "NonFiniteError",
     "NotPerSampleError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
@@ -44,6 +45,14 @@ def check_finite(value: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _accepts_reduction(fn: Callable) -> bool:
+    try:
+        return _has_reduction(fn)
+    except TypeError:  # unhashable callable
+        return _has_reduction.__wrapped__(fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _has_reduction(fn: Callable) -> bool:  # inspect.signature costs more than a small model's forward
     try:
         return "reduction" in inspect.signature(fn).parameters
     except (TypeError, ValueError):

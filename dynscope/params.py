@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, Iterable, Mapping, Tuple
 
 import torch
@@ -40,11 +41,11 @@ class ParamLayout:
     def from_params(cls, params: Mapping[str, torch.Tensor]) -> "ParamLayout":
         return cls(tuple(params), tuple(p.shape for p in params.values()))
 
-    @property
+    @cached_property
     def numels(self) -> Tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.numels)
 

@@ -955,7 +955,7 @@ def per_sample_moments(
         objective: the loss; must be a mean of independent per-sample losses.
         method: ``"auto"`` (hooks where they apply, vmap for the other tensors) or ``"vmap"``;
             either way a per-sample loop replaces vmap when vmap cannot trace the model.
-        chunk_size: samples per vmap chunk (default: sized to ``memory_cap``).
+        chunk_size: items (here: samples) per vectorized call (default: as many as fit in ``memory_cap``).
         memory_cap: bytes of working memory per chunk, for the vmap path and for the hook path's
             per-layer per-sample gradients of sequence, convolution and repeated layers.
         check: first verify the per-sample decomposition (:func:`check_per_sample`; one extra

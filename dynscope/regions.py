@@ -347,8 +347,8 @@ def local_complexity(
         seed: seed of the directions.
         layers: restrict to these layer names (module names as in ``model.named_modules()``; a
             module applied ``k > 1`` times in one forward gives ``name@2 .. name@k``).
-        chunk_size: points per batched forward (each brings ``2P`` vertices); default: as many as
-            keep a forward at :data:`VERTICES_PER_FORWARD` vertices.
+        chunk_size: items (here: points, each bringing ``2P`` vertices) per vectorized call (one
+            batched forward); default: as many as keep a forward at :data:`VERTICES_PER_FORWARD` vertices.
         functional: also count activation functions called inside ``forward`` methods
             (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.hardtanh``,
             ``F.relu6``, ``F.prelu``, ``F.hardsigmoid``), seen through a

@@ -300,9 +300,15 @@ class cheap_second_order(TorchFunctionMode):
     ``nn.LayerNorm``, ``nn.Softmax``, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``.
     """
 
+    #: whether a rule replaced a function since the mode was created
+    used = False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         rule = _RULES.get(func)
-        return (rule or func)(*args, **(kwargs or {}))
+        if rule is None:
+            return func(*args, **(kwargs or {}))
+        self.used = True
+        return rule(*args, **(kwargs or {}))
 
 
 _RULES = {

@@ -13,16 +13,20 @@ from typing import Mapping
 
 import torch
 
-from .hvp import hvp
-from .objective import Objective, check_finite
+from .objective import check_finite
+from .operators import as_operator
 from .params import ParamDict
 
 
-def directional_sharpness(objective: Objective, direction: Mapping[str, torch.Tensor], **hvp_kwargs) -> float:
-    """``u^T H u / ||u||^2`` for a direction ``u`` shaped like the parameters (one HVP).
+def directional_sharpness(target, direction, **operator_kwargs) -> float:
+    """``u^T H u / ||u||^2`` for a direction ``u`` (one HVP).
 
-    ``direction`` may be a dict over a subset of the objective's parameters only if the objective
-    was built for that subset; it must match the objective's parameter names and shapes.
+    Args:
+        target: a :class:`dynscope.Objective` (its Hessian; ``operator_kwargs`` such as ``method``
+            or ``reduce`` go to the :class:`dynscope.HessianOperator`), an operator (e.g. one that
+            all-reduces over data-parallel ranks) or a square matrix.
+        direction: a dict shaped like the parameters (it must match the operator's ``layout``:
+            names and shapes) or a flat vector ``[n]``.
 
     Example:
         >>> import torch
@@ -33,15 +37,24 @@ def directional_sharpness(objective: Objective, direction: Mapping[str, torch.Te
         >>> # H = 2 X^T X / B = diag(1, 4); along the second coordinate the sharpness is 4
         >>> round(directional_sharpness(obj, {"weight": torch.tensor([[0.0, 3.0]])}), 5)
         4.0
+        >>> directional_sharpness(torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([1.0, 1.0]))
+        2.5
     """
-    layout = objective.layout
-    layout.check(direction, batch_dims=0)
-    u = layout.flatten(direction, batch_dims=0).to(device=objective.device, dtype=objective.dtype)
+    op = as_operator(target, **operator_kwargs)
+    if isinstance(direction, Mapping):
+        layout = getattr(op, "layout", None)
+        if layout is None:
+            raise ValueError("a dict direction needs an operator with a parameter layout; pass a flat vector")
+        layout.check(direction, batch_dims=0)
+        direction = layout.flatten(direction, batch_dims=0)
+    u = direction.reshape(-1).to(device=op.device, dtype=op.dtype)
+    if u.numel() != op.size:
+        raise ValueError(f"the direction has {u.numel()} entries, the operator acts on {op.size}")
     norm_sq = float((u.double() ** 2).sum())
     if norm_sq == 0.0:
         raise ValueError("the direction is zero; directional sharpness is undefined")
     check_finite(u, "the direction")
-    hu = hvp(objective, u, **hvp_kwargs)
+    hu = op.matmat(u.unsqueeze(0))[0]
     return float((u.double() * hu.double()).sum()) / norm_sq
 
 

@@ -21,48 +21,28 @@ from typing import Optional, Sequence
 import torch
 
 from .eigen import top_eigenvalues
-from .hvp import as_operator
+from .operators import OperatorWrapper, as_operator
 from .trace import RademacherProbes
 
 __all__ = ["BlockOperator", "NegatedOperator", "SpectralDensity", "lambda_min", "spectral_density"]
 
 
-class NegatedOperator:
+class NegatedOperator(OperatorWrapper):
     """``-A``: its largest eigenvalue is minus ``A``'s smallest."""
 
-    def __init__(self, op) -> None:
-        self.op = op
-        self.size, self.dtype, self.device = op.size, op.dtype, op.device
-        self.layout = getattr(op, "layout", None)
-
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    def measuring(self):
-        return getattr(self.op, "measuring", contextlib.nullcontext)()
-
-    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return -self.op.matmat(vectors)
 
 
-class BlockOperator:
+class BlockOperator(OperatorWrapper):
     """The diagonal block ``A[s, s]`` of an operator for a slice ``s`` of its coordinates
     (e.g. one parameter tensor: the block Hessian of that layer)."""
 
     def __init__(self, op, block: slice) -> None:
-        self.op, self.block = op, block
-        self.size = block.stop - block.start
-        self.dtype, self.device = op.dtype, op.device
+        super().__init__(op, size=block.stop - block.start)
+        self.block = block
 
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    def measuring(self):
-        return getattr(self.op, "measuring", contextlib.nullcontext)()
-
-    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(vectors.shape[0], self.op.size, dtype=vectors.dtype, device=vectors.device)
         full[:, self.block] = vectors
         return self.op.matmat(full)[:, self.block]

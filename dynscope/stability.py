@@ -42,6 +42,8 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from .operators import OperatorWrapper
+
 __all__ = ["StabilityScaling", "adam_threshold", "linear_stability_ratio", "minibatch_noise_factor", "sgd_threshold",
            "stability_scaling", "unwrap_optimizer"]
 
@@ -262,38 +264,27 @@ def _kind(optimizer) -> str:
     )
 
 
-class IndexOperator:
+class IndexOperator(OperatorWrapper):
     """The principal submatrix ``A[idx, idx]`` of an operator (e.g. one param group's coordinates)."""
 
     def __init__(self, op, index: torch.Tensor) -> None:
-        self.op = op
+        super().__init__(op, size=int(index.numel()))
         self.index = index.to(op.device)
-        self.size, self.dtype, self.device = int(index.numel()), op.dtype, op.device
 
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(vectors.shape[0], self.op.size, dtype=vectors.dtype, device=vectors.device)
         full[:, self.index] = vectors
         return self.op.matmat(full)[:, self.index]
 
 
-class StabilityOperator:
+class StabilityOperator(OperatorWrapper):
     """``S^{1/2} A S^{1/2} + D`` for an operator ``A``, a scale ``s`` and a diagonal shift ``d``."""
 
     def __init__(self, op, scale: torch.Tensor, shift: Optional[torch.Tensor] = None) -> None:
-        self.op = op
-        self.size, self.dtype, self.device = op.size, op.dtype, op.device
-        self.layout = getattr(op, "layout", None)
+        super().__init__(op)
         self.root = scale.sqrt().to(device=op.device, dtype=op.dtype)
         self.shift = None if shift is None else shift.to(device=op.device, dtype=op.dtype)
 
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         out = self.op.matmat(vectors * self.root) * self.root
         return out if self.shift is None else out + vectors * self.shift

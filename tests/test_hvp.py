@@ -67,17 +67,16 @@ def test_quadratic_closed_form():
         assert torch.allclose(hvp_flat(obj, V, method=method), V @ A, atol=1e-6)
 
 
-def test_zero_tensor_model_falls_back_from_forward_over_reverse():
-    # Linear-Tanh-Linear with MSELoss: forward-over-reverse raises "ZeroTensors are immutable" in torch 2.13.
+def test_forward_over_reverse_works_with_mse_loss_module():
+    # Linear-Tanh-Linear with MSELoss raised "ZeroTensors are immutable" in torch 2.13 before the
+    # forward kernel gave the targets a materialised zero tangent.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     obj = Objective(net, nn.MSELoss(), (torch.randn(16, 4), torch.randn(16, 2)))
     V = torch.randn(3, obj.layout.numel)
-    with pytest.raises(RuntimeError, match="ZeroTensor"):
-        hvp_flat(obj, V, method="forward")
-    out = hvp_flat(obj, V)  # auto
-    assert obj._hvp_method in ("reverse", "loop")
-    assert torch.allclose(out, V @ exact_hessian(obj).float().T, atol=1e-5)
+    H = exact_hessian(obj).float()
+    assert torch.allclose(hvp_flat(obj, V, method="forward"), V @ H.T, atol=1e-5)
+    assert torch.allclose(hvp_flat(obj, V), V @ H.T, atol=1e-5)  # auto
 
 
 def test_operator_reuses_its_graph_and_counts_matvecs():
@@ -169,3 +168,25 @@ def test_a_batched_kernel_that_fails_falls_back_to_the_loop(monkeypatch):
         out = hvp_flat(obj, V)
     assert obj._hvp_method == "loop"
     assert torch.allclose(out, V @ exact_hessian(obj).float().T, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse", "loop"])
+@pytest.mark.parametrize("how", ["loss_fn", "sample_loss_fn"])
+def test_mse_loss_with_every_kernel_matches_torch_func_hessian(method, how):
+    # F.mse_loss's forward-mode derivative of its backward fails on a target without a tangent
+    # ("ZeroTensors are immutable") unless the kernel gives the batch a materialised zero tangent.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    if how == "loss_fn":
+        obj = Objective(net, F.mse_loss, (x, y))
+    else:
+        obj = Objective(net, sample_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1], reduction="none").mean(1),
+                        batch=(x, y))
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    H = torch.func.hessian(lambda p: F.mse_loss(torch.func.functional_call(net, p, (x,)), y))(params)
+    dense = torch.cat([torch.cat([H[a][b].reshape(params[a].numel(), params[b].numel()) for b in params], 1)
+                       for a in params])
+    V = torch.randn(3, obj.layout.numel, generator=torch.Generator().manual_seed(1))
+    out = HessianOperator(obj, method=method).matmat(V)
+    assert torch.allclose(out, V @ dense.T, atol=1e-5, rtol=1e-4)
