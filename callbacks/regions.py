@@ -224,6 +224,17 @@ class LinearRegions(DiagnosticCallback):
                 "Hardsigmoid module; if its forward calls F.relu (or torch.relu, x.relu()), pass functional=True"
             )
 
+    def expected_cost(self, batch_size: Optional[int] = None) -> float:
+        """One measurement in training steps: a forward of every point's ``2 * num_directions + 1``
+        cross-polytope vertices per radius, at about half a training step per batch of forwards
+        (a step is a forward and a backward)."""
+        declared = getattr(self, "expected_steps", None)
+        if declared is not None:
+            return float(declared)
+        points = self.num_points + self.num_test_points + self.num_random_points
+        forwards = points * (2 * self.num_directions + 1) * len(self.radii)
+        return max(1.0, forwards / (2 * (batch_size or 64)))
+
     def _ensure_points(self, trainer, pl_module, batch) -> None:
         if self.train_points is None:
             points = sample_inputs(trainer.train_dataloader, pl_module, self.num_points, self.seed, iterate=False)
