@@ -393,7 +393,7 @@ class DynScope(CallbackBase):
         if self._active:
             self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx, only=self._active)
             self._after_measurements(trainer, self._active)
-        elif trainer.global_step - self._logged_at >= LOG_EVERY:
+        elif self._planned - self._logged_at >= LOG_EVERY:  # (the step number, without asking the trainer)
             start = self.clock()
             self._log(trainer)
             self.controller.charge(self.clock() - start)

@@ -7,11 +7,13 @@ training time. Two rules, both in seconds of the injected ``clock``:
   its expected cost stays within ``budget`` times the training time so far; otherwise it waits
   (stays pending) until the allowance has grown. This keeps the overhead under the budget at every
   point of the run, the first measurements included;
-* the **cadences** (water-filling): each diagnostic's schedule is stretched by a power of two so
-  that their combined cost per training step fits the budget, the cheap ones first, each getting an
-  equal share (a diagnostic near an event gets ``tighten`` times the share and may run up to
-  ``tighten`` times more often than its base cadence), but never beyond ``total steps /
-  min_measurements`` when the run's length is known.
+* the **cadences** (water-filling): each diagnostic's schedule is stretched so that their combined
+  cost per training step fits the budget, the cheap ones first, each getting an equal share (a
+  diagnostic near an event gets ``tighten`` times the share and may run up to ``tighten`` times
+  more often than its base cadence), but never beyond ``total steps / min_measurements`` when the
+  run's length is known. Stretches are powers of two (aligned cadences), rounded down, so that the
+  allowance sets the pace and no share goes unused; a diagnostic that is never deferred (evenly
+  spaced) is rounded up instead, and one that cannot fit before the end of the run gets no share.
 
 **Costs.** Each diagnostic states what one measurement is expected to cost *in training steps*
 (one optimizer step of the user's training: forward, backward and update on the full batch), from
@@ -110,6 +112,16 @@ def power_of_two_at_least(value: float) -> float:
         [0.25, 0.5, 1.0, 4.0, 1024.0]
     """
     return 2.0 ** math.ceil(math.log2(value) - 1e-9)
+
+
+def power_of_two_at_most(value: float) -> float:
+    """The largest power of two <= ``value`` (powers below 1 too).
+
+    Example:
+        >>> [power_of_two_at_most(v) for v in (0.25, 0.3, 1.0, 2.5, 1000.0)]
+        [0.25, 0.25, 1.0, 2.0, 512.0]
+    """
+    return 2.0 ** math.floor(math.log2(value) + 1e-9)
 
 
 class Allowance:
@@ -395,11 +407,13 @@ class BudgetController:
         if self.step_seconds <= 0:
             return
         rates, weights, floors, ceilings = {}, {}, {}, {}
+        reachable = self._reachable(step)
         for name, diagnostic in diagnostics.items():
             period = diagnostic.period(step)
-            if period is None:
-                continue
-            rates[name] = self.expected(name, diagnostic) / period
+            expected = self.expected(name, diagnostic)
+            if period is None or (diagnostic.deferrable and expected > reachable):
+                continue  # at epoch ends, or cannot fit before the end of the run: no share of the budget
+            rates[name] = expected / period
             near = self.near.get(name, False)
             weights[name] = self.tighten if near else 1.0
             floors[name] = 1.0 / self.tighten if near and diagnostic.deferrable else 1.0
@@ -409,7 +423,12 @@ class BudgetController:
         raw = share_budget(rates, self.allowance.budget * self.step_seconds, weights, floors)
         for name, stretch in raw.items():
             diagnostic = diagnostics[name]
-            stretch = power_of_two_at_least(stretch)
+            if diagnostic.deferrable:
+                # rounded down: due a little more often than the share affords, so that the allowance,
+                # not the rounding, sets the pace (rounded up, up to half the budget went unused)
+                stretch = max(power_of_two_at_most(stretch), floors[name])
+            else:
+                stretch = power_of_two_at_least(stretch)  # never deferred: its cadence alone must fit
             if name in ceilings:
                 stretch = max(min(stretch, 2.0 ** math.floor(math.log2(ceilings[name]))), floors[name])
             if not diagnostic.deferrable:
