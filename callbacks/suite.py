@@ -74,11 +74,12 @@ class DynScope(CallbackBase):
     :class:`AutoEMA` for the variance amplification (needs ``metric``).
 
     **The budget.** ``budget=0.05`` keeps the time spent in dynscope (every hook, timed) under 5% of
-    the training time (wall time of the fit minus dynscope's): a due measurement runs only when the
-    time saved up allows its expected cost (its last measured cost; before the first, an estimate in
-    training steps: :func:`prior_steps`), otherwise it waits; and each diagnostic's cadence is
-    stretched by a power of two so that their combined cost fits the budget, cheap ones first (see
-    :mod:`dynscope.callbacks.budget`). Near an event (``eos_ratio`` approaching 1, SC onset,
+    the training time (wall time of the fit minus dynscope's). The decisions are
+    :class:`dynscope.budget.BudgetController`'s (no Lightning there; ``scope.controller``): a due
+    measurement runs only when the time saved up allows its expected cost (what the diagnostic
+    measured; before its first measurement, its own estimate in training steps:
+    ``DiagnosticCallback.expected_cost``), otherwise it waits; and each diagnostic's cadence is
+    stretched by a power of two so that their combined cost fits the budget, cheap ones first. Near an event (``eos_ratio`` approaching 1, SC onset,
     amplification rising: :func:`near_event`) a diagnostic gets ``tighten`` times the share and may
     run up to ``tighten`` times more often than its base cadence. Variance amplification keeps
     evenly spaced evaluations: it is never deferred, only slowed down by doubling (which starts a
@@ -98,7 +99,8 @@ class DynScope(CallbackBase):
             -> float`` or ``"package.module:function"``); ``None`` leaves it out.
         gva: arguments for :class:`VarianceAmplification` / :class:`AutoEMA`.
         extra: more diagnostics (``DiagnosticCallback`` instances, by name) to run under the same
-            budget; before their first measurement each is expected to cost :func:`prior_steps`.
+            budget; before their first measurement each is expected to cost its ``expected_cost()``
+            (training steps; one by default). Every Lightning hook a diagnostic implements reaches it.
         mitigate: any of ``"stablemax"``, ``"orthograd"``, ``"ema"``.
         tighten: how much more budget share, and how much faster a cadence, near an event.
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
@@ -107,9 +109,10 @@ class DynScope(CallbackBase):
         min_measurements: how many measurements each deferrable diagnostic should get over the
             run (when the trainer knows its length): its cadence is never stretched beyond
             ``total steps / min_measurements``, a due measurement of the diagnostic with the fewest
-            measurements so far is admitted first and the others wait behind it, so expensive
-            diagnostics are not crowded out by cheap ones. The budget still caps the overhead: a
-            diagnostic that did not fit at all is named at the end of the fit, with the reason.
+            measurements so far is admitted first and the others wait behind it (unless it cannot
+            fit before the end of the run), so expensive diagnostics are not crowded out by cheap
+            ones. The budget still caps the overhead: a diagnostic that did not fit at all is named
+            at the end of the fit, with the reason (:meth:`unmeasured`).
         clock: the seconds counter the budget runs on (default :func:`time.perf_counter`); shared
             with the diagnostics' cost accounting. Tests pass a fake clock to drive the budget
             independently of machine load.

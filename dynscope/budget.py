@@ -454,7 +454,7 @@ class BudgetController:
                 f"dynscope DynScope: {name} was not measured in this run: one measurement is expected to cost "
                 f"~{steps:.0f} training steps and budget={self.budget} saved up {saved:.0f} steps' worth over "
                 f"the run, shared with the other diagnostics; raise budget=, train longer or make it cheaper "
-                f"(e.g. curvature={{'sub_batch': 16}})"
+                f"(fewer HVPs, probes or points: its callback's arguments)"
             )
         return lines
 
