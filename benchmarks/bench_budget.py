@@ -122,13 +122,14 @@ def run(name: str, steps: int, repeats: int, budget: float) -> None:
         print(f"{'':>13}{line}", flush=True)
 
 
-def main(argv=None) -> int:
+def main(quick: bool = False, argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="*", default=[300, 1000])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs="*", default=[100] if quick else [300, 1000])
+    parser.add_argument("--repeats", type=int, default=1 if quick else 3)
     parser.add_argument("--budget", type=float, default=0.05)
-    parser.add_argument("--models", nargs="*", default=["mlp", "cnn"], choices=list(MODELS))
-    args = parser.parse_args(argv)
+    parser.add_argument("--models", nargs="*", default=["mlp"] if quick else ["mlp", "cnn"], choices=list(MODELS))
+    args = parser.parse_args([] if argv is None else argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for logger in ("pytorch_lightning", "lightning", "lightning.pytorch"):
@@ -138,8 +139,9 @@ def main(argv=None) -> int:
     for name in args.models:
         for steps in args.steps:
             run(name, steps, args.repeats, args.budget)
+    torch.set_num_threads(threads)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(argv=sys.argv[1:]))

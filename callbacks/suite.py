@@ -32,9 +32,10 @@ LOG_EVERY = 200  # steps between two logs of the overhead when nothing was measu
 
 # Base cadences of the suite (the budget stretches them); any of it can be overridden per diagnostic.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    # tracked: warm-started Lanczos to 1% and a deflated trace on the carried sketch (8 HVPs); a
-    # fixed 16-sample slice of the batch keeps one measurement at a few training steps
-    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=8, eigen_max_iter=20, sub_batch=16),
+    # tracked: warm-started Lanczos to 1% and a deflated trace on a carried 2-vector sketch plus 2
+    # probes (4 HVPs); a fixed 16-sample slice of the batch: one measurement costs ~10 training steps
+    # on the benchmark MLP, so that a 1000-step run at budget 0.05 affords 3 of each diagnostic
+    "curvature": dict(every_n_steps=50, method="tracked", num_matvecs=4, eigen_max_iter=20, sub_batch=16),
     "noise": dict(every_n_steps=25),
     "collapse": dict(every_n_steps=10),
     "regions": dict(
@@ -196,7 +197,8 @@ class DynScope(CallbackBase):
         self._active: List[DiagnosticCallback] = []  # the diagnostics with work in this optimizer step
         self._logged_at = -(10**9)
         self._counts: Dict[str, int] = {}
-        self._spent: Dict[str, float] = {}
+        self._spent: Dict[str, float] = {}  # hook seconds of each diagnostic at its last measurement
+        self._hook_seconds: Dict[str, float] = {}  # seconds in each diagnostic's hooks (all of them)
         self._reduce = None
 
     # -- the budget (dynscope.budget.BudgetController keeps the accounts and decides) ----------------------
@@ -261,9 +263,12 @@ class DynScope(CallbackBase):
             if count == self._counts.get(name, 0):
                 continue
             measured = True
-            self.controller.measured(name, child.seconds_spent - self._spent.get(name, 0.0), child.last_metrics)
+            # the cost of a measurement: everything the diagnostic did since the last one (snapshots
+            # before the optimizer step and other per-step work included, not only its measure())
+            spent = self._hook_seconds.get(name, 0.0)
+            self.controller.measured(name, spent - self._spent.get(name, 0.0), child.last_metrics)
             self._counts[name] = count
-            self._spent[name] = child.seconds_spent
+            self._spent[name] = spent
         step = trainer.global_step
         if (measured and step - self._logged_at >= 10) or step - self._logged_at >= LOG_EVERY:
             self._log(trainer)
@@ -289,6 +294,7 @@ class DynScope(CallbackBase):
             for name, child in list(self.callbacks.items()):
                 if only is not None and child not in only:
                     continue
+                before = self.clock()
                 try:
                     getattr(child, hook)(*args, **kwargs)
                     if child.disabled:  # it dropped itself (and said why): leave it out of the run
@@ -300,6 +306,8 @@ class DynScope(CallbackBase):
                     if hook != "on_exception" and (mitigation or (self.strict and not _does_not_apply(error))):
                         raise
                     self._drop(name, error)
+                finally:
+                    self._hook_seconds[name] = self._hook_seconds.get(name, 0.0) + self.clock() - before
         finally:
             self.controller.charge(self.clock() - start)
 
@@ -327,6 +335,8 @@ class DynScope(CallbackBase):
         the training time of the second.
         """
         self.controller.reset()
+        self._hook_seconds = {}
+        self._spent = {}
         self._planned = -1
         self._quiet_until = 0
         self._active = []
@@ -344,7 +354,7 @@ class DynScope(CallbackBase):
             total = math.inf
         self.controller.start(start, total, self.callbacks)
         self._counts = {n: c.num_measurements for n, c in self.callbacks.items()}
-        self._spent = {n: c.seconds_spent for n, c in self.callbacks.items()}
+        self._spent = dict(self._hook_seconds)
         self._each("on_train_start", trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
