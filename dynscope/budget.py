@@ -11,7 +11,8 @@ training time. Two rules, both in seconds of the injected ``clock``:
   cost per training step fits the budget, the cheap ones first, each getting an equal share (a
   diagnostic near an event gets ``tighten`` times the share and may run up to ``tighten`` times
   more often than its base cadence), but never beyond ``total steps / min_measurements`` when the
-  run's length is known. Stretches are powers of two (aligned cadences), rounded down, so that the
+  run's length is known (sped up to it when the base cadence is slower: a log schedule late in the
+  run, a run shorter than ``min_measurements`` base periods). Stretches are powers of two (aligned cadences), rounded down, so that the
   allowance sets the pace and no share goes unused; a diagnostic that is never deferred (evenly
   spaced) is rounded up instead, and one that cannot fit before the end of the run gets no share.
 
@@ -418,8 +419,9 @@ class BudgetController:
             weights[name] = self.tighten if near else 1.0
             floors[name] = 1.0 / self.tighten if near and diagnostic.deferrable else 1.0
             if diagnostic.deferrable and self.min_measurements and math.isfinite(self._total_steps):
-                # at least min_measurements over the run (the allowance still caps the overhead)
-                ceilings[name] = max(1.0, self._total_steps / self.min_measurements / period)
+                # at least min_measurements over the run (the allowance still caps the overhead); below 1
+                # when the base cadence itself is slower (a log schedule late in the run, a short run)
+                ceilings[name] = self._total_steps / self.min_measurements / period
         raw = share_budget(rates, self.allowance.budget * self.step_seconds, weights, floors)
         for name, stretch in raw.items():
             diagnostic = diagnostics[name]
@@ -430,7 +432,7 @@ class BudgetController:
             else:
                 stretch = power_of_two_at_least(stretch)  # never deferred: its cadence alone must fit
             if name in ceilings:
-                stretch = max(min(stretch, 2.0 ** math.floor(math.log2(ceilings[name]))), floors[name])
+                stretch = min(stretch, power_of_two_at_most(ceilings[name]))
             if not diagnostic.deferrable:
                 stretch = max(stretch, diagnostic.stretch)  # only ever slowed down (evenly spaced)
             if stretch != diagnostic.stretch:

@@ -154,6 +154,22 @@ def test_cadences_are_stretched_to_the_budget_but_not_beyond_min_measurements():
     assert pricey.stretch == 16.0  # would need 64x; the ceiling keeps 4 measurements within reach
 
 
+def test_a_cadence_slower_than_min_measurements_allows_is_sped_up():
+    class LogSpaced(Check):  # log-spaced: the period grows with the step (4 points per decade)
+        def period(self, step):
+            return max(1.0, step * math.log(10) / 4)
+
+        def wants(self, step):
+            density = 4 / self.stretch
+            return self.pending or step == 1 or math.floor(density * math.log10(step)) > math.floor(
+                density * math.log10(step - 1))
+
+    log = LogSpaced(every=1, cost=0.5)
+    simulate({"log": log}, 1000, total=1000, min_measurements=4)
+    # at step 1000 the base period is 576 steps, 2.3x the 250 that 4 measurements in 1000 steps need
+    assert log.stretch == 0.25 and len([s for s in log.steps if s > 250]) >= 3
+
+
 def test_near_an_event_a_diagnostic_gets_more_of_the_budget():
     calm = Check(every=32, cost=0.5, metrics={"eos_ratio": 0.1})
     edgy = Check(every=32, cost=0.5, metrics={"eos_ratio": 0.9})
