@@ -162,6 +162,11 @@ class VarianceAmplification(DiagnosticCallback):
     def scheduled(self, step: int) -> bool:
         return step % (self.every_n_steps * int(self.schedule.stretch)) == 0
 
+    def expected_cost(self, batch_size: Optional[int] = None) -> float:
+        """One evaluation in training steps: the metric and the reference loss, about 3."""
+        declared = getattr(self, "expected_steps", None)
+        return 3.0 if declared is None else float(declared)
+
     def set_stretch(self, stretch: float) -> None:
         """Slow down by a power of two (evenly spaced evaluations); a new spacing starts a new window."""
         factor = 2 ** max(0, math.ceil(math.log2(max(stretch, 1.0)) - 1e-9))

@@ -21,6 +21,7 @@ the optimizer stepped, on the step's micro-batches joined (gradient accumulation
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
@@ -144,6 +145,14 @@ class DiagnosticCallback(CallbackBase):
         """Whether a measurement is due (or still pending) after optimizer step ``step``."""
         return not (self.disabled or self.schedule.at_epoch_end) and (self._pending or self.scheduled(step))
 
+    def next_wanted(self, step: int) -> float:
+        """The first step ``>= step`` at which :meth:`wants` may be true (``inf``: not before an epoch end)."""
+        if self.disabled or self.schedule.at_epoch_end:
+            return math.inf
+        if self._pending or type(self).scheduled is not DiagnosticCallback.scheduled:
+            return step  # pending, or a schedule of its own: ask at every step
+        return self.schedule.next_due(step)
+
     def will_measure(self, step: int) -> bool:
         """Whether this callback measures after optimizer step ``step`` (decided at its first micro-batch)."""
         return self._run_at == step
@@ -151,6 +160,33 @@ class DiagnosticCallback(CallbackBase):
     def set_stretch(self, stretch: float) -> None:
         """Slow the schedule down by ``stretch`` (an overhead budget does this; < 1 speeds it up)."""
         self.schedule.stretch = float(stretch)
+
+    @property
+    def stretch(self) -> float:
+        """The factor an overhead budget slows the schedule down by (1: the configured cadence)."""
+        return self.schedule.stretch
+
+    def period(self, step: int) -> Optional[float]:
+        """Steps between two measurements at the configured cadence around ``step`` (``None``: at epoch ends)."""
+        schedule = self.schedule
+        if schedule.at_epoch_end:
+            return None
+        if schedule.kind == "log":
+            return max(1.0, step * math.log(10) / schedule.points_per_decade)
+        return float(schedule.every_n_steps)
+
+    def expected_cost(self, batch_size: Optional[int] = None) -> float:
+        """What one measurement is expected to cost, in training steps, before one has been timed.
+
+        A training step is one optimizer step of the user's training (forward, backward and update
+        on the full batch of ``batch_size`` samples, when known). An overhead budget
+        (:class:`dynscope.budget.BudgetController`) uses this until the first measurement was timed,
+        then the measured cost. The default is one step (about one forward pass and some logging);
+        diagnostics override it from what they compute, and an ``expected_steps`` attribute set on
+        an instance overrides both.
+        """
+        declared = getattr(self, "expected_steps", None)
+        return 1.0 if declared is None else float(declared)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = steps_done(trainer, pl_module) + 1

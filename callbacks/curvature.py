@@ -321,6 +321,30 @@ class Curvature(DiagnosticCallback):
     def check_module(self, trainer, pl_module) -> None:
         find_loss_fn(pl_module, self.loss_fn)
 
+    def expected_cost(self, batch_size: Optional[int] = None) -> float:
+        """One measurement in training steps: about 2.5 per HVP on the full batch
+        (``benchmarks/bench_curvature.py``), less on a sub-batch (a fifth of an HVP is per-call
+        overhead that does not shrink). The HVPs are the trace's, Lanczos' (counted at half its step
+        limit), two for the sharpness, and those of the options (``lambda_min``, per-layer
+        Lanczos, the spectral density).
+
+        Example:
+            >>> Curvature(num_matvecs=16, eigen_max_iter=30).expected_cost()
+            82.5
+            >>> Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=32).expected_cost(batch_size=128)
+            20.0
+        """
+        declared = getattr(self, "expected_steps", None)
+        if declared is not None:
+            return float(declared)
+        lanczos = self.eigen_max_iter / 2
+        matvecs = self.num_matvecs + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
+        matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)
+        fraction = 1.0
+        if self.sub_batch is not None and batch_size and not self.eval_batches:
+            fraction = 0.2 + 0.8 * min(1.0, self.sub_batch / batch_size)
+        return 2.5 * matvecs * fraction * (self.eval_batches or 1)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.eval_batches and self.eval_data == "val" and not self._eval:
             self._eval = self._validation_batches(trainer)

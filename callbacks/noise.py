@@ -142,6 +142,12 @@ class GradientNoise(DiagnosticCallback):
                 "samples of a batch, so per-sample gradients are undefined; use mode='eval' (the default)"
             )
 
+    def expected_cost(self, batch_size: Optional[int] = None) -> float:
+        """One measurement in training steps: per-sample gradient moments, about 4 steps (2-4 on the
+        benchmark MLP and CNN; ``benchmarks/bench_noise.py``)."""
+        declared = getattr(self, "expected_steps", None)
+        return 4.0 if declared is None else float(declared)
+
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         def local():
             objective = self.objective(pl_module, batch)

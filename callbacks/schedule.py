@@ -64,6 +64,29 @@ class Schedule:
         density = self.points_per_decade / self.stretch
         return step == 1 or math.floor(density * math.log10(step)) > math.floor(density * math.log10(step - 1))
 
+    def next_due(self, step: int) -> float:
+        """The first step ``>= step`` at which the schedule fires (``inf`` at epoch ends).
+
+        Example:
+            >>> s = Schedule("log", points_per_decade=4)
+            >>> [s.next_due(n) for n in (1, 3, 11, 19, 58)], Schedule("steps", 10).next_due(11)
+            ([1, 4, 18, 32, 100], 20)
+        """
+        if self.kind == "epoch":
+            return math.inf
+        step = max(int(step), 1)
+        if self.due(step):
+            return step
+        if self.kind == "steps":
+            period = max(1, int(round(self.every_n_steps * self.stretch)))
+            return -(-step // period) * period
+        density = self.points_per_decade / self.stretch
+        level = math.floor(density * math.log10(step))
+        candidate = max(step, math.ceil(10 ** ((level + 1) / density)) - 2)  # the crossing, give or take rounding
+        while not self.due(candidate):
+            candidate += 1
+        return candidate
+
     @property
     def at_epoch_end(self) -> bool:
         return self.kind == "epoch"

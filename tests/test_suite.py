@@ -153,10 +153,10 @@ class Slow(DiagnosticCallback):
         return {"eos_ratio": self.eos_ratio}
 
 
-def run_sleeper(scope, steps, clock):
+def run_sleeper(scope, steps, clock, before=()):
     torch.manual_seed(0)
     x, y = classification_data(64, (4,))
-    trainer(max_steps=steps, callbacks=[scope]).fit(Sleeper(mlp((4, 8, 3)), clock), loader(x, y, batch_size=8))
+    trainer(max_steps=steps, callbacks=[*before, scope]).fit(Sleeper(mlp((4, 8, 3)), clock), loader(x, y, batch_size=8))
 
 
 def test_the_budget_keeps_the_overhead_under_its_fraction():
@@ -192,11 +192,13 @@ def test_a_dynscope_reused_for_a_second_fit_starts_its_budget_accounts_afresh():
             self.seen = (scope.seconds, scope.elapsed_before, dict(scope.costs),
                          {n: c.seconds_spent for n, c in scope.callbacks.items()})
 
-    scope = DynScope(budget=0.5, curvature={"every_n_steps": 2, "num_matvecs": 4}, regions=False)
+    clock = FakeClock()  # (on the machine's clock a loaded machine could leave a short fit without a measurement)
+    scope = DynScope(budget=0.5, curvature=False, noise=False, collapse=False, regions=False,
+                     extra={"slow": Slow(clock, cost=0.001)}, clock=clock)
     probe = Accounts()
-    fit_cnn([probe, scope], steps=6)
+    run_sleeper(scope, 6, clock, before=[probe])
     assert scope.seconds > 0 and scope.costs  # the first fit spent time and measured costs
-    fit_cnn([probe, scope], steps=6)
+    run_sleeper(scope, 6, clock, before=[probe])
     seconds, elapsed, costs, spent = probe.seen
     assert seconds == 0.0 and elapsed == 0.0 and costs == {} and set(spent.values()) == {0.0}
     assert scope.seconds > 0  # and the second fit counted its own
@@ -347,3 +349,44 @@ def test_resume_keeps_a_mitigation_switched_on(tmp_path):
     resumed = run(second, 6, ckpt=str(tmp_path / "last.ckpt"))
     assert second.callbacks["collapse"].active and second.callbacks["collapse"].triggered_step == 1
     assert resumed.criterion.mode == "stablemax"
+
+
+def test_every_lightning_hook_reaches_the_diagnostics_that_implement_it():
+    class Hooked(DiagnosticCallback):
+        group = "hooked"
+
+        def __init__(self):
+            super().__init__(every_n_steps=1000)
+            self.calls = []
+
+        def measure(self, trainer, pl_module, batch):
+            return {}
+
+    hooks = ("on_fit_start", "on_fit_end", "teardown", "on_exception", "on_train_epoch_start",
+             "on_validation_start", "on_validation_batch_end", "on_before_backward", "on_after_backward")
+    for hook in hooks:  # each records that it was called
+        setattr(Hooked, hook, lambda self, *args, _hook=hook, **kwargs: self.calls.append(_hook))
+
+    class Validated(Classifier):
+        def validation_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)
+
+    class Failing(Classifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise RuntimeError("the user's step failed")
+            return super().training_step(batch, batch_idx)
+
+    x, y = classification_data(32, (4,))
+    hooked = Hooked()
+    scope = DynScope(budget=0.05, curvature=False, noise=False, collapse=False, regions=False, extra={"hooked": hooked})
+    trainer(max_steps=4, callbacks=[scope], limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0).fit(
+        Validated(mlp((4, 8, 3))), loader(x, y, batch_size=8), loader(x, y, batch_size=8))
+    assert set(hooked.calls) == set(hooks) - {"on_exception"}
+    assert hooked.calls.count("on_before_backward") == 4 and hooked.calls.count("on_validation_batch_end") == 2
+
+    hooked = Hooked()
+    scope = DynScope(budget=0.05, curvature=False, noise=False, collapse=False, regions=False, extra={"hooked": hooked})
+    with pytest.raises(RuntimeError, match="the user's step failed"):
+        trainer(max_steps=4, callbacks=[scope]).fit(Failing(mlp((4, 8, 3))), loader(x, y, batch_size=8))
+    assert hooked.calls.count("on_exception") == 1

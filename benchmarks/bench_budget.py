@@ -1,0 +1,147 @@
+"""What ``DynScope(budget=0.05)`` measures, and what it costs, over short runs (issue 14, item 7).
+
+Run: ``python benchmarks/bench_budget.py [--steps 300 1000] [--repeats 3] [--models mlp cnn]``.
+
+For each model and run length, Lightning trains without and with ``DynScope(loss_fn=F.cross_entropy,
+budget=0.05)``, alternating (interleaved pairs, the same seed and data), ``--repeats`` times, on one
+thread with ``OMP_WAIT_POLICY=PASSIVE`` (the machine is shared: read the medians). Printed per model
+and length: the median of the paired ratios of wall time (``time.perf_counter``) and of CPU time
+(``time.process_time``), DynScope's own account of its overhead, the measurements each diagnostic
+made (median over the repeats, and the smallest), each one's cost per measurement in training steps
+(the controller's learnt cost over the training time per step), and the line
+:meth:`DynScope.unmeasured` gives for a diagnostic that made none.
+Targets: every applicable diagnostic at least 3 times in 1,000 steps, at least once in 300 (or a
+line saying why not), wall-time ratio <= 1.05.
+
+Models: ``mlp`` (64-256-256-10, batch 128, 64 features), ``cnn`` (2 conv + 2 linear on 3x32x32,
+batch 64), ``digits`` (the README test's 64-32-10 MLP on scikit-learn's digits, or data of their
+shape when scikit-learn is not installed, batch 32; not used to tune the defaults), ``transformer`` (a small encoder on token sequences, batch 64:
+GELU, so no linear regions).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytorch_lightning as pl  # noqa: E402
+
+from bench_curvature import SmallTransformer, mlp  # noqa: E402
+from bench_overhead import Module, image_data, small_cnn, token_data, vector_data  # noqa: E402
+from dynscope.callbacks import DynScope  # noqa: E402
+
+
+def digits_data() -> Tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (1797 8x8 images, 10 classes) when it is installed, else data of that shape:
+    10 class means plus noise."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 10, (1797,), generator=g)
+        return torch.randn(10, 64, generator=g)[y] + torch.randn(1797, 64, generator=g), y
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable, int, float]] = {
+    "mlp": (lambda: mlp((64, 256, 256, 10)), vector_data, 128, 0.05),
+    "cnn": (small_cnn, image_data, 64, 0.02),
+    "digits": (lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), digits_data, 32, 0.1),
+    "transformer": (SmallTransformer, token_data, 64, 0.02),
+}
+
+
+def fit(name: str, steps: int, scope: Optional[DynScope]) -> Tuple[float, float]:
+    """Wall and CPU seconds of one fit of ``steps`` steps."""
+    factory, data, batch, lr = MODELS[name]
+    torch.manual_seed(0)
+    module = Module(factory(), lr)
+    x, y = data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=steps, callbacks=[scope] if scope else [],
+            logger=pl.loggers.TensorBoardLogger(logs), enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.fit(module, loader)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run(name: str, steps: int, repeats: int, budget: float) -> None:
+    walls: List[float] = []
+    cpus: List[float] = []
+    counts: Dict[str, List[int]] = {}
+    costs: Dict[str, List[float]] = {}
+    accounts: List[float] = []
+    lines: List[str] = []
+    for _ in range(repeats):
+        plain_wall, plain_cpu = fit(name, steps, None)
+        scope = DynScope(loss_fn=F.cross_entropy, budget=budget)
+        wall, cpu = fit(name, steps, scope)
+        walls.append(wall / plain_wall)
+        cpus.append(cpu / plain_cpu)
+        accounts.append(scope.overhead())
+        per_step = scope.controller.step_seconds
+        for diagnostic, child in scope.callbacks.items():
+            counts.setdefault(diagnostic, []).append(child.num_measurements)
+            if diagnostic in scope.costs and per_step > 0:
+                costs.setdefault(diagnostic, []).append(scope.costs[diagnostic] / per_step)
+        lines = scope.unmeasured() or lines
+    measured = ", ".join(
+        f"{d} {statistics.median(c):g} (min {min(c)}; "
+        f"{statistics.median(costs[d]) if d in costs else float('nan'):.1f} steps each)"
+        for d, c in counts.items()
+    )
+    print(
+        f"{name:>11} {steps:5d} steps: wall ratio {statistics.median(walls):.3f} (pairs {', '.join(f'{w:.3f}' for w in walls)}), "
+        f"CPU ratio {statistics.median(cpus):.3f}, DynScope's account {statistics.median(accounts):.3f}; "
+        f"measurements: {measured}",
+        flush=True,
+    )
+    for line in lines:
+        print(f"{'':>13}{line}", flush=True)
+
+
+def main(quick: bool = False, argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="*", default=[100] if quick else [300, 1000])
+    parser.add_argument("--repeats", type=int, default=1 if quick else 3)
+    parser.add_argument("--budget", type=float, default=0.05)
+    parser.add_argument("--models", nargs="*", default=["mlp"] if quick else ["mlp", "cnn"], choices=list(MODELS))
+    args = parser.parse_args([] if argv is None else argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for logger in ("pytorch_lightning", "lightning", "lightning.pytorch"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}, budget={args.budget}, {args.repeats} interleaved pairs; medians")
+    for name in args.models:
+        for steps in args.steps:
+            run(name, steps, args.repeats, args.budget)
+    torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(argv=sys.argv[1:]))

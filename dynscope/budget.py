@@ -1,0 +1,481 @@
+"""The overhead budget: which diagnostics may measure now, and how often (no Lightning here).
+
+A :class:`BudgetController` keeps the time spent measuring under a fraction (``budget``) of the
+training time. Two rules, both in seconds of the injected ``clock``:
+
+* the **allowance** (a token bucket): a due measurement runs only if the time spent so far plus
+  its expected cost stays within ``budget`` times the training time so far; otherwise it waits
+  (stays pending) until the allowance has grown. This keeps the overhead under the budget at every
+  point of the run, the first measurements included;
+* the **cadences** (water-filling): each diagnostic's schedule is stretched so that their combined
+  cost per training step fits the budget, the cheap ones first, each getting an equal share (a
+  diagnostic near an event gets ``tighten`` times the share and may run up to ``tighten`` times
+  more often than its base cadence), but never beyond ``total steps / min_measurements`` when the
+  run's length is known (sped up to it when the base cadence is slower: a log schedule late in the
+  run, a run shorter than ``min_measurements`` base periods). Stretches are powers of two (aligned cadences), rounded down, so that the
+  allowance sets the pace and no share goes unused; a diagnostic that is never deferred (evenly
+  spaced) is rounded up instead, and one that cannot fit before the end of the run gets no share.
+
+**Costs.** Each diagnostic states what one measurement is expected to cost *in training steps*
+(one optimizer step of the user's training: forward, backward and update on the full batch), from
+what it does (HVP count and sub-batch, per-sample passes, points and directions):
+``expected_cost(batch_size)``. Steps, not seconds, because the ratio carries over between
+machines and models; the controller turns it into seconds with the measured seconds per training
+step. From its first measurement on, a diagnostic's expected cost is what it measured: the first
+measurement's seconds until the second (a first measurement often pays one-time work: building
+kernels, a cold Lanczos start), then the second's, then a moving average. The first measurement
+may therefore cost more than expected: the allowance pays it back (later measurements wait).
+
+**Admission.** Among the due measurements, near an event first, then the diagnostic with the fewest
+measurements, then the cheapest; the first that does not fit holds the queue (the others wait behind
+it, saving up for it), unless it cannot fit before the end of the run at all: then it steps aside
+and is named by :meth:`BudgetController.unmeasured`.
+
+The diagnostics are duck-typed (:class:`Budgeted`): the Lightning callbacks in
+:mod:`dynscope.callbacks` are, and so are the plain objects in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol
+
+import torch
+
+SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged over ranks) at least this often
+
+
+class Budgeted(Protocol):
+    """What the controller needs to know about a diagnostic."""
+
+    deferrable: bool  # may run later than scheduled (False: evenly spaced, only ever slowed down)
+    num_measurements: int
+    last_metrics: Dict[str, float]
+
+    def expected_cost(self, batch_size: Optional[int] = None) -> float:
+        """One measurement's expected cost in training steps (before any was timed)."""
+
+    def period(self, step: int) -> Optional[float]:
+        """Steps between two measurements at the base cadence around ``step``; ``None``: not on steps."""
+
+    def wants(self, step: int) -> bool:
+        """Whether a measurement is due (or still pending) after optimizer step ``step``."""
+
+    @property
+    def stretch(self) -> float:
+        """The factor the budget slows the cadence down by (1 at first)."""
+
+    def set_stretch(self, stretch: float) -> None: ...
+
+
+def share_budget(
+    rates: Mapping[str, float],
+    available: float,
+    weights: Optional[Mapping[str, float]] = None,
+    floors: Optional[Mapping[str, float]] = None,
+    max_stretch: float = 1024.0,
+) -> Dict[str, float]:
+    """Stretch factors that fit the diagnostics' costs into ``available`` seconds per step.
+
+    ``rates[name]`` is what a diagnostic costs per training step at its base cadence (seconds per
+    measurement over steps between measurements). Water-filling: diagnostics in order of
+    increasing ``rate / weight`` get ``weight``-proportional shares of what is left; one that
+    needs less than its share runs at its floor (default 1: the base cadence) and leaves the rest to
+    the others. Stretches are not rounded here.
+
+    Example:
+        >>> share_budget({"a": 1.0, "b": 0.1}, available=0.5)
+        {'b': 1.0, 'a': 2.5}
+        >>> share_budget({"a": 1.0, "b": 0.1}, available=2.1, weights={"a": 4.0}, floors={"a": 0.25})
+        {'b': 1.0, 'a': 0.5}
+    """
+    weights = weights or {}
+    floors = floors or {}
+    order = sorted(rates, key=lambda n: rates[n] / weights.get(n, 1.0))
+    left, unresolved = max(available, 0.0), set(order)
+    stretches: Dict[str, float] = {}
+    for name in order:
+        share = left * weights.get(name, 1.0) / sum(weights.get(n, 1.0) for n in unresolved)
+        needed = rates[name] / share if share > 0 else math.inf
+        stretch = min(max(floors.get(name, 1.0), needed), max_stretch)
+        stretches[name] = stretch
+        left -= rates[name] / stretch
+        unresolved.discard(name)
+    return stretches
+
+
+def power_of_two_at_least(value: float) -> float:
+    """The smallest power of two >= ``value`` (powers below 1 too), so that cadences stay aligned.
+
+    Example:
+        >>> [power_of_two_at_least(v) for v in (0.25, 0.3, 1.0, 2.5, 1000.0)]
+        [0.25, 0.5, 1.0, 4.0, 1024.0]
+    """
+    return 2.0 ** math.ceil(math.log2(value) - 1e-9)
+
+
+def power_of_two_at_most(value: float) -> float:
+    """The largest power of two <= ``value`` (powers below 1 too).
+
+    Example:
+        >>> [power_of_two_at_most(v) for v in (0.25, 0.3, 1.0, 2.5, 1000.0)]
+        [0.25, 0.25, 1.0, 2.0, 512.0]
+    """
+    return 2.0 ** math.floor(math.log2(value) + 1e-9)
+
+
+class Allowance:
+    """The token bucket: ``budget * training seconds - dynscope seconds``, with reservations.
+
+    Example:
+        >>> a = Allowance(0.05)
+        >>> a.update(dynscope_seconds=0.0, training_seconds=100.0)
+        >>> a.admit(4.0), a.admit(2.0)  # 5 s to spend: the second no longer fits
+        (True, False)
+    """
+
+    def __init__(self, budget: float) -> None:
+        if not 0 < budget < 1:
+            raise ValueError(f"budget is a fraction of training time in (0, 1), got {budget}")
+        self.budget = budget
+        self.left = 0.0
+
+    def update(self, dynscope_seconds: float, training_seconds: float) -> None:
+        self.left = self.budget * training_seconds - dynscope_seconds
+
+    def admit(self, expected_seconds: float) -> bool:
+        if expected_seconds > self.left:
+            return False
+        self.left -= expected_seconds
+        return True
+
+
+def near_event(metrics: Mapping[str, float], previous: Mapping[str, float]) -> bool:
+    """Whether a diagnostic's latest values say something is about to happen (measure it more often).
+
+    ``eos_ratio >= 0.8`` (approaching the edge of stability); the fraction of samples in softmax
+    collapse (or at exactly zero loss) above 0 and rising (SC onset); variance ``amplification``
+    above 1 and rising. Once a collapse or an amplification stops growing, the cadence relaxes.
+
+    Example:
+        >>> near_event({"eos_ratio": 0.85}, {}), near_event({"amplification": 2.0}, {"amplification": 3.0})
+        (True, False)
+        >>> near_event({"sc_fraction": 0.2}, {"sc_fraction": 0.1}), near_event({"sc_fraction": 0.9}, {"sc_fraction": 0.9})
+        (True, False)
+    """
+    if metrics.get("eos_ratio", 0.0) >= 0.8:
+        return True
+    return any(_rising(metrics, previous, key, above) for key, above in
+               (("sc_fraction", 0.0), ("zero_loss_fraction", 0.0), ("amplification", 1.0)))
+
+
+def _rising(metrics: Mapping[str, float], previous: Mapping[str, float], key: str, above: float) -> bool:
+    value, before = metrics.get(key), previous.get(key)
+    return value is not None and value > above and (before is None or value > before)
+
+
+class BudgetController:
+    """Keeps the time spent measuring under ``budget`` times the training time (see the module docstring).
+
+    The caller reports time (:meth:`charge`: seconds spent measuring or in its hooks) and
+    measurements (:meth:`measured`), and asks at the start of each optimizer step which due
+    measurements may run (:meth:`plan`). Training time is the clock's time since :meth:`start`
+    (plus ``elapsed_before``, restored on resume) minus the time charged.
+
+    Args:
+        budget: the fraction of training time measurements may use, in (0, 1); ``None``: no limit
+            (every due measurement is admitted; the accounts are still kept).
+        clock: the seconds counter (default :func:`time.perf_counter`); tests inject a fake one.
+        tighten: near an event a diagnostic gets this much more of the budget and may run this much
+            more often than its base cadence.
+        min_measurements: when the run's length is known, no cadence is stretched beyond
+            ``total steps / min_measurements``.
+
+    Example:
+        >>> class Check:  # costs half a training step, due every 10 steps
+        ...     deferrable, num_measurements, last_metrics, stretch = True, 0, {}, 1.0
+        ...     def expected_cost(self, batch_size=None): return 0.5
+        ...     def period(self, step): return 10.0
+        ...     def wants(self, step): return step % round(10 * self.stretch) == 0
+        ...     def set_stretch(self, s): self.stretch = s
+        >>> now = [0.0]
+        >>> budget = BudgetController(0.1, clock=lambda: now[0])
+        >>> checks = {"check": Check()}
+        >>> budget.start(step=0, total_steps=100, diagnostics=checks)
+        >>> measured = []
+        >>> for step in range(1, 101):
+        ...     now[0] += 1.0  # a training step takes 1 s
+        ...     if "check" in budget.plan(step, checks):
+        ...         now[0] += 0.5; budget.charge(0.5)  # a measurement takes 0.5 s
+        ...         checks["check"].num_measurements += 1; budget.measured("check", 0.5, {}); measured.append(step)
+        >>> measured, budget.overhead() <= 0.1
+        ([10, 20, 30, 40, 50, 60, 70, 80, 90, 100], True)
+    """
+
+    def __init__(
+        self,
+        budget: Optional[float],
+        *,
+        clock: Optional[Callable[[], float]] = None,
+        tighten: float = 4.0,
+        min_measurements: int = 4,
+    ) -> None:
+        if tighten < 1:
+            raise ValueError(f"tighten must be >= 1, got {tighten}")
+        if min_measurements < 0:
+            raise ValueError(f"min_measurements must be >= 0, got {min_measurements}")
+        self.allowance = Allowance(budget) if budget is not None else None
+        self.budget = budget
+        self.clock: Callable[[], float] = clock or time.perf_counter
+        self.tighten = float(tighten)
+        self.min_measurements = min_measurements
+        self.batch_size: Optional[int] = None  # for the diagnostics' expected costs, once known
+        self.reset()
+
+    # -- accounts ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start the accounts afresh: time spent, training time, costs, events (a new fit)."""
+        self.seconds = 0.0  # charged: this fit and the ones before a resume
+        self.elapsed_before = 0.0  # clock time of the fit before a resume
+        self.costs: Dict[str, float] = {}  # seconds per measurement, once measured
+        self.measurements: Dict[str, int] = {}  # measurements timed in this fit (for the cost model)
+        self.near: Dict[str, bool] = {}
+        self.previous: Dict[str, Dict[str, float]] = {}
+        self.step_seconds = 0.0  # training seconds per step, as of the last plan
+        self._fit_start: Optional[float] = None
+        self._start_step = 0
+        self._total_steps = math.inf
+        self._counts_at_start: Dict[str, int] = {}
+        self._admitted: List[str] = []
+        self.wanting: List[str] = []  # what wanted to measure at the last plan (after its refresh)
+        self._measured = False  # since the last refresh of the cadences
+        self._fits_at = 0.0  # training seconds before which the head of the queue cannot fit
+        self._train_at_end: Optional[float] = None
+
+    def start(self, step: int, total_steps: float, diagnostics: Mapping[str, Budgeted]) -> None:
+        """The training starts (or resumes) after ``step`` steps; ``total_steps`` of them in all (``inf``: unknown)."""
+        self._fit_start = self.clock()
+        self._start_step = step
+        self._total_steps = total_steps - step if math.isfinite(total_steps) and total_steps > 0 else math.inf
+        self._counts_at_start = {n: d.num_measurements for n, d in diagnostics.items()}
+        self._train_at_end = None
+        self.step_seconds = 0.0
+
+    def finish(self) -> None:
+        """The training ended: :meth:`unmeasured` weighs the training time up to now."""
+        self._train_at_end = self.training_seconds()
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` spent measuring (or in the caller's hooks) against the budget."""
+        self.seconds += seconds
+
+    def training_seconds(self) -> float:
+        """Clock time of the fit so far (resumes included) minus the time charged."""
+        if self._fit_start is None:
+            return 0.0
+        return max(self.elapsed_before + self.clock() - self._fit_start - self.seconds, 0.0)
+
+    def elapsed(self) -> float:
+        """Clock time of the fit so far, resumes included (for checkpoints)."""
+        return self.elapsed_before + (self.clock() - self._fit_start if self._fit_start is not None else 0.0)
+
+    def overhead(self) -> float:
+        """Time charged as a fraction of the training time (``nan`` before any training)."""
+        train = self.training_seconds()
+        return self.seconds / train if train > 0 else math.nan
+
+    # -- the cost model ------------------------------------------------------------------------------
+    def expected(self, name: str, diagnostic: Budgeted) -> float:
+        """Seconds one measurement of ``name`` is expected to cost (``inf`` before a step was timed)."""
+        if name in self.costs:
+            return self.costs[name]
+        if self.step_seconds <= 0:  # the prior in steps means nothing before a step was timed
+            return math.inf
+        return float(diagnostic.expected_cost(self.batch_size)) * self.step_seconds
+
+    def measured(self, name: str, seconds: float, metrics: Mapping[str, float]) -> None:
+        """A measurement of ``name`` took ``seconds`` and returned ``metrics``: learn its cost and events."""
+        count = self.measurements.get(name, 0) + 1
+        self.measurements[name] = count
+        if count <= 2 or name not in self.costs:  # the second replaces the first (one-time work)
+            self.costs[name] = seconds
+        else:
+            self.costs[name] = 0.5 * self.costs[name] + 0.5 * seconds
+        self.near[name] = near_event(metrics, self.previous.get(name, {}))
+        self.previous[name] = dict(metrics)
+        self._measured = True
+
+    # -- the plan ------------------------------------------------------------------------------------
+    def plan(
+        self,
+        step: int,
+        diagnostics: Mapping[str, Budgeted],
+        wanting: Optional[Iterable[str]] = None,
+        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> List[str]:
+        """At the start of optimizer step ``step``: refresh the cadences, return the admitted measurements.
+
+        ``wanting`` are the diagnostics that want to measure after this step (default: asked with
+        ``wants(step)``); they are asked again after a refresh of the cadences. Measurements that
+        are not deferrable are always admitted. The cadences are refreshed every ``SYNC_EVERY``
+        steps and after each measurement. ``reduce`` (under DDP: the mean over ranks of a float64
+        tensor) makes every rank take the same decisions: the inputs are averaged first, and
+        deferrable measurements are admitted only at refreshes, so that a pending measurement does
+        not cost a collective every step.
+        """
+        names = list(diagnostics)
+        wanting = [n for n in names if diagnostics[n].wants(step)] if wanting is None else list(wanting)
+        self.wanting = wanting
+        if self.allowance is None:
+            self._admitted = wanting
+            return list(wanting)
+        refresh = step % SYNC_EVERY == 0 or self._measured
+        waiting = reduce is None and self.training_seconds() < self._fits_at  # nothing pending fits yet
+        if not refresh and (not wanting or reduce is not None or waiting):
+            self._admitted = [n for n in wanting if not diagnostics[n].deferrable]
+            return self._admitted
+        seconds, training = self.seconds, self.training_seconds()
+        if reduce is not None:  # the same numbers on every rank, so the same decisions
+            costs = [self.costs.get(n, -1.0) for n in names]
+            near = [float(self.near.get(n, False)) for n in names]
+            synced = reduce(torch.tensor([seconds, training, *costs, *near], dtype=torch.float64)).tolist()
+            seconds, training = synced[:2]
+            costs, near = synced[2 : 2 + len(names)], synced[2 + len(names) :]
+            self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
+            self.near = {n: v > 0 for n, v in zip(names, near)}
+        self.step_seconds = training / max(step - 1 - self._start_step, 1)
+        self.allowance.update(seconds, training)
+        if refresh:
+            self._measured = False
+            self._restretch(step, diagnostics)
+            wanting = self.wanting = [n for n in names if diagnostics[n].wants(step)]
+        # Near an event first, then the fewest measurements, then the cheapest. The first deferrable
+        # one that does not fit holds the queue (the others save up for it), unless it cannot fit
+        # before the end of the run: then it steps aside.
+        wanting.sort(key=lambda n: (
+            not self.near.get(n, False), diagnostics[n].num_measurements, self.expected(n, diagnostics[n])
+        ))
+        self._admitted, head = [], None
+        reachable = self._reachable(step)
+        for n in wanting:
+            need = self.expected(n, diagnostics[n])
+            if not diagnostics[n].deferrable:
+                self._admitted.append(n)
+            elif head is None and self.allowance.admit(need):
+                self._admitted.append(n)
+            elif head is None and need <= reachable:
+                head = n
+        # the training time at which the head of the queue will fit the allowance
+        need = self.expected(head, diagnostics[head]) if head is not None else None
+        fits = need is not None and math.isfinite(need)  # an untimed first step: plan again at the next
+        self._fits_at = training + (need - self.allowance.left) / self.allowance.budget if fits else 0.0
+        return list(self._admitted)
+
+    def admitted(self, name: str) -> bool:
+        """Whether the last :meth:`plan` admitted ``name``."""
+        return name in self._admitted
+
+    def quiet(self, step: int) -> bool:
+        """Whether a step at which no diagnostic newly wants to measure needs no planning (no refresh due)."""
+        return self.allowance is None or not (step % SYNC_EVERY == 0 or self._measured)
+
+    def next_admission(self, step: int, synced: bool = False) -> int:
+        """The first step after ``step`` at which a measurement left waiting by :meth:`plan` may be admitted.
+
+        Without ``synced`` (one process): when the allowance will have grown enough for the head of the
+        queue, at the training time per step measured so far (at most until the next refresh). Under
+        DDP (``synced``) waiting measurements are admitted only at refreshes (the same step on every rank).
+        """
+        refresh = (step // SYNC_EVERY + 1) * SYNC_EVERY
+        if self.allowance is None:
+            return step + 1
+        if synced:
+            return refresh
+        gap = self._fits_at - self.training_seconds()
+        if gap <= 0 or self.step_seconds <= 0:
+            return step + 1
+        return int(min(step + max(1, math.floor(gap / self.step_seconds)), refresh))
+
+    def _reachable(self, step: int) -> float:
+        """Seconds the allowance can still reach by the end of the run (``inf`` when its length is unknown)."""
+        left = self._start_step + self._total_steps - (step - 1)
+        if not math.isfinite(left) or self.step_seconds <= 0:
+            return math.inf
+        return self.allowance.left + self.allowance.budget * self.step_seconds * max(left, 0.0)
+
+    def _restretch(self, step: int, diagnostics: Mapping[str, Budgeted]) -> None:
+        if self.step_seconds <= 0:
+            return
+        rates, weights, floors, ceilings = {}, {}, {}, {}
+        reachable = self._reachable(step)
+        for name, diagnostic in diagnostics.items():
+            period = diagnostic.period(step)
+            expected = self.expected(name, diagnostic)
+            if period is None or (diagnostic.deferrable and expected > reachable):
+                continue  # at epoch ends, or cannot fit before the end of the run: no share of the budget
+            rates[name] = expected / period
+            near = self.near.get(name, False)
+            weights[name] = self.tighten if near else 1.0
+            floors[name] = 1.0 / self.tighten if near and diagnostic.deferrable else 1.0
+            if diagnostic.deferrable and self.min_measurements and math.isfinite(self._total_steps):
+                # at least min_measurements over the run (the allowance still caps the overhead); below 1
+                # when the base cadence itself is slower (a log schedule late in the run, a short run)
+                ceilings[name] = self._total_steps / self.min_measurements / period
+        raw = share_budget(rates, self.allowance.budget * self.step_seconds, weights, floors)
+        for name, stretch in raw.items():
+            diagnostic = diagnostics[name]
+            if diagnostic.deferrable:
+                # rounded down: due a little more often than the share affords, so that the allowance,
+                # not the rounding, sets the pace (rounded up, up to half the budget went unused)
+                stretch = max(power_of_two_at_most(stretch), floors[name])
+            else:
+                stretch = power_of_two_at_least(stretch)  # never deferred: its cadence alone must fit
+            if name in ceilings:
+                stretch = min(stretch, power_of_two_at_most(ceilings[name]))
+            if not diagnostic.deferrable:
+                stretch = max(stretch, diagnostic.stretch)  # only ever slowed down (evenly spaced)
+            if stretch != diagnostic.stretch:
+                diagnostic.set_stretch(stretch)
+
+    # -- the end of the run --------------------------------------------------------------------------
+    def unmeasured(self, diagnostics: Mapping[str, Budgeted]) -> List[str]:
+        """One line per step-scheduled diagnostic that made no measurement in this fit, saying why."""
+        lines: List[str] = []
+        if self.budget is None:
+            return lines
+        train = self._train_at_end if self._train_at_end is not None else self.training_seconds()
+        per_step = self.step_seconds
+        for name, diagnostic in diagnostics.items():
+            if diagnostic.num_measurements > self._counts_at_start.get(name, 0) or diagnostic.period(1) is None:
+                continue
+            need = self.expected(name, diagnostic)
+            steps = need / per_step if per_step > 0 else math.nan
+            saved = self.budget * train / per_step if per_step > 0 else 0.0
+            lines.append(
+                f"dynscope DynScope: {name} was not measured in this run: one measurement is expected to cost "
+                f"~{steps:.0f} training steps and budget={self.budget} saved up {saved:.0f} steps' worth over "
+                f"the run, shared with the other diagnostics; raise budget=, train longer or make it cheaper "
+                f"(fewer HVPs, probes or points: its callback's arguments)"
+            )
+        return lines
+
+    # -- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        return {
+            "seconds": self.seconds,
+            "elapsed": self.elapsed(),
+            "costs": dict(self.costs),
+            "measurements": dict(self.measurements),
+            "near": dict(self.near),
+            "previous": {n: dict(m) for n, m in self.previous.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.seconds = float(state.get("seconds", 0.0))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.costs = dict(state.get("costs", {}))
+        # a checkpoint from before the cost model counted measurements: its costs are warm ones
+        self.measurements = dict(state.get("measurements", {n: 2 for n in self.costs}))
+        self.near.update(state.get("near", {}))
+        self.previous = {n: dict(m) for n, m in state.get("previous", {}).items()}

@@ -1,0 +1,266 @@
+"""The overhead budget's controller (dynscope.budget), driven by an injected clock: no Lightning, no
+sleeping, no timing. Every second below passes only when the test advances the fake clock, so each
+expected value follows from the arithmetic of the rules in the module docstring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dynscope.budget import SYNC_EVERY, BudgetController, share_budget
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Check:
+    """A diagnostic due every ``every`` steps (and at step 1) whose measurements cost ``cost`` seconds
+    (``first`` for the first one); it states ``prior`` training steps as its expected cost."""
+
+    def __init__(self, every, cost, first=None, prior=None, deferrable=True, metrics=None):
+        self.every, self.cost, self.first = every, cost, cost if first is None else first
+        self.prior = cost if prior is None else prior
+        self.deferrable = deferrable
+        self.metrics = metrics or {}
+        self.num_measurements, self.last_metrics, self.stretch, self.pending = 0, {}, 1.0, False
+        self.steps = []
+
+    def expected_cost(self, batch_size=None):
+        return self.prior
+
+    def period(self, step):
+        return float(self.every)
+
+    def wants(self, step):
+        period = max(1, int(round(self.every * self.stretch)))
+        return self.pending or step == 1 or step % period == 0
+
+    def set_stretch(self, stretch):
+        self.stretch = stretch
+
+
+def simulate(checks, steps, budget=0.05, step_seconds=1.0, hook_seconds=0.0, total=None, **kwargs):
+    """Train ``steps`` steps of ``step_seconds``; each step's hooks cost ``hook_seconds``; measure what is admitted.
+    Returns the controller and the overhead after each step."""
+    clock = Clock()
+    controller = BudgetController(budget, clock=clock, **kwargs)
+    controller.start(0, steps if total is None else total, checks)
+    overheads = []
+    for step in range(1, steps + 1):
+        admitted = controller.plan(step, checks)  # at the start of the step, as DynScope does
+        clock.now += step_seconds + hook_seconds
+        controller.charge(hook_seconds)
+        for name, check in checks.items():  # after the optimizer step
+            if name in admitted:
+                cost = check.first if check.num_measurements == 0 else check.cost
+                clock.now += cost
+                controller.charge(cost)
+                check.num_measurements += 1
+                check.pending = False
+                check.steps.append(step)
+                controller.measured(name, cost, check.metrics)
+            elif name in controller.wanting:
+                check.pending = True
+        overheads.append(controller.overhead())
+    return controller, overheads
+
+
+def test_the_overhead_stays_under_the_budget_at_every_step():
+    # 1 s steps, budget 5%: 0.05 s saved per step; a 2 s measurement due every step fits every 40 steps
+    check = Check(every=1, cost=2.0)
+    controller, overheads = simulate({"check": check}, 1000)
+    assert controller.seconds == pytest.approx(2.0 * len(check.steps))
+    assert controller.training_seconds() == pytest.approx(1000.0)
+    assert max(overheads) <= 0.05 + 1e-12  # its prior was its true cost: never over, not even at first
+    # every 40 steps from step 41 (when 40 s of training have saved 2 s): 24 of the 25 that 1000 s pay for
+    assert check.steps == list(range(41, 1001, 40))
+
+
+def test_the_cost_model_learns_from_the_first_measurement_and_drops_its_one_time_work():
+    clock = Clock()
+    check = Check(every=1, cost=1.0, prior=4.0)
+    controller = BudgetController(0.1, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+    assert controller.expected("check", check) == math.inf  # no step timed yet: a prior in steps means nothing
+    clock.now = 2.0
+    controller.plan(3, {"check": check})  # two steps of training done: 1 s per step
+    assert controller.expected("check", check) == pytest.approx(4.0)  # 4 steps of 1 s
+    controller.measured("check", 3.0, {})  # the first measurement, with its one-time work
+    assert controller.expected("check", check) == 3.0
+    controller.measured("check", 1.0, {})  # the second replaces it
+    assert controller.expected("check", check) == 1.0
+    controller.measured("check", 2.0, {})  # then a moving average
+    assert controller.expected("check", check) == pytest.approx(1.5)
+
+
+def test_a_cold_first_measurement_does_not_slow_down_the_later_ones():
+    # warm measurements cost 1 s, the first 10 s; 0.05 s saved per step: a warm one every 20 steps once
+    # the first has been paid back
+    check = Check(every=1, cost=1.0, first=10.0, prior=1.0)
+    simulate({"check": check}, 1000)
+    gaps = [b - a for a, b in zip(check.steps[1:], check.steps[2:])]
+    assert gaps and max(gaps) <= 21  # not 200 (the first measurement's cost taken as the expected one)
+    assert len(check.steps) >= 1 + (50 - 10 - 1) // 1 - 1
+
+
+def test_each_diagnostic_gets_its_measurements_when_the_budget_affords_them():
+    # Costs in steps like the benchmark MLP's (collapse 1, regions 2, noise 2.5, curvature 8; first
+    # measurements dearer): 3 of each cost 40.5 s of the 50 s a 1000-step run saves at 5%.
+    checks = {
+        "curvature": Check(50, 8.0, first=10.0, prior=15.0),
+        "noise": Check(25, 2.5, first=3.0, prior=4.0),
+        "collapse": Check(10, 1.0, first=1.4, prior=1.5),
+        "regions": Check(20, 2.0, first=3.0, prior=3.0),
+    }
+    controller, overheads = simulate(checks, 1000)
+    assert {n: c.num_measurements >= 3 for n, c in checks.items()} == dict.fromkeys(checks, True)
+    assert controller.overhead() <= 0.05
+    assert max(overheads) <= 0.05 + 1e-12  # every first measurement cost at most its prior
+    assert controller.unmeasured(checks) == []
+
+
+def test_the_fewest_measured_goes_first_so_cheap_checks_do_not_crowd_out_an_expensive_one():
+    cheap, costly = Check(1, 0.2), Check(10, 8.0)
+    simulate({"cheap": cheap, "costly": costly}, 400, budget=0.1)
+    assert len(costly.steps) >= 4 and len(cheap.steps) >= 4
+
+
+def test_a_measurement_that_cannot_fit_before_the_end_steps_aside_and_is_named():
+    # a 100 s measurement never fits in 300 steps at 5% (15 s): the cheap one still gets the allowance
+    huge, cheap = Check(10, 100.0), Check(10, 1.0)
+    controller, _ = simulate({"huge": huge, "cheap": cheap}, 300)
+    assert huge.steps == []
+    assert len(cheap.steps) >= 12  # 15 s of allowance, 1 s each (not held up behind the huge one)
+    lines = controller.unmeasured({"huge": huge, "cheap": cheap})
+    assert len(lines) == 1 and lines[0].startswith("dynscope DynScope: huge was not measured in this run")
+    assert "~100 training steps" in lines[0] and "saved up 15 steps' worth" in lines[0]
+
+
+def test_cadences_are_stretched_to_the_budget_but_not_beyond_min_measurements():
+    check = Check(every=10, cost=3.0)
+    simulate({"check": check}, 1000, total=1000, min_measurements=4)
+    # 0.3 s per step wanted at the base cadence, 0.05 s per step available: 6x, rounded down to a power
+    # of two (the allowance sets the pace), under the ceiling 1000 / 4 / 10 = 25 (rounded down to 16)
+    assert check.stretch == 4.0
+    pricey = Check(every=10, cost=20.0)
+    simulate({"pricey": pricey}, 1000, total=1000, min_measurements=4)
+    assert pricey.stretch == 16.0  # would need 64x; the ceiling keeps 4 measurements within reach
+
+
+def test_a_cadence_slower_than_min_measurements_allows_is_sped_up():
+    class LogSpaced(Check):  # log-spaced: the period grows with the step (4 points per decade)
+        def period(self, step):
+            return max(1.0, step * math.log(10) / 4)
+
+        def wants(self, step):
+            density = 4 / self.stretch
+            return self.pending or step == 1 or math.floor(density * math.log10(step)) > math.floor(
+                density * math.log10(step - 1))
+
+    log = LogSpaced(every=1, cost=0.5)
+    simulate({"log": log}, 1000, total=1000, min_measurements=4)
+    # at step 1000 the base period is 576 steps, 2.3x the 250 that 4 measurements in 1000 steps need
+    assert log.stretch == 0.25 and len([s for s in log.steps if s > 250]) >= 3
+
+
+def test_near_an_event_a_diagnostic_gets_more_of_the_budget():
+    calm = Check(every=32, cost=0.5, metrics={"eos_ratio": 0.1})
+    edgy = Check(every=32, cost=0.5, metrics={"eos_ratio": 0.9})
+    simulate({"calm": calm}, 320, budget=0.5)
+    simulate({"edgy": edgy}, 320, budget=0.5)
+    assert calm.stretch == 1.0 and edgy.stretch == 0.25  # tighten=4: up to 4x its base cadence
+    assert len(edgy.steps) >= 3 * len(calm.steps)
+
+
+def test_measurements_that_are_not_deferrable_are_always_admitted():
+    even = Check(every=5, cost=0.02, deferrable=False)  # 0.004 s per step of the 0.01 s available
+    controller, _ = simulate({"even": even}, 100, budget=0.01)
+    assert even.steps == [1] + list(range(5, 101, 5))  # at step 1 too, before any allowance was saved
+    costly = Check(every=5, cost=1.0, deferrable=False)  # 0.2 s per step: slowed down 32x, evenly spaced
+    simulate({"costly": costly}, 400, budget=0.01)
+    assert costly.stretch == 32.0 and costly.steps == [1, 160, 320]
+
+
+def test_under_ddp_the_decisions_come_from_averaged_inputs_and_only_at_refreshes():
+    clock = Clock()
+    check = Check(every=1, cost=1.0)
+    controller = BudgetController(0.5, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+    calls = []
+
+    def reduce(t):  # another rank spent twice as long measuring: the mean is what both decide on
+        calls.append(t.clone())
+        other = t.clone()
+        other[0] = 2 * t[0]
+        return (t + other) / 2
+
+    clock.now = 10.0
+    assert controller.plan(3, {"check": check}, reduce=reduce) == []  # not a refresh: no collective, no admission
+    assert calls == []
+    clock.now = 20.0
+    controller.charge(4.0)
+    assert controller.plan(SYNC_EVERY, {"check": check}, reduce=reduce) == ["check"]
+    assert len(calls) == 1 and calls[0].dtype == torch.float64
+    # averaged: 6 s spent of 0.5 * 16 s allowed, and one step (16 s / 15 steps) admitted (its prior)
+    assert controller.allowance.left == pytest.approx(0.5 * 16 - 6 - 16 / 15)
+    assert controller.next_admission(SYNC_EVERY + 1, synced=True) == 2 * SYNC_EVERY
+
+
+def test_next_admission_waits_for_the_allowance_at_the_measured_step_time():
+    clock = Clock()
+    check = Check(every=1, cost=2.0)
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+    clock.now = 9.0
+    assert controller.plan(10, {"check": check}) == []  # 0.45 s saved, 2 s needed: 31 more steps of 1 s
+    assert controller.next_admission(10) == 16  # capped at the next refresh
+    check.pending = True  # (else the refresh at step 16 stretches its cadence beyond step 16)
+    assert controller.plan(16, {"check": check}) == []  # a refresh: 9 s in 15 steps, 2 steps cost 1.2 s
+    clock.now = 15.0  # fits at 9 + (1.2 - 0.45) / 0.05 = 24 s of training: 15 steps of 0.6 s after 15 s
+    assert controller.next_admission(16) == 31
+
+
+def test_without_a_budget_everything_due_runs_and_the_accounts_are_kept():
+    clock = Clock()
+    check = Check(every=1, cost=1.0)
+    controller = BudgetController(None, clock=clock)
+    controller.start(0, 10, {"check": check})
+    clock.now = 4.0
+    controller.charge(1.0)
+    assert controller.plan(2, {"check": check}) == ["check"]
+    assert controller.overhead() == pytest.approx(1.0 / 3.0)
+    assert controller.unmeasured({"check": check}) == []
+
+
+def test_the_accounts_survive_a_checkpoint_and_start_afresh_on_reset():
+    clock = Clock()
+    controller = BudgetController(0.1, clock=clock)
+    controller.start(0, 100, {})
+    clock.now = 50.0
+    controller.charge(5.0)
+    controller.measured("a", 3.0, {"sc_fraction": 0.2})
+    state = controller.state_dict()
+    restored = BudgetController(0.1, clock=clock)
+    restored.load_state_dict(state)
+    assert (restored.seconds, restored.elapsed_before, restored.costs, restored.near) == (5.0, 50.0, {"a": 3.0}, {"a": True})
+    restored.measured("a", 1.0, {})  # its second measurement (counted in the checkpoint) replaces the first
+    assert restored.costs["a"] == 1.0
+    restored.reset()
+    assert (restored.seconds, restored.elapsed_before, restored.costs) == (0.0, 0.0, {})
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="budget"):
+        BudgetController(1.5)
+    with pytest.raises(ValueError, match="tighten"):
+        BudgetController(0.1, tighten=0.5)
+    with pytest.raises(ValueError, match="min_measurements"):
+        BudgetController(0.1, min_measurements=-1)
+    assert share_budget({"a": 1.0}, available=0.0) == {"a": 1024.0}
