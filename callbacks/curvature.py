@@ -1,4 +1,5 @@
-"""The Curvature callback: Hessian trace, top eigenvalue, directional sharpness, stability ratios."""
+"""The Curvature callback: Hessian trace, top eigenvalue, directional sharpness, stability ratios
+(measured by :func:`dynscope.curvature.measure_curvature`)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,10 @@ class Curvature(DiagnosticCallback):
       ``lambda_max/<layer>`` (block Hessian of each tensor), ``spectral_density`` (stochastic
       Lanczos quadrature, as a TensorBoard histogram of eigenvalue counts, with the scalars
       ``density_mass_negative`` and ``density_moment2``).
+
+    The measurement itself is :func:`dynscope.curvature.measure_curvature` (framework-free); this
+    callback picks the batch or evaluation set, the optimizer and its last update, wires the
+    reduction over data-parallel ranks, logs, and keeps the warm starts in checkpoints.
 
     Everything is measured after the optimizer step of a scheduled step, on that step's batch (or
     the fixed batch, or the first ``eval_batches`` training batches joined: full-batch quantities
