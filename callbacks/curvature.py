@@ -12,7 +12,7 @@ import torch
 from dynscope import HessianOperator, Objective
 from dynscope.curvature import adam_preconditioner, batch_slice, measure_curvature, objective_at, optimizer_hparams
 from dynscope.curvature import batch_statistics as _batch_statistics
-from dynscope.curvature import optimizer_scaling
+from dynscope.curvature import density_histogram, optimizer_scaling
 from dynscope.objective import batch_size_of
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
@@ -416,25 +416,13 @@ def _log_histogram(trainer, tag: str, density, step: int) -> None:
     """The spectral density as a TensorBoard histogram of eigenvalue counts (rank zero, TensorBoard only)."""
     from ._lightning import is_global_zero
 
-    if not is_global_zero(trainer):
+    histogram = density_histogram(density) if is_global_zero(trainer) else None
+    if histogram is None:
         return
-    nodes = density.nodes[density.weights > 0]
-    if nodes.numel() == 0:
-        return
-    low, high = float(nodes.min()), float(nodes.max())
-    if high <= low:
-        high = low + max(abs(low), 1.0) * 1e-6
-    edges = torch.linspace(low, high, 65, dtype=torch.float64)
-    counts = density.histogram(edges.tolist())
-    mean = density.moment(1) * density.size
-    sq = density.moment(2) * density.size
     for logger in getattr(trainer, "loggers", []) or []:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_histogram_raw"):
-            experiment.add_histogram_raw(
-                tag, min=low, max=high, num=float(density.size), sum=mean, sum_squares=sq,
-                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step,
-            )
+            experiment.add_histogram_raw(tag, **histogram, global_step=step)
 
 
 def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ from .stability import (IndexOperator, StabilityOperator, StabilityScaling, Unsu
                         stability_scaling)
 from .trace import TraceResult, hessian_trace
 
-__all__ = ["METRICS", "CurvatureResult", "adam_preconditioner", "batch_slice", "measure_curvature", "objective_at",
+__all__ = ["METRICS", "CurvatureResult", "adam_preconditioner", "batch_slice", "density_histogram", "measure_curvature", "objective_at",
            "optimizer_hparams", "optimizer_scaling", "with_batch_statistics"]
 
 
@@ -172,6 +172,30 @@ def with_batch_statistics(objective: Objective) -> Objective:
 
         other.forward_fn = forward_fn
     return other
+
+
+def density_histogram(density: SpectralDensity, bins: int = 64) -> Optional[Dict[str, Any]]:
+    """The spectral density as a histogram of eigenvalue counts over ``bins`` equal bins between its
+    extreme nodes: TensorBoard's ``add_histogram_raw`` fields (``min``, ``max``, ``num``, ``sum``,
+    ``sum_squares``, ``bucket_limits``, ``bucket_counts``); None without nodes.
+
+    Example:
+        >>> from dynscope import spectral_density
+        >>> h = density_histogram(spectral_density(torch.diag(torch.tensor([1.0, 1.0, 3.0])), 2, 3), bins=2)
+        >>> [round(x, 6) for x in h["bucket_limits"]], [round(c, 6) for c in h["bucket_counts"]], round(h["sum"], 6)
+        ([2.0, 3.0], [2.0, 1.0], 5.0)
+    """
+    nodes = density.nodes[density.weights > 0]
+    if nodes.numel() == 0:
+        return None
+    low, high = float(nodes.min()), float(nodes.max())
+    if high <= low:
+        high = low + max(abs(low), 1.0) * 1e-6
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+    counts = density.histogram(edges.tolist())
+    return dict(min=low, max=high, num=float(density.size), sum=density.moment(1) * density.size,
+                sum_squares=density.moment(2) * density.size, bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist())
 
 
 # -- the result -------------------------------------------------------------------------------------------------

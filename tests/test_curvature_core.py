@@ -15,7 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 from dynscope import MatrixOperator, Objective
-from dynscope.curvature import METRICS, CurvatureResult, measure_curvature, optimizer_hparams, with_batch_statistics
+from dynscope.curvature import (METRICS, CurvatureResult, density_histogram, measure_curvature, optimizer_hparams,
+                                with_batch_statistics)
 from dynscope.metrics import CURVATURE
 
 
@@ -194,6 +195,26 @@ def test_an_operator_target_and_optimizer_hparams():
         optimizers = [torch.optim.SGD([w], lr=0.3)]
 
     assert optimizer_hparams(Trainer())["lr"] == 0.3 and optimizer_hparams(object()) == {}
+
+
+def test_the_density_histogram_counts_the_eigenvalues_of_a_diagonal():
+    # Lanczos over the whole space is exact, and a Rademacher probe puts mass 1/n on each coordinate:
+    # the counts are exactly the eigenvalues' multiplicities
+    eig = torch.tensor([1.0, 1.0, 2.0, 3.3, 10.0, -4.0], dtype=torch.float64)
+    res = measure_curvature(MatrixOperator(torch.diag(eig)), num_matvecs=2, eigen=False, density=True,
+                            density_probes=3, density_steps=6)
+    h = density_histogram(res.density, bins=64)
+    edges = torch.linspace(-4.0, 10.0, 65, dtype=torch.float64)
+    expected = torch.zeros(64, dtype=torch.float64)
+    for lam in eig.tolist():
+        expected[min(int(((lam - edges) >= 0).sum()) - 1, 63)] += 1
+    assert h["min"] == pytest.approx(-4.0, rel=1e-9) and h["max"] == pytest.approx(10.0, rel=1e-9)
+    assert h["bucket_counts"] == pytest.approx(expected.tolist(), abs=1e-9)
+    assert h["bucket_limits"] == pytest.approx(edges[1:].tolist(), rel=1e-9)
+    assert (h["num"], h["sum"], h["sum_squares"]) == pytest.approx((6.0, 13.3, 132.89), rel=1e-9)
+    m = res.metrics()
+    assert m["density_mass_negative"] == pytest.approx(1 / 6, rel=1e-9)
+    assert m["density_moment2"] == pytest.approx(132.89 / 6, rel=1e-9)
 
 
 def test_the_metric_names_are_the_declared_ones():
