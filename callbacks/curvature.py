@@ -1,69 +1,35 @@
-"""The Curvature callback: Hessian trace, top eigenvalue, directional sharpness, stability ratios."""
+"""The Curvature callback: Hessian trace, top eigenvalue, directional sharpness, stability ratios
+(measured by :func:`dynscope.curvature.measure_curvature`)."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-from dynscope import HessianOperator, Objective, directional_sharpness, hessian_trace, top_eigenvalues
+from dynscope import HessianOperator, Objective
+from dynscope.curvature import adam_preconditioner, batch_slice, measure_curvature, objective_at, optimizer_hparams
+from dynscope.curvature import batch_statistics as _batch_statistics
+from dynscope.curvature import density_histogram, optimizer_scaling
+from dynscope.objective import batch_size_of
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
-from dynscope.spectrum import BlockOperator, NegatedOperator, spectral_density
-from dynscope.stability import (IndexOperator, StabilityOperator, UnsupportedOptimizer, minibatch_noise_factor,
-                                stability_scaling, unwrap_optimizer)
+from dynscope.stability import UnsupportedOptimizer
 from dynscope.tracking import CurvatureTracker
 
 from .base import DiagnosticCallback, _detached_copy, join_batches
 from .distributed import mean_over_ranks, on_every_rank, reduce_computed
 from .protocol import find_loss_fn
 
-
-def optimizer_hparams(trainer) -> Dict[str, Any]:
-    """Learning rate and momentum of the first optimizer's first param group.
-
-    ``kind`` is ``"adam"`` for optimizers with ``betas`` (Adam, AdamW, ...), else ``"sgd"``.
-    (Kept for compatibility; the stability ratios use :func:`dynscope.stability_scaling`, which
-    reads every param group and the actual update rule.)
-    """
-    optimizers = getattr(trainer, "optimizers", None) or []
-    if not optimizers:
-        return {}
-    optimizer = optimizers[0]
-    group = optimizer.param_groups[0]
-    info: Dict[str, Any] = {"lr": float(group["lr"]), "optimizer": optimizer}
-    if "betas" in group:
-        info.update(kind="adam", beta1=float(group["betas"][0]), beta2=float(group["betas"][1]), eps=float(group["eps"]))
-    else:
-        info.update(kind="sgd", momentum=float(group.get("momentum", 0.0) or 0.0))
-    return info
-
-
-@contextlib.contextmanager
-def _batch_statistics(model: nn.Module):
-    """BatchNorm on the batch's statistics (as in training) without touching its running statistics."""
-    saved = [(m, m.training, m.track_running_stats) for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        for m, _, _ in saved:
-            m.training, m.track_running_stats = True, False
-        yield
-    finally:
-        for m, training, track in saved:
-            m.training, m.track_running_stats = training, track
+__all__ = ["Curvature", "adam_preconditioner", "batch_slice", "batch_statistics_objective", "objective_at",
+           "optimizer_hparams"]
 
 
 def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
     """The module's objective with BatchNorm normalising by the batch (dropout off): the gradients
-    Adam's statistics come from. A bias right before BatchNorm has no gradient there, while in eval
-    mode (running statistics) it has curvature: measured there, ``P^-1 H`` would be off by Adam's
-    ``1/eps`` along it."""
+    Adam's statistics come from (see :func:`dynscope.curvature.with_batch_statistics`)."""
     fn = find_loss_fn(pl_module, loss_fn)
 
     def loss(m, b):
@@ -73,33 +39,8 @@ def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
     return Objective(pl_module, sample_loss_fn=loss, batch=batch, mode="eval")
 
 
-def objective_at(objective: Objective, params: Dict[str, torch.Tensor]) -> Objective:
-    """The same objective (model, batch, loss) at other parameter values."""
-    other = copy.copy(objective)
-    other.params = OrderedDict((n, params[n].detach()) for n in objective.layout.names)
-    return other
-
-
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
 
-
-def batch_slice(batch: Any, size: Optional[int]) -> Any:
-    """The first ``size`` samples of ``batch``: every tensor whose first dimension is the batch size
-    (that of the first tensor in the batch) is sliced along it; other leaves pass through.
-
-    Example:
-        >>> import torch
-        >>> x, y = batch_slice((torch.zeros(8, 3), torch.arange(8)), 2)
-        >>> x.shape, y.tolist()
-        (torch.Size([2, 3]), [0, 1])
-    """
-    if size is None:
-        return batch
-    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    if not leaves or leaves[0].shape[0] <= size:
-        return batch
-    full = leaves[0].shape[0]
-    return tree_map(lambda t: t[:size] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == full else t, batch)
 
 class Curvature(DiagnosticCallback):
     """Hessian trace (Hutchinson / Hutch++ / XTrace), top eigenvalues (Lanczos), the spectrum,
@@ -142,6 +83,10 @@ class Curvature(DiagnosticCallback):
       ``lambda_max/<layer>`` (block Hessian of each tensor), ``spectral_density`` (stochastic
       Lanczos quadrature, as a TensorBoard histogram of eigenvalue counts, with the scalars
       ``density_mass_negative`` and ``density_moment2``).
+
+    The measurement itself is :func:`dynscope.curvature.measure_curvature` (framework-free); this
+    callback picks the batch or evaluation set, the optimizer and its last update, wires the
+    reduction over data-parallel ranks, logs, and keeps the warm starts in checkpoints.
 
     Everything is measured after the optimizer step of a scheduled step, on that step's batch (or
     the fixed batch, or the first ``eval_batches`` training batches joined: full-batch quantities
@@ -375,69 +320,28 @@ class Curvature(DiagnosticCallback):
         objective = on_every_rank(trainer, local, pl_module.device)
         step = trainer.global_step
         reduce = mean_over_ranks(trainer)
-        op = self._operator(objective, reduce)
-        out: Dict[str, float] = {}
-
-        tracked = None
-        if self.tracker is not None:
-            tracked = self.tracker.measure(op, seed=self.seed + step)
-            trace = tracked.trace
-        else:
-            trace = hessian_trace(op, self.num_matvecs, method=self.method, seed=self.seed + step)
-        out["hessian_trace"] = trace.value
-        out["hessian_trace_stderr"] = trace.stderr
-        if self.per_layer:
-            out.update({f"hessian_trace/{name}": v for name, v in trace.per_layer.items()})
-
-        info = optimizer_hparams(trainer)
-        lr = info.get("lr", math.nan)
-        out["trace_ratio"] = lr * trace.value / 2.0
-        scaling = self._scaling(trainer, pl_module, objective)
-
-        if self.eigen:
-            if tracked is not None and self.num_eigenvalues == 1:
-                eig = tracked.eigen
-            else:
-                eig = top_eigenvalues(
-                    op, self.num_eigenvalues, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
-                    seed=self.seed, return_eigenvectors=True, start=self._eigvec,
-                )
-                self._eigvec = eig.eigenvectors[0]
-            out["lambda_max"] = eig.value
-            out["lambda_max_converged"] = float(eig.converged)
-            if self.num_eigenvalues > 1:
-                out.update({f"eigenvalues/{i}": v for i, v in enumerate(eig.eigenvalues)})
-            if scaling is not None:
-                out.update(self._stability(pl_module, objective, op, scaling, eig.value, reduce, batch))
-                if scaling.kind == "sgd" and scaling.uniform:
-                    a_lr = 1.0 / float(scaling.scale[0])  # a* / lr
-                    kappa = self._noise_factor(trainer, train_batch)
-                    mixed = (1.0 - kappa) * eig.value + kappa * trace.value
-                    out["linear_stability_ratio"] = (mixed + scaling.weight_decay) / a_lr
-        if self.lambda_min:
-            low = top_eigenvalues(NegatedOperator(op), which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter,
-                                  seed=self.seed + 1)
-            out["lambda_min"] = -low.value
-        if self.layer_eigen:
-            for name, block in op.layout.slices().items():
-                res = top_eigenvalues(BlockOperator(op, block), which="LA", tol=self.eigen_tol,
-                                      max_iter=self.eigen_max_iter, seed=self.seed)
-                out[f"lambda_max/{name}"] = res.value
-        if self.density:
-            dens = spectral_density(op, self.density_probes, self.density_steps, seed=self.seed + step)
-            self.last_density = dens
-            out["density_mass_negative"] = dens.mass(high=0.0) - dens.mass(0.0, 0.0)
-            out["density_moment2"] = dens.moment(2)
-            _log_histogram(trainer, "dynscope/curvature/spectral_density", dens, step)
-
-        if self.sharpness:
-            out.update(self._sharpness(trainer, pl_module, objective, op, reduce, step))
-            sharp = self._batch_sharpness(pl_module, batches, reduce) if len(batches) > 1 else out.get("grad_sharpness")
-            if sharp is not None:
-                out["batch_sharpness"] = sharp
-                if scaling is not None and scaling.kind == "sgd" and scaling.uniform:
-                    out["batch_sharpness_ratio"] = sharp * float(scaling.scale[0])
-        return out
+        before, unclipped = self._update(trainer, pl_module, objective)
+        result = measure_curvature(
+            self._operator(objective, reduce), num_matvecs=self.num_matvecs, method=self.method, seed=self.seed,
+            probe_seed=self.seed + step, tracker=self.tracker, eigen=self.eigen, eigen_tol=self.eigen_tol,
+            eigen_max_iter=self.eigen_max_iter, num_eigenvalues=self.num_eigenvalues, lambda_min=self.lambda_min,
+            layer_eigen=self.layer_eigen, density=self.density, density_probes=self.density_probes,
+            density_steps=self.density_steps, scaling=self._scaling(trainer, objective),
+            lr=optimizer_hparams(trainer).get("lr", math.nan), batch_size=self._global_batch_size(trainer, train_batch),
+            num_samples=self._num_samples(trainer), sharpness=self.sharpness, before=before,
+            unclipped_update=unclipped,
+            batches=(self.objective(pl_module, b) for b in batches) if len(batches) > 1 else None,
+            gradient_of=None if reduce is None else (lambda obj: _reduced_gradient(obj, reduce)),
+            eigenvector=self._eigvec, preconditioned_eigenvector=self._pre_eigvec,
+        )
+        if result.eigenvector is not None:
+            self._eigvec = result.eigenvector
+        if result.preconditioned_eigenvector is not None:
+            self._pre_eigvec = result.preconditioned_eigenvector
+        if result.density is not None:
+            self.last_density = result.density
+            _log_histogram(trainer, "dynscope/curvature/spectral_density", result.density, step)
+        return result.metrics(per_layer=self.per_layer)
 
     def _validation_batches(self, trainer) -> List[Any]:
         loaders = getattr(trainer, "val_dataloaders", None)
@@ -461,100 +365,44 @@ class Curvature(DiagnosticCallback):
             self.eval_data = "train"
         return batches
 
-    # -- pieces of measure --------------------------------------------------------------------------
-    def _scaling(self, trainer, pl_module, objective):
+    # -- what measure reads from the trainer --------------------------------------------------------
+    def _scaling(self, trainer, objective):
+        """The stability scaling of the first optimizer (None, warning once, when there is none to derive)."""
         optimizers = getattr(trainer, "optimizers", None) or []
         if not optimizers:
             return None
         if len(optimizers) > 1:
             self.warn_once("eos-multi", "several optimizers: the stability ratios use the first one only")
         try:
-            named = dict(pl_module.named_parameters())
-            return stability_scaling(optimizers[0], {n: named[n] for n in objective.layout.names if n in named},
-                                     objective.layout)
+            return optimizer_scaling(optimizers[0], objective.model, objective.layout)
         except UnsupportedOptimizer as error:
             self.warn_once("eos-unsupported", f"{error}; eos_ratio, eos_threshold and the other stability "
                                               "ratios are not logged")
             return None
 
-    def _stability(self, pl_module, objective, op, scaling, lambda_max, reduce, batch) -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        if scaling.kind == "sgd" and scaling.uniform:
-            a_lr = 1.0 / float(scaling.scale[0])  # a* / lr
-            out["eos_threshold"] = a_lr - scaling.weight_decay
-            out["eos_ratio"] = (lambda_max + scaling.weight_decay) / a_lr
-            return out
-        if not bool(scaling.scale.any()):
-            return out
-        stab_op = op
-        if scaling.kind == "adam" and self.mode == "eval" and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
-        ):
-            stab_op = self._operator(batch_statistics_objective(pl_module, batch, self.loss_fn), reduce)
-        res = top_eigenvalues(
-            StabilityOperator(stab_op, scaling.scale, scaling.shift), which="LA", tol=self.eigen_tol,
-            max_iter=self.eigen_max_iter, seed=self.seed, return_eigenvectors=True, start=self._pre_eigvec,
-        )
-        self._pre_eigvec = res.eigenvectors[0]
-        out["eos_ratio"] = res.value
-        moved = scaling.groups[scaling.scale > 0]
-        if moved.numel() and int(moved.min()) != int(moved.max()):  # several groups: each one's own ratio too
-            for g in sorted(set(moved.tolist())):
-                index = torch.nonzero((scaling.groups == g) & (scaling.scale > 0)).reshape(-1)
-                sub = StabilityOperator(IndexOperator(stab_op, index), scaling.scale[index],
-                                        None if scaling.shift is None else scaling.shift[index])
-                out[f"eos_ratio/group{g}"] = top_eigenvalues(sub, which="LA", tol=self.eigen_tol,
-                                                             max_iter=self.eigen_max_iter, seed=self.seed).value
-        if scaling.threshold is not None:
-            if scaling.kind == "adam":
-                out["preconditioned_lambda_max"] = res.value * scaling.threshold
-                out["eos_threshold"] = scaling.threshold
-            elif scaling.weight_decay == scaling.weight_decay:  # SGD groups with one threshold, some params idle
-                out["eos_threshold"] = scaling.threshold - scaling.weight_decay
-        return out
+    @staticmethod
+    def _global_batch_size(trainer, batch) -> int:
+        return batch_size_of(batch) * max(1, int(getattr(trainer, "world_size", 1) or 1))
 
-    def _noise_factor(self, trainer, batch) -> float:
-        """:func:`dynscope.stability.minibatch_noise_factor` of the training batch (global under DDP)."""
-        from dynscope.objective import batch_size_of
-
-        b = batch_size_of(batch) * max(1, int(getattr(trainer, "world_size", 1) or 1))
+    @staticmethod
+    def _num_samples(trainer) -> Optional[int]:
         try:
-            n = len(trainer.train_dataloader.dataset)
+            return len(trainer.train_dataloader.dataset)
         except Exception:  # noqa: BLE001 - iterable datasets have no length
-            n = None
-        return minibatch_noise_factor(b, n)
+            return None
 
-    def _sharpness(self, trainer, pl_module, objective, op, reduce, step) -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        if self._before is not None and self._snapshot_step == self._planned_step:
-            now = detached_params(pl_module)
-            update = OrderedDict((n, now[n].detach() - self._before[n]) for n in now if n in self._before)
-            if set(update) >= set(objective.layout.names) and any(bool(u.any()) for u in update.values()):
-                update = OrderedDict((n, update[n]) for n in objective.layout.names)
-                op_before = self._operator(objective_at(objective, self._before), reduce)
-                out["update_sharpness"] = directional_sharpness(op_before, update)
-                out["update_sharpness_next"] = directional_sharpness(op, update)
-                clip = _coordinate_clip(trainer)
-                if clip is not None and self._clip_steps is not None and clip.num_steps == self._clip_steps + 1:
-                    named = dict(pl_module.named_parameters())
-                    raw = OrderedDict((n, clip.last_update.get(id(named[n]))) for n in objective.layout.names)
-                    if all(u is not None for u in raw.values()) and any(bool(u.any()) for u in raw.values()):
-                        out["update_sharpness_unclipped"] = directional_sharpness(op_before, raw)
-        self._before = None
-        gradient = objective.gradient() if reduce is None else _reduced_gradient(objective, reduce)
-        if any(bool(g.any()) for g in gradient.values()):
-            out["grad_sharpness"] = directional_sharpness(op, gradient)
-        return out
-
-    def _batch_sharpness(self, pl_module, batches, reduce) -> Optional[float]:
-        values = []
-        for b in batches:
-            obj = self.objective(pl_module, b)
-            g = obj.gradient() if reduce is None else _reduced_gradient(obj, reduce)
-            if any(bool(v.any()) for v in g.values()):
-                op = self._operator(obj, reduce)
-                values.append(directional_sharpness(op, g))
-        return sum(values) / len(values) if values else None
+    def _update(self, trainer, pl_module, objective):
+        """The parameters before this step's update (None unless snapshotted for this step) and, under
+        :class:`~dynscope.optim.CoordinateClip`, the wrapped optimizer's own update, by name."""
+        before, self._before = self._before, None
+        if before is None or self._snapshot_step != self._planned_step:
+            return None, None
+        clip = _coordinate_clip(trainer)
+        unclipped = None
+        if clip is not None and self._clip_steps is not None and clip.num_steps == self._clip_steps + 1:
+            named = dict(pl_module.named_parameters())
+            unclipped = {n: clip.last_update.get(id(named[n])) for n in objective.layout.names}
+        return before, unclipped
 
     def _operator(self, objective: Objective, reduce=None) -> HessianOperator:
         """The Hessian of ``objective`` with this callback's kernel settings (``reduce``: over ranks)."""
@@ -592,25 +440,13 @@ def _log_histogram(trainer, tag: str, density, step: int) -> None:
     """The spectral density as a TensorBoard histogram of eigenvalue counts (rank zero, TensorBoard only)."""
     from ._lightning import is_global_zero
 
-    if not is_global_zero(trainer):
+    histogram = density_histogram(density) if is_global_zero(trainer) else None
+    if histogram is None:
         return
-    nodes = density.nodes[density.weights > 0]
-    if nodes.numel() == 0:
-        return
-    low, high = float(nodes.min()), float(nodes.max())
-    if high <= low:
-        high = low + max(abs(low), 1.0) * 1e-6
-    edges = torch.linspace(low, high, 65, dtype=torch.float64)
-    counts = density.histogram(edges.tolist())
-    mean = density.moment(1) * density.size
-    sq = density.moment(2) * density.size
     for logger in getattr(trainer, "loggers", []) or []:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_histogram_raw"):
-            experiment.add_histogram_raw(
-                tag, min=low, max=high, num=float(density.size), sum=mean, sum_squares=sq,
-                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step,
-            )
+            experiment.add_histogram_raw(tag, **histogram, global_step=step)
 
 
 def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:
@@ -618,19 +454,3 @@ def _reduced_gradient(objective, reduce) -> Dict[str, torch.Tensor]:
     layout = objective.layout
     like = torch.zeros(layout.numel, dtype=objective.dtype, device=objective.device)
     return layout.unflatten(reduce_computed(reduce, lambda: layout.flatten(objective.gradient(), batch_dims=0), like))
-
-
-def adam_preconditioner(pl_module, objective, info) -> Optional[torch.Tensor]:
-    """``P^{-1/2}`` flattened in the objective's layout (Adam, with Cohen et al. 2022's bias
-    correction ``P = (1 - beta1^t)(sqrt(v_hat) + eps)``); 0 for coordinates Adam never moved.
-    Kept for compatibility: the callback uses :func:`dynscope.stability_scaling`."""
-    named = dict(pl_module.named_parameters())
-    try:
-        scaling = stability_scaling(info["optimizer"], {n: named[n] for n in objective.layout.names if n in named},
-                                    objective.layout)
-    except UnsupportedOptimizer:
-        return None
-    if scaling.kind != "adam" or scaling.preconditioner is None:
-        return None
-    moved = scaling.scale > 0
-    return torch.where(moved, scaling.preconditioner.rsqrt(), torch.zeros_like(scaling.preconditioner))
