@@ -236,14 +236,24 @@ def scratch(slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.d
     800-1,100 faults, about 2 ms, more than a training step. ``slot`` names the use; a slot's
     tensor is valid until that slot is asked for again, so only temporaries come from here.
     """
+    views = _SCRATCH.__dict__.setdefault("views", {})
+    key = (slot, dtype, device, tuple(shape))
+    view = views.get(key)
+    if view is not None:
+        return view
     numel = math.prod(shape)
-    if device.type != "cpu" or numel * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8) > SCRATCH_BYTES:
+    if device.type != "cpu" or numel * torch.empty((), dtype=dtype).element_size() > SCRATCH_BYTES:
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     pool = _SCRATCH.__dict__.setdefault("pool", {})
     buf = pool.get((slot, dtype))
     if buf is None or buf.numel() < numel:
         buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(tuple(shape))
+        for stale in [k for k in views if k[:2] == (slot, dtype)]:  # views of the old buffer
+            del views[stale]
+    if len(views) > 64:  # shapes that vary from call to call
+        views.clear()
+    views[key] = view = buf[:numel].view(tuple(shape))
+    return view
 
 
 class RawSums(NamedTuple):
