@@ -974,7 +974,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
         calls, dims = records[module], batch_dims[module]
         if dims is None or any(d is None for d in dims) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(dims)):
             continue
-        recs = [[r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
+        recs = [[r[0], r[1]] if d == 0 else [r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
         if not recs:
             continue
         # every use of a hooked tensor in the loss's graph must be one of the calls the hooks saw
