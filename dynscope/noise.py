@@ -193,7 +193,7 @@ class _LayerSummary:
     block_gsnr: float  # ||G_p|| / std over the elements of G_p, NaN where that std is 0
 
 
-BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (eight rows of temporaries: 4 MiB in float32)
+BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (seven rows of temporaries: 3.5 MiB in float32)
 
 
 def _summaries(moments: GradientMoments) -> None:
@@ -228,21 +228,21 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
     n = moments.count
     lengths = [e[1].numel() for e in entries]
     t0 = entries[0][1]
-    work = persample.scratch("summary", (8, sum(lengths)), t0.dtype, t0.device)
-    # rows: t**2, counted t**2 / sq_dev, counted flags, sq_dev, t - (its tensor's first element), its square
-    rows, t, spare = work[:6], work[6], work[7]
+    work = persample.scratch("summary", (7, sum(lengths)), t0.dtype, t0.device)
+    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), its square
+    rows, t = work[:6], work[6]
     torch.cat([e[1] for e in entries], out=t)
     sq = torch.cat([e[3] for e in entries], out=rows[3])
     torch.mul(t, t, out=rows[0])
     parts = zip(entries, t.split(lengths), sq.split(lengths), rows[2].split(lengths), rows[4].split(lengths))
-    for (name, *_), t_part, sq_part, counted, deviation in parts:
-        torch.gt(sq_part, _floor(moments, name), out=counted)
+    for (name, *_), t_part, sq_part, uncounted, deviation in parts:
+        torch.le(sq_part, _floor(moments, name), out=uncounted)
         torch.sub(t_part, t_part[:1], out=deviation)  # near 0 where the elements share an offset
-    _counted_quotient(rows[0], sq, rows[2], spare, rows[1])
+    _counted_quotient(rows[0], sq, rows[2], rows[1])
     torch.mul(rows[4], rows[4], out=rows[5])
     sums = torch.stack([part.sum(1) for part in rows.split(lengths, 1)]).tolist()
-    for (name, _, scale, _), numel, (t_sq, snr, counted, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
-        cache[name] = _LayerSummary(snr * scale**2 * (n - 1), int(round(counted)), sq_dev_sum, t_sq * scale**2,
+    for (name, _, scale, _), numel, (t_sq, snr, zeros, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
+        cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - int(round(zeros)), sq_dev_sum, t_sq * scale**2,
                                     _block(t_sq, total, total_sq, numel))
 
 
@@ -251,11 +251,12 @@ def _floor(moments: GradientMoments, name: str) -> float:
     return (ROUNDING_FLOOR * moments.eps) ** 2 * (moments.count - 1) * _module_second_moment(moments, name)
 
 
-def _counted_quotient(num: torch.Tensor, sq: torch.Tensor, counted: torch.Tensor, spare: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``num / sq`` where ``counted`` is 1, 0 where it is 0 (flags as floats: bool masks cost 5-10x more)."""
-    # elsewhere the denominator is sq + 1 >= 1: a finite quotient, then zeroed
-    denominator = torch.neg(counted, out=spare).add_(1.0).add_(sq)
-    return torch.div(num, denominator, out=out).mul_(counted)
+def _counted_quotient(num: torch.Tensor, sq: torch.Tensor, uncounted: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``num / sq`` where ``uncounted`` is 0, and 0 where it is 1 (flags as floats: bool masks cost 5-10x more)."""
+    # uncounted coordinates get the denominator sq + 1 >= 1, a finite quotient q, then q - q = 0
+    # (nan_to_num after a 0/0 would cost 10 ns an element)
+    quotient = torch.div(num, torch.add(sq, uncounted, out=out), out=out)
+    return quotient.addcmul_(quotient, uncounted, value=-1.0)
 
 
 def _block(t_sq_norm: float, total: float, total_sq: float, numel: int) -> float:
@@ -286,9 +287,9 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
             continue
         work = persample.scratch("piece", (3, t.numel()), t.dtype, t.device)  # fresh temporaries cost page faults
         if float(sq_dev.amin()) <= floor:
-            counted = torch.gt(sq_dev, floor, out=work[2])
-            zeros += t.numel() - int(round(float(counted.sum())))
-            quotient = _counted_quotient(t, sq_dev, counted, work[1], work[0])
+            uncounted = torch.le(sq_dev, floor, out=work[2])
+            zeros += int(round(float(uncounted.sum())))
+            quotient = _counted_quotient(t, sq_dev, uncounted, work[0])
         else:
             quotient = torch.div(t, sq_dev, out=work[0])
         snr += float(torch.dot(quotient, t))
