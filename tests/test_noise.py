@@ -787,3 +787,20 @@ def test_batched_summaries_equal_piecewise_ones_in_float32():
         assert one.snr_count == b.snr_count, name
         for field in ("snr_sum", "sq_dev_sum", "sq_norm", "block_gsnr"):
             assert getattr(b, field) == pytest.approx(getattr(one, field), rel=1e-5, nan_ok=True), (name, field)
+
+
+def test_moments_are_not_overwritten_by_a_later_measurement():
+    # Temporaries come from buffers reused across calls; nothing a result holds may live there.
+    torch.manual_seed(3)
+    model = mlp((6, 16, 4))
+    (xa, ya), (xb, yb) = classification_data(16, (6,)), classification_data(16, (6,))
+    first = per_sample_moments(Objective(model, F.cross_entropy, (xa, ya)))
+    raw = {n: (r.total.clone(), r.sq_dev.clone()) for n, r in first.sums.items()}
+    assert raw and set(first.methods.values()) == {"hooks"}
+    before = gradient_snr(first).value
+    second = per_sample_moments(Objective(model, F.cross_entropy, (xb, yb)))
+    gradient_snr(second), gradient_noise_scale(second)
+    for n, (total, sq_dev) in raw.items():
+        assert torch.equal(first.sums[n].total, total) and torch.equal(first.sums[n].sq_dev, sq_dev), n
+    first.__dict__.pop("_summaries")
+    assert gradient_snr(first).value == before
