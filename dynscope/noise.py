@@ -43,6 +43,7 @@ import torch
 
 from .hvp import DEFAULT_MEMORY_CAP
 from .objective import Objective
+from . import persample
 from .persample import GradientMoments, Method, per_sample_moments
 
 Target = Union[Objective, GradientMoments]
@@ -119,6 +120,7 @@ def gradient_snr(
     """
     moments = _moments(target, method, chunk_size, memory_cap)
     _check_count(moments)
+    _summaries(moments)
     total, count = 0.0, 0
     per_layer, block = OrderedDict(), OrderedDict()
     for name in moments.mean:
@@ -170,6 +172,7 @@ def gradient_noise_scale(
     """
     moments = _moments(target, method, chunk_size, memory_cap)
     _check_count(moments)
+    _summaries(moments)
     trace, sq_norm, per_layer = 0.0, 0.0, OrderedDict()
     for name in moments.mean:
         layer = _summary(moments, name)
@@ -190,6 +193,79 @@ class _LayerSummary:
     block_gsnr: float  # ||G_p|| / std over the elements of G_p, NaN where that std is 0
 
 
+BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (seven rows of temporaries: 3.5 MiB in float32)
+
+
+def _summaries(moments: GradientMoments) -> None:
+    """Fill the summary cache: tensors of up to ``PIECE`` coordinates in batched passes, others by pieces.
+
+    A small model's summaries cost a dozen torch calls per tensor, each mostly dispatch overhead:
+    one pass over the concatenated small tensors does the same arithmetic in a dozen calls for
+    all of them. Large tensors keep the cache-sized pieces of :func:`_summary`.
+    """
+    cache = moments.__dict__.setdefault("_summaries", {})
+    groups: Dict[tuple, list] = {}
+    for name in moments.mean:
+        raw = moments.sums.get(name)
+        numel = (moments.mean[name] if raw is None else raw.total).numel()
+        if name in cache or numel == 0 or numel > persample.PIECE:
+            continue
+        t, scale, sq = next(moments.scaled_pieces(name, numel))
+        if t.dtype != sq.dtype:
+            continue
+        entries = groups.setdefault((t.dtype, sq.dtype, t.device), [])
+        entries.append((name, t, scale, sq))
+        if sum(e[1].numel() for e in entries) >= BATCH_ELEMENTS:
+            _batched_summaries(moments, entries, cache)
+            entries.clear()
+    for entries in groups.values():
+        if entries:
+            _batched_summaries(moments, entries, cache)
+
+
+def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> None:
+    """:func:`_summary` of several tensors ``(name, t, scale, sq_dev)`` (flat, one dtype) in one pass."""
+    n = moments.count
+    lengths = [e[1].numel() for e in entries]
+    t0 = entries[0][1]
+    work = persample.scratch("summary", (7, sum(lengths)), t0.dtype, t0.device)
+    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), its square
+    rows, t = work[:6], work[6]
+    torch.cat([e[1] for e in entries], out=t)
+    sq = torch.cat([e[3] for e in entries], out=rows[3])
+    torch.mul(t, t, out=rows[0])
+    parts = zip(entries, t.split(lengths), sq.split(lengths), rows[2].split(lengths), rows[4].split(lengths))
+    for (name, *_), t_part, sq_part, uncounted, deviation in parts:
+        torch.le(sq_part, _floor(moments, name), out=uncounted)
+        torch.sub(t_part, t_part[:1], out=deviation)  # near 0 where the elements share an offset
+    _counted_quotient(rows[0], sq, rows[2], rows[1])
+    torch.mul(rows[4], rows[4], out=rows[5])
+    sums = torch.stack([part.sum(1) for part in rows.split(lengths, 1)]).tolist()
+    for (name, _, scale, _), numel, (t_sq, snr, zeros, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
+        cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - int(round(zeros)), sq_dev_sum, t_sq * scale**2,
+                                    _block(t_sq, total, total_sq, numel))
+
+
+def _floor(moments: GradientMoments, name: str) -> float:
+    """The rounding floor of ``sq_dev`` (see :func:`_summary`)."""
+    return (ROUNDING_FLOOR * moments.eps) ** 2 * (moments.count - 1) * _module_second_moment(moments, name)
+
+
+def _counted_quotient(num: torch.Tensor, sq: torch.Tensor, uncounted: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``num / sq`` where ``uncounted`` is 0, and 0 where it is 1 (flags as floats: bool masks cost 5-10x more)."""
+    # uncounted coordinates get the denominator sq + 1 >= 1, a finite quotient q, then q - q = 0
+    # (nan_to_num after a 0/0 would cost 10 ns an element)
+    quotient = torch.div(num, torch.add(sq, uncounted, out=out), out=out)
+    return quotient.addcmul_(quotient, uncounted, value=-1.0)
+
+
+def _block(t_sq_norm: float, total: float, total_sq: float, numel: int) -> float:
+    """Block g-SNR from ``sum t**2`` and the sums of ``t - shift`` and its square over ``numel`` elements."""
+    # population variance of G_p's elements; below float64 rounding of sq_norm / numel it is 0
+    spread = total_sq / numel - (total / numel) ** 2 if numel > 1 else 0.0
+    return math.sqrt(t_sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * t_sq_norm / numel else math.nan
+
+
 def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
     """One tensor's summary, computed once per moments object, piece by piece (sums in float64).
 
@@ -200,39 +276,31 @@ def _summary(moments: GradientMoments, name: str) -> _LayerSummary:
     if name in cache:
         return cache[name]
     n = moments.count
-    floor = (ROUNDING_FLOOR * moments.eps) ** 2 * (n - 1) * _module_second_moment(moments, name)
+    floor = _floor(moments, name)
     snr = sq_dev_sum = t_sq_norm = total = total_sq = 0.0
     zeros = numel = 0
     shift = None  # the first element: the spread from deviations from it does not cancel an offset
     scale = 1.0
     # per piece: the mean is t * scale (t is sum_i g_i on the hook path); block g-SNR is scale-free
-    buffers: Dict[tuple, torch.Tensor] = {}  # one set of piece-sized temporaries: fresh ones cost page faults
-
-    def buffer(kind: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
-        key = (kind, like.numel(), dtype or like.dtype)
-        if key not in buffers:
-            buffers[key] = torch.empty(like.numel(), dtype=dtype or like.dtype, device=like.device)
-        return buffers[key]
-
     for t, scale, sq_dev in moments.scaled_pieces(name):
         if t.numel() == 0:
             continue
-        quotient = torch.div(t, sq_dev, out=buffer("quotient", t))
-        if float(sq_dev.amin()) <= floor:  # masking costs more than the rest of the piece
-            zero = torch.le(sq_dev, floor, out=buffer("zero", t, torch.bool))
-            zeros += int(torch.count_nonzero(zero))
-            quotient.masked_fill_(zero, 0.0)
+        work = persample.scratch("piece", (3, t.numel()), t.dtype, t.device)  # fresh temporaries cost page faults
+        if float(sq_dev.amin()) <= floor:
+            uncounted = torch.le(sq_dev, floor, out=work[2])
+            zeros += int(round(float(uncounted.sum())))
+            quotient = _counted_quotient(t, sq_dev, uncounted, work[0])
+        else:
+            quotient = torch.div(t, sq_dev, out=work[0])
         snr += float(torch.dot(quotient, t))
         sq_dev_sum += float(sq_dev.sum())
         shift = t[:1].clone() if shift is None else shift
         # near 0 where the elements share an offset (exactly 0 where all equal)
-        deviation = torch.sub(t, shift, out=buffer("deviation", t))
+        deviation = torch.sub(t, shift, out=work[1])
         t_sq_norm += float(torch.dot(t, t))
         total, total_sq = total + float(deviation.sum()), total_sq + float(torch.dot(deviation, deviation))
         numel += t.numel()
-    # population variance of G_p's elements; below float64 rounding of sq_norm / numel it is 0
-    spread = total_sq / numel - (total / numel) ** 2 if numel > 1 else 0.0
-    block = math.sqrt(t_sq_norm / spread) if numel > 1 and spread > 16 * _EPS64 * t_sq_norm / numel else math.nan
+    block = _block(t_sq_norm, total, total_sq, numel)
     cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - zeros, sq_dev_sum, t_sq_norm * scale**2, block)
     return cache[name]
 

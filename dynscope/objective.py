@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
@@ -46,17 +46,22 @@ def check_finite(value: torch.Tensor, what: str) -> torch.Tensor:
 
 def _accepts_reduction(fn: Callable) -> bool:
     try:
-        return _has_reduction(fn)
-    except TypeError:  # unhashable callable
-        return _has_reduction.__wrapped__(fn)
+        known = _REDUCTION.get(fn)
+    except TypeError:  # not weakly referenceable
+        return _signature_has_reduction(fn)
+    if known is None:
+        known = _REDUCTION[fn] = _signature_has_reduction(fn)
+    return known
 
 
-@functools.lru_cache(maxsize=256)
-def _has_reduction(fn: Callable) -> bool:  # inspect.signature costs more than a small model's forward
+def _signature_has_reduction(fn: Callable) -> bool:
     try:
         return "reduction" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+_REDUCTION: "weakref.WeakKeyDictionary[Callable, bool]" = weakref.WeakKeyDictionary()  # inspect.signature: ~20 us a call
 
 
 def per_sample_loss_fn(loss_fn: LossFn) -> Optional[LossFn]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -223,6 +224,36 @@ class GradientMoments:
 
 PIECE = 1 << 16  # elements per piece of the summaries (a core's cache)
 BLOCK_ELEMENTS = 1 << 20  # elements per temporary of the per-sample moments
+SCRATCH_BYTES = 8 << 20  # largest temporary served from a buffer kept between measurements (CPU)
+_SCRATCH = threading.local()
+
+
+def scratch(slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised temporary from a per-thread CPU buffer kept between calls (fresh elsewhere or when large).
+
+    glibc gives freed heap memory back to the operating system, so fresh temporaries of a few
+    hundred KiB cost a page fault per 4 KiB on first touch each time: on the 64-256-256-10 MLP
+    800-1,100 faults, about 2 ms, more than a training step. ``slot`` names the use; a slot's
+    tensor is valid until that slot is asked for again, so only temporaries come from here.
+    """
+    views = _SCRATCH.__dict__.setdefault("views", {})
+    key = (slot, dtype, device, tuple(shape))
+    view = views.get(key)
+    if view is not None:
+        return view
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel * torch.empty((), dtype=dtype).element_size() > SCRATCH_BYTES:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        for stale in [k for k in views if k[:2] == (slot, dtype)]:  # views of the old buffer
+            del views[stale]
+    if len(views) > 64:  # shapes that vary from call to call
+        views.clear()
+    views[key] = view = buf[:numel].view(tuple(shape))
+    return view
 
 
 class RawSums(NamedTuple):
@@ -597,6 +628,24 @@ def _spread_and_hot_rows(s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tupl
     return s2.addcmul_(s1, s1, value=-1.0 / count), hot, second
 
 
+def _spread(s1: torch.Tensor, s2: torch.Tensor, count: int, exact: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]) -> RawSums:
+    """:class:`RawSums` of ``s1 = sum_i g_i``, ``s2 = sum_i g_i**2`` (``sq`` in place in ``s2``).
+
+    Rows (along dim 0) with a hot coordinate (see :func:`_spread_and_hot_rows`) are recomputed
+    by ``exact(rows) -> (s1, s2)`` in float64, the spread rounded once to the sums' dtype.
+    """
+    if s2.numel() == 0:
+        return RawSums(s1, s2, None, 0.0)
+    second = float(s2.amax())
+    probe = torch.addcmul(s2, s1, s1, value=-1.0 / (HOT * count), out=scratch("hot", s2.shape, s2.dtype, s2.device))
+    rows = probe.reshape(s2.shape[0], -1).amin(1).lt(0).nonzero()[:, 0] if float(probe.amin()) < 0 else None
+    sq = s2.addcmul_(s1, s1, value=-1.0 / count)
+    if rows is not None:
+        e1, e2 = exact(rows)
+        sq[rows] = e2.addcmul_(e1, e1, value=-1.0 / count).clamp_min_(0).to(sq.dtype)
+    return RawSums(s1, sq, None, second / count)
+
+
 class _Shifted:
     """Sums of ``g - c`` and ``(g - c)**2`` over chunks of materialised per-sample gradients.
 
@@ -632,21 +681,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads) -> Dict[str, HookSums]:
     dtype = _compute_dtype(records[0][1])
     if len(records) == 1 and records[0][0].dim() == 2:
+        # sum_i g_i is autograd's (the graph check certified that the hooks saw every use);
+        # sum_i g_i**2 = (dY**2)^T (X**2) for the weight, sum_b dY**2 for the bias
         x, dy = records[0][0].to(dtype), records[0][1].to(dtype)
+        dy2 = torch.square(dy, out=scratch("dy2", dy.shape, dtype, dy.device))
         out = {}
         if "weight" in attrs:
-            # sum_i g_i is autograd's (the graph check certified that the hooks saw every use)
-            s1, s2 = grads[attrs["weight"]].to(dtype), dy.square().T @ x.square()
-            sq, hot, second = _spread_and_hot_rows(s1, s2, size)
-            if bool(hot.any()):  # those rows again in float64, the spread rounded once to float32
-                rows = hot.nonzero()[:, 0]
+            s2 = dy2.T @ torch.square(x, out=scratch("x2", x.shape, dtype, x.device))
+
+            def weight_rows(rows):
                 dy64, x64 = dy[:, rows].double(), x.double()
-                s1_64 = dy64.T @ x64
-                sq[rows] = (dy64.square().T @ x64.square()).addcmul_(s1_64, s1_64, value=-1.0 / size).clamp_min_(0).to(dtype)
-            out["weight"] = (RawSums(s1, sq, None, second / size), None, size)
-        if "bias" in attrs:  # float64 sums of the output gradients: all of them, certified by the graph check too
-            d = dy.double()
-            out["bias"] = (_finalize(d.sum(0), d.square().sum(0), size), None, size)
+                return dy64.T @ x64, dy64.square().T @ x64.square()
+
+            out["weight"] = (_spread(grads[attrs["weight"]].to(dtype), s2, size, weight_rows), None, size)
+        if "bias" in attrs:
+            def bias_rows(rows):
+                dy64 = dy[:, rows].double()
+                return dy64.sum(0), dy64.square().sum(0)
+
+            out["bias"] = (_spread(grads[attrs["bias"]].to(dtype), dy2.sum(0), size, bias_rows), None, size)
         return out
     xs = _cat([r[0].reshape(size, -1, r[0].shape[-1]) for r in records], 1).to(dtype)
     dys = _cat([r[1].reshape(size, -1, r[1].shape[-1]) for r in records], 1).to(dtype)
@@ -921,7 +974,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
         calls, dims = records[module], batch_dims[module]
         if dims is None or any(d is None for d in dims) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(dims)):
             continue
-        recs = [[r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
+        recs = [[r[0], r[1]] if d == 0 else [r[0].movedim(d, 0), r[1].movedim(d, 0)] for r, d in zip(calls, dims) if r[1] is not None]
         if not recs:
             continue
         # every use of a hooked tensor in the loss's graph must be one of the calls the hooks saw

@@ -740,3 +740,67 @@ def test_the_probe_runs_once_per_model_and_call_structure(monkeypatch):
     assert_close_dict(again.sq_dev, first.sq_dev, atol=0, rtol=0)
     per_sample_moments(Objective(model, F.cross_entropy, (x[:7], y[:7])))  # another batch size: probed
     assert len(probes) == 2
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("batch_elements", [1, 40, 1 << 17])
+def test_batched_summaries_match_a_per_sample_loop(monkeypatch, method, batch_elements):
+    # Small tensors are summarised in batched passes over their concatenation (groups of up to
+    # BATCH_ELEMENTS coordinates); dead ReLU units and a zero input feature give zero-variance
+    # coordinates in several modules, each with its own rounding floor.
+    import dynscope.noise as noise
+
+    monkeypatch.setattr(noise, "BATCH_ELEMENTS", batch_elements)
+    torch.manual_seed(1)
+    model = mlp((5, 7, 6, 3)).double()
+    with torch.no_grad():
+        model[0].bias[:2] = -50.0  # two dead units: their rows of the next layer and their own get no gradient
+    x, y = classification_data(12, (5,))
+    x = x.double()
+    x[:, 3] = 0.0
+    grads = looped_grads(model, F.cross_entropy, x, y)
+    ref = numpy_stats(grads)
+    moments = per_sample_moments(Objective(model, F.cross_entropy, (x, y)), method)
+    snr, noise_scale = gradient_snr(moments), gradient_noise_scale(moments)
+    assert snr.value == pytest.approx(ref["gsnr"], rel=1e-9)
+    assert noise_scale.value == pytest.approx(ref["noise_scale"], rel=1e-9)
+    for n, v in ref["per_layer"].items():
+        assert snr.per_layer[n] == pytest.approx(v, rel=1e-9, nan_ok=True), n
+        assert snr.block[n] == pytest.approx(ref["block"][n], rel=1e-9, nan_ok=True), n
+    varying = sum(int((g.var(0) > 1e-20).sum()) for g in grads.values())  # float64: exact zeros, or well above
+    assert snr.num_coordinates == varying < sum(p.numel() for p in model.parameters()) - (10 + 2 + 12 + 5)
+
+
+def test_batched_summaries_equal_piecewise_ones_in_float32():
+    # The hook path's float32 sums: the batched pass and the piece-by-piece one agree to float32 rounding.
+    import dynscope.noise as noise
+
+    torch.manual_seed(2)
+    model = mlp((6, 16, 16, 4))
+    x, y = classification_data(32, (6,))
+    moments = per_sample_moments(Objective(model, F.cross_entropy, (x, y)))
+    noise._summaries(moments)
+    batched = dict(moments.__dict__.pop("_summaries"))
+    for name in moments.mean:
+        one = noise._summary(moments, name)
+        b = batched[name]
+        assert one.snr_count == b.snr_count, name
+        for field in ("snr_sum", "sq_dev_sum", "sq_norm", "block_gsnr"):
+            assert getattr(b, field) == pytest.approx(getattr(one, field), rel=1e-5, nan_ok=True), (name, field)
+
+
+def test_moments_are_not_overwritten_by_a_later_measurement():
+    # Temporaries come from buffers reused across calls; nothing a result holds may live there.
+    torch.manual_seed(3)
+    model = mlp((6, 16, 4))
+    (xa, ya), (xb, yb) = classification_data(16, (6,)), classification_data(16, (6,))
+    first = per_sample_moments(Objective(model, F.cross_entropy, (xa, ya)))
+    raw = {n: (r.total.clone(), r.sq_dev.clone()) for n, r in first.sums.items()}
+    assert raw and set(first.methods.values()) == {"hooks"}
+    before = gradient_snr(first).value
+    second = per_sample_moments(Objective(model, F.cross_entropy, (xb, yb)))
+    gradient_snr(second), gradient_noise_scale(second)
+    for n, (total, sq_dev) in raw.items():
+        assert torch.equal(first.sums[n].total, total) and torch.equal(first.sums[n].sq_dev, sq_dev), n
+    first.__dict__.pop("_summaries")
+    assert gradient_snr(first).value == before
