@@ -23,7 +23,6 @@ with BatchNorm / B64, the small transformer / B64; eval mode):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics

@@ -29,7 +29,6 @@ def test_logit_stats_by_hand():
     logits = torch.tensor([[[[0.0, 0.0, 5.0], [2.0, -4.0, 1.0]]]])
     valid = torch.tensor([[True, True, False], [True, True, True]])
     s = logit_stats(logits, valid)
-    p1 = torch.tensor([0.5, 0.5])
     p2 = torch.softmax(torch.tensor([2.0, -4.0, 1.0], dtype=torch.float64), 0)
     h = [math.log(2), float(-(p2 * p2.log()).sum())]
     assert float(s.max_logit) == 4.0  # 5.0 is masked

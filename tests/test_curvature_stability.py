@@ -2,7 +2,6 @@
 against exact Hessians."""
 
 import math
-import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -13,7 +12,7 @@ from torch import nn
 from dynscope import Objective
 from dynscope.callbacks import Curvature
 from dynscope.optim import CoordinateClip
-from models import Classifier, Recorder, SmallCNN, classification_data, loader, mlp, trainer
+from models import Classifier, SmallCNN, classification_data, loader, mlp, trainer
 from reference import exact_hessian
 
 

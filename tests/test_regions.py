@@ -380,7 +380,6 @@ def test_smooth_functional_activations_drop_linear_regions_with_a_true_message()
 
 
 def test_dynscope_drops_linear_regions_of_a_gelu_model_and_the_report_has_no_regions_section(tmp_path):
-    import pytorch_lightning as pl
     import torch.nn.functional as F
 
     from dynscope.callbacks import DynScope

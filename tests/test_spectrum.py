@@ -1,6 +1,5 @@
 """Spectral density (stochastic Lanczos quadrature), lambda_min and block eigenvalues against eigvalsh."""
 
-import math
 
 import pytest
 import pytorch_lightning as pl
