@@ -117,6 +117,7 @@ class CurvatureTracker:
         eigen_max_iter: int = 30,
         seed: int = 0,
         memory: Union[float, str] = 0.0,
+        swap_gap: Optional[float] = None,
     ):
         if trace_matvecs < 1:
             raise ValueError(f"trace_matvecs must be positive, got {trace_matvecs}")
@@ -126,6 +127,10 @@ class CurvatureTracker:
             raise ValueError(f"memory > 0 needs trace_matvecs >= 4 (two carried and two fresh probes), got {trace_matvecs}")
         if sketch < 0:
             raise ValueError(f"sketch must be >= 0, got {sketch}")
+        swap_gap = 2.0 * eigen_tol if swap_gap is None else swap_gap
+        if not swap_gap >= 0:
+            raise ValueError(f"swap_gap must be >= 0, got {swap_gap!r}")
+        self.swap_gap = swap_gap
         self.trace_matvecs = trace_matvecs
         self.sketch = sketch
         self.eigen_tol = eigen_tol
@@ -135,6 +140,8 @@ class CurvatureTracker:
         self.last_memory = 0.0  # the memory the last measurement used (``"auto"``: chosen from the data)
         self._carried: Optional[Dict[str, Any]] = None  # the probe set carried to the next measurement
         self.eigenvector: Optional[torch.Tensor] = None
+        self.pair: Optional[torch.Tensor] = None  # [2, n]: the last top two Ritz vectors
+        self.pair_gap = math.inf  # their relative gap (theta_1 - theta_2) / |theta_1|
         self.sketch_vectors: Optional[torch.Tensor] = None  # [sketch, n], orthonormal rows
         self.num_measurements = 0
 
@@ -144,6 +151,14 @@ class CurvatureTracker:
         n = op.size
         seed = self.seed + self.num_measurements if seed is None else seed
         start = self.eigenvector if self.eigenvector is not None and self.eigenvector.shape == (n,) else None
+        pair = self.pair if self.pair is not None and self.pair.shape == (2, n) else None
+        # a top pair closer than swap_gap may swap places before the next measurement: start from
+        # both (a Krylov space grown from the old top vector alone finds the new second one first)
+        block = start is not None and pair is not None and self.pair_gap < self.swap_gap
+        if block:
+            start = pair
+        # the first (cold) measurement resolves the top pair, so that the next one has both to start from
+        k = 2 if start is None and n >= 2 else 1
         sketch = self.sketch_vectors if self.sketch_vectors is not None and self.sketch_vectors.shape[1:] == (n,) else None
         carried = self._carried if self._carried is not None and self._carried["size"] == n else None
         with getattr(op, "measuring", contextlib.nullcontext)():
@@ -152,11 +167,14 @@ class CurvatureTracker:
                 products = op.matmat(sketch.to(device=op.device, dtype=op.dtype)).double()
                 extra, extra_products = [sketch.to(op.device).double()], [products]
                 values, vectors = _ritz(extra[0], products)
-                start = vectors  # the sketch's Ritz vectors under the new Hessian, summed (see _start_vector)
+                start, block, k = vectors, False, 1  # the sketch's Ritz vectors under the new Hessian, summed (see _start_vector)
             eigen = lanczos(
-                op, 1, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=seed,
-                return_eigenvectors=True, start=start, keep_basis=True,
+                op, k, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter, seed=seed,
+                return_eigenvectors=True, start=start, keep_basis=True, block_start=block,
             )
+            # the top two Ritz pairs, carried to the next measurement
+            ritz, w_all = torch.linalg.eigh(eigen.tridiagonal)
+            top2 = w_all[:, -2:].T.flip(0) @ eigen.basis.double() if ritz.shape[0] >= 2 else None
             # the top Ritz vectors of the Krylov space (their products are combinations of the
             # Lanczos products) and the sketch span the deflated subspace: at most 2 * sketch + 1 rows
             _, w = torch.linalg.eigh(eigen.tridiagonal)
@@ -170,6 +188,14 @@ class CurvatureTracker:
                 trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed, orthonormal=True)
         trace.num_matvecs += sum(e.shape[0] for e in extra)
         self.eigenvector = eigen.eigenvectors[0].detach()
+        if top2 is not None:
+            self.pair = top2.to(eigen.eigenvectors.dtype).detach()
+            self.pair_gap = float(ritz[-1] - ritz[-2]) / max(abs(float(ritz[-1])), 1e-30)
+        else:
+            self.pair, self.pair_gap = None, math.inf
+        if k > 1:  # the second value was asked for only to resolve the pair; converged stays the stricter k=2 verdict
+            eigen.eigenvalues, eigen.residuals, eigen.error_bounds = eigen.eigenvalues[:1], eigen.residuals[:1], eigen.error_bounds[:1]
+            eigen.eigenvectors = eigen.eigenvectors[:1]
         if self.sketch:
             _, vectors = _ritz(basis, products, orthonormal=True)
             self.sketch_vectors = vectors[-self.sketch :].detach()
@@ -266,10 +292,13 @@ class CurvatureTracker:
     def state_dict(self) -> Dict[str, Any]:
         """The warm starts (eigenvector, sketch); the carried probes are left out: a resumed run may
         measure on other data, so its trace starts afresh."""
-        return {"eigenvector": self.eigenvector, "sketch": self.sketch_vectors, "num_measurements": self.num_measurements}
+        return {"eigenvector": self.eigenvector, "sketch": self.sketch_vectors, "num_measurements": self.num_measurements,
+                "pair": self.pair, "pair_gap": self.pair_gap}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.eigenvector = state.get("eigenvector")
+        self.pair = state.get("pair")
+        self.pair_gap = float(state.get("pair_gap", math.inf))
         self.sketch_vectors = state.get("sketch")
         self.num_measurements = int(state.get("num_measurements", 0))
 
