@@ -206,17 +206,18 @@ def _block_warm_start(op, k: int, start: torch.Tensor, *, which: str, tol: float
     converged = met_before = False
     nxt = None
     while m < max_iter:
-        v = pending.pop(0) if pending else nxt
-        if v is None:
-            break
+        from_start = bool(pending)
+        v = pending.pop(0) if from_start else nxt
+        before = float(v.norm())
         for _ in range(2):
             v = v - basis[:m].T @ (basis[:m] @ v)
         norm = float(v.norm())
-        if norm <= 1e-10 * max(1.0, float(start.norm(dim=1).max())):
-            if pending:
-                continue
+        if from_start and norm <= 1e-8 * before:
+            continue  # a start vector in the span of the others (or zero)
+        if not from_start and norm <= 1e-12 * max(1.0, float(theta.abs().max())):
             converged = m >= k  # the space is invariant: the Ritz values are exact
-            residuals = bounds = [0.0] * min(k, m)
+            top = _select(theta, min(k, m), which)
+            residuals = bounds = [0.0] * len(top)
             break
         basis[m] = v / norm
         products[m] = op.matmat(basis[m].to(op.dtype).unsqueeze(0))[0].double()
@@ -229,21 +230,20 @@ def _block_warm_start(op, k: int, start: torch.Tensor, *, which: str, tol: float
         theta, s = torch.linalg.eigh(t)
         # ||H y_i - theta_i y_i||^2 = ||H y_i||^2 - theta_i^2 for unit y_i with y_i^T H y_i = theta_i
         all_res = ((s * (gram[:m, :m] @ s)).sum(0) - theta**2).clamp_min(0).sqrt()
-        if pending or m < k:
-            nxt = None
-            continue
-        top = _select(theta, k, which)
-        residuals = [float(all_res[i]) for i in top]
+        top = _select(theta, min(k, m), which)
         bound = error_bounds(theta, all_res)
+        rel = [float(bound[i]) / max(abs(float(theta[i])), 1e-30) for i in top]
+        worst = int(top[max(range(len(rel)), key=rel.__getitem__)])
+        nxt = s[:, worst] @ products[:m] - theta[worst] * (s[:, worst] @ basis[:m])
+        if pending or m < k:
+            continue
+        residuals = [float(all_res[i]) for i in top]
         bounds = [float(bound[i]) for i in top]
-        rel = [b / max(abs(float(theta[i])), 1e-30) for b, i in zip(bounds, top)]
         met = max(rel) <= tol
         if met and met_before:
             converged = True
             break
         met_before = met
-        worst = int(top[max(range(len(rel)), key=rel.__getitem__)])
-        nxt = s[:, worst] @ products[:m] - theta[worst] * (s[:, worst] @ basis[:m])
     top = _select(theta, min(k, m), which)
     return EigenResult(
         eigenvalues=[float(theta[i]) for i in top],
