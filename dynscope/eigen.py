@@ -198,6 +198,7 @@ def _block_warm_start(op, k: int, start: torch.Tensor, *, which: str, tol: float
     basis = torch.empty(max_iter, n, dtype=torch.float64, device=op.device)
     products = torch.empty_like(basis)
     gram = torch.empty(max_iter, max_iter, dtype=torch.float64, device=op.device)  # products' inner products
+    proj = torch.empty_like(gram)  # basis_i . products_j
     pending = list(start.detach().to(device=op.device, dtype=torch.float64))
     m = 0
     theta = s = t = None
@@ -224,9 +225,10 @@ def _block_warm_start(op, k: int, start: torch.Tensor, *, which: str, tol: float
         row = products[: m + 1] @ products[m]
         gram[m, : m + 1] = row
         gram[: m + 1, m] = row
+        proj[: m + 1, m] = basis[: m + 1] @ products[m]
+        proj[m, :m] = products[:m] @ basis[m]
         m += 1
-        t = basis[:m] @ products[:m].T
-        t = (t + t.T) / 2
+        t = (proj[:m, :m] + proj[:m, :m].T) / 2
         theta, s = torch.linalg.eigh(t)
         # ||H y_i - theta_i y_i||^2 = ||H y_i||^2 - theta_i^2 for unit y_i with y_i^T H y_i = theta_i
         all_res = ((s * (gram[:m, :m] @ s)).sum(0) - theta**2).clamp_min(0).sqrt()
