@@ -13,7 +13,8 @@ interleaved:
 * tracked variants of :class:`dynscope.tracking.CurvatureTracker` (warm-started Lanczos; trace =
   exact head on the Krylov space / sketch + 8 trace HVPs), with and without carried probes
   (``memory`` fixed at 0.7, or ``"auto"``: chosen from the previous measurement's variances;
-  DeltaShift-style).
+  DeltaShift-style); ``auto no-pair``: Lanczos always from the previous top vector alone, never
+  from the previous top pair as a block (``swap_gap=0``).
 
 Exact references: ``lambda_max`` by Lanczos to ``1e-8``; ``tr(H)`` in closed form: for a ReLU
 network (convolutions, max-pooling and eval-mode BatchNorm included) every scalar weight enters
@@ -53,7 +54,8 @@ from dynscope.tracking import CurvatureTracker  # noqa: E402
 VARIANTS = {  # name: CurvatureTracker arguments (8 trace HVPs each)
     "sketch4+4": dict(trace_matvecs=4, sketch=4),
     "carry8 w.7": dict(trace_matvecs=8, sketch=0, memory=0.7),
-    "carry8 auto": dict(trace_matvecs=8, sketch=0, memory="auto"),
+    "carry8 auto": dict(trace_matvecs=8, sketch=0, memory="auto"),  # DynScope's default
+    "auto no-pair": dict(trace_matvecs=8, sketch=0, memory="auto", swap_gap=0.0),  # Lanczos from the top vector alone
 }
 
 

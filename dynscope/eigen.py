@@ -90,8 +90,13 @@ def lanczos(
     return_eigenvectors: bool = False,
     start: Optional[torch.Tensor] = None,
     keep_basis: bool = False,
+    block_start: bool = False,
 ) -> EigenResult:
     """Lanczos on ``op`` (one matvec per iteration), stopping when the top ``k`` Ritz values are accurate.
+
+    With ``block_start`` and ``[p, n]`` start vectors, the search space begins with all ``p`` of
+    them (one matvec each) and then grows by the residual of the least accurate of the top ``k``
+    Ritz pairs (see :func:`_block_warm_start`); from one start vector that is Lanczos again.
 
     The stopping rule bounds what it says: a Ritz value ``theta`` is accurate when the bound of
     :func:`error_bounds` on its distance to an eigenvalue is at most ``tol * |theta|`` (a relative
@@ -107,6 +112,9 @@ def lanczos(
         raise ValueError(f"k must be between 1 and the operator size {n}, got {k}")
     if which not in ("LM", "LA"):
         raise ValueError(f"which must be 'LM' (largest magnitude) or 'LA' (largest algebraic), got {which!r}")
+    if block_start and start is not None and start.dim() == 2 and start.shape[0] > 1 and start.shape[1] == n and float(start.norm()) > 0:
+        return _block_warm_start(op, k, start, which=which, tol=tol, max_iter=max_iter,
+                                 return_eigenvectors=return_eigenvectors, keep_basis=keep_basis)
     q = _start_vector(op, start, seed)
     basis = torch.empty(min(max_iter, 16), n, dtype=torch.float64, device=op.device)  # grows by doubling
     products: List[torch.Tensor] = []
@@ -174,6 +182,84 @@ def lanczos(
     )
 
 
+def _block_warm_start(op, k: int, start: torch.Tensor, *, which: str, tol: float, max_iter: int,
+                      return_eigenvectors: bool, keep_basis: bool) -> EigenResult:
+    """Rayleigh-Ritz on a growing space that starts with the rows of ``start`` (e.g. the previous
+    measurement's top two Ritz vectors: when they swapped places, the new top one is among them,
+    where a Krylov space grown from the old top vector alone can stop at the old one first).
+
+    Each step adds the residual ``H y - theta y`` of the least accurate of the top ``k`` Ritz pairs
+    (from a single start vector every Ritz residual points along the next Lanczos vector, so this
+    is Lanczos), reorthogonalised twice. The stopping rule is :func:`lanczos`'s, on the residual
+    norms of all Ritz pairs, ``||H Q s||^2 - theta^2`` from the Gram matrix of the products.
+    """
+    n = op.size
+    max_iter = max(max_iter, min(start.shape[0], n))
+    basis = torch.empty(max_iter, n, dtype=torch.float64, device=op.device)
+    products = torch.empty_like(basis)
+    gram = torch.empty(max_iter, max_iter, dtype=torch.float64, device=op.device)  # products' inner products
+    proj = torch.empty_like(gram)  # basis_i . products_j
+    pending = list(start.detach().to(device=op.device, dtype=torch.float64))
+    m = 0
+    theta = s = t = None
+    residuals: List[float] = []
+    bounds: List[float] = []
+    converged = met_before = False
+    nxt = None
+    while m < max_iter:
+        from_start = bool(pending)
+        v = pending.pop(0) if from_start else nxt
+        before = float(v.norm())
+        for _ in range(2):
+            v = v - basis[:m].T @ (basis[:m] @ v)
+        norm = float(v.norm())
+        if from_start and norm <= 1e-8 * before:
+            continue  # a start vector in the span of the others (or zero)
+        if not from_start and norm <= 1e-12 * max(1.0, float(theta.abs().max())):
+            converged = m >= k  # the space is invariant: the Ritz values are exact
+            top = _select(theta, min(k, m), which)
+            residuals = bounds = [0.0] * len(top)
+            break
+        basis[m] = v / norm
+        products[m] = op.matmat(basis[m].to(op.dtype).unsqueeze(0))[0].double()
+        row = products[: m + 1] @ products[m]
+        gram[m, : m + 1] = row
+        gram[: m + 1, m] = row
+        proj[: m + 1, m] = basis[: m + 1] @ products[m]
+        proj[m, :m] = products[:m] @ basis[m]
+        m += 1
+        t = (proj[:m, :m] + proj[:m, :m].T) / 2
+        theta, s = torch.linalg.eigh(t)
+        # ||H y_i - theta_i y_i||^2 = ||H y_i||^2 - theta_i^2 for unit y_i with y_i^T H y_i = theta_i
+        all_res = ((s * (gram[:m, :m] @ s)).sum(0) - theta**2).clamp_min(0).sqrt()
+        top = _select(theta, min(k, m), which)
+        bound = error_bounds(theta, all_res)
+        rel = [float(bound[i]) / max(abs(float(theta[i])), 1e-30) for i in top]
+        worst = int(top[max(range(len(rel)), key=rel.__getitem__)])
+        nxt = s[:, worst] @ products[:m] - theta[worst] * (s[:, worst] @ basis[:m])
+        if pending or m < k:
+            continue
+        residuals = [float(all_res[i]) for i in top]
+        bounds = [float(bound[i]) for i in top]
+        met = max(rel) <= tol
+        if met and met_before:
+            converged = True
+            break
+        met_before = met
+    top = _select(theta, min(k, m), which)
+    return EigenResult(
+        eigenvalues=[float(theta[i]) for i in top],
+        eigenvectors=(s[:, top].T @ basis[:m]).to(op.dtype) if return_eigenvectors else None,
+        converged=converged,
+        residuals=residuals,
+        num_matvecs=m,
+        error_bounds=bounds,
+        basis=basis[:m] if keep_basis else None,
+        products=products[:m].to(op.dtype) if keep_basis else None,
+        tridiagonal=t if keep_basis else None,
+    )
+
+
 def _start_vector(op, start: Optional[torch.Tensor], seed: Optional[int]) -> torch.Tensor:
     """The normalised start: ``start`` (``[n]``, or ``[p, n]`` previous eigenvectors, summed), else random."""
     n = op.size
@@ -199,6 +285,7 @@ def top_eigenvalues(
     return_eigenvectors: bool = False,
     start: Optional[torch.Tensor] = None,
     keep_basis: bool = False,
+    block_start: bool = False,
     **operator_kwargs,
 ) -> EigenResult:
     """The ``k`` largest Hessian eigenvalues of ``objective`` (or of an operator / square matrix).
@@ -216,7 +303,10 @@ def top_eigenvalues(
         return_eigenvectors: also return ``[k, n]`` eigenvector estimates.
         start: a start vector ``[n]`` (e.g. the previous measurement's top eigenvector, which
             makes tracking ``lambda_max`` during training cheap), or ``[p, n]`` previous
-            eigenvectors (summed); default random.
+            eigenvectors (summed, or with ``block_start`` each one a first direction of the
+            search space); default random.
+        block_start: start from all rows of a ``[p, n]`` ``start`` (``p`` matvecs), not their sum:
+            a top pair that swapped places since they were computed is then resolved at once.
         keep_basis: also return the Lanczos vectors and their products (``basis``, ``products``).
 
     Example:
@@ -236,5 +326,5 @@ def top_eigenvalues(
     with getattr(op, "measuring", contextlib.nullcontext)():
         return lanczos(
             op, k, which=which, tol=tol, max_iter=max_iter, seed=seed, return_eigenvectors=return_eigenvectors,
-            start=start, keep_basis=keep_basis,
+            start=start, keep_basis=keep_basis, block_start=block_start,
         )

@@ -405,3 +405,86 @@ def test_hessian_trace_takes_the_hvp_kernel_and_the_estimator_by_separate_names(
     assert new.value == pytest.approx(exact, rel=1e-9) and old.value == pytest.approx(exact, rel=1e-9)
     with pytest.raises(ValueError, match="unknown HVP method"):
         hessian_trace(obj, num_matvecs=9, hvp_method="hutch++")  # reaches the operator, not the estimator
+
+
+def _swapping_pair(n=200, steps=10, seed=0):
+    """A slowly rotating matrix whose top two eigenvalues (1.5% apart) cross between measurements 1 and 2."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    skew = torch.randn(n, n, generator=g, dtype=torch.float64)
+    rotation = torch.linalg.matrix_exp(0.01 * (skew - skew.T) / math.sqrt(n))
+    rest = torch.cat([torch.tensor([6.0, 5.0, 4.0], dtype=torch.float64), torch.linspace(-1.0, 1.0, n - 5, dtype=torch.float64)])
+    for t in range(steps):
+        eig = torch.cat([torch.tensor([10.0 + 0.15 * t, 10.15 - 0.05 * t], dtype=torch.float64), rest])
+        yield basis @ torch.diag(eig) @ basis.T
+        basis = rotation @ basis
+
+
+def test_tracked_lanczos_follows_a_top_pair_that_swaps_places():
+    from dynscope.tracking import CurvatureTracker
+
+    for seed in range(2):
+        runs = {gap: CurvatureTracker(trace_matvecs=4, sketch=0, eigen_tol=1e-2, swap_gap=gap, seed=seed) for gap in (None, 0.0)}
+        errors = {gap: [] for gap in runs}
+        for t, A in enumerate(_swapping_pair(seed=seed)):
+            lam = float(torch.linalg.eigvalsh(A)[-1])
+            cold = top_eigenvalues(A, which="LA", tol=1e-2, seed=seed * 100 + t)  # (can stop at either of the pair)
+            for gap, tracker in runs.items():
+                got = tracker.measure(MatrixOperator(A), seed=seed * 100 + t).eigen
+                errors[gap].append(abs(got.value - lam) / lam)
+                if gap is None:  # the default: the pair is carried and used as a block start while it is close
+                    assert errors[gap][-1] <= 0.01 and got.converged
+                    if t > 0:
+                        assert got.num_matvecs <= min(cold.num_matvecs, 4)  # cold: 4-9
+        # from the old top vector alone, Lanczos converges to the new second eigenvalue and stops there
+        assert max(errors[0.0]) > 0.05
+    with pytest.raises(ValueError, match="swap_gap"):
+        CurvatureTracker(swap_gap=-1.0)
+
+
+def test_block_warm_start_is_lanczos_from_one_vector_and_exact_on_an_invariant_subspace():
+    A = _spd(40, seed=3)
+    v = torch.randn(2, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    from dynscope.eigen import _block_warm_start, lanczos
+
+    one = lanczos(MatrixOperator(A), 1, which="LA", tol=1e-6, start=v[0])
+    # a block start from v[0] and a multiple of it (dropped): the same Krylov space, the same steps
+    same = _block_warm_start(MatrixOperator(A), 1, torch.stack([v[0], 2 * v[0]]), which="LA", tol=1e-6, max_iter=100,
+                             return_eigenvectors=False, keep_basis=False)
+    assert same.num_matvecs == one.num_matvecs and same.value == pytest.approx(one.value, rel=1e-10)
+    spectrum, vectors = torch.linalg.eigh(A)
+    exact = top_eigenvalues(A, k=2, which="LA", tol=1e-8, start=vectors[:, -2:].T.flip(0), block_start=True)
+    assert exact.num_matvecs == 2 and exact.converged  # the start spans an invariant subspace
+    assert exact.eigenvalues == pytest.approx(spectrum[-2:].flip(0).tolist(), rel=1e-10)
+    assert exact.error_bounds == pytest.approx([0.0, 0.0], abs=1e-8 * float(spectrum[-1]))
+
+
+def test_tracking_lambda_max_along_a_training_trajectory_against_torch_func_hessian():
+    from torch.func import functional_call, hessian
+
+    from dynscope.tracking import CurvatureTracker
+
+    torch.manual_seed(0)
+    net = mlp((6, 16, 4)).double()
+    x, y = classification_data(96, (6,), classes=4, seed=5)
+    x = x.double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9)
+    tracker = CurvatureTracker(trace_matvecs=4, sketch=0, eigen_tol=1e-2, memory="auto")
+    warm, cold = [], []
+    for step in range(50):
+        opt.zero_grad()
+        F.cross_entropy(net(x[step % 3 * 32 :][:32]), y[step % 3 * 32 :][:32]).backward()
+        opt.step()
+        if step % 5:
+            continue
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        h = hessian(lambda p: F.cross_entropy(functional_call(net, p, (x[:24],)), y[:24]))(params)
+        names, sizes = list(params), [v.numel() for v in params.values()]
+        H = torch.cat([torch.cat([h[a][b].reshape(sa, sb) for b, sb in zip(names, sizes)], 1) for a, sa in zip(names, sizes)])
+        lam = float(torch.linalg.eigvalsh(H)[-1])
+        obj = Objective(net, F.cross_entropy, (x[:24], y[:24]))
+        got = tracker.measure(obj, seed=step).eigen
+        assert got.converged and abs(got.value - lam) <= 0.01 * lam
+        cold.append(top_eigenvalues(obj, which="LA", tol=1e-2, seed=step).num_matvecs)
+        warm.append(got.num_matvecs)
+    assert max(warm[1:]) <= 8 and sum(warm[1:]) < sum(cold[1:])
