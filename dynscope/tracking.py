@@ -20,35 +20,12 @@ measurement learnt for the next:
 
 What tracking buys depends on how much of the Hessian persists between measurements, so
 ``Curvature`` measures on a fixed evaluation set when it tracks (a new batch changes the Hessian by
-batch noise, which no tracking removes). On a slowly drifting matrix: 3 Lanczos HVPs for 1% and
-a trace within 1% from 4 + 4 HVPs (tests/test_estimators.py). Along 200 SGD steps (momentum 0.9)
-measured every 20 steps on a fixed set (``benchmarks/bench_tracking.py``, 4 probe seeds, 10
-measurements after the first, exact references), tracked vs cold, per measurement:
+batch noise, which no tracking removes).
 
-* MLP 85k, 16 samples (``DynScope``'s default): Lanczos 9 HVPs (at most 15) vs 14, all within 1%;
-  trace (8 HVPs) median error 20% vs 36%; CPU time 0.68x;
-* MLP 85k, 128 samples: 9 vs 12 HVPs; trace 9% vs 11% (fixed ``memory=0.7``: 6.7%);
-* MLP 2k, 512 samples: 3 (at most 8) vs 9 HVPs, 100% within 1% vs 95% (from the top eigenvector
-  alone: 88%, the top pair, 1% apart at the first measurement, swaps and the warm start converges
-  to the new second eigenvalue); trace 4.1% vs 8.7%; CPU time 0.6x;
-* CNN+BN (eval mode), 16 samples: 5-6 vs 6 HVPs (at most 14; 100% within 1% vs 90%); trace 5.1% vs 7.3% (its Hessian jumps up to 40x in
-  Frobenius norm between measurements: a fixed ``memory=0.7`` then errs by 435%).
-
-The first measurement, which resolves the top pair, costs 18-29 HVPs (cold: 10-18).
-``lambda_max`` in <= 8 HVPs on the 85k MLP is not reached: from the warm start the Ritz value is
-within 1% after a median 5 HVPs (at most 12), and the stopping rule confirms it after 9 (its true
-error then is at most 0.16%: the gap to the clustered next eigenvalues, 6% away, is estimated from
-Ritz values that have not converged). Rules that stop earlier (one step instead of two; half the
-previous measurement's gap as a floor for ``r^2/gap``) save one HVP there but let 10-20% of the 2k
-MLP's measurements err by more than 1%; starting from the previous top 2-3 vectors as a block
-costs one more.
-
-The trace to 5% with 8 HVPs is out of reach on the 85k MLP for any 8-probe estimator: the spectrum
-is flat and indefinite, one probe's standard deviation is 0.25-3x the trace, so plain Hutchinson
-needs 18-323 probes for a 5% standard error on 128 samples and 143-3359 on 16; the Hessian moves
-~40% in Frobenius norm between measurements, which bounds what carried probes recover; the top of
-the spectrum holds too little of ``||H||_F^2`` for deflation to matter (deflating the whole
-Krylov space changed nothing).
+How many HVPs tracking saves, and the accuracy it reaches along a real training trajectory, are
+measured by ``benchmarks/bench_tracking.py`` against exact references; the README's curvature
+section carries the numbers, including where the targets are out of reach (a flat, indefinite
+spectrum needs far more than 8 probes for a 5% trace).
 """
 
 from __future__ import annotations
