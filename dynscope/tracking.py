@@ -41,6 +41,7 @@ Krylov space changed nothing).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -281,6 +282,12 @@ def _ritz(basis: torch.Tensor, products: torch.Tensor, orthonormal: bool = False
     vectors = w.T @ u
     # eigh's signs are arbitrary (rounding can flip them, e.g. between DDP and one process); the
     # summed start vector needs fixed ones: positive against a fixed pseudo-random direction
-    reference = torch.randn(u.shape[1], generator=torch.Generator().manual_seed(0), dtype=u.dtype).to(u.device)
+    reference = _reference(u.shape[1], u.dtype, u.device)
     signs = torch.where(vectors @ reference < 0, -1.0, 1.0).to(u.dtype)
     return values, vectors * signs[:, None]
+
+
+@functools.lru_cache(maxsize=4)
+def _reference(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The fixed pseudo-random direction that sets the Ritz vectors' signs (drawn once per size)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
