@@ -278,6 +278,8 @@ class Curvature(DiagnosticCallback):
             82.5
             >>> Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=32).expected_cost(batch_size=128)
             20.0
+            >>> round(Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=16, eval_batches=1).expected_cost(batch_size=128), 6)
+            15.0
         """
         declared = getattr(self, "expected_steps", None)
         if declared is not None:
@@ -285,10 +287,10 @@ class Curvature(DiagnosticCallback):
         lanczos = self.eigen_max_iter / 2
         matvecs = self.num_matvecs + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
         matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)
-        fraction = 1.0
-        if self.sub_batch is not None and batch_size and not self.eval_batches:
-            fraction = 0.2 + 0.8 * min(1.0, self.sub_batch / batch_size)
-        return 2.5 * matvecs * fraction * (self.eval_batches or 1)
+        fraction = float(self.eval_batches or 1)  # batches measured on; a sub-batch slices the evaluation set too
+        if self.sub_batch is not None and batch_size:
+            fraction = 0.2 + 0.8 * min(fraction, self.sub_batch / batch_size)
+        return 2.5 * matvecs * fraction
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.eval_batches and self.eval_data == "val" and not self._eval:

@@ -31,6 +31,7 @@ spectrum needs far more than 8 probes for a 5% trace).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 
 from .eigen import EigenResult, lanczos
 from .hvp import as_operator
-from .trace import RademacherProbes, TraceResult, deflated_hutchinson, orthonormalize
+from .trace import RademacherProbes, TraceResult, _blocks, deflated_head, deflated_hutchinson, orthonormalize, projected_forms
 
 
 @dataclass
@@ -176,7 +177,8 @@ class CurvatureTracker:
             _, w = torch.linalg.eigh(eigen.tridiagonal)
             w = w[:, -max(self.sketch, 1) :].T
             basis, products = orthonormalize(
-                torch.cat([w @ eigen.basis.double(), *extra]), torch.cat([w @ eigen.products.double(), *extra_products])
+                torch.cat([w @ eigen.basis.double(), *extra]),
+                torch.cat([(w.to(eigen.products.dtype) @ eigen.products).double(), *extra_products]),
             )
             if self.memory == "auto" or self.memory > 0:
                 trace = self._carried_trace(op, basis, products, carried, seed)
@@ -219,18 +221,13 @@ class CurvatureTracker:
         if carried is not None:
             rows.append(RademacherProbes(carried["total"], n, carried["seed"]).rows(carried["first"], carried["total"]))
         rows.append(RademacherProbes(num_fresh, n, seed).rows(0, num_fresh))
-        z = torch.cat(rows).to(device=op.device, dtype=torch.float64)
-        if u.shape[0]:
-            z = z - (z @ u.T) @ u
-        hz = op.matmat(z.to(op.dtype)).double()
-        t = u @ hu.T
-        t = (t + t.T) / 2
+        blocks = _blocks(op)
+        t, head_layers = deflated_head(u, hu, blocks)
         head = float(torch.trace(t))
-        head_rows = 2 * (u * hu).sum(0) - ((t @ u) * u).sum(0)
-        forms = z * hz  # [m, n]: per probe and coordinate
+        forms = projected_forms(op, torch.cat(rows), u, blocks)  # [m, blocks]: per probe and tensor
         q = forms.sum(1)
         layout = getattr(op, "layout", None)
-        blocks = (lambda v: {k: float(x) for k, x in layout.block_sums(v).items()}) if layout is not None else (lambda v: {})
+        named = (lambda v: OrderedDict(zip(layout.names, map(float, v)))) if layout is not None else (lambda v: {})
         k = 0 if carried is None else carried["count"]
         q_c, q_f = q[:k], q[k:]
         wgt = self.memory
@@ -248,13 +245,13 @@ class CurvatureTracker:
         settled = (share - c) ** 2 * fresh_pooled / (num_fresh - keep) if num_fresh > keep else 0.0
         settled_w = settled**2 / (num_fresh - 1)
         fresh_var = c**2 * fresh_pooled / keep
-        fresh_layers = blocks(forms[k:].mean(0))
+        fresh_layers = named(forms[k:].mean(0))
         if carried is None:
             tail, tail_layers = fresh_mean, fresh_layers
         else:
             change = float((q_c - carried["q"]).mean())
             tail = wgt * (carried["tail"] + change) + share * fresh_mean
-            delta_layers = blocks(forms[:k].mean(0))
+            delta_layers = named(forms[:k].mean(0))
             tail_layers = {
                 name: wgt * (carried["tail_layers"][name] + delta_layers[name] - carried["layers"][name]) + share * fresh_layers[name]
                 for name in fresh_layers
@@ -275,10 +272,10 @@ class CurvatureTracker:
         carried_rows = forms[len(q) - keep :]
         self._carried = dict(
             size=n, seed=seed, total=num_fresh, first=num_fresh - keep, count=keep, coef=c,
-            q=q[len(q) - keep :].clone(), layers=blocks(carried_rows.mean(0)),
+            q=q[len(q) - keep :].clone(), layers=named(carried_rows.mean(0)),
             tail=tail, tail_layers=tail_layers, settled=settled, settled_w=settled_w, next_memory=next_memory,
         )
-        head_layers = blocks(head_rows)
+        head_layers = named(head_layers)
         per_layer = OrderedDict((name, head_layers[name] + tail_layers[name]) for name in head_layers)
         return TraceResult(
             value=head + tail, stderr=math.sqrt(variance) if variance >= 0 else math.nan, per_layer=per_layer,
@@ -310,6 +307,12 @@ def _ritz(basis: torch.Tensor, products: torch.Tensor, orthonormal: bool = False
     vectors = w.T @ u
     # eigh's signs are arbitrary (rounding can flip them, e.g. between DDP and one process); the
     # summed start vector needs fixed ones: positive against a fixed pseudo-random direction
-    reference = torch.randn(u.shape[1], generator=torch.Generator().manual_seed(0), dtype=u.dtype).to(u.device)
+    reference = _reference(u.shape[1], u.dtype, u.device)
     signs = torch.where(vectors @ reference < 0, -1.0, 1.0).to(u.dtype)
     return values, vectors * signs[:, None]
+
+
+@functools.lru_cache(maxsize=4)
+def _reference(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The fixed pseudo-random direction that sets the Ritz vectors' signs (drawn once per size)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
