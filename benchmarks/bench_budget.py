@@ -30,8 +30,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
 
@@ -41,10 +39,10 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytorch_lightning as pl  # noqa: E402
 
 from bench_curvature import SmallTransformer, mlp  # noqa: E402
-from bench_overhead import Module, image_data, small_cnn, token_data, vector_data  # noqa: E402
+import bench_overhead  # noqa: E402
+from bench_overhead import image_data, small_cnn, token_data, vector_data  # noqa: E402
 from dynscope.callbacks import DynScope  # noqa: E402
 
 
@@ -70,21 +68,8 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable, int, float]] = {
 
 
 def fit(name: str, steps: int, scope: Optional[DynScope]) -> Tuple[float, float]:
-    """Wall and CPU seconds of one fit of ``steps`` steps."""
-    factory, data, batch, lr = MODELS[name]
-    torch.manual_seed(0)
-    module = Module(factory(), lr)
-    x, y = data()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True)
-    with tempfile.TemporaryDirectory() as logs:
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_steps=steps, callbacks=[scope] if scope else [],
-            logger=pl.loggers.TensorBoardLogger(logs), enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        wall, cpu = time.perf_counter(), time.process_time()
-        trainer.fit(module, loader)
-        return time.perf_counter() - wall, time.process_time() - cpu
+    """Wall and CPU seconds of one fit of this benchmark's model ``name``."""
+    return bench_overhead.fit(name, steps, scope, models=MODELS)
 
 
 def run(name: str, steps: int, repeats: int, budget: float) -> None:
