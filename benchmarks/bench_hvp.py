@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_noise import _status_kib  # the same /proc reader for peak memory
 from dynscope import Objective, hessian_trace
 
 try:
@@ -133,14 +134,6 @@ def cpu_medians(fns, repeats):
                 fn()
                 times[name].append(time.process_time() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _memory_child(spec_json: str) -> None:
