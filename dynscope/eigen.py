@@ -51,6 +51,11 @@ class EigenResult:
         return self.eigenvalues[0]
 
 
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+#: the smallest relative tolerance for which :func:`lanczos` keeps its basis in float32
+_FLOAT32_TOL = 1e-4
+
+
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     key = theta.abs() if which == "LM" else theta
     return torch.argsort(key, descending=True)[:k]
@@ -115,14 +120,19 @@ def lanczos(
     if block_start and start is not None and start.dim() == 2 and start.shape[0] > 1 and start.shape[1] == n and float(start.norm()) > 0:
         return _block_warm_start(op, k, start, which=which, tol=tol, max_iter=max_iter,
                                  return_eigenvectors=return_eigenvectors, keep_basis=keep_basis)
-    q = _start_vector(op, start, seed)
-    basis = torch.empty(min(max_iter, 16), n, dtype=torch.float64, device=op.device)  # grows by doubling
+    # the basis in the operator's float32 when the tolerance allows it: rounding then perturbs the
+    # Ritz values by ~1e-6 |theta_max|, far below tol (the bound below adds it), at half the memory
+    # traffic of float64 in the reorthogonalisation, which dominates the cost of a step
+    dtype = torch.float32 if op.dtype in _LOW and tol >= _FLOAT32_TOL else torch.float64
+    q = _start_vector(op, start, seed).to(dtype)
+    basis = torch.empty(min(max_iter, 32), n, dtype=dtype, device=op.device)  # grows by doubling
     products: List[torch.Tensor] = []
     alphas, betas = [], []
     theta = s = None
     residuals: List[float] = []
     bounds: List[float] = []
     converged = met_before = False
+    rounding = 0.0 if dtype == torch.float64 else 16 * torch.finfo(dtype).eps
     for j in range(max_iter):
         if j == basis.shape[0]:
             basis = torch.cat([basis, torch.empty_like(basis[: min(j, max_iter - j)])])
@@ -130,23 +140,24 @@ def lanczos(
         hq = op.matmat(q.to(op.dtype).unsqueeze(0))[0]
         if keep_basis:
             products.append(hq)
-        w = hq.double()
-        alpha = float(w @ q)
+        w = hq.to(dtype)
+        alpha = float(torch.dot(w, q))
         alphas.append(alpha)
-        # full reorthogonalisation; a second pass only when the first cancelled most of w
-        # ("twice is enough", Parlett/Kahan: then the rounding of the first pass matters)
+        # full reorthogonalisation in one fused pass; a second pass only when the first cancelled
+        # most of w ("twice is enough", Parlett/Kahan: then the rounding of the first pass matters)
+        v = basis[: j + 1]
         before = float(w.norm())
-        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = torch.addmv(w, v.T, v @ w, alpha=-1)
         beta = float(w.norm())
         if beta < 0.7 * before:
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+            w = torch.addmv(w, v.T, v @ w, alpha=-1)
             beta = float(w.norm())
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:
             off = torch.tensor(betas, dtype=torch.float64)
             t += torch.diag(off, 1) + torch.diag(off, -1)
         theta, s = torch.linalg.eigh(t)
-        if beta < 1e-12 * max(1.0, abs(alpha)):  # invariant subspace: the Ritz values are exact
+        if beta < max(1e-12, rounding) * max(1.0, abs(alpha)):  # invariant subspace: the Ritz values are exact
             converged = j + 1 >= k
             top = _select(theta, min(k, j + 1), which)
             residuals = bounds = [0.0] * len(top)
@@ -155,7 +166,7 @@ def lanczos(
             all_res = (beta * s[-1, :]).abs()
             top = _select(theta, k, which)
             residuals = [float(all_res[i]) for i in top]
-            bound = error_bounds(theta, all_res)
+            bound = error_bounds(theta, all_res) + rounding * float(theta.abs().max())
             bounds = [float(bound[i]) for i in top]
             met = all(b <= tol * max(abs(float(theta[i])), 1e-30) for b, i in zip(bounds, top))
             if met and met_before:
@@ -168,7 +179,7 @@ def lanczos(
     top = _select(theta, min(k, m), which)
     vectors = None
     if return_eigenvectors:
-        vectors = (s[:, top].T @ basis[:m]).to(op.dtype)
+        vectors = (s[:, top].T.to(dtype) @ basis[:m]).to(op.dtype)
     return EigenResult(
         eigenvalues=[float(theta[i]) for i in top],
         eigenvectors=vectors,
