@@ -488,3 +488,29 @@ def test_tracking_lambda_max_along_a_training_trajectory_against_torch_func_hess
         cold.append(top_eigenvalues(obj, which="LA", tol=1e-2, seed=step).num_matvecs)
         warm.append(got.num_matvecs)
     assert max(warm[1:]) <= 8 and sum(warm[1:]) < sum(cold[1:])
+
+
+@pytest.mark.parametrize("which", ["LM", "LA"])
+def test_lanczos_float32_basis_meets_its_bound(which):
+    # a float32 operator at a loose tolerance runs Lanczos on a float32 basis: the Ritz values must
+    # stay within the stated bound of eigvalsh's (rounding included) and the run must be reproducible
+    from dynscope.eigen import lanczos
+
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    eig = torch.cat([torch.tensor([-9.0, 8.5, 7.0]), torch.rand(n - 3, generator=g, dtype=torch.float64) * 6 - 3])
+    A = (U @ torch.diag(eig) @ U.T).float()
+    exact = torch.linalg.eigvalsh(A.double())
+    exact = sorted(exact.tolist(), key=abs if which == "LM" else (lambda v: v), reverse=True)
+    op = MatrixOperator(A)
+    res = lanczos(op, k=2, which=which, tol=1e-3, max_iter=120, keep_basis=True)
+    assert res.converged and res.basis.dtype == torch.float32
+    gram = res.basis.double() @ res.basis.double().T
+    assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-5)
+    for value, ref, bound in zip(res.eigenvalues, exact[:2], res.error_bounds):
+        assert abs(value - ref) <= bound and abs(value - ref) <= 1e-3 * abs(ref)
+    again = lanczos(MatrixOperator(A), k=2, which=which, tol=1e-3, max_iter=120)
+    assert again.eigenvalues == res.eigenvalues and again.num_matvecs == res.num_matvecs
+    # a tolerance below float32's reach keeps the float64 basis
+    assert lanczos(op, which=which, tol=1e-6, max_iter=120, keep_basis=True).basis.dtype == torch.float64
