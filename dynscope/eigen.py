@@ -28,8 +28,8 @@ class EigenResult:
         num_matvecs: Hessian-vector products spent.
         error_bounds: the bound on each Ritz value's distance to an eigenvalue that the stopping
             rule uses, ``min(r, r^2 / gap)`` (absolute).
-        basis: ``[m, n]`` orthonormal Lanczos vectors and ``products`` their ``H q_j`` (in the
-            operator's dtype), when asked for (``keep_basis=True``): the Krylov space spans the
+        basis: ``[m, n]`` orthonormal Lanczos vectors (float32 or float64, see :func:`lanczos`) and
+            ``products`` their ``H q_j`` (in the operator's dtype), when asked for (``keep_basis=True``): the Krylov space spans the
             top of the spectrum, which a deflated trace estimate reuses for free
             (:func:`dynscope.trace.deflated_hutchinson`); ``tridiagonal`` is ``basis H basis^T``
             (``[m, m]``), from which the Ritz pairs follow without touching ``[m, n]`` data.
@@ -110,6 +110,11 @@ def lanczos(
     one has entered the Krylov space can meet the bound once; the step after it rarely does).
     What no Krylov method can certify is that no larger eigenvalue is still missing from the space;
     ``converged`` says only that the bound held.
+
+    For a float32 (or lower precision) operator and ``tol >= 1e-4`` the Lanczos vectors are kept in
+    float32 (the tridiagonal and Ritz values in float64): the reorthogonalisation, most of a step's
+    dense work, then moves half the memory; the rounding this adds (about ``2e-6 * max |theta|``) is
+    added to the bounds. Otherwise, and for float64 operators, the basis is float64.
     """
     n = op.size
     max_iter = int(min(max_iter, n))
