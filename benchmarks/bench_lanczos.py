@@ -44,10 +44,10 @@ class Diagonal(Operator):
         return vectors * self.d
 
 
-def main(argv=None) -> int:
+def main(quick: bool = False, argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=2 if quick else 7)
+    args = parser.parse_args([] if argv is None else argv)
     torch.set_num_threads(1)
     float32_tol = eigen._FLOAT32_TOL
     variants = {"float64": float("inf"), "float32": float32_tol}
@@ -112,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(argv=sys.argv[1:]))
