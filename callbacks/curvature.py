@@ -11,7 +11,7 @@ import torch
 
 from dynscope import HessianOperator, Objective
 from dynscope.curvature import adam_preconditioner, batch_slice, measure_curvature, objective_at, optimizer_hparams
-from dynscope.curvature import batch_statistics as _batch_statistics
+from dynscope.curvature import with_batch_statistics
 from dynscope.curvature import density_histogram, optimizer_scaling
 from dynscope.objective import batch_size_of
 from dynscope.optim import CoordinateClip
@@ -21,7 +21,7 @@ from dynscope.tracking import CurvatureTracker
 
 from .base import DiagnosticCallback, _detached_copy, join_batches
 from .distributed import mean_over_ranks, on_every_rank, reduce_computed
-from .protocol import find_loss_fn
+from .protocol import find_loss_fn, module_objective
 
 __all__ = ["Curvature", "adam_preconditioner", "batch_slice", "batch_statistics_objective", "objective_at",
            "optimizer_hparams"]
@@ -29,14 +29,8 @@ __all__ = ["Curvature", "adam_preconditioner", "batch_slice", "batch_statistics_
 
 def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
     """The module's objective with BatchNorm normalising by the batch (dropout off): the gradients
-    Adam's statistics come from (see :func:`dynscope.curvature.with_batch_statistics`)."""
-    fn = find_loss_fn(pl_module, loss_fn)
-
-    def loss(m, b):
-        with _batch_statistics(m):
-            return m.dynscope_loss(b) if fn is None else fn(m(b[0]), b[1])
-
-    return Objective(pl_module, sample_loss_fn=loss, batch=batch, mode="eval")
+    Adam's statistics come from: :func:`dynscope.curvature.with_batch_statistics` of the protocol's objective."""
+    return with_batch_statistics(module_objective(pl_module, batch, loss_fn, mode="eval"))
 
 
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
