@@ -34,6 +34,7 @@ def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
 
 
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
+_EXACT_TRACE_MATVECS = 3  # what the exact trace costs in HVPs, about (0.3-0.8x of 8 on the benchmark models)
 
 
 class Curvature(DiagnosticCallback):
@@ -113,6 +114,13 @@ class Curvature(DiagnosticCallback):
             half of them carried to the next measurement.
         method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` (see :func:`dynscope.hessian_trace`)
             or ``"tracked"`` (needs ``eigen``).
+        exact_trace: where the network is piecewise linear in every weight (ReLU networks: linear,
+            convolution, pooling and eval-mode BatchNorm layers, each weight used once; checked by
+            :func:`dynscope.piecewise.piecewise_linear_reason`) and the loss is cross-entropy or
+            mean squared error, ``hessian_trace`` is exact: ``tr(H) = tr(GGN)``
+            (:mod:`dynscope.gauss_newton`), with ``hessian_trace_stderr`` 0, at less than the cost of
+            8 HVPs for 10 classes; ``method`` and ``num_matvecs`` then apply only where it does not.
+            ``False``: always estimate.
         sub_batch: measure on the first ``sub_batch`` samples of each batch, or of the evaluation
             set (``None``: all).
         hvp_method: the HVP kernel (``"auto"``: chosen from the model's structure, see
@@ -167,6 +175,7 @@ class Curvature(DiagnosticCallback):
         num_matvecs: int = 32,
         method: str = "hutchinson",
         *,
+        exact_trace: bool = True,
         eigen: bool = True,
         eigen_tol: float = 1e-2,
         eigen_max_iter: int = 60,
@@ -231,6 +240,8 @@ class Curvature(DiagnosticCallback):
         ) if method == "tracked" else None
         self.num_matvecs = num_matvecs
         self.method = method
+        self.exact_trace = exact_trace
+        self._trace_exact: Optional[bool] = None  # known after the first measurement
         self.eigen = eigen
         self.eigen_tol = eigen_tol
         self.eigen_max_iter = eigen_max_iter
@@ -263,7 +274,8 @@ class Curvature(DiagnosticCallback):
     def expected_cost(self, batch_size: Optional[int] = None) -> float:
         """One measurement in training steps: about 2.5 per HVP on the full batch
         (``benchmarks/bench_curvature.py``), less on a sub-batch (a fifth of an HVP is per-call
-        overhead that does not shrink). The HVPs are the trace's, Lanczos' (counted at half its step
+        overhead that does not shrink). The HVPs are the trace's (about 3 once a measurement found it
+        exact), Lanczos' (counted at half its step
         limit), two for the sharpness, and those of the options (``lambda_min``, per-layer
         Lanczos, the spectral density).
 
@@ -279,7 +291,8 @@ class Curvature(DiagnosticCallback):
         if declared is not None:
             return float(declared)
         lanczos = self.eigen_max_iter / 2
-        matvecs = self.num_matvecs + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
+        trace = _EXACT_TRACE_MATVECS if self._trace_exact else self.num_matvecs
+        matvecs = trace + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
         matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)
         fraction = float(self.eval_batches or 1)  # batches measured on; a sub-batch slices the evaluation set too
         if self.sub_batch is not None and batch_size:
@@ -319,7 +332,7 @@ class Curvature(DiagnosticCallback):
         before, unclipped = self._update(trainer, pl_module, objective)
         result = measure_curvature(
             self._operator(objective, reduce), num_matvecs=self.num_matvecs, method=self.method, seed=self.seed,
-            probe_seed=self.seed + step, tracker=self.tracker, eigen=self.eigen, eigen_tol=self.eigen_tol,
+            probe_seed=self.seed + step, tracker=self.tracker, exact_trace=self.exact_trace, eigen=self.eigen, eigen_tol=self.eigen_tol,
             eigen_max_iter=self.eigen_max_iter, num_eigenvalues=self.num_eigenvalues, lambda_min=self.lambda_min,
             layer_eigen=self.layer_eigen, density=self.density, density_probes=self.density_probes,
             density_steps=self.density_steps, scaling=self._scaling(trainer, objective),
@@ -330,6 +343,7 @@ class Curvature(DiagnosticCallback):
             gradient_of=None if reduce is None else (lambda obj: _reduced_gradient(obj, reduce)),
             eigenvector=self._eigvec, preconditioned_eigenvector=self._pre_eigvec,
         )
+        self._trace_exact = result.trace.method == "exact"
         if result.eigenvector is not None:
             self._eigvec = result.eigenvector
         if result.preconditioned_eigenvector is not None:

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .eigen import top_eigenvalues
+from .gauss_newton import exact_trace as exact_trace_of
 from .metrics import CURVATURE as METRICS  # noqa: F401 - what this diagnostic logs (declared in dynscope.metrics)
 from .objective import Objective
 from .operators import HessianOperator, as_operator
@@ -259,6 +260,7 @@ def measure_curvature(
     seed: int = 0,
     probe_seed: Optional[int] = None,
     tracker=None,
+    exact_trace: bool = True,
     eigen: bool = True,
     eigen_tol: float = 1e-2,
     eigen_max_iter: int = 60,
@@ -294,6 +296,10 @@ def measure_curvature(
         seed: seed of the Lanczos starts (``lambda_min``: ``seed + 1``); ``probe_seed`` (default
             ``seed``): of the trace and spectral-density probes.
         tracker: a :class:`dynscope.tracking.CurvatureTracker`: trace and ``lambda_max`` from it.
+        exact_trace: where the network is piecewise linear in every weight (ReLU networks, see
+            :mod:`dynscope.piecewise`) and the loss is cross-entropy or mean squared error, take
+            ``tr(H) = tr(GGN)`` exactly (:func:`dynscope.gauss_newton.exact_trace`, ``stderr = 0``,
+            ``trace.method == "exact"``) instead of estimating it; the tracker then only runs Lanczos.
         eigen, eigen_tol, eigen_max_iter, num_eigenvalues: ``lambda_max`` and the top
             ``num_eigenvalues`` (Lanczos, to relative accuracy ``eigen_tol``).
         lambda_min, layer_eigen, density, density_probes, density_steps: the most negative
@@ -336,8 +342,12 @@ def measure_curvature(
     uniform_sgd = scaling is not None and scaling.kind == "sgd" and scaling.uniform
     out: Dict[str, float] = {}
 
-    tracked = tracker.measure(op, seed=probe_seed) if tracker is not None else None
-    trace = tracked.trace if tracked is not None else hessian_trace(op, num_matvecs, method=method, seed=probe_seed)
+    trace = None
+    if exact_trace and objective is not None:
+        trace, _ = exact_trace_of(objective, reduce=getattr(op, "reduce", None))
+    tracked = tracker.measure(op, seed=probe_seed, trace=trace is None) if tracker is not None else None
+    if trace is None:
+        trace = tracked.trace if tracked is not None else hessian_trace(op, num_matvecs, method=method, seed=probe_seed)
     result = CurvatureResult(trace, out)
     out["trace_ratio"] = lr * trace.value / 2.0
 

@@ -14,6 +14,7 @@ from typing import Dict, List, Literal, Optional, Sequence
 import torch
 
 from .hvp import as_operator, block_dots
+from .objective import Objective
 
 
 @dataclass
@@ -390,7 +391,7 @@ def deflated_hutchinson(
 def hessian_trace(
     objective,
     num_matvecs: int = 32,
-    method: Literal["hutchinson", "hutch++", "xtrace"] = "hutchinson",
+    method: Literal["hutchinson", "hutch++", "xtrace", "exact", "auto"] = "hutchinson",
     seed: Optional[int] = None,
     *,
     estimator: Optional[str] = None,
@@ -412,6 +413,10 @@ def hessian_trace(
             ``rank(H) < m/2`` (Hutch++: ``rank(H) <= m/3``) and its error falls faster than
             Hutch++'s as the budget grows (on the curvature benchmark's MLP about the same from
             16 to 64 matvecs, lower above, higher below).
+            ``"exact"``: ``tr(H) = tr(GGN)`` of a piecewise-linear network, exactly and without
+            probes (:func:`dynscope.gauss_newton.gauss_newton_trace`; raises
+            :class:`~dynscope.gauss_newton.NotExact` with the reason where it does not apply);
+            ``"auto"``: ``"exact"`` where it applies, ``"hutchinson"`` elsewhere.
             ``estimator=`` is the same choice under an unambiguous name (it wins when given).
         seed: seed of the probe vectors (a private generator; the global RNG is untouched).
             Use the same seed on every data-parallel rank.
@@ -437,6 +442,15 @@ def hessian_trace(
     method = estimator or method
     if hvp_method is not None:
         operator_kwargs["method"] = hvp_method
+    if method in ("exact", "auto"):
+        from .gauss_newton import NotExact, exact_trace  # noqa: PLC0415 - gauss_newton imports this module
+
+        result, reason = exact_trace(objective) if isinstance(objective, Objective) else (None, "the target is not an Objective")
+        if result is not None:
+            return result
+        if method == "exact":
+            raise NotExact(reason)
+        method = "hutchinson"
     if method == "hutchinson":
         estimate = hutchinson
     elif method in ("hutch++", "hutchpp"):
@@ -444,6 +458,6 @@ def hessian_trace(
     elif method == "xtrace":
         estimate = xtrace
     else:
-        raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'xtrace', got {method!r}")
+        raise ValueError(f"method must be 'hutchinson', 'hutch++', 'xtrace', 'exact' or 'auto', got {method!r}")
     op = as_operator(objective, **operator_kwargs)
     return estimate(op, num_matvecs, seed)

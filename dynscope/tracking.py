@@ -46,14 +46,14 @@ from .trace import RademacherProbes, TraceResult, _blocks, deflated_head, deflat
 
 @dataclass
 class TrackedCurvature:
-    """One measurement of :class:`CurvatureTracker`: the top eigenvalue and the trace."""
+    """One measurement of :class:`CurvatureTracker`: the top eigenvalue and the trace (None when not asked for)."""
 
     eigen: EigenResult
-    trace: TraceResult
+    trace: Optional[TraceResult]
 
     @property
     def num_matvecs(self) -> int:
-        return self.eigen.num_matvecs + self.trace.num_matvecs
+        return self.eigen.num_matvecs + (self.trace.num_matvecs if self.trace is not None else 0)
 
 
 class CurvatureTracker:
@@ -142,8 +142,13 @@ class CurvatureTracker:
         self.sketch_vectors: Optional[torch.Tensor] = None  # [sketch, n], orthonormal rows
         self.num_measurements = 0
 
-    def measure(self, target, seed: Optional[int] = None, **operator_kwargs) -> TrackedCurvature:
-        """Measure ``lambda_max`` and ``tr(H)`` of ``target`` (an Objective, operator or matrix)."""
+    def measure(self, target, seed: Optional[int] = None, trace: bool = True, **operator_kwargs) -> TrackedCurvature:
+        """Measure ``lambda_max`` and ``tr(H)`` of ``target`` (an Objective, operator or matrix).
+
+        ``trace=False``: ``lambda_max`` only (the trace is known otherwise, e.g. exactly from
+        :func:`dynscope.gauss_newton.exact_trace`); no sketch or trace products are spent and
+        ``trace`` of the result is ``None``.
+        """
         op = as_operator(target, **operator_kwargs)
         n = op.size
         seed = self.seed + self.num_measurements if seed is None else seed
@@ -160,7 +165,7 @@ class CurvatureTracker:
         carried = self._carried if self._carried is not None and self._carried["size"] == n else None
         with getattr(op, "measuring", contextlib.nullcontext)():
             extra, extra_products = [], []
-            if sketch is not None and sketch.shape[0]:
+            if trace and sketch is not None and sketch.shape[0]:
                 products = op.matmat(sketch.to(device=op.device, dtype=op.dtype)).double()
                 extra, extra_products = [sketch.to(op.device).double()], [products]
                 values, vectors = _ritz(extra[0], products)
@@ -172,6 +177,8 @@ class CurvatureTracker:
             # the top two Ritz pairs, carried to the next measurement
             ritz, w_all = torch.linalg.eigh(eigen.tridiagonal)
             top2 = w_all[:, -2:].T.flip(0) @ eigen.basis.double() if ritz.shape[0] >= 2 else None
+            if not trace:
+                return self._finish(eigen, ritz, top2, k, None)
             # the top Ritz vectors of the Krylov space (their products are combinations of the
             # Lanczos products) and the sketch span the deflated subspace: at most 2 * sketch + 1 rows
             _, w = torch.linalg.eigh(eigen.tridiagonal)
@@ -185,6 +192,13 @@ class CurvatureTracker:
             else:
                 trace = deflated_hutchinson(op, self.trace_matvecs, basis, products, seed=seed, orthonormal=True)
         trace.num_matvecs += sum(e.shape[0] for e in extra)
+        if self.sketch:
+            _, vectors = _ritz(basis, products, orthonormal=True)
+            self.sketch_vectors = vectors[-self.sketch :].detach()
+        return self._finish(eigen, ritz, top2, k, trace)
+
+    def _finish(self, eigen, ritz: torch.Tensor, top2: Optional[torch.Tensor], k: int, trace: Optional[TraceResult]) -> TrackedCurvature:
+        """Keep the warm starts for the next measurement; drop the Krylov basis."""
         self.eigenvector = eigen.eigenvectors[0].detach()
         if top2 is not None:
             self.pair = top2.to(eigen.eigenvectors.dtype).detach()
@@ -194,9 +208,6 @@ class CurvatureTracker:
         if k > 1:  # the second value was asked for only to resolve the pair; converged stays the stricter k=2 verdict
             eigen.eigenvalues, eigen.residuals, eigen.error_bounds = eigen.eigenvalues[:1], eigen.residuals[:1], eigen.error_bounds[:1]
             eigen.eigenvectors = eigen.eigenvectors[:1]
-        if self.sketch:
-            _, vectors = _ritz(basis, products, orthonormal=True)
-            self.sketch_vectors = vectors[-self.sketch :].detach()
         self.num_measurements += 1
         eigen.basis = eigen.products = eigen.tridiagonal = None  # not kept: [m, n] each
         return TrackedCurvature(eigen=eigen, trace=trace)

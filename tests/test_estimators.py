@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dynscope import MatrixOperator, Objective, ScaledOperator, directional_sharpness, hessian_trace, top_eigenvalues
+from dynscope.gauss_newton import NotExact
 from dynscope.sharpness import clip_top_coordinates
 from dynscope.trace import xtrace
 from models import TinyTransformer, classification_data, mlp
@@ -262,7 +263,10 @@ def test_coordinate_clipping():
 def test_estimator_arguments_are_checked():
     A = torch.eye(3)
     with pytest.raises(ValueError, match="method"):
+        hessian_trace(A, method="exactly")
+    with pytest.raises(NotExact, match="not an Objective"):  # the exact trace needs the network, not a matrix
         hessian_trace(A, method="exact")
+    assert hessian_trace(A, num_matvecs=4, method="auto").method == "hutchinson"
     with pytest.raises(ValueError, match="at least 3"):
         hessian_trace(A, num_matvecs=2, method="hutch++")
     with pytest.raises(ValueError, match="XTrace needs at least 4"):

@@ -41,7 +41,8 @@ def exact_at(weights, batch):
 
 
 def test_tracked_curvature_on_a_sub_batch_matches_the_exact_hessian_of_that_slice():
-    callback = Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2, sub_batch=6, strict=True)
+    callback = Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2, sub_batch=6, strict=True,
+                         exact_trace=False)
     weights, logged = run(callback)
     assert sorted(logged) == [1, 2, 4, 6, 8]
     z_scores = []
@@ -68,7 +69,7 @@ def test_sub_batch_larger_than_the_batch_measures_the_whole_batch():
 
 
 def test_tracking_state_survives_a_checkpoint():
-    first = Curvature(every_n_steps=2, method="tracked", num_matvecs=6, strict=True)
+    first = Curvature(every_n_steps=2, method="tracked", num_matvecs=6, strict=True, exact_trace=False)
     run(first, steps=4)
     state = first.state_dict()
     second = Curvature(every_n_steps=2, method="tracked", num_matvecs=6, strict=True)
@@ -84,7 +85,7 @@ def test_tracking_state_survives_a_checkpoint():
 def test_tracked_curvature_on_a_fixed_measurement_set_carries_its_probes_and_matches_the_exact_hessian():
     # as DynScope's default: a fixed slice of the first batch, probes carried between measurements
     callback = Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2, sub_batch=6,
-                         eval_batches=1, strict=True)
+                         eval_batches=1, strict=True, exact_trace=False)
     assert callback.tracker.memory == "auto" and callback.tracker.sketch == 0
     weights, logged = run(callback)
     assert sorted(logged) == [1, 2, 4, 6, 8]
@@ -100,3 +101,31 @@ def test_tracked_curvature_on_a_fixed_measurement_set_carries_its_probes_and_mat
     assert all(abs(z) < 4 for z in z_scores)
     assert callback.tracker._carried is not None and callback.tracker._carried["count"] == 4
     assert 0 < callback.tracker.last_memory <= 0.9
+
+
+def test_the_trace_of_a_relu_network_is_exact_and_the_tracker_runs_lanczos_alone():
+    # DynScope's default settings on a ReLU MLP: tr(H) = tr(GGN), no probes; lambda_max still tracked
+    callback = Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2, sub_batch=6,
+                         eval_batches=1, strict=True)
+    weights, logged = run(callback)
+    assert sorted(logged) == [1, 2, 4, 6, 8]
+    first = logged[1][1]
+    for step, (metrics, _) in logged.items():
+        H = exact_at(weights[step], (first[0][:6], first[1][:6]))
+        spectrum = torch.linalg.eigvalsh(H)
+        assert metrics["hessian_trace"] == pytest.approx(float(spectrum.sum()), rel=1e-5)
+        assert metrics["hessian_trace_stderr"] == 0.0
+        for name, block in layer_blocks(weights[step]).items():
+            assert metrics[f"hessian_trace/net.{name}"] == pytest.approx(float(H.diagonal()[block].sum()), rel=1e-5, abs=1e-7)
+        assert metrics["lambda_max"] == pytest.approx(float(spectrum[-1]), rel=1e-2)
+    assert callback.tracker.num_measurements == 5 and callback.tracker._carried is None  # no trace probes spent
+    assert callback.expected_cost() < Curvature(every_n_steps=2, method="tracked", num_matvecs=8, eigen_tol=1e-2,
+                                                sub_batch=6, eval_batches=1).expected_cost()
+
+
+def layer_blocks(weights):
+    out, start = {}, 0
+    for name, w in weights.items():
+        out[name] = slice(start, start + w.numel())
+        start += w.numel()
+    return out

@@ -1,0 +1,229 @@
+"""The exact trace of piecewise-linear networks (tr(H) = tr(GGN)) against the dense float64 Hessian, and
+the certificate that decides where it applies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynscope import Objective, hessian_trace, measure_curvature
+from dynscope.gauss_newton import MAX_OUTPUTS, NotExact, exact_trace, exact_trace_reason, gauss_newton_trace
+from dynscope.piecewise import piecewise_linear_reason
+from models import SmallCNN, mlp
+from reference import exact_hessian
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        h = h + F.relu(self.b(h))
+        return self.head(h.view(h.size(0), -1))
+
+
+class SharedInParallel(nn.Module):  # one layer on two inputs, summed: still linear in each weight
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc(x) + self.fc(2 * x)))
+
+
+class Aliased(nn.Module):  # the same layer twice in a row: quadratic in its weight
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.again = self.body
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.again(F.relu(self.body(x)))))
+
+
+class Squared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * h
+
+
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+class OpaqueCube(Cube):  # computed where no torch function mode can see it
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.from_numpy(x.detach().numpy() ** 3)
+
+
+class CustomOp(nn.Module):
+    def __init__(self, function=Cube):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.function = function
+
+    def forward(self, x):
+        return self.head(self.function.apply(self.fc(x)))
+
+
+def bn_cnn():
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(4, 3),
+    )
+    bn = net[1]
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    return net
+
+
+def conv1d_net():
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(6, 3))
+
+
+def hard(n, classes=3):
+    return torch.randint(0, classes, (n,))
+
+
+def soft(n, classes=3):
+    return torch.softmax(torch.randn(n, classes, dtype=torch.float64), 1)
+
+
+CASES = {  # name: (model, input shape, loss, targets)
+    "mlp, cross-entropy": (lambda: mlp((4, 6, 5, 3)), (4,), F.cross_entropy, hard),
+    "mlp, mean squared error": (lambda: mlp((4, 6, 3)), (4,), F.mse_loss, lambda n: torch.randn(n, 3, dtype=torch.float64)),
+    "mlp, CrossEntropyLoss with label smoothing": (lambda: mlp((4, 6, 3)), (4,), nn.CrossEntropyLoss(label_smoothing=0.1), hard),
+    "mlp, soft targets": (lambda: mlp((4, 6, 3)), (4,), F.cross_entropy, soft),
+    "residual sum, view": (Residual, (4,), F.cross_entropy, hard),
+    "one layer on two inputs": (SharedInParallel, (4,), F.cross_entropy, hard),
+    "conv + eval BatchNorm + pooling + dropout": (bn_cnn, (2, 4, 4), F.cross_entropy, hard),
+    "conv1d": (conv1d_net, (2, 4), nn.CrossEntropyLoss(), hard),
+    "SmallCNN": (SmallCNN, (1, 8, 8), F.cross_entropy, hard),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_gauss_newton_trace_is_the_hessian_trace_of_a_piecewise_linear_network(name):
+    build, shape, loss, targets = CASES[name]
+    torch.manual_seed(0)
+    net = build().double()
+    batch = (torch.randn(7, *shape, dtype=torch.float64), targets(7))
+    objective = Objective(net, loss, batch)
+    assert piecewise_linear_reason(objective) is None
+    H = exact_hessian(objective)
+    result = gauss_newton_trace(objective)
+    assert result.value == pytest.approx(float(H.diagonal().sum()), rel=1e-10)
+    for layer, block in objective.layout.slices().items():
+        assert result.per_layer[layer] == pytest.approx(float(H.diagonal()[block].sum()), rel=1e-9, abs=1e-12)
+    assert result.stderr == 0.0 and result.method == "exact" and result.num_matvecs == 0
+    chunked = gauss_newton_trace(objective, memory_cap=1)  # the vmap path one sample at a time
+    assert chunked.value == pytest.approx(result.value, rel=1e-12)
+
+
+def test_the_gauss_newton_trace_of_a_curved_network_is_not_its_hessian_trace():
+    # what the certificate guards against: with tanh the second-order term's diagonal does not vanish
+    torch.manual_seed(0)
+    net = mlp((4, 6, 3), act=nn.Tanh).double()
+    objective = Objective(net, F.cross_entropy, (torch.randn(7, 4, dtype=torch.float64), hard(7)))
+    assert "tanh" in exact_trace_reason(objective)
+    with pytest.raises(NotExact, match="tanh"):
+        gauss_newton_trace(objective)
+    ggn = gauss_newton_trace(objective, check=False).value
+    assert abs(ggn - float(exact_hessian(objective).diagonal().sum())) > 1e-3 * abs(ggn)
+
+
+REFUSED = {  # name: (objective builder, words of the reason)
+    "tanh": (lambda: Objective(mlp((4, 6, 3), act=nn.Tanh), F.cross_entropy, (torch.randn(4, 4), hard(4))), "tanh"),
+    "GELU": (lambda: Objective(mlp((4, 6, 3), act=nn.GELU), F.cross_entropy, (torch.randn(4, 4), hard(4))), "gelu"),
+    "LayerNorm": (lambda: Objective(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)), F.cross_entropy,
+                                    (torch.randn(4, 4), hard(4))), "layer_norm"),
+    "aliased module": (lambda: Objective(Aliased(), F.cross_entropy, (torch.randn(4, 4), hard(4))), "same parameter"),
+    "squared output": (lambda: Objective(Squared(), F.mse_loss, (torch.randn(4, 4), torch.randn(4, 3))), "same parameter"),
+    "custom autograd function": (lambda: Objective(CustomOp(), F.cross_entropy, (torch.randn(4, 4), hard(4))), "pow"),
+    "opaque custom autograd function": (lambda: Objective(CustomOp(OpaqueCube), F.cross_entropy, (torch.randn(4, 4), hard(4))),
+                                        "cannot follow"),
+    "BatchNorm on batch statistics": (lambda: Objective(bn_cnn(), F.cross_entropy, (torch.randn(4, 2, 4, 4), hard(4)),
+                                                        mode="train"), "batch statistics"),
+    "dropout in train mode": (lambda: Objective(mlp((4, 6, 3), dropout=0.2), F.cross_entropy, (torch.randn(4, 4), hard(4)),
+                                                mode="train"), "random mask"),
+    "weight norm": (lambda: Objective(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.ReLU(),
+                                                    nn.Linear(6, 3)), F.cross_entropy, (torch.randn(4, 4), hard(4))), "weight_norm"),
+    "class weights": (lambda: Objective(mlp((4, 6, 3)), nn.CrossEntropyLoss(weight=torch.ones(3)), (torch.randn(4, 4), hard(4))),
+                      "class weights"),
+    "ignored targets": (lambda: Objective(mlp((4, 6, 3)), F.cross_entropy, (torch.randn(4, 4), torch.tensor([0, 1, -100, 2]))),
+                        "ignored"),
+    "another loss": (lambda: Objective(mlp((4, 6, 3)), F.nll_loss, (torch.randn(4, 4), hard(4))), "neither"),
+    "sample_loss_fn": (lambda: Objective(mlp((4, 6, 3)), sample_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                                         batch=(torch.randn(4, 4), hard(4))), "sample_loss_fn"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_the_exact_trace_is_refused_with_a_reason_where_it_would_be_wrong(name):
+    build, words = REFUSED[name]
+    torch.manual_seed(0)
+    objective = build()
+    reason = exact_trace_reason(objective)
+    assert reason is not None and words in reason
+    with pytest.raises(NotExact):
+        hessian_trace(objective, method="exact")
+    fallback = hessian_trace(objective, num_matvecs=4, method="auto", seed=0)
+    assert fallback.method == "hutchinson" and fallback.num_matvecs == 4
+
+
+def test_too_many_outputs_per_sample_are_refused():
+    objective = Objective(mlp((4, 6, MAX_OUTPUTS + 1)), F.cross_entropy, (torch.randn(3, 4), hard(3, MAX_OUTPUTS + 1)))
+    with pytest.raises(NotExact, match="outputs per sample"):
+        gauss_newton_trace(objective)
+
+
+def test_the_exact_trace_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    net = bn_cnn()
+    net.train()
+    before = {n: t.clone() for n, t in net.state_dict().items()}
+    objective = Objective(net, F.cross_entropy, (torch.randn(5, 2, 4, 4), hard(5)))
+    gauss_newton_trace(objective)
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(before[n], t) for n, t in net.state_dict().items())
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_data_parallel_ranks_agree_on_the_path():
+    torch.manual_seed(0)
+    objective = Objective(mlp((4, 6, 3)).double(), F.cross_entropy, (torch.randn(6, 4, dtype=torch.float64), hard(6)))
+    alone, _ = exact_trace(objective)
+    same, reason = exact_trace(objective, reduce=lambda t: t)  # one rank's view of a mean over identical ranks
+    assert reason is None and same.value == pytest.approx(alone.value, rel=1e-12)
+    refused = torch.zeros_like(torch.tensor([1.0, *alone.per_layer.values()], dtype=torch.float64))
+    result, reason = exact_trace(objective, reduce=lambda t: (t + refused) / 2)  # the other rank cannot
+    assert result is None and "every data-parallel rank" in reason
+
+
+def test_measure_curvature_takes_the_exact_trace_and_keeps_estimating_elsewhere():
+    torch.manual_seed(0)
+    relu = Objective(mlp((4, 6, 3)).double(), F.cross_entropy, (torch.randn(8, 4, dtype=torch.float64), hard(8)))
+    exact = float(exact_hessian(relu).diagonal().sum())
+    result = measure_curvature(relu, num_matvecs=4, sharpness=False)
+    assert result.trace.method == "exact" and result.value == pytest.approx(exact, rel=1e-10)
+    estimated = measure_curvature(relu, num_matvecs=4, sharpness=False, exact_trace=False)
+    assert estimated.trace.method == "hutchinson" and estimated.trace.num_matvecs == 4
