@@ -11,6 +11,9 @@ with BatchNorm / B64, the small transformer / B64; eval mode):
 1. the trace with 32 probes: ``dynscope.hessian_trace`` vs PyHessian's ``trace(maxIter=32)``,
    curvlinops' ``hutchinson_trace`` on its ``HessianLinearOperator`` and hessian-eigenthings'
    ``hutchinson(num_samples=32)``; ratio = the best anchor's time / dynscope's (target >= 1.3x);
+   and, where the network is piecewise linear (the ReLU models), dynscope's exact trace
+   (``method="exact"``: ``tr(H) = tr(GGN)``, what ``Curvature`` logs there) with the best anchor's
+   32-probe time over its time and the anchors' relative errors against it;
 2. ``lambda_max`` to 1%, each with its HVPs and relative error against a ``tol=1e-9`` Lanczos
    reference: dynscope's Lanczos (``tol=1e-2``) from a random start ("cold") and warm-started from
    the top eigenvector 10 SGD steps (lr 0.05) earlier on the same batch (what :class:`dynscope.tracking.CurvatureTracker`
@@ -114,10 +117,14 @@ def eigenthings_loss(module, batch):
 
 
 def bench_trace(all_cases, repeats):
-    print("1. trace, 32 probes (CPU s)            dynscope   PyHessian  curvlinops  eigenthings   best anchor / dynscope (target >= 1.3x)")
+    print("1. trace, 32 probes (CPU s)            dynscope   PyHessian  curvlinops  eigenthings   best anchor / dynscope (target >= 1.3x)"
+          "   | dynscope exact   best anchor / exact   anchors' 32-probe error")
     for name, model, x, y, _ in all_cases:
         obj = Objective(model, F.cross_entropy, (x, y))
         fns = {"ours": lambda: hessian_trace(obj, 32, seed=0).value}
+        exact = hessian_trace(obj, method="auto")  # tr(H) = tr(GGN) where the network is piecewise linear
+        if exact.method == "exact":
+            fns["exact"] = lambda: hessian_trace(obj, method="exact").value
         if PyHessian:
             fns["pyhessian"] = lambda: pyhessian_trace(model, x, y, 32)
         if curvlinops:
@@ -127,10 +134,17 @@ def bench_trace(all_cases, repeats):
         if eigenthings:
             eop = eigenthings.HessianOperator(model, [(x, y)], eigenthings_loss)
             fns["eigenthings"] = lambda: eigenthings.hutchinson(eop, num_samples=32, seed=0)
-        t, _ = cpu_medians(fns, repeats)
+        t, values = cpu_medians(fns, repeats)
         cells = [f"{t[k]:9.3f}" if k in t else f"{'n/a':>9}" for k in ("ours", "pyhessian", "curvlinops", "eigenthings")]
-        best = min((v for k, v in t.items() if k != "ours"), default=float("nan"))
-        print(f"   {name:<34} {'  '.join(cells)}   {best / t['ours']:5.2f}x", flush=True)
+        best = min((v for k, v in t.items() if k not in ("ours", "exact")), default=float("nan"))
+        line = f"   {name:<34} {'  '.join(cells)}   {best / t['ours']:5.2f}x"
+        if "exact" in t:
+            errors = [abs(float(values[k]) - exact.value) / abs(exact.value) for k in ("pyhessian", "curvlinops", "eigenthings") if k in values]
+            line += (f"           | {t['exact']:9.3f}        {best / t['exact']:6.2f}x            "
+                     + (f"{min(errors):.0%}-{max(errors):.0%}" if errors else "n/a"))
+        else:
+            line += f"           | {'n/a (not piecewise linear)':>26}"
+        print(line, flush=True)
 
 
 def bench_eigen(all_cases, repeats):

@@ -43,7 +43,7 @@ from .metrics import CURVATURE as METRICS  # noqa: F401 - what this diagnostic l
 from .objective import Objective
 from .operators import HessianOperator, as_operator
 from .params import ParamDict
-from .sharpness import directional_sharpness
+from .sharpness import directional_sharpness, directional_sharpnesses
 from .spectrum import BlockOperator, NegatedOperator, SpectralDensity, spectral_density
 from .stability import (IndexOperator, StabilityOperator, StabilityScaling, UnsupportedOptimizer, minibatch_noise_factor,
                         stability_scaling)
@@ -387,12 +387,17 @@ def measure_curvature(
 
     if sharpness:
         gradient_of = gradient_of or (lambda obj: obj.gradient())
+        here = {}  # directions whose sharpness is taken at the target's parameters: one batched call
         if before is not None and objective is not None:
-            _update_sharpness(out, objective, op, hessian, before, unclipped_update)
+            update = _update_sharpness(out, objective, hessian, before, unclipped_update)
+            if update is not None:
+                here["update_sharpness_next"] = update
         if objective is not None:
             gradient = gradient_of(objective)
             if any(bool(g.any()) for g in gradient.values()):
-                out["grad_sharpness"] = directional_sharpness(op, gradient)
+                here["grad_sharpness"] = gradient
+        if here:
+            out.update(zip(here, directional_sharpnesses(op, list(here.values()))))
         sharp = _batch_sharpness(batches, hessian, gradient_of) if batches is not None else out.get("grad_sharpness")
         if sharp is not None:
             out["batch_sharpness"] = sharp
@@ -431,18 +436,20 @@ def _stability(out, op, scaling: StabilityScaling, lambda_max: float, tol: float
     return res.eigenvectors[0]
 
 
-def _update_sharpness(out, objective: Objective, op, hessian, before, unclipped) -> None:
+def _update_sharpness(out, objective: Objective, hessian, before, unclipped) -> Optional[ParamDict]:
+    """``update_sharpness`` (and ``_unclipped``) at ``before`` into ``out``; returns the update, whose
+    sharpness at the new parameters the caller takes with the gradient's (None: no update)."""
     names = objective.layout.names
     update = OrderedDict((n, objective.params[n] - before[n]) for n in names if n in before)
     if len(update) < len(names) or not any(bool(u.any()) for u in update.values()):
-        return
-    op_before = hessian(objective_at(objective, before))
-    out["update_sharpness"] = directional_sharpness(op_before, update)
-    out["update_sharpness_next"] = directional_sharpness(op, update)
+        return None
+    directions = {"update_sharpness": update}
     if unclipped is not None and all(unclipped.get(n) is not None for n in names):
         raw = OrderedDict((n, unclipped[n]) for n in names)
         if any(bool(u.any()) for u in raw.values()):
-            out["update_sharpness_unclipped"] = directional_sharpness(op_before, raw)
+            directions["update_sharpness_unclipped"] = raw
+    out.update(zip(directions, directional_sharpnesses(hessian(objective_at(objective, before)), list(directions.values()))))
+    return update
 
 
 def _batch_sharpness(batches: Iterable[Objective], hessian, gradient_of) -> Optional[float]:

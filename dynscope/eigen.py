@@ -96,6 +96,7 @@ def lanczos(
     start: Optional[torch.Tensor] = None,
     keep_basis: bool = False,
     block_start: bool = False,
+    keep_products: bool = True,
 ) -> EigenResult:
     """Lanczos on ``op`` (one matvec per iteration), stopping when the top ``k`` Ritz values are accurate.
 
@@ -110,6 +111,9 @@ def lanczos(
     one has entered the Krylov space can meet the bound once; the step after it rarely does).
     What no Krylov method can certify is that no larger eigenvalue is still missing from the space;
     ``converged`` says only that the bound held.
+
+    ``keep_basis`` keeps the Lanczos vectors, their products (unless ``keep_products=False``) and
+    the tridiagonal matrix in the result.
 
     For a float32 (or lower precision) operator and ``tol >= 1e-4`` the Lanczos vectors are kept in
     float32 (the tridiagonal and Ritz values in float64): the reorthogonalisation, most of a step's
@@ -131,7 +135,8 @@ def lanczos(
     dtype = torch.float32 if op.dtype in _LOW and tol >= _FLOAT32_TOL else torch.float64
     q = _start_vector(op, start, seed).to(dtype)
     basis = torch.empty(min(max_iter, 32), n, dtype=dtype, device=op.device)  # grows by doubling
-    products: List[torch.Tensor] = []
+    keep_products = keep_basis and keep_products
+    products = torch.empty(basis.shape[0], n, dtype=op.dtype, device=op.device) if keep_products else None
     alphas, betas = [], []
     theta = s = None
     residuals: List[float] = []
@@ -141,10 +146,12 @@ def lanczos(
     for j in range(max_iter):
         if j == basis.shape[0]:
             basis = torch.cat([basis, torch.empty_like(basis[: min(j, max_iter - j)])])
+            if keep_products:
+                products = torch.cat([products, torch.empty_like(products[: basis.shape[0] - j])])
         basis[j] = q
         hq = op.matmat(q.to(op.dtype).unsqueeze(0))[0]
-        if keep_basis:
-            products.append(hq)
+        if keep_products:
+            products[j] = hq
         w = hq.to(dtype)
         alpha = float(torch.dot(w, q))
         alphas.append(alpha)
@@ -193,7 +200,7 @@ def lanczos(
         num_matvecs=m,
         error_bounds=bounds,
         basis=basis[:m] if keep_basis else None,
-        products=torch.stack(products) if keep_basis else None,
+        products=products[:m] if keep_products else None,
         tridiagonal=t if keep_basis else None,
     )
 

@@ -9,7 +9,7 @@ the largest coordinates of the update lowers it further.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from typing import List, Mapping, Sequence
 
 import torch
 
@@ -40,22 +40,36 @@ def directional_sharpness(target, direction, **operator_kwargs) -> float:
         >>> directional_sharpness(torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([1.0, 1.0]))
         2.5
     """
+    return directional_sharpnesses(target, [direction], **operator_kwargs)[0]
+
+
+def directional_sharpnesses(target, directions: Sequence, **operator_kwargs) -> List[float]:
+    """:func:`directional_sharpness` of several directions with one batched operator call.
+
+    Example:
+        >>> import torch
+        >>> directional_sharpnesses(torch.diag(torch.tensor([1.0, 4.0])), [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])])
+        [1.0, 4.0]
+    """
     op = as_operator(target, **operator_kwargs)
-    if isinstance(direction, Mapping):
-        layout = getattr(op, "layout", None)
-        if layout is None:
-            raise ValueError("a dict direction needs an operator with a parameter layout; pass a flat vector")
-        layout.check(direction, batch_dims=0)
-        direction = layout.flatten(direction, batch_dims=0)
-    u = direction.reshape(-1).to(device=op.device, dtype=op.dtype)
-    if u.numel() != op.size:
-        raise ValueError(f"the direction has {u.numel()} entries, the operator acts on {op.size}")
-    norm_sq = float((u.double() ** 2).sum())
-    if norm_sq == 0.0:
-        raise ValueError("the direction is zero; directional sharpness is undefined")
-    check_finite(u, "the direction")
-    hu = op.matmat(u.unsqueeze(0))[0]
-    return float((u.double() * hu.double()).sum()) / norm_sq
+    rows = []
+    for direction in directions:
+        if isinstance(direction, Mapping):
+            layout = getattr(op, "layout", None)
+            if layout is None:
+                raise ValueError("a dict direction needs an operator with a parameter layout; pass a flat vector")
+            layout.check(direction, batch_dims=0)
+            direction = layout.flatten(direction, batch_dims=0)
+        u = direction.reshape(-1).to(device=op.device, dtype=op.dtype)
+        if u.numel() != op.size:
+            raise ValueError(f"the direction has {u.numel()} entries, the operator acts on {op.size}")
+        if float((u.double() ** 2).sum()) == 0.0:
+            raise ValueError("the direction is zero; directional sharpness is undefined")
+        rows.append(check_finite(u, "the direction"))
+    u = torch.stack(rows)
+    hu = op.matmat(u)
+    u, hu = u.double(), hu.double()
+    return [float(a) / float(b) for a, b in zip((u * hu).sum(1), (u * u).sum(1))]
 
 
 def clip_top_coordinates(update: Mapping[str, torch.Tensor], fraction: float, threshold: float) -> ParamDict:

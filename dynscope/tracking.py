@@ -172,11 +172,12 @@ class CurvatureTracker:
                 start, block, k = vectors, False, 1  # the sketch's Ritz vectors under the new Hessian, summed (see _start_vector)
             eigen = lanczos(  # the one-off pair resolution gets twice the steps (k=2 converges later)
                 op, k, which="LA", tol=self.eigen_tol, max_iter=self.eigen_max_iter * k, seed=seed,
-                return_eigenvectors=True, start=start, keep_basis=True, block_start=block,
+                return_eigenvectors=True, start=start, keep_basis=True, block_start=block, keep_products=trace,
             )
             # the top two Ritz pairs, carried to the next measurement
             ritz, w_all = torch.linalg.eigh(eigen.tridiagonal)
-            top2 = w_all[:, -2:].T.flip(0) @ eigen.basis.double() if ritz.shape[0] >= 2 else None
+            # (in the basis' dtype: a start vector needs no float64, and a float64 copy of the basis costs a step)
+            top2 = w_all[:, -2:].T.flip(0).to(eigen.basis.dtype) @ eigen.basis if ritz.shape[0] >= 2 else None
             if not trace:
                 return self._finish(eigen, ritz, top2, k, None)
             # the top Ritz vectors of the Krylov space (their products are combinations of the

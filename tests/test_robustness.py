@@ -12,11 +12,12 @@ import torch.nn.functional as F
 import pytorch_lightning as pl
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from dynscope import HessianOperator, Objective, directional_sharpness, hessian_trace, softmax_collapse
+from dynscope import Objective, directional_sharpness, softmax_collapse
 from dynscope.hvp import _Kernel
 from dynscope.callbacks import Curvature, DiagnosticCallback, GradientNoise, SoftmaxCollapse
 from models import Classifier, classification_data, loader, mlp, trainer
 from observer import assert_same_weights
+from reference import exact_hessian
 
 hvp_module = importlib.import_module("dynscope.hvp")  # the module, not the function dynscope.hvp
 
@@ -46,8 +47,10 @@ def test_bf16_mixed_curvature_is_the_float32_curvature_and_sc_uses_the_autocast_
     batch = (x[24:32], y[24:32])  # the batch of step 4, the last measurement, at the final weights
     objective = Objective(module, F.cross_entropy, batch)
     assert objective.dtype == torch.float32
-    expected = hessian_trace(HessianOperator(objective), 6, seed=4)
-    assert curvature.last_metrics["hessian_trace"] == pytest.approx(expected.value, rel=1e-6)
+    # a ReLU network: the trace is exact (tr(H) = tr(GGN)), so it is the float32 Hessian's own trace
+    expected = float(exact_hessian(objective).diagonal().sum())
+    assert curvature.last_metrics["hessian_trace"] == pytest.approx(expected, rel=1e-5)
+    assert curvature.last_metrics["hessian_trace_stderr"] == 0.0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = module(batch[0])
     assert logits.dtype == torch.bfloat16
@@ -143,14 +146,15 @@ def test_non_finite_gradients_skip_the_metric_warn_once_and_leave_training_alone
 
 def test_a_non_finite_hvp_is_skipped_with_one_warning(monkeypatch):
     monkeypatch.setattr(_Kernel, "run", lambda self, method, chunk: torch.full_like(chunk, float("nan")))
-    curvature = Curvature(every_n_steps=1, num_matvecs=4, eigen=False, sharpness=False)
+    curvature = Curvature(every_n_steps=1, num_matvecs=4, eigen=False, sharpness=False, exact_trace=False)
     with pytest.warns(RuntimeWarning, match="Hessian-vector product is not finite") as record:
         fit([curvature], steps=3)
     assert sum("dynscope" in str(w.message) for w in record) == 1 and curvature.num_measurements == 3
 
 
 def test_out_of_memory_in_a_batched_kernel_halves_the_chunk_and_gives_the_same_value(monkeypatch):
-    plain = Curvature(every_n_steps=2, num_matvecs=8, eigen=False, sharpness=False, chunk_size=8, strict=True)
+    plain = Curvature(every_n_steps=2, num_matvecs=8, eigen=False, sharpness=False, chunk_size=8, strict=True,
+                      exact_trace=False)
     fit([plain], steps=2)
     run = _Kernel.run
     sizes = []
@@ -163,7 +167,8 @@ def test_out_of_memory_in_a_batched_kernel_halves_the_chunk_and_gives_the_same_v
 
     monkeypatch.setattr(_Kernel, "run", tight)
     monkeypatch.setattr(hvp_module, "_ORDER", ("reverse",))  # a batched kernel, whatever is fastest here
-    squeezed = Curvature(every_n_steps=2, num_matvecs=8, eigen=False, sharpness=False, chunk_size=8, strict=True)
+    squeezed = Curvature(every_n_steps=2, num_matvecs=8, eigen=False, sharpness=False, chunk_size=8, strict=True,
+                         exact_trace=False)
     with pytest.warns(UserWarning, match="out of memory"):
         fit([squeezed], steps=2)
     assert max(sizes) > 2 and 2 in sizes
@@ -437,7 +442,7 @@ def test_under_manual_optimization_with_two_optimizers_cadences_count_training_b
     assert [s for s, _ in recorder.scalars["dynscope/curvature/update_sharpness"]] == [2, 8, 16, 24, 32, 40]
     assert [s for s, _ in recorder.scalars["dynscope/collapse/nlm_cos"]] == [2, 8, 16, 24, 32, 40]
     objective = Objective(module, F.cross_entropy, (x[152:], y[152:]))
-    assert curvature.last_metrics["hessian_trace"] == pytest.approx(hessian_trace(HessianOperator(objective), 2, seed=40).value, rel=1e-5)
+    assert curvature.last_metrics["hessian_trace"] == pytest.approx(float(exact_hessian(objective).diagonal().sum()), rel=1e-5)
 
 
 # -- complex parameters (issue 15 item 12) --------------------------------------------------------------------------
