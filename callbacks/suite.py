@@ -198,6 +198,7 @@ class DynScope(CallbackBase):
         self._logged_at = -(10**9)
         self._counts: Dict[str, int] = {}
         self._spent: Dict[str, float] = {}  # hook seconds of each diagnostic at its last measurement
+        self._expected_steps: Dict[str, float] = {}  # what each admitted measurement was expected to cost
         self._hook_seconds: Dict[str, float] = {}  # seconds in each diagnostic's hooks (all of them)
         self._reduce = None
 
@@ -250,9 +251,11 @@ class DynScope(CallbackBase):
         return self.controller.unmeasured(live)
 
     def _gate(self, child: DiagnosticCallback, step: int) -> bool:
-        if step != self._planned:  # an epoch-end schedule: not deferred (its time still counts)
-            return True
-        return self.controller.admitted(self._names[id(child)])
+        name = self._names[id(child)]
+        go = step != self._planned or self.controller.admitted(name)  # an epoch-end schedule: not deferred
+        if go:  # what this measurement is expected to cost, for the cost model (it may differ the next time)
+            self._expected_steps[name] = child.expected_cost(self.controller.batch_size)
+        return go
 
     def _after_measurements(self, trainer, children: Optional[List[DiagnosticCallback]] = None) -> None:
         measured = False
@@ -266,7 +269,8 @@ class DynScope(CallbackBase):
             # the cost of a measurement: everything the diagnostic did since the last one (snapshots
             # before the optimizer step and other per-step work included, not only its measure())
             spent = self._hook_seconds.get(name, 0.0)
-            self.controller.measured(name, spent - self._spent.get(name, 0.0), child.last_metrics)
+            self.controller.measured(name, spent - self._spent.get(name, 0.0), child.last_metrics,
+                                     expected_steps=self._expected_steps.pop(name, None))
             self._counts[name] = count
             self._spent[name] = spent
         step = trainer.global_step
@@ -337,6 +341,7 @@ class DynScope(CallbackBase):
         self.controller.reset()
         self._hook_seconds = {}
         self._spent = {}
+        self._expected_steps = {}
         self._planned = -1
         self._quiet_until = 0
         self._active = []

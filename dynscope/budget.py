@@ -23,7 +23,10 @@ what it does (HVP count and sub-batch, per-sample passes, points and directions)
 machines and models; the controller turns it into seconds with the measured seconds per training
 step. From its first measurement on, a diagnostic's expected cost is what it measured: the first
 measurement's seconds until the second (a first measurement often pays one-time work: building
-kernels, a cold Lanczos start), then the second's, then a moving average. The first measurement
+kernels, a cold Lanczos start), then the second's, then a moving average. Where the caller says what
+each measurement was expected to cost (``measured(..., expected_steps=)``), what is learnt is the
+seconds per expected step, times the diagnostic's current ``expected_cost``: a diagnostic that knows
+its first measurement is dearer (curvature's cold Lanczos) is not expected to cost that again. The first measurement
 may therefore cost more than expected: the allowance pays it back (later measurements wait).
 
 **Admission.** Among the due measurements, near an event first, then the diagnostic with the fewest
@@ -239,6 +242,7 @@ class BudgetController:
         self.seconds = 0.0  # charged: this fit and the ones before a resume
         self.elapsed_before = 0.0  # clock time of the fit before a resume
         self.costs: Dict[str, float] = {}  # seconds per measurement, once measured
+        self.rates: Dict[str, float] = {}  # seconds per expected step, where the expected cost came with it
         self.measurements: Dict[str, int] = {}  # measurements timed in this fit (for the cost model)
         self.near: Dict[str, bool] = {}
         self.previous: Dict[str, Dict[str, float]] = {}
@@ -288,20 +292,33 @@ class BudgetController:
     # -- the cost model ------------------------------------------------------------------------------
     def expected(self, name: str, diagnostic: Budgeted) -> float:
         """Seconds one measurement of ``name`` is expected to cost (``inf`` before a step was timed)."""
+        if name in self.rates:
+            return self.rates[name] * float(diagnostic.expected_cost(self.batch_size))
         if name in self.costs:
             return self.costs[name]
         if self.step_seconds <= 0:  # the prior in steps means nothing before a step was timed
             return math.inf
         return float(diagnostic.expected_cost(self.batch_size)) * self.step_seconds
 
-    def measured(self, name: str, seconds: float, metrics: Mapping[str, float]) -> None:
-        """A measurement of ``name`` took ``seconds`` and returned ``metrics``: learn its cost and events."""
+    def measured(self, name: str, seconds: float, metrics: Mapping[str, float],
+                 expected_steps: Optional[float] = None) -> None:
+        """A measurement of ``name`` took ``seconds`` and returned ``metrics``: learn its cost and events.
+
+        ``expected_steps``: what the diagnostic expected this measurement to cost (its
+        ``expected_cost`` just before it). Then the controller learns seconds per expected step, and
+        the next measurement is expected to cost that times the diagnostic's new ``expected_cost``:
+        a diagnostic whose first measurement is known to cost more (a cold start) says so, and its
+        later ones are not expected to cost as much.
+        """
         count = self.measurements.get(name, 0) + 1
         self.measurements[name] = count
         if count <= 2 or name not in self.costs:  # the second replaces the first (one-time work)
             self.costs[name] = seconds
         else:
             self.costs[name] = 0.5 * self.costs[name] + 0.5 * seconds
+        if expected_steps is not None and expected_steps > 0 and math.isfinite(expected_steps):
+            rate = seconds / expected_steps
+            self.rates[name] = rate if count <= 2 or name not in self.rates else 0.5 * self.rates[name] + 0.5 * rate
         self.near[name] = near_event(metrics, self.previous.get(name, {}))
         self.previous[name] = dict(metrics)
         self._measured = True
@@ -466,6 +483,7 @@ class BudgetController:
             "seconds": self.seconds,
             "elapsed": self.elapsed(),
             "costs": dict(self.costs),
+            "rates": dict(self.rates),
             "measurements": dict(self.measurements),
             "near": dict(self.near),
             "previous": {n: dict(m) for n, m in self.previous.items()},
@@ -475,6 +493,7 @@ class BudgetController:
         self.seconds = float(state.get("seconds", 0.0))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.costs = dict(state.get("costs", {}))
+        self.rates = dict(state.get("rates", {}))
         # a checkpoint from before the cost model counted measurements: its costs are warm ones
         self.measurements = dict(state.get("measurements", {n: 2 for n in self.costs}))
         self.near.update(state.get("near", {}))

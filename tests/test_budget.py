@@ -100,6 +100,27 @@ def test_the_cost_model_learns_from_the_first_measurement_and_drops_its_one_time
     assert controller.expected("check", check) == pytest.approx(1.5)
 
 
+def test_a_diagnostic_that_expects_its_first_measurement_to_cost_more_is_not_charged_it_again():
+    # like curvature's cold first Lanczos: 12 expected steps, then 3; the controller learns seconds
+    # per expected step and scales the new expectation, instead of repeating the first cost
+    clock = Clock()
+    check = Check(every=1, cost=1.0, prior=12.0)
+    controller = BudgetController(0.1, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+    clock.now = 2.0
+    controller.plan(3, {"check": check})  # 1 s per step
+    controller.measured("check", 6.0, {}, expected_steps=12.0)  # 0.5 s per expected step
+    check.prior = 3.0  # the warm measurements it expects from now on
+    assert controller.expected("check", check) == pytest.approx(1.5)
+    controller.measured("check", 2.0, {}, expected_steps=3.0)  # the second replaces the first rate
+    assert controller.expected("check", check) == pytest.approx(2.0)
+    controller.measured("other", 5.0, {})  # without an expected cost: its seconds, as before
+    assert controller.expected("other", check) == 5.0
+    restored = BudgetController(0.1, clock=clock)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.expected("check", check) == pytest.approx(2.0)
+
+
 def test_a_cold_first_measurement_does_not_slow_down_the_later_ones():
     # warm measurements cost 1 s, the first 10 s; 0.05 s saved per step: a warm one every 20 steps once
     # the first has been paid back
