@@ -275,9 +275,8 @@ class Curvature(DiagnosticCallback):
         """One measurement in training steps: about 2.5 per HVP on the full batch
         (``benchmarks/bench_curvature.py``), less on a sub-batch (a fifth of an HVP is per-call
         overhead that does not shrink). The HVPs are the trace's (about 3 once a measurement found it
-        exact), Lanczos' (counted at half its step limit; with ``method="tracked"`` the first, cold
-        measurement at 1.5 times it: it resolves the top pair), two for the sharpness, and those of
-        the options (``lambda_min``, per-layer Lanczos, the spectral density).
+        exact), Lanczos' (counted at half its step limit), two for the sharpness, and those of the
+        options (``lambda_min``, per-layer Lanczos, the spectral density).
 
         Example:
             >>> Curvature(num_matvecs=16, eigen_max_iter=30).expected_cost()
@@ -286,16 +285,11 @@ class Curvature(DiagnosticCallback):
             20.0
             >>> round(Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=16, eval_batches=1).expected_cost(batch_size=128), 6)
             15.0
-            >>> tracked = Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=16, eval_batches=1, method="tracked")
-            >>> round(tracked.expected_cost(batch_size=128), 6)  # its first measurement: a cold Lanczos for the top pair
-            30.0
         """
         declared = getattr(self, "expected_steps", None)
         if declared is not None:
             return float(declared)
         lanczos = self.eigen_max_iter / 2
-        if self.tracker is not None and self.tracker.num_measurements == 0:
-            lanczos = 1.5 * self.eigen_max_iter  # the cold first run resolves the top pair (up to twice the steps)
         trace = _EXACT_TRACE_MATVECS if self._trace_exact else self.num_matvecs
         matvecs = trace + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
         matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)

@@ -25,8 +25,9 @@ step. From its first measurement on, a diagnostic's expected cost is what it mea
 measurement's seconds until the second (a first measurement often pays one-time work: building
 kernels, a cold Lanczos start), then the second's, then a moving average. Where the caller says what
 each measurement was expected to cost (``measured(..., expected_steps=)``), what is learnt is the
-seconds per expected step, times the diagnostic's current ``expected_cost``: a diagnostic that knows
-its first measurement is dearer (curvature's cold Lanczos) is not expected to cost that again. The first measurement
+seconds per expected step, times the diagnostic's current ``expected_cost``: a diagnostic whose
+measurements get cheaper in a way it knows of (curvature, once its trace turned out exact) is
+expected to cost less from then on. The first measurement
 may therefore cost more than expected: the allowance pays it back (later measurements wait).
 
 **Admission.** Among the due measurements, near an event first, then the diagnostic with the fewest

@@ -100,8 +100,8 @@ def test_the_cost_model_learns_from_the_first_measurement_and_drops_its_one_time
     assert controller.expected("check", check) == pytest.approx(1.5)
 
 
-def test_a_diagnostic_that_expects_its_first_measurement_to_cost_more_is_not_charged_it_again():
-    # like curvature's cold first Lanczos: 12 expected steps, then 3; the controller learns seconds
+def test_a_diagnostic_whose_expected_cost_drops_is_charged_the_learnt_rate_times_its_new_expectation():
+    # like curvature once its trace turned out exact: 12 expected steps, then 3; the controller learns seconds
     # per expected step and scales the new expectation, instead of repeating the first cost
     clock = Clock()
     check = Check(every=1, cost=1.0, prior=12.0)
