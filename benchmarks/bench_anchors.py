@@ -133,7 +133,7 @@ def bench_trace(all_cases, repeats):
             fns["curvlinops"] = lambda: float(curvlinops.hutchinson_trace(op, 32))
         if eigenthings:
             eop = eigenthings.HessianOperator(model, [(x, y)], eigenthings_loss)
-            fns["eigenthings"] = lambda: eigenthings.hutchinson(eop, num_samples=32, seed=0)
+            fns["eigenthings"] = lambda: eigenthings.hutchinson(eop, num_samples=32, seed=0).estimate
         t, values = cpu_medians(fns, repeats)
         cells = [f"{t[k]:9.3f}" if k in t else f"{'n/a':>9}" for k in ("ours", "pyhessian", "curvlinops", "eigenthings")]
         best = min((v for k, v in t.items() if k not in ("ours", "exact")), default=float("nan"))

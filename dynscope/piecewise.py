@@ -185,7 +185,7 @@ def piecewise_linear_reason(objective: Objective) -> Optional[str]:
     parameter (so ``diag(H) = diag(GGN)``), otherwise why not, in a few words.
 
     Only objectives built from ``loss_fn`` (outputs, then loss) are traced; the answer is cached per
-    model, forward function, mode, parameter set and input shapes.
+    model, forward function, mode, parameter set, input shapes and the model's module types.
 
     Example:
         >>> import torch
@@ -203,7 +203,9 @@ def piecewise_linear_reason(objective: Objective) -> Optional[str]:
         return "the objective is built from sample_loss_fn (the network output is not separate from the loss)"
     inputs = objective.batch[0]
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    key = (objective.forward_fn, objective.mode, tuple(objective.params), tuple((t.shape[1:], t.dtype) for t in leaves))
+    structure = tuple(type(m) for m in objective.model.modules())  # a layer swapped since the last answer
+    key = (objective.forward_fn, objective.mode, tuple(objective.params), tuple((t.shape[1:], t.dtype) for t in leaves),
+           structure)
     known = _CACHE.setdefault(objective.model, {})
     if key not in known:
         known[key] = _trace(objective, inputs)

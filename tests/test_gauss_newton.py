@@ -227,3 +227,11 @@ def test_measure_curvature_takes_the_exact_trace_and_keeps_estimating_elsewhere(
     assert result.trace.method == "exact" and result.value == pytest.approx(exact, rel=1e-10)
     estimated = measure_curvature(relu, num_matvecs=4, sharpness=False, exact_trace=False)
     assert estimated.trace.method == "hutchinson" and estimated.trace.num_matvecs == 4
+
+
+def test_the_certificate_is_asked_again_when_a_layer_is_swapped():
+    net = mlp((4, 6, 3))
+    batch = (torch.randn(4, 4), hard(4))
+    assert piecewise_linear_reason(Objective(net, F.cross_entropy, batch)) is None
+    net[1] = nn.GELU()
+    assert "gelu" in piecewise_linear_reason(Objective(net, F.cross_entropy, batch))
