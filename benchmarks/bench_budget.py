@@ -11,7 +11,9 @@ made (median over the repeats, and the smallest), each one's cost per measuremen
 (the controller's learnt cost over the training time per step), and the line
 :meth:`DynScope.unmeasured` gives for a diagnostic that made none.
 Targets: every applicable diagnostic at least 3 times in 1,000 steps, at least once in 300 (or a
-line saying why not), wall-time ratio <= 1.05.
+line saying why not), wall-time ratio <= 1.05. ``--timeline`` prints, for each fit with DynScope,
+when each measurement ran, what it cost in training steps (and what it was expected to cost), and
+the overhead so far: the budget's arithmetic, measurement by measurement.
 
 Models: ``mlp`` (64-256-256-10, batch 128, 64 features), ``cnn`` (2 conv + 2 linear on 3x32x32,
 batch 64), ``digits`` (the README test's 64-32-10 MLP on scikit-learn's digits, or data of their
@@ -72,7 +74,25 @@ def fit(name: str, steps: int, scope: Optional[DynScope]) -> Tuple[float, float]
     return bench_overhead.fit(name, steps, scope, models=MODELS)
 
 
-def run(name: str, steps: int, repeats: int, budget: float) -> None:
+def timeline(scope: DynScope) -> List[str]:
+    """Record each measurement DynScope's controller learns of: when (in training steps), what it cost
+    (in steps), and the overhead so far; returns the list the lines are appended to."""
+    lines: List[str] = []
+    controller = scope.controller
+    learn = controller.measured
+
+    def measured(name, seconds, metrics, expected_steps=None):
+        per_step = controller.step_seconds or float("nan")
+        lines.append(f"{name:>10} at step ~{controller.elapsed() / per_step:5.0f}: {seconds / per_step:5.1f} steps "
+                     f"(expected {expected_steps if expected_steps is None else round(expected_steps, 1)}), "
+                     f"overhead so far {controller.overhead():.3f}")
+        return learn(name, seconds, metrics, expected_steps=expected_steps)
+
+    controller.measured = measured
+    return lines
+
+
+def run(name: str, steps: int, repeats: int, budget: float, show_timeline: bool = False) -> None:
     walls: List[float] = []
     cpus: List[float] = []
     counts: Dict[str, List[int]] = {}
@@ -82,7 +102,10 @@ def run(name: str, steps: int, repeats: int, budget: float) -> None:
     for _ in range(repeats):
         plain_wall, plain_cpu = fit(name, steps, None)
         scope = DynScope(loss_fn=F.cross_entropy, budget=budget)
+        events = timeline(scope)
         wall, cpu = fit(name, steps, scope)
+        if show_timeline:
+            print("\n".join(f"{'':>13}{line}" for line in events), flush=True)
         walls.append(wall / plain_wall)
         cpus.append(cpu / plain_cpu)
         accounts.append(scope.overhead())
@@ -113,6 +136,7 @@ def main(quick: bool = False, argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1 if quick else 3)
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--models", nargs="*", default=["mlp"] if quick else ["mlp", "cnn"], choices=list(MODELS))
+    parser.add_argument("--timeline", action="store_true", help="print when each measurement ran and what it cost")
     args = parser.parse_args([] if argv is None else argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -123,7 +147,7 @@ def main(quick: bool = False, argv=None) -> int:
           f"{os.environ.get('OMP_WAIT_POLICY')}, budget={args.budget}, {args.repeats} interleaved pairs; medians")
     for name in args.models:
         for steps in args.steps:
-            run(name, steps, args.repeats, args.budget)
+            run(name, steps, args.repeats, args.budget, args.timeline)
     torch.set_num_threads(threads)
     return 0
 
