@@ -235,3 +235,34 @@ def test_the_certificate_is_asked_again_when_a_layer_is_swapped():
     assert piecewise_linear_reason(Objective(net, F.cross_entropy, batch)) is None
     net[1] = nn.GELU()
     assert "gelu" in piecewise_linear_reason(Objective(net, F.cross_entropy, batch))
+
+
+class SharedFailures:
+    """A stand-in for the callbacks' RankReduce on one rank: ``fail`` joins the collective flagged and raises."""
+
+    def __init__(self):
+        self.failed_with = None
+
+    def __call__(self, t):
+        return t
+
+    def fail(self, like, error):
+        self.failed_with = (tuple(like.shape), error)
+        raise error
+
+
+def test_a_rank_whose_exact_trace_fails_still_joins_the_reduction(monkeypatch):
+    import dynscope.gauss_newton as gn
+
+    torch.manual_seed(0)
+    objective = Objective(mlp((4, 6, 3)), F.cross_entropy, (torch.randn(6, 4), hard(6)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(gn, "gauss_newton_trace", broken)
+    reduce = SharedFailures()
+    with pytest.raises(RuntimeError, match="injected"):
+        exact_trace(objective, reduce=reduce)
+    # the flag and one value per parameter tensor, as the ranks that succeeded send
+    assert reduce.failed_with[0] == (1 + len(objective.params),)
