@@ -249,22 +249,22 @@ def exact_trace(
     take the same path; a rank whose computation fails makes every rank raise.
     """
     reason = exact_trace_reason(objective)
-    if reduce is None:
-        if reason is not None:
-            return None, reason
-        return gauss_newton_trace(objective, check=False, memory_cap=memory_cap), None
-    names = list(objective.params)
-    like = torch.zeros(len(names) + 1, dtype=torch.float64, device=objective.device)
-    local = like.clone()
+    result = None
     if reason is None:
         try:
-            local = torch.tensor([1.0, *gauss_newton_trace(objective, check=False, memory_cap=memory_cap).per_layer.values()],
-                                 dtype=torch.float64, device=objective.device)
+            result = gauss_newton_trace(objective, check=False, memory_cap=memory_cap)
+        except NotExact as refusal:  # known only from the outputs (too many per sample): not a failure
+            reason = str(refusal)
         except Exception as error:  # noqa: BLE001 - shared with the other ranks, then re-raised
-            fail = getattr(reduce, "fail", None)
-            if fail is None:
+            if reduce is None or getattr(reduce, "fail", None) is None:
                 raise
-            fail(like, error)
+            reduce.fail(torch.zeros(len(objective.params) + 1, dtype=torch.float64, device=objective.device), error)
+    if reduce is None:
+        return result, reason
+    names = list(objective.params)
+    local = torch.zeros(len(names) + 1, dtype=torch.float64, device=objective.device)
+    if result is not None:
+        local = torch.tensor([1.0, *result.per_layer.values()], dtype=torch.float64, device=objective.device)
     total = reduce(local)
     if float(total[0]) < 1.0:
         return None, reason or "the exact trace does not apply on every data-parallel rank"

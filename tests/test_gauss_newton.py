@@ -194,6 +194,9 @@ def test_too_many_outputs_per_sample_are_refused():
     objective = Objective(mlp((4, 6, MAX_OUTPUTS + 1)), F.cross_entropy, (torch.randn(3, 4), hard(3, MAX_OUTPUTS + 1)))
     with pytest.raises(NotExact, match="outputs per sample"):
         gauss_newton_trace(objective)
+    result, reason = exact_trace(objective)  # found only from the outputs: a refusal, not a failure
+    assert result is None and "outputs per sample" in reason
+    assert measure_curvature(objective, num_matvecs=2, eigen=False, sharpness=False).trace.method == "hutchinson"
 
 
 def test_the_exact_trace_leaves_the_model_untouched():
