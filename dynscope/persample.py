@@ -563,18 +563,25 @@ def _rule(module: nn.Module) -> Optional[Callable]:
 
 def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
     """Supported layers and, for each, ``{attribute: parameter name}`` of the tensors to hook."""
-    model = objective.model
     # a tensor held by two modules (tied weights) gets gradient from both: vmap. One module reachable
     # under two names (an alias) is hooked once and sees all its calls: fine.
-    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
-    name_of = {id(p): n for n, p in model.named_parameters()}
+    # One walk of the modules (named_parameters' names: the first module path, as it dedups modules
+    # and tensors alike); the generic named_* walks cost more than the measurement's small ops.
+    uses: Counter = Counter()
+    name_of: Dict[int, str] = {}
+    modules = []
+    for prefix, module in objective.model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                uses[id(p)] += 1
+                name_of.setdefault(id(p), f"{prefix}.{attr}" if prefix else attr)
+        if _rule(module) is not None:
+            modules.append(module)
     plan = OrderedDict()
-    for module in model.modules():
-        if _rule(module) is None:
-            continue
+    for module in modules:
         attrs = {}
-        for attr, p in module.named_parameters(recurse=False):
-            name = name_of.get(id(p))
+        for attr, p in module._parameters.items():
+            name = None if p is None else name_of.get(id(p))
             if name in objective.params and uses[id(p)] == 1:
                 attrs[attr] = name
         if attrs:
