@@ -85,6 +85,9 @@ def measurement(
     want = mode == "train"
     flags = [(m, m.training) for m in module.modules()]
     switch = any(training != want for _, training in flags)
+    # where no module overrides train() or __setattr__, the flags are plain attributes: set them
+    # directly (Module.train and Module.__setattr__ cost more than a small model's measurement ops)
+    plain = all(type(m).train is nn.Module.train and type(m).__setattr__ is nn.Module.__setattr__ for m, _ in flags)
     keep = want if restore_buffers is None else restore_buffers
     saved = [(b, b.clone()) for b in module.buffers()] if keep else []
     forked = cuda_devices(module.parameters()) if devices is None else list(devices)
@@ -96,13 +99,19 @@ def measurement(
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             if autocast is not None:
                 stack.enter_context(autocast)
-            if switch:
+            if switch and plain:
+                for m, _ in flags:
+                    m.__dict__["training"] = want
+            elif switch:
                 module.train(want)
             yield module
     finally:
         if switch or any(m.training != training for m, training in flags):
             for m, training in flags:
-                m.training = training
+                if plain:
+                    m.__dict__["training"] = training
+                else:
+                    m.training = training
         if saved:
             with torch.no_grad():
                 for buffer, value in saved:

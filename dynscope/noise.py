@@ -234,13 +234,15 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
     torch.cat([e[1] for e in entries], out=t)
     sq = torch.cat([e[3] for e in entries], out=rows[3])
     torch.mul(t, t, out=rows[0])
-    parts = zip(entries, t.split(lengths), sq.split(lengths), rows[2].split(lengths), rows[4].split(lengths))
+    # split_with_sizes: the C method, without Tensor.split's Python wrapper
+    parts = zip(entries, t.split_with_sizes(lengths), sq.split_with_sizes(lengths), rows[2].split_with_sizes(lengths),
+                rows[4].split_with_sizes(lengths))
     for (name, *_), t_part, sq_part, uncounted, deviation in parts:
         torch.le(sq_part, _floor(moments, name), out=uncounted)
         torch.sub(t_part, t_part[:1], out=deviation)  # near 0 where the elements share an offset
     _counted_quotient(rows[0], sq, rows[2], rows[1])
     torch.mul(rows[4], rows[4], out=rows[5])
-    sums = torch.stack([part.sum(1) for part in rows.split(lengths, 1)]).tolist()
+    sums = torch.stack([part.sum(1) for part in rows.split_with_sizes(lengths, 1)]).tolist()
     for (name, _, scale, _), numel, (t_sq, snr, zeros, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
         cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - int(round(zeros)), sq_dev_sum, t_sq * scale**2,
                                     _block(t_sq, total, total_sq, numel))

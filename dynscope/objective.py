@@ -89,13 +89,19 @@ def tensor_slots(model: nn.Module) -> List[Slot]:
     weights such as GPT-2's ``wte``/``lm_head``, a shared submodule) has several slots and one name:
     the one ``named_parameters()``/``named_buffers()`` reports.
     """
-    names = {id(t): n for n, t in model.named_buffers()}
-    names.update({id(t): n for n, t in model.named_parameters()})
-    slots = []
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            slots.extend((store, attr, names[id(t)]) for attr, t in store.items() if t is not None and id(t) in names)
-    return slots
+    # one walk of the modules (the names named_parameters()/named_buffers() give: the first path)
+    param_names: Dict[int, str] = {}
+    buffer_names: Dict[int, str] = {}
+    stores = []
+    for prefix, module in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        for store, names in ((module._parameters, param_names), (module._buffers, buffer_names)):
+            stores.append(store)
+            for attr, t in store.items():
+                if t is not None and id(t) not in names:
+                    names[id(t)] = dot + attr
+    buffer_names.update(param_names)
+    return [(store, attr, buffer_names[id(t)]) for store in stores for attr, t in store.items() if t is not None]
 
 
 @contextlib.contextmanager

@@ -277,7 +277,7 @@ def _finalize(s1: torch.Tensor, s2: torch.Tensor, count: int, shift: Optional[to
     in float64 or shift first), so float64 would not be more accurate, only slower.
     """
     dtype = torch.promote_types(_compute_dtype(s1), _compute_dtype(s2))
-    s1, s2 = s1.to(dtype), s2.to(dtype)
+    s1, s2 = _as(s1, dtype), _as(s2, dtype)
     sq = torch.addcmul(s2, s1, s1, value=-1.0 / count).clamp_min_(0)
     second = None if shift is not None else (float(s2.amax()) / count if s2.numel() else 0.0)
     return RawSums(s1, sq, shift, second)
@@ -682,7 +682,15 @@ def _chunks(size: int, per_sample_bytes: int, memory_cap: int) -> Iterator[slice
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+    return t.dtype if t.dtype in _WIDE else torch.promote_types(t.dtype, torch.float32)
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where the dtype already matches (a dispatch per tensor per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads) -> Dict[str, HookSums]:
@@ -690,7 +698,7 @@ def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str]
     if len(records) == 1 and records[0][0].dim() == 2:
         # sum_i g_i is autograd's (the graph check certified that the hooks saw every use);
         # sum_i g_i**2 = (dY**2)^T (X**2) for the weight, sum_b dY**2 for the bias
-        x, dy = records[0][0].to(dtype), records[0][1].to(dtype)
+        x, dy = _as(records[0][0], dtype), _as(records[0][1], dtype)
         dy2 = torch.square(dy, out=scratch("dy2", dy.shape, dtype, dy.device))
         out = {}
         if "weight" in attrs:
@@ -700,13 +708,13 @@ def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str]
                 dy64, x64 = dy[:, rows].double(), x.double()
                 return dy64.T @ x64, dy64.square().T @ x64.square()
 
-            out["weight"] = (_spread(grads[attrs["weight"]].to(dtype), s2, size, weight_rows), None, size)
+            out["weight"] = (_spread(_as(grads[attrs["weight"]], dtype), s2, size, weight_rows), None, size)
         if "bias" in attrs:
             def bias_rows(rows):
                 dy64 = dy[:, rows].double()
                 return dy64.sum(0), dy64.square().sum(0)
 
-            out["bias"] = (_spread(grads[attrs["bias"]].to(dtype), dy2.sum(0), size, bias_rows), None, size)
+            out["bias"] = (_spread(_as(grads[attrs["bias"]], dtype), dy2.sum(0), size, bias_rows), None, size)
         return out
     xs = _cat([r[0].reshape(size, -1, r[0].shape[-1]) for r in records], 1).to(dtype)
     dys = _cat([r[1].reshape(size, -1, r[1].shape[-1]) for r in records], 1).to(dtype)
