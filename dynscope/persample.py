@@ -590,7 +590,7 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
 
 
 GROUPED_CONV_DEVICES = ("cpu",)  # where a convolution's per-sample weight gradients come from one grouped kernel call
-HookSums = Tuple[RawSums, Optional[torch.Tensor], int]
+HookSums = Tuple[Any, Optional[torch.Tensor], int]  # RawSums, or _Pending for the spread of all at once
 # (the moments, a bound >= sum of |terms| of sum_i g_i (None: sum_i g_i is autograd's own), number of terms)
 
 HOT = 0.5  # recompute in float64 where n * mean**2 exceeds this share of sum g**2 (float32 would cancel)
@@ -653,6 +653,40 @@ def _spread(s1: torch.Tensor, s2: torch.Tensor, count: int, exact: Callable[[tor
     return RawSums(s1, sq, None, second / count)
 
 
+class _Pending(NamedTuple):
+    """A tensor's ``s1 = sum_i g_i``, ``s2 = sum_i g_i**2`` and rows recomputation, awaiting :func:`_spread_all`."""
+
+    s1: torch.Tensor
+    s2: torch.Tensor
+    exact: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _spread_all(items: Sequence[_Pending], count: int) -> List[RawSums]:
+    """:func:`_spread` of several tensors, each step one ``torch._foreach_*`` call for all of them.
+
+    The same arithmetic tensor by tensor; on a small model the per-tensor dispatch of four small
+    ops per tensor cost more than the ops.
+    """
+    live = [p for p in items if p.s2.numel()]
+    if len(live) < 2 or len({(p.s2.device, p.s2.dtype) for p in live}) > 1:
+        return [_spread(p.s1, p.s2, count, p.exact) for p in items]
+    s1s, s2s = [p.s1 for p in live], [p.s2 for p in live]
+    seconds = torch.stack(torch._foreach_max(s2s)).tolist()
+    # -(s2 - s1**2 / (HOT n)): a positive maximum marks a hot coordinate (see _spread_and_hot_rows)
+    probes = torch._foreach_addcmul(s2s, s1s, s1s, value=-1.0 / (HOT * count))
+    torch._foreach_neg_(probes)
+    hot = torch.stack(torch._foreach_max(probes)).tolist()
+    torch._foreach_addcmul_(s2s, s1s, s1s, value=-1.0 / count)
+    out = {}
+    for p, probe, h, second in zip(live, probes, hot, seconds):
+        if h > 0:
+            rows = probe.reshape(probe.shape[0], -1).amax(1).gt(0).nonzero()[:, 0]
+            e1, e2 = p.exact(rows)
+            p.s2[rows] = e2.addcmul_(e1, e1, value=-1.0 / count).clamp_min_(0).to(p.s2.dtype)
+        out[id(p)] = RawSums(p.s1, p.s2, None, second / count)
+    return [out[id(p)] if id(p) in out else RawSums(p.s1, p.s2, None, 0.0) for p in items]
+
+
 class _Shifted:
     """Sums of ``g - c`` and ``(g - c)**2`` over chunks of materialised per-sample gradients.
 
@@ -708,13 +742,13 @@ def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str]
                 dy64, x64 = dy[:, rows].double(), x.double()
                 return dy64.T @ x64, dy64.square().T @ x64.square()
 
-            out["weight"] = (_spread(_as(grads[attrs["weight"]], dtype), s2, size, weight_rows), None, size)
+            out["weight"] = (_Pending(_as(grads[attrs["weight"]], dtype), s2, weight_rows), None, size)
         if "bias" in attrs:
             def bias_rows(rows):
                 dy64 = dy[:, rows].double()
                 return dy64.sum(0), dy64.square().sum(0)
 
-            out["bias"] = (_spread(_as(grads[attrs["bias"]], dtype), dy2.sum(0), size, bias_rows), None, size)
+            out["bias"] = (_Pending(_as(grads[attrs["bias"]], dtype), dy2.sum(0), bias_rows), None, size)
         return out
     xs = _cat([r[0].reshape(size, -1, r[0].shape[-1]) for r in records], 1).to(dtype)
     dys = _cat([r[1].reshape(size, -1, r[1].shape[-1]) for r in records], 1).to(dtype)
@@ -985,6 +1019,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
         return None, list(objective.params)
     s1 = OrderedDict((n, torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads))
     done: "OrderedDict[str, RawSums]" = OrderedDict()
+    pending: "OrderedDict[str, _Pending]" = OrderedDict()
     for module, attrs in plan.items():
         calls, dims = records[module], batch_dims[module]
         if dims is None or any(d is None for d in dims) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(dims)):
@@ -998,9 +1033,13 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             continue
         for attr, (raw, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap, s1).items():
             name = attrs[attr]
+            if isinstance(raw, _Pending):  # sum_i g_i is autograd's: the spread of all such tensors at once below
+                pending[name] = raw
+                continue
             hooked = raw.total if raw.shift is None else raw.total + size * raw.shift
             if bound is None or _agrees(s1[name], hooked, bound, terms):
                 done[name] = raw
+    done.update(zip(pending, _spread_all(list(pending.values()), size)))
     rest = [n for n in objective.params if n not in done]
     if not done:
         return None, rest
