@@ -34,6 +34,7 @@ Note: Cockpit's MeanGSNR uses the biased variance plus ``eps=1e-5`` in the denom
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -204,13 +205,20 @@ def _summaries(moments: GradientMoments) -> None:
     all of them. Large tensors keep the cache-sized pieces of :func:`_summary`.
     """
     cache = moments.__dict__.setdefault("_summaries", {})
+    if len(cache) == len(moments.mean):  # every tensor's summary is there (the second of GSNR and noise scale)
+        return
     groups: Dict[tuple, list] = {}
     for name in moments.mean:
+        if name in cache:
+            continue
         raw = moments.sums.get(name)
         numel = (moments.mean[name] if raw is None else raw.total).numel()
-        if name in cache or numel == 0 or numel > persample.PIECE:
+        if numel == 0 or numel > persample.PIECE:
             continue
-        t, scale, sq = next(moments.scaled_pieces(name, numel))
+        if raw is not None and raw.shift is None:  # the hook path's sums: what scaled_pieces would yield, without the generator
+            t, scale, sq = raw.total.reshape(-1), 1.0 / moments.count, raw.sq_dev.reshape(-1)
+        else:
+            t, scale, sq = next(moments.scaled_pieces(name, numel))
         if t.dtype != sq.dtype:
             continue
         entries = groups.setdefault((t.dtype, sq.dtype, t.device), [])
@@ -235,11 +243,15 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
     sq = torch.cat([e[3] for e in entries], out=rows[3])
     torch.mul(t, t, out=rows[0])
     # split_with_sizes: the C method, without Tensor.split's Python wrapper
-    parts = zip(entries, t.split_with_sizes(lengths), sq.split_with_sizes(lengths), rows[2].split_with_sizes(lengths),
-                rows[4].split_with_sizes(lengths))
-    for (name, *_), t_part, sq_part, uncounted, deviation in parts:
-        torch.le(sq_part, _floor(moments, name), out=uncounted)
+    for t_part, deviation in zip(t.split_with_sizes(lengths), rows[4].split_with_sizes(lengths)):
         torch.sub(t_part, t_part[:1], out=deviation)  # near 0 where the elements share an offset
+    # the rounding floor, one comparison per run of neighbours that share it (a module's tensors do)
+    floors = [_floor(moments, e[0]) for e in entries]
+    start = 0
+    for floor, run in itertools.groupby(zip(floors, lengths), key=lambda fl: fl[0]):
+        stop = start + sum(length for _, length in run)
+        torch.le(sq[start:stop], floor, out=rows[2][start:stop])
+        start = stop
     _counted_quotient(rows[0], sq, rows[2], rows[1])
     torch.mul(rows[4], rows[4], out=rows[5])
     sums = torch.stack([part.sum(1) for part in rows.split_with_sizes(lengths, 1)]).tolist()
@@ -314,11 +326,14 @@ def _module_second_moment(moments: GradientMoments, name: str) -> float:
     share them: a key bias's exactly-zero gradient (softmax ignores a shift) is a cancelling sum of
     the same output gradients that make up the key weight's gradient.
     """
-    cache = moments.__dict__.setdefault("_module_moments", {})
-    module = name.rpartition(".")[0]
-    if module not in cache:
-        cache[module] = max(moments.max_second_moment(n) for n in moments.mean if n.rpartition(".")[0] == module)
-    return cache[module]
+    cache = moments.__dict__.get("_module_moments")
+    if cache is None:  # every module's at once: one pass over the names
+        cache = moments.__dict__["_module_moments"] = {}
+        for n in moments.mean:
+            module = n.rpartition(".")[0]
+            value = moments.max_second_moment(n)
+            cache[module] = max(cache[module], value) if module in cache else value
+    return cache[name.rpartition(".")[0]]
 
 
 def _check_count(moments: GradientMoments) -> None:
