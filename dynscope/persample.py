@@ -330,6 +330,8 @@ def _merge(a: Optional[GradientMoments], b: GradientMoments) -> GradientMoments:
 
 def _combine(parts: Sequence[GradientMoments], order: Sequence[str]) -> GradientMoments:
     """Put moments of disjoint parameter sets (same samples) together, in ``order``."""
+    if len(parts) == 1 and list(parts[0].mean) == list(order):  # one path for every tensor: nothing to put together
+        return parts[0]
     owner = {name: part for part in parts for name in part.mean}
     return GradientMoments(
         parts[0].count,
@@ -1007,8 +1009,9 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             losses = objective.sample_losses(params)
             if losses.dim() != 1 or losses.shape[0] != size:
                 raise NotPerSampleError(f"expected one loss per sample (shape [{size}]), got {tuple(losses.shape)}")
-            check_finite(losses.detach(), "the per-sample losses")
             total = losses.sum()
+            if not math.isfinite(float(total)):  # a non-finite loss makes the sum so: then the message names it
+                check_finite(losses.detach(), "the per-sample losses")
             uses = _graph_uses(total)
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     finally:
@@ -1044,7 +1047,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
     if not done:
         return None, rest
     ordered = OrderedDict((n, done[n]) for n in objective.params if n in done)
-    eps = max(float(torch.finfo(_compute_dtype(s1[n])).eps) for n in ordered)
+    eps = max(float(torch.finfo(dtype).eps) for dtype in {_compute_dtype(s1[n]) for n in ordered})
     return GradientMoments._from_raw(size, ordered, "hooks", eps), rest
 
 
