@@ -237,24 +237,24 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
     lengths = [e[1].numel() for e in entries]
     t0 = entries[0][1]
     work = persample.scratch("summary", (7, sum(lengths)), t0.dtype, t0.device)
-    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), its square
-    rows, t = work[:6], work[6]
+    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), its square;
+    # t. unbind / narrow / split_with_sizes: C methods (Tensor.__getitem__ and .split cost a few us each)
+    t_sq, quotient, uncounted, sq, deviation, deviation_sq, t = work.unbind(0)
     torch.cat([e[1] for e in entries], out=t)
-    sq = torch.cat([e[3] for e in entries], out=rows[3])
-    torch.mul(t, t, out=rows[0])
-    # split_with_sizes: the C method, without Tensor.split's Python wrapper
-    for t_part, deviation in zip(t.split_with_sizes(lengths), rows[4].split_with_sizes(lengths)):
-        torch.sub(t_part, t_part[:1], out=deviation)  # near 0 where the elements share an offset
+    torch.cat([e[3] for e in entries], out=sq)
+    torch.mul(t, t, out=t_sq)
+    for t_part, dev_part in zip(t.split_with_sizes(lengths), deviation.split_with_sizes(lengths)):
+        torch.sub(t_part, t_part.narrow(0, 0, 1), out=dev_part)  # near 0 where the elements share an offset
     # the rounding floor, one comparison per run of neighbours that share it (a module's tensors do)
     floors = [_floor(moments, e[0]) for e in entries]
     start = 0
     for floor, run in itertools.groupby(zip(floors, lengths), key=lambda fl: fl[0]):
-        stop = start + sum(length for _, length in run)
-        torch.le(sq[start:stop], floor, out=rows[2][start:stop])
-        start = stop
-    _counted_quotient(rows[0], sq, rows[2], rows[1])
-    torch.mul(rows[4], rows[4], out=rows[5])
-    sums = torch.stack([part.sum(1) for part in rows.split_with_sizes(lengths, 1)]).tolist()
+        length = sum(numel for _, numel in run)
+        torch.le(sq.narrow(0, start, length), floor, out=uncounted.narrow(0, start, length))
+        start += length
+    _counted_quotient(t_sq, sq, uncounted, quotient)
+    torch.mul(deviation, deviation, out=deviation_sq)
+    sums = torch.stack([part.sum(1) for part in work.narrow(0, 0, 6).split_with_sizes(lengths, 1)]).tolist()
     for (name, _, scale, _), numel, (t_sq, snr, zeros, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
         cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - int(round(zeros)), sq_dev_sum, t_sq * scale**2,
                                     _block(t_sq, total, total_sq, numel))
