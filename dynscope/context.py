@@ -54,6 +54,7 @@ def measurement(
     autocast: Optional[ContextManager] = None,
     math_attention: bool = False,
     devices: Optional[Sequence[int]] = None,
+    modules: Optional[Sequence[nn.Module]] = None,
 ) -> Iterator[nn.Module]:
     """Run the enclosed code on ``module`` in ``mode`` without a trace on training; yields ``module``.
 
@@ -69,6 +70,7 @@ def measurement(
         math_attention: scaled-dot-product attention uses its math kernel (the fused ones have no
             double-backward or forward-AD rules).
         devices: the CUDA devices whose RNG to fork (default: those of the module's parameters).
+        modules: ``list(module.modules())`` where the caller has it already (default: walked here).
 
     Example:
         >>> import torch
@@ -83,7 +85,7 @@ def measurement(
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     want = mode == "train"
-    flags = [(m, m.training) for m in module.modules()]
+    flags = [(m, m.training) for m in (module.modules() if modules is None else modules)]
     switch = any(training != want for _, training in flags)
     # where no module overrides train() or __setattr__, the flags are plain attributes: set them
     # directly (Module.train and Module.__setattr__ cost more than a small model's measurement ops)

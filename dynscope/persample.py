@@ -572,7 +572,8 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
     uses: Counter = Counter()
     name_of: Dict[int, str] = {}
     modules = []
-    for prefix, module in objective.model.named_modules():
+    named = getattr(objective, "_named_modules", None)  # the Objective's walk at construction
+    for prefix, module in objective.model.named_modules() if named is None else named:
         for attr, p in module._parameters.items():
             if p is not None:
                 uses[id(p)] += 1
