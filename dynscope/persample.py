@@ -665,25 +665,27 @@ class _Pending(NamedTuple):
 
 
 def _spread_all(items: Sequence[_Pending], count: int) -> List[RawSums]:
-    """:func:`_spread` of several tensors, each step one ``torch._foreach_*`` call for all of them.
+    """:func:`_spread` of several tensors at once: the probes side by side in one buffer, foreach calls.
 
     The same arithmetic tensor by tensor; on a small model the per-tensor dispatch of four small
-    ops per tensor cost more than the ops.
+    ops per tensor cost more than the ops. The probes live in one scratch buffer (fresh
+    temporaries cost page faults, see :func:`scratch`), so one ``amin`` says whether any row is hot.
     """
     live = [p for p in items if p.s2.numel()]
     if len(live) < 2 or len({(p.s2.device, p.s2.dtype) for p in live}) > 1:
         return [_spread(p.s1, p.s2, count, p.exact) for p in items]
     s1s, s2s = [p.s1 for p in live], [p.s2 for p in live]
     seconds = torch.stack(torch._foreach_max(s2s)).tolist()
-    # -(s2 - s1**2 / (HOT n)): a positive maximum marks a hot coordinate (see _spread_and_hot_rows)
-    probes = torch._foreach_addcmul(s2s, s1s, s1s, value=-1.0 / (HOT * count))
-    torch._foreach_neg_(probes)
-    hot = torch.stack(torch._foreach_max(probes)).tolist()
+    flat = scratch("hot", (sum(s.numel() for s in s2s),), s2s[0].dtype, s2s[0].device)
+    probes = [part.view(s.shape) for part, s in zip(flat.split_with_sizes([s.numel() for s in s2s]), s2s)]
+    for s1, s2, probe in zip(s1s, s2s, probes):  # hot where negative (see _spread_and_hot_rows)
+        torch.addcmul(s2, s1, s1, value=-1.0 / (HOT * count), out=probe)
+    any_hot = float(flat.amin()) < 0
     torch._foreach_addcmul_(s2s, s1s, s1s, value=-1.0 / count)
     out = {}
-    for p, probe, h, second in zip(live, probes, hot, seconds):
-        if h > 0:
-            rows = probe.reshape(probe.shape[0], -1).amax(1).gt(0).nonzero()[:, 0]
+    for p, probe, second in zip(live, probes, seconds):
+        if any_hot and float(probe.amin()) < 0:
+            rows = probe.reshape(probe.shape[0], -1).amin(1).lt(0).nonzero()[:, 0]
             e1, e2 = p.exact(rows)
             p.s2[rows] = e2.addcmul_(e1, e1, value=-1.0 / count).clamp_min_(0).to(p.s2.dtype)
         out[id(p)] = RawSums(p.s1, p.s2, None, second / count)
