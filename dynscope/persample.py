@@ -887,13 +887,15 @@ def _graph_uses(root: torch.Tensor) -> Counter:
         for node, _ in stack.pop().next_functions:
             if node is None:
                 continue
-            leaf = getattr(node, "variable", None)
-            if leaf is not None:
-                uses[id(leaf)] += 1
-            if node not in seen:
+            if type(node) is _ACCUMULATE_GRAD:  # a leaf: no edges on (getattr on other nodes raises inside)
+                uses[id(node.variable)] += 1
+            elif node not in seen:
                 seen.add(node)
                 stack.append(node)
     return uses
+
+
+_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(2).grad_fn.next_functions[0][0])
 
 
 def _autocast_on() -> bool:
