@@ -44,6 +44,37 @@ def cuda_devices(tensors) -> list:
     return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
 
 
+def _sdp_switches() -> Optional[list]:
+    """``(get, set, is_math)`` of each scaled-dot-product backend flag, or None if torch names them otherwise."""
+    try:
+        from torch.nn.attention import _backend_names
+
+        return [(getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"), value == "MATH")
+                for name, value in _backend_names.items()]
+    except (ImportError, AttributeError):
+        return None
+
+
+_SDP_SWITCHES = _sdp_switches()
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """``sdpa_kernel([SDPBackend.MATH])`` without its name lookups per flag (a measurement of a small model pays them)."""
+    if _SDP_SWITCHES is None:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
+    before = [get() for get, _, _ in _SDP_SWITCHES]
+    for _, switch, is_math in _SDP_SWITCHES:
+        switch(is_math)
+    try:
+        yield
+    finally:
+        for (_, switch, _), was in zip(_SDP_SWITCHES, before):
+            switch(was)
+
+
 @contextlib.contextmanager
 def measurement(
     module: nn.Module,
@@ -95,10 +126,13 @@ def measurement(
     forked = cuda_devices(module.parameters()) if devices is None else list(devices)
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=forked))
+            if forked:
+                stack.enter_context(torch.random.fork_rng(devices=forked))
+            else:  # what fork_rng(devices=[]) does, without its accelerator lookups
+                stack.callback(torch.random.set_rng_state, torch.random.get_rng_state())
             stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
             if math_attention:
-                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                stack.enter_context(_math_attention())
             if autocast is not None:
                 stack.enter_context(autocast)
             if switch and plain:
