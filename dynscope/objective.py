@@ -152,7 +152,10 @@ def _default_forward(model: nn.Module, inputs: Any) -> Any:
 
 
 def batch_size_of(batch: Any) -> int:
-    leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        leaves = [batch[0]]  # the first leaf tree_flatten would give, without the pytree walk
+    else:
+        leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
     if not leaves:
         raise ValueError("the batch holds no tensors")
     if leaves[0].dim() == 0:
@@ -332,8 +335,10 @@ class Objective:
 
     def _module_list(self) -> Optional[List[nn.Module]]:
         """The modules of the walk at construction (None for an object unpickled from an older version)."""
-        named = getattr(self, "_named_modules", None)
-        return None if named is None else [m for _, m in named]
+        modules = self.__dict__.get("_modules_walked")
+        if modules is None and getattr(self, "_named_modules", None) is not None:
+            modules = self.__dict__["_modules_walked"] = [m for _, m in self._named_modules]
+        return modules
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
