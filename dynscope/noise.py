@@ -194,7 +194,7 @@ class _LayerSummary:
     block_gsnr: float  # ||G_p|| / std over the elements of G_p, NaN where that std is 0
 
 
-BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (seven rows of temporaries: 3.5 MiB in float32)
+BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (six rows of temporaries: 3 MiB in float32)
 
 
 def _summaries(moments: GradientMoments) -> None:
@@ -236,10 +236,12 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
     n = moments.count
     lengths = [e[1].numel() for e in entries]
     t0 = entries[0][1]
-    work = persample.scratch("summary", (7, sum(lengths)), t0.dtype, t0.device)
-    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), its square;
-    # t. unbind / narrow / split_with_sizes: C methods (Tensor.__getitem__ and .split cost a few us each)
-    t_sq, quotient, uncounted, sq, deviation, deviation_sq, t = work.unbind(0)
+    work = persample.scratch("summary", (6, sum(lengths)), t0.dtype, t0.device)
+    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), and t,
+    # overwritten by the deviation's square once t**2 and the deviation are there (a row less to keep in
+    # cache). unbind / narrow / split_with_sizes: C methods (Tensor.__getitem__ and .split cost a few us each)
+    t_sq, quotient, uncounted, sq, deviation, t = work.unbind(0)
+    deviation_sq = t
     torch.cat([e[1] for e in entries], out=t)
     torch.cat([e[3] for e in entries], out=sq)
     torch.mul(t, t, out=t_sq)
@@ -254,7 +256,7 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
         start += length
     _counted_quotient(t_sq, sq, uncounted, quotient)
     torch.mul(deviation, deviation, out=deviation_sq)
-    sums = torch.stack([part.sum(1) for part in work.narrow(0, 0, 6).split_with_sizes(lengths, 1)]).tolist()
+    sums = torch.stack([part.sum(1) for part in work.split_with_sizes(lengths, 1)]).tolist()
     for (name, _, scale, _), numel, (t_sq, snr, zeros, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
         cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - int(round(zeros)), sq_dev_sum, t_sq * scale**2,
                                     _block(t_sq, total, total_sq, numel))
