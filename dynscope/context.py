@@ -120,7 +120,8 @@ def measurement(
     switch = any(training != want for _, training in flags)
     # where no module overrides train() or __setattr__, the flags are plain attributes: set them
     # directly (Module.train and Module.__setattr__ cost more than a small model's measurement ops)
-    plain = all(type(m).train is nn.Module.train and type(m).__setattr__ is nn.Module.__setattr__ for m, _ in flags)
+    plain = all(type(m).train is nn.Module.train and type(m).__setattr__ is nn.Module.__setattr__
+                and not hasattr(type(m), "training") for m, _ in flags)  # no class-level training (a property)
     keep = want if restore_buffers is None else restore_buffers
     saved = [(b, b.clone()) for b in module.buffers()] if keep else []
     forked = cuda_devices(module.parameters()) if devices is None else list(devices)
