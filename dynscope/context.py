@@ -44,6 +44,37 @@ def cuda_devices(tensors) -> list:
     return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
 
 
+def _sdp_switches() -> Optional[list]:
+    """``(get, set, is_math)`` of each scaled-dot-product backend flag, or None if torch names them otherwise."""
+    try:
+        from torch.nn.attention import _backend_names
+
+        return [(getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"), value == "MATH")
+                for name, value in _backend_names.items()]
+    except (ImportError, AttributeError):
+        return None
+
+
+_SDP_SWITCHES = _sdp_switches()
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """``sdpa_kernel([SDPBackend.MATH])`` without its name lookups per flag (a measurement of a small model pays them)."""
+    if _SDP_SWITCHES is None:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
+    before = [get() for get, _, _ in _SDP_SWITCHES]
+    for _, switch, is_math in _SDP_SWITCHES:
+        switch(is_math)
+    try:
+        yield
+    finally:
+        for (_, switch, _), was in zip(_SDP_SWITCHES, before):
+            switch(was)
+
+
 @contextlib.contextmanager
 def measurement(
     module: nn.Module,
@@ -54,6 +85,7 @@ def measurement(
     autocast: Optional[ContextManager] = None,
     math_attention: bool = False,
     devices: Optional[Sequence[int]] = None,
+    modules: Optional[Sequence[nn.Module]] = None,
 ) -> Iterator[nn.Module]:
     """Run the enclosed code on ``module`` in ``mode`` without a trace on training; yields ``module``.
 
@@ -69,6 +101,7 @@ def measurement(
         math_attention: scaled-dot-product attention uses its math kernel (the fused ones have no
             double-backward or forward-AD rules).
         devices: the CUDA devices whose RNG to fork (default: those of the module's parameters).
+        modules: ``list(module.modules())`` where the caller has it already (default: walked here).
 
     Example:
         >>> import torch
@@ -83,26 +116,39 @@ def measurement(
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     want = mode == "train"
-    flags = [(m, m.training) for m in module.modules()]
+    flags = [(m, m.training) for m in (module.modules() if modules is None else modules)]
     switch = any(training != want for _, training in flags)
+    # where no module overrides train() or __setattr__, the flags are plain attributes: set them
+    # directly (Module.train and Module.__setattr__ cost more than a small model's measurement ops)
+    plain = all(type(m).train is nn.Module.train and type(m).__setattr__ is nn.Module.__setattr__
+                and not hasattr(type(m), "training") for m, _ in flags)  # no class-level training (a property)
     keep = want if restore_buffers is None else restore_buffers
     saved = [(b, b.clone()) for b in module.buffers()] if keep else []
     forked = cuda_devices(module.parameters()) if devices is None else list(devices)
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=forked))
+            if forked:
+                stack.enter_context(torch.random.fork_rng(devices=forked))
+            else:  # what fork_rng(devices=[]) does, without its accelerator lookups
+                stack.callback(torch.random.set_rng_state, torch.random.get_rng_state())
             stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
             if math_attention:
-                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                stack.enter_context(_math_attention())
             if autocast is not None:
                 stack.enter_context(autocast)
-            if switch:
+            if switch and plain:
+                for m, _ in flags:
+                    m.__dict__["training"] = want
+            elif switch:
                 module.train(want)
             yield module
     finally:
         if switch or any(m.training != training for m, training in flags):
             for m, training in flags:
-                m.training = training
+                if plain:
+                    m.__dict__["training"] = training
+                else:
+                    m.training = training
         if saved:
             with torch.no_grad():
                 for buffer, value in saved:

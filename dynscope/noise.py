@@ -34,6 +34,7 @@ Note: Cockpit's MeanGSNR uses the biased variance plus ``eps=1e-5`` in the denom
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -193,7 +194,7 @@ class _LayerSummary:
     block_gsnr: float  # ||G_p|| / std over the elements of G_p, NaN where that std is 0
 
 
-BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (seven rows of temporaries: 3.5 MiB in float32)
+BATCH_ELEMENTS = 1 << 17  # coordinates per batched summary pass (six rows of temporaries: 3 MiB in float32)
 
 
 def _summaries(moments: GradientMoments) -> None:
@@ -204,13 +205,20 @@ def _summaries(moments: GradientMoments) -> None:
     all of them. Large tensors keep the cache-sized pieces of :func:`_summary`.
     """
     cache = moments.__dict__.setdefault("_summaries", {})
+    if len(cache) == len(moments.mean):  # every tensor's summary is there (the second of GSNR and noise scale)
+        return
     groups: Dict[tuple, list] = {}
     for name in moments.mean:
+        if name in cache:
+            continue
         raw = moments.sums.get(name)
         numel = (moments.mean[name] if raw is None else raw.total).numel()
-        if name in cache or numel == 0 or numel > persample.PIECE:
+        if numel == 0 or numel > persample.PIECE:
             continue
-        t, scale, sq = next(moments.scaled_pieces(name, numel))
+        if raw is not None and raw.shift is None:  # the hook path's sums: what scaled_pieces would yield, without the generator
+            t, scale, sq = raw.total.reshape(-1), 1.0 / moments.count, raw.sq_dev.reshape(-1)
+        else:
+            t, scale, sq = next(moments.scaled_pieces(name, numel))
         if t.dtype != sq.dtype:
             continue
         entries = groups.setdefault((t.dtype, sq.dtype, t.device), [])
@@ -228,19 +236,27 @@ def _batched_summaries(moments: GradientMoments, entries: list, cache: dict) -> 
     n = moments.count
     lengths = [e[1].numel() for e in entries]
     t0 = entries[0][1]
-    work = persample.scratch("summary", (7, sum(lengths)), t0.dtype, t0.device)
-    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), its square
-    rows, t = work[:6], work[6]
+    work = persample.scratch("summary", (6, sum(lengths)), t0.dtype, t0.device)
+    # rows: t**2, counted t**2 / sq_dev, uncounted flags, sq_dev, t - (its tensor's first element), and t,
+    # overwritten by the deviation's square once t**2 and the deviation are there (a row less to keep in
+    # cache). unbind / narrow / split_with_sizes: C methods (Tensor.__getitem__ and .split cost a few us each)
+    t_sq, quotient, uncounted, sq, deviation, t = work.unbind(0)
+    deviation_sq = t
     torch.cat([e[1] for e in entries], out=t)
-    sq = torch.cat([e[3] for e in entries], out=rows[3])
-    torch.mul(t, t, out=rows[0])
-    parts = zip(entries, t.split(lengths), sq.split(lengths), rows[2].split(lengths), rows[4].split(lengths))
-    for (name, *_), t_part, sq_part, uncounted, deviation in parts:
-        torch.le(sq_part, _floor(moments, name), out=uncounted)
-        torch.sub(t_part, t_part[:1], out=deviation)  # near 0 where the elements share an offset
-    _counted_quotient(rows[0], sq, rows[2], rows[1])
-    torch.mul(rows[4], rows[4], out=rows[5])
-    sums = torch.stack([part.sum(1) for part in rows.split(lengths, 1)]).tolist()
+    torch.cat([e[3] for e in entries], out=sq)
+    torch.mul(t, t, out=t_sq)
+    for t_part, dev_part in zip(t.split_with_sizes(lengths), deviation.split_with_sizes(lengths)):
+        torch.sub(t_part, t_part.narrow(0, 0, 1), out=dev_part)  # near 0 where the elements share an offset
+    # the rounding floor, one comparison per run of neighbours that share it (a module's tensors do)
+    floors = [_floor(moments, e[0]) for e in entries]
+    start = 0
+    for floor, run in itertools.groupby(zip(floors, lengths), key=lambda fl: fl[0]):
+        length = sum(numel for _, numel in run)
+        torch.le(sq.narrow(0, start, length), floor, out=uncounted.narrow(0, start, length))
+        start += length
+    _counted_quotient(t_sq, sq, uncounted, quotient)
+    torch.mul(deviation, deviation, out=deviation_sq)
+    sums = torch.stack([part.sum(1) for part in work.split_with_sizes(lengths, 1)]).tolist()
     for (name, _, scale, _), numel, (t_sq, snr, zeros, sq_dev_sum, total, total_sq) in zip(entries, lengths, sums):
         cache[name] = _LayerSummary(snr * scale**2 * (n - 1), numel - int(round(zeros)), sq_dev_sum, t_sq * scale**2,
                                     _block(t_sq, total, total_sq, numel))
@@ -312,11 +328,14 @@ def _module_second_moment(moments: GradientMoments, name: str) -> float:
     share them: a key bias's exactly-zero gradient (softmax ignores a shift) is a cancelling sum of
     the same output gradients that make up the key weight's gradient.
     """
-    cache = moments.__dict__.setdefault("_module_moments", {})
-    module = name.rpartition(".")[0]
-    if module not in cache:
-        cache[module] = max(moments.max_second_moment(n) for n in moments.mean if n.rpartition(".")[0] == module)
-    return cache[module]
+    cache = moments.__dict__.get("_module_moments")
+    if cache is None:  # every module's at once: one pass over the names
+        cache = moments.__dict__["_module_moments"] = {}
+        for n in moments.mean:
+            module = n.rpartition(".")[0]
+            value = moments.max_second_moment(n)
+            cache[module] = max(cache[module], value) if module in cache else value
+    return cache[name.rpartition(".")[0]]
 
 
 def _check_count(moments: GradientMoments) -> None:

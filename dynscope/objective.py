@@ -82,20 +82,26 @@ def per_sample_loss_fn(loss_fn: LossFn) -> Optional[LossFn]:
 Slot = Tuple[Dict[str, Any], str, str]  # (a module's _parameters or _buffers dict, attribute, state name)
 
 
-def tensor_slots(model: nn.Module) -> List[Slot]:
+def tensor_slots(model: nn.Module, named_modules: Optional[Sequence[Tuple[str, nn.Module]]] = None) -> List[Slot]:
     """Every place a module of ``model`` holds a parameter or buffer, with the state name it belongs to.
 
     A tensor reachable under several names (an aliased module ``self.head = self.body.fc``, tied
     weights such as GPT-2's ``wte``/``lm_head``, a shared submodule) has several slots and one name:
     the one ``named_parameters()``/``named_buffers()`` reports.
     """
-    names = {id(t): n for n, t in model.named_buffers()}
-    names.update({id(t): n for n, t in model.named_parameters()})
-    slots = []
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            slots.extend((store, attr, names[id(t)]) for attr, t in store.items() if t is not None and id(t) in names)
-    return slots
+    # one walk of the modules (the names named_parameters()/named_buffers() give: the first path)
+    param_names: Dict[int, str] = {}
+    buffer_names: Dict[int, str] = {}
+    stores = []
+    for prefix, module in model.named_modules() if named_modules is None else named_modules:
+        dot = prefix + "." if prefix else ""
+        for store, names in ((module._parameters, param_names), (module._buffers, buffer_names)):
+            stores.append(store)
+            for attr, t in store.items():
+                if t is not None and id(t) not in names:
+                    names[id(t)] = dot + attr
+    buffer_names.update(param_names)
+    return [(store, attr, buffer_names[id(t)]) for store in stores for attr, t in store.items() if t is not None]
 
 
 @contextlib.contextmanager
@@ -125,12 +131,31 @@ def swapped(slots: Sequence[Slot], state: Mapping[str, torch.Tensor], rnns: Sequ
 _RNN_CACHES = ("_flat_weights", "_flat_weight_refs")
 
 
+def _named_tensors(named_modules: Sequence[Tuple[str, nn.Module]]) -> Tuple[List[Tuple[str, torch.Tensor]], List[Tuple[str, torch.Tensor]]]:
+    """``(named_parameters(), named_buffers())`` of the model whose ``named_modules()`` these are."""
+    out: Tuple[list, list] = ([], [])
+    for prefix, module in named_modules:
+        dot = prefix + "." if prefix else ""
+        for store, items in ((module._parameters, out[0]), (module._buffers, out[1])):
+            items.extend((dot + k, t) for k, t in store.items() if t is not None)
+    # the first name of a tensor reachable under several (tied weights, aliased modules), as named_* dedup
+    return tuple(_first_names(items) for items in out)
+
+
+def _first_names(items: List[Tuple[str, torch.Tensor]]) -> List[Tuple[str, torch.Tensor]]:
+    seen = set()
+    return [(n, t) for n, t in items if id(t) not in seen and not seen.add(id(t))]
+
+
 def _default_forward(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
 def batch_size_of(batch: Any) -> int:
-    leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        leaves = [batch[0]]  # the first leaf tree_flatten would give, without the pytree walk
+    else:
+        leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
     if not leaves:
         raise ValueError("the batch holds no tensors")
     if leaves[0].dim() == 0:
@@ -209,18 +234,24 @@ class Objective:
         self.batch_size = batch_size_of(batch)
         if self.batch_size == 0:
             raise ValueError("the batch is empty")
-        self.params: ParamDict = detached_params(model, param_names)
+        # one walk of the modules serves the parameters, buffers, slots and the measurement's mode switch
+        # (the generic named_* walks cost more than a small model's measurement ops)
+        self._named_modules = list(model.named_modules())
+        params, buffers = _named_tensors(self._named_modules)
+        wanted = None if param_names is None else set(param_names)
+        self.params: ParamDict = OrderedDict(
+            (n, p.detach()) for n, p in params if p.requires_grad and (wanted is None or n in wanted))
         if not self.params:
             raise ValueError("the model has no trainable parameters to measure")
         if param_names is not None and len(self.params) != len(set(param_names)):
             missing = sorted(set(param_names) - set(self.params))
             raise ValueError(f"unknown or frozen parameter names: {missing}")
         self.layout = ParamLayout.from_params(self.params)
-        self._buffers = OrderedDict((n, b) for n, b in model.named_buffers())
+        self._buffers = OrderedDict(buffers)
         self._sample_loss_fn = sample_loss_fn
         self._unreduced = None if loss_fn is None else per_sample_loss_fn(loss_fn)
-        self._slots = tensor_slots(model)
-        self._rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+        self._slots = tensor_slots(model, self._named_modules)
+        self._rnns = [m for _, m in self._named_modules if isinstance(m, nn.RNNBase)]
 
     # -- pure functions of the parameters ---------------------------------------------------
     def _call(self, params: Mapping[str, torch.Tensor], batch: Any) -> Any:
@@ -302,6 +333,13 @@ class Objective:
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
+    def _module_list(self) -> Optional[List[nn.Module]]:
+        """The modules of the walk at construction (None for an object unpickled from an older version)."""
+        modules = self.__dict__.get("_modules_walked")
+        if modules is None and getattr(self, "_named_modules", None) is not None:
+            modules = self.__dict__["_modules_walked"] = [m for _, m in self._named_modules]
+        return modules
+
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
         """Run the enclosed code in the objective's mode, restoring the model's modes and all RNGs.
@@ -322,7 +360,7 @@ class Objective:
         try:
             # buffers are not restored: the loss swaps its own copies in (see ``swapped``)
             with measurement(self.model, self.mode, grad=True, restore_buffers=False, math_attention=True,
-                             devices=cuda_devices(self.params.values())):
+                             devices=cuda_devices(self.params.values()), modules=self._module_list()):
                 yield
         finally:
             self._depth = 0

@@ -277,7 +277,7 @@ def _finalize(s1: torch.Tensor, s2: torch.Tensor, count: int, shift: Optional[to
     in float64 or shift first), so float64 would not be more accurate, only slower.
     """
     dtype = torch.promote_types(_compute_dtype(s1), _compute_dtype(s2))
-    s1, s2 = s1.to(dtype), s2.to(dtype)
+    s1, s2 = _as(s1, dtype), _as(s2, dtype)
     sq = torch.addcmul(s2, s1, s1, value=-1.0 / count).clamp_min_(0)
     second = None if shift is not None else (float(s2.amax()) / count if s2.numel() else 0.0)
     return RawSums(s1, sq, shift, second)
@@ -330,6 +330,8 @@ def _merge(a: Optional[GradientMoments], b: GradientMoments) -> GradientMoments:
 
 def _combine(parts: Sequence[GradientMoments], order: Sequence[str]) -> GradientMoments:
     """Put moments of disjoint parameter sets (same samples) together, in ``order``."""
+    if len(parts) == 1 and list(parts[0].mean) == list(order):  # one path for every tensor: nothing to put together
+        return parts[0]
     owner = {name: part for part in parts for name in part.mean}
     return GradientMoments(
         parts[0].count,
@@ -563,18 +565,26 @@ def _rule(module: nn.Module) -> Optional[Callable]:
 
 def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
     """Supported layers and, for each, ``{attribute: parameter name}`` of the tensors to hook."""
-    model = objective.model
     # a tensor held by two modules (tied weights) gets gradient from both: vmap. One module reachable
     # under two names (an alias) is hooked once and sees all its calls: fine.
-    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
-    name_of = {id(p): n for n, p in model.named_parameters()}
+    # One walk of the modules (named_parameters' names: the first module path, as it dedups modules
+    # and tensors alike); the generic named_* walks cost more than the measurement's small ops.
+    uses: Counter = Counter()
+    name_of: Dict[int, str] = {}
+    modules = []
+    named = getattr(objective, "_named_modules", None)  # the Objective's walk at construction
+    for prefix, module in objective.model.named_modules() if named is None else named:
+        for attr, p in module._parameters.items():
+            if p is not None:
+                uses[id(p)] += 1
+                name_of.setdefault(id(p), f"{prefix}.{attr}" if prefix else attr)
+        if _rule(module) is not None:
+            modules.append(module)
     plan = OrderedDict()
-    for module in model.modules():
-        if _rule(module) is None:
-            continue
+    for module in modules:
         attrs = {}
-        for attr, p in module.named_parameters(recurse=False):
-            name = name_of.get(id(p))
+        for attr, p in module._parameters.items():
+            name = None if p is None else name_of.get(id(p))
             if name in objective.params and uses[id(p)] == 1:
                 attrs[attr] = name
         if attrs:
@@ -583,7 +593,7 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
 
 
 GROUPED_CONV_DEVICES = ("cpu",)  # where a convolution's per-sample weight gradients come from one grouped kernel call
-HookSums = Tuple[RawSums, Optional[torch.Tensor], int]
+HookSums = Tuple[Any, Optional[torch.Tensor], int]  # RawSums, or _Pending for the spread of all at once
 # (the moments, a bound >= sum of |terms| of sum_i g_i (None: sum_i g_i is autograd's own), number of terms)
 
 HOT = 0.5  # recompute in float64 where n * mean**2 exceeds this share of sum g**2 (float32 would cancel)
@@ -646,6 +656,42 @@ def _spread(s1: torch.Tensor, s2: torch.Tensor, count: int, exact: Callable[[tor
     return RawSums(s1, sq, None, second / count)
 
 
+class _Pending(NamedTuple):
+    """A tensor's ``s1 = sum_i g_i``, ``s2 = sum_i g_i**2`` and rows recomputation, awaiting :func:`_spread_all`."""
+
+    s1: torch.Tensor
+    s2: torch.Tensor
+    exact: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _spread_all(items: Sequence[_Pending], count: int) -> List[RawSums]:
+    """:func:`_spread` of several tensors at once: the probes side by side in one buffer, foreach calls.
+
+    The same arithmetic tensor by tensor; on a small model the per-tensor dispatch of four small
+    ops per tensor cost more than the ops. The probes live in one scratch buffer (fresh
+    temporaries cost page faults, see :func:`scratch`), so one ``amin`` says whether any row is hot.
+    """
+    live = [p for p in items if p.s2.numel()]
+    if len(live) < 2 or len({(p.s2.device, p.s2.dtype) for p in live}) > 1:
+        return [_spread(p.s1, p.s2, count, p.exact) for p in items]
+    s1s, s2s = [p.s1 for p in live], [p.s2 for p in live]
+    seconds = torch.stack(torch._foreach_max(s2s)).tolist()
+    flat = scratch("hot", (sum(s.numel() for s in s2s),), s2s[0].dtype, s2s[0].device)
+    probes = [part.view(s.shape) for part, s in zip(flat.split_with_sizes([s.numel() for s in s2s]), s2s)]
+    for s1, s2, probe in zip(s1s, s2s, probes):  # hot where negative (see _spread_and_hot_rows)
+        torch.addcmul(s2, s1, s1, value=-1.0 / (HOT * count), out=probe)
+    any_hot = float(flat.amin()) < 0
+    torch._foreach_addcmul_(s2s, s1s, s1s, value=-1.0 / count)
+    out = {}
+    for p, probe, second in zip(live, probes, seconds):
+        if any_hot and float(probe.amin()) < 0:
+            rows = probe.reshape(probe.shape[0], -1).amin(1).lt(0).nonzero()[:, 0]
+            e1, e2 = p.exact(rows)
+            p.s2[rows] = e2.addcmul_(e1, e1, value=-1.0 / count).clamp_min_(0).to(p.s2.dtype)
+        out[id(p)] = RawSums(p.s1, p.s2, None, second / count)
+    return [out[id(p)] if id(p) in out else RawSums(p.s1, p.s2, None, 0.0) for p in items]
+
+
 class _Shifted:
     """Sums of ``g - c`` and ``(g - c)**2`` over chunks of materialised per-sample gradients.
 
@@ -675,7 +721,15 @@ def _chunks(size: int, per_sample_bytes: int, memory_cap: int) -> Iterator[slice
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+    return t.dtype if t.dtype in _WIDE else torch.promote_types(t.dtype, torch.float32)
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where the dtype already matches (a dispatch per tensor per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str], size: int, cap: int, grads) -> Dict[str, HookSums]:
@@ -683,7 +737,7 @@ def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str]
     if len(records) == 1 and records[0][0].dim() == 2:
         # sum_i g_i is autograd's (the graph check certified that the hooks saw every use);
         # sum_i g_i**2 = (dY**2)^T (X**2) for the weight, sum_b dY**2 for the bias
-        x, dy = records[0][0].to(dtype), records[0][1].to(dtype)
+        x, dy = _as(records[0][0], dtype), _as(records[0][1], dtype)
         dy2 = torch.square(dy, out=scratch("dy2", dy.shape, dtype, dy.device))
         out = {}
         if "weight" in attrs:
@@ -693,13 +747,13 @@ def _linear_sums(module: nn.Linear, records: List[Record], attrs: Dict[str, str]
                 dy64, x64 = dy[:, rows].double(), x.double()
                 return dy64.T @ x64, dy64.square().T @ x64.square()
 
-            out["weight"] = (_spread(grads[attrs["weight"]].to(dtype), s2, size, weight_rows), None, size)
+            out["weight"] = (_Pending(_as(grads[attrs["weight"]], dtype), s2, weight_rows), None, size)
         if "bias" in attrs:
             def bias_rows(rows):
                 dy64 = dy[:, rows].double()
                 return dy64.sum(0), dy64.square().sum(0)
 
-            out["bias"] = (_spread(grads[attrs["bias"]].to(dtype), dy2.sum(0), size, bias_rows), None, size)
+            out["bias"] = (_Pending(_as(grads[attrs["bias"]], dtype), dy2.sum(0), bias_rows), None, size)
         return out
     xs = _cat([r[0].reshape(size, -1, r[0].shape[-1]) for r in records], 1).to(dtype)
     dys = _cat([r[1].reshape(size, -1, r[1].shape[-1]) for r in records], 1).to(dtype)
@@ -833,13 +887,15 @@ def _graph_uses(root: torch.Tensor) -> Counter:
         for node, _ in stack.pop().next_functions:
             if node is None:
                 continue
-            leaf = getattr(node, "variable", None)
-            if leaf is not None:
-                uses[id(leaf)] += 1
-            if node not in seen:
+            if type(node) is _ACCUMULATE_GRAD:  # a leaf: no edges on (getattr on other nodes raises inside)
+                uses[id(node.variable)] += 1
+            elif node not in seen:
                 seen.add(node)
                 stack.append(node)
     return uses
+
+
+_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(2).grad_fn.next_functions[0][0])
 
 
 def _autocast_on() -> bool:
@@ -958,8 +1014,9 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             losses = objective.sample_losses(params)
             if losses.dim() != 1 or losses.shape[0] != size:
                 raise NotPerSampleError(f"expected one loss per sample (shape [{size}]), got {tuple(losses.shape)}")
-            check_finite(losses.detach(), "the per-sample losses")
             total = losses.sum()
+            if not math.isfinite(float(total)):  # a non-finite loss makes the sum so: then the message names it
+                check_finite(losses.detach(), "the per-sample losses")
             uses = _graph_uses(total)
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     finally:
@@ -970,6 +1027,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
         return None, list(objective.params)
     s1 = OrderedDict((n, torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads))
     done: "OrderedDict[str, RawSums]" = OrderedDict()
+    pending: "OrderedDict[str, _Pending]" = OrderedDict()
     for module, attrs in plan.items():
         calls, dims = records[module], batch_dims[module]
         if dims is None or any(d is None for d in dims) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(dims)):
@@ -983,14 +1041,18 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             continue
         for attr, (raw, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap, s1).items():
             name = attrs[attr]
+            if isinstance(raw, _Pending):  # sum_i g_i is autograd's: the spread of all such tensors at once below
+                pending[name] = raw
+                continue
             hooked = raw.total if raw.shift is None else raw.total + size * raw.shift
             if bound is None or _agrees(s1[name], hooked, bound, terms):
                 done[name] = raw
+    done.update(zip(pending, _spread_all(list(pending.values()), size)))
     rest = [n for n in objective.params if n not in done]
     if not done:
         return None, rest
     ordered = OrderedDict((n, done[n]) for n in objective.params if n in done)
-    eps = max(float(torch.finfo(_compute_dtype(s1[n])).eps) for n in ordered)
+    eps = max(float(torch.finfo(dtype).eps) for dtype in {_compute_dtype(s1[n]) for n in ordered})
     return GradientMoments._from_raw(size, ordered, "hooks", eps), rest
 
 
