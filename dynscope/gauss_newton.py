@@ -56,6 +56,8 @@ def loss_reason(objective: Objective) -> Optional[str]:
         if getattr(loss_fn, "weight", None) is not None:
             return "cross-entropy with class weights"
         targets = objective.batch[1]
+        if isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.dim() != 2:
+            return "cross-entropy over positions (soft targets of other than two dimensions)"
         if isinstance(targets, torch.Tensor) and not targets.is_floating_point():
             if targets.dim() != 1:
                 return "cross-entropy over positions (targets of more than one dimension)"
@@ -77,16 +79,23 @@ def exact_trace_reason(objective: Objective) -> Optional[str]:
 def _output_hessian(objective: Objective, z: torch.Tensor) -> torch.Tensor:
     """``H_n / B`` per sample, ``[B, K, K]`` in float64: the loss's Hessian in sample ``n``'s outputs."""
     b = z.shape[0]
+    logits = z.dim() == 2
     z = z.detach().reshape(b, -1).double()
     k = z.shape[1]
     if _is(objective.loss_fn, F.mse_loss, nn.MSELoss):
         if objective.batch[1].numel() != z.numel():
             raise NotExact("mean squared error with broadcast targets")
         return torch.eye(k, dtype=torch.float64, device=z.device).expand(b, k, k) * (2.0 / (k * b))
-    if z.dim() != 2:
+    if not logits:
         raise NotExact("cross-entropy needs [B, K] logits")
     p = torch.softmax(z, 1)
-    return (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b
+    hessian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b
+    targets = objective.batch[1]
+    if targets.is_floating_point():  # -sum_k q_k log p_k: the Hessian scales with sum_k q_k, 1 only for distributions
+        smoothing = float(getattr(objective.loss_fn, "label_smoothing", 0.0))
+        mass = targets.detach().reshape(b, -1).double().sum(1)
+        hessian = hessian * ((1.0 - smoothing) * mass + smoothing)[:, None, None]
+    return hessian
 
 
 def _linear_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
@@ -172,7 +181,10 @@ def _jacobian_traces(objective: Objective, names: List[str], weights: torch.Tens
     with objective.measuring():
         for start in range(0, b, chunk):
             part = tree_map(lambda t: t[start : start + chunk] if isinstance(t, torch.Tensor) else t, inputs)
-            jac = per_sample(sub, part)
+            try:
+                jac = per_sample(sub, part)
+            except RuntimeError as error:  # vmap: data-dependent control flow, .item(), in-place writes, random ops
+                raise NotExact(f"the per-sample Jacobians could not be taken with vmap ({str(error)[:200]})") from error
             w = weights[start : start + chunk]
             for n, j in jac.items():
                 j = j.reshape(j.shape[0], k, -1)
@@ -252,7 +264,10 @@ def exact_trace(
     if reduce is None:
         if reason is not None:
             return None, reason
-        return gauss_newton_trace(objective, check=False, memory_cap=memory_cap), None
+        try:
+            return gauss_newton_trace(objective, check=False, memory_cap=memory_cap), None
+        except NotExact as refusal:  # found out only while computing (output shapes, vmap)
+            return None, str(refusal)
     names = list(objective.params)
     like = torch.zeros(len(names) + 1, dtype=torch.float64, device=objective.device)
     local = like.clone()
@@ -260,6 +275,8 @@ def exact_trace(
         try:
             local = torch.tensor([1.0, *gauss_newton_trace(objective, check=False, memory_cap=memory_cap).per_layer.values()],
                                  dtype=torch.float64, device=objective.device)
+        except NotExact as refusal:  # this rank cannot: every rank falls back
+            reason = str(refusal)
         except Exception as error:  # noqa: BLE001 - shared with the other ranks, then re-raised
             fail = getattr(reduce, "fail", None)
             if fail is None:

@@ -235,3 +235,114 @@ def test_the_certificate_is_asked_again_when_a_layer_is_swapped():
     assert piecewise_linear_reason(Objective(net, F.cross_entropy, batch)) is None
     net[1] = nn.GELU()
     assert "gelu" in piecewise_linear_reason(Objective(net, F.cross_entropy, batch))
+
+
+# -- adversarial models: wherever the exact trace is given, it is the dense Hessian's trace -------------
+
+class TwoLayers(nn.Module):
+    def __init__(self, forward, k=3):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(5, k)
+        self.body = forward
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def _view_of_a_buffer_written_later(net, x):  # v aliases buf; buf += h makes v depend on a: v * h is quadratic
+    h = F.relu(net.a(x))
+    buf = torch.zeros_like(h)
+    v = buf[:, :5]
+    buf += h
+    return net.head(v * h)
+
+
+def _centred_over_the_batch(net, x):  # samples mix: the per-sample Jacobians are not the batch's
+    h = net.a(x)
+    return net.head(F.relu(h - h.mean(0, keepdim=True)))
+
+
+def _flipped_over_the_batch(net, x):
+    h = F.relu(net.a(x))
+    return net.head(h + h.flip(0))
+
+
+def _weight_read_by_another_call(net, x):  # a's weight is used outside a's own call: the hooks see one use
+    return net.head(F.relu(net.a(x)) + F.relu(F.linear(2 * x, net.a.weight)))
+
+
+def _data_dependent_branch(net, x):  # vmap cannot take per-sample Jacobians through the branch
+    h = net.a(x[:, None]).squeeze(1)  # on a 3-d input: the vmap path
+    if h.sum() > 0:
+        h = F.relu(h)
+    return net.head(h)
+
+
+class PerPosition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.relu(x))
+
+
+def _x(n=6, *shape):
+    return torch.randn(n, *(shape or (4,)), dtype=torch.float64)
+
+
+def _obj(model, loss, batch, **kwargs):
+    return Objective(model.double(), loss, batch, **kwargs)
+
+
+ADVERSARIAL = {  # name: objective builder (float64)
+    "in-place write into a tensor with a live view": lambda: _obj(TwoLayers(_view_of_a_buffer_written_later), F.cross_entropy, (_x(), hard(6))),
+    "centred over the batch": lambda: _obj(TwoLayers(_centred_over_the_batch), F.cross_entropy, (_x(), hard(6))),
+    "flipped over the batch": lambda: _obj(TwoLayers(_flipped_over_the_batch), F.mse_loss, (_x(), torch.randn(6, 3, dtype=torch.float64))),
+    "a layer's weight read by another call": lambda: _obj(TwoLayers(_weight_read_by_another_call), F.cross_entropy, (_x(), hard(6))),
+    "data-dependent branch": lambda: _obj(TwoLayers(_data_dependent_branch), F.cross_entropy, (_x(), hard(6))),
+    "soft targets over positions": lambda: _obj(PerPosition(), F.cross_entropy,
+                                                     (_x(6, 2, 5), torch.softmax(torch.randn(6, 3, 5, dtype=torch.float64), 1))),
+    "unnormalised soft targets": lambda: _obj(mlp((4, 5, 3)), F.cross_entropy, (_x(), 2 * torch.rand(6, 3, dtype=torch.float64))),
+    "unnormalised soft targets, label smoothing": lambda: _obj(mlp((4, 5, 3)), nn.CrossEntropyLoss(label_smoothing=0.2),
+                                                                    (_x(), 2 * torch.rand(6, 3, dtype=torch.float64))),
+    "more outputs than MAX_OUTPUTS": lambda: _obj(mlp((4, 5, MAX_OUTPUTS + 1)), F.cross_entropy, (_x(3), hard(3, MAX_OUTPUTS + 1))),
+    "mean squared error with broadcast targets": lambda: _obj(mlp((4, 5, 3)), F.mse_loss, (_x(), torch.randn(3, dtype=torch.float64))),
+    "measured parameters restricted": lambda: _obj(mlp((4, 5, 3)), F.cross_entropy, (_x(), hard(6)), param_names=["2.weight", "2.bias"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_the_exact_trace_is_the_hessian_trace_or_falls_back(name):
+    torch.manual_seed(0)
+    objective = ADVERSARIAL[name]()
+    result, reason = exact_trace(objective)  # never raises: a refusal is a reason
+    auto = hessian_trace(objective, num_matvecs=4, method="auto", seed=0)
+    if result is None:
+        assert reason and auto.method == "hutchinson"
+        return
+    H = exact_hessian(objective)
+    assert result.value == pytest.approx(float(H.diagonal().sum()), rel=1e-10)
+    assert auto.method == "exact" and auto.value == pytest.approx(result.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["unnormalised soft targets", "unnormalised soft targets, label smoothing",
+                                  "measured parameters restricted"])
+def test_the_exact_trace_applies_to(name):
+    torch.manual_seed(0)
+    objective = ADVERSARIAL[name]()
+    assert exact_trace_reason(objective) is None
+
+
+def test_measure_curvature_falls_back_where_the_exact_trace_fails_late():
+    torch.manual_seed(0)
+    objective = ADVERSARIAL["data-dependent branch"]()
+    result = measure_curvature(objective, num_matvecs=4, sharpness=False, eigen=False)
+    assert result.trace.method == "hutchinson"
+
+
+def test_data_parallel_ranks_fall_back_together_where_the_exact_trace_fails_late():
+    torch.manual_seed(0)
+    objective = ADVERSARIAL["data-dependent branch"]()
+    result, reason = exact_trace(objective, reduce=lambda t: t)
+    assert result is None and reason
