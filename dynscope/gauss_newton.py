@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .objective import Objective, check_finite
 from .piecewise import piecewise_linear_reason
@@ -116,6 +117,21 @@ def _linear_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]
     return plan
 
 
+class _Uses(TorchFunctionMode):
+    """Counts the torch calls that take each of the given tensors as an argument."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.counts = {id(t): 0 for t in tensors}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            if id(t) in self.counts:
+                self.counts[id(t)] += 1
+        return func(*args, **kwargs)
+
+
 def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], torch.Tensor]):
     """Forward with hooks on the plain Linear layers and one backward of K one-hot cotangents.
 
@@ -130,8 +146,9 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
 
     handles = [m.register_forward_hook(keep) for m in plan]
     params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
+    uses = _Uses(params[name] for attrs in plan.values() for name in attrs.values())
     try:
-        with objective.measuring(), torch.enable_grad():
+        with objective.measuring(), torch.enable_grad(), uses:
             z = objective.outputs(params)
     finally:
         for h in handles:
@@ -139,7 +156,9 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     z = check_finite(z, "the network output")
     weights = weights_of(z)
     done = OrderedDict()
-    usable = [m for m in plan if len(records[m]) == 1 and records[m][0][0].dim() == 2 and records[m][0][1].requires_grad]
+    # one call on a [B, in] input, and its parameters read by no other call (F.linear(x, layer.weight) elsewhere)
+    usable = [m for m in plan if len(records[m]) == 1 and records[m][0][0].dim() == 2 and records[m][0][1].requires_grad
+              and all(uses.counts[id(params[name])] == 1 for name in plan[m].values())]
     if usable:
         b, k = weights.shape[0], weights.shape[1]
         flat = z.reshape(b, k)
