@@ -88,6 +88,7 @@ class _DependenceMode(TorchFunctionMode):
         for t in constants:
             self.deps.setdefault(id(t), _NONE)
         self.alive: List[Any] = [*params.values(), *constants]  # ids stay unique while the forward runs
+        self.viewed: set = set()  # ids of tensors some tracked view aliases
 
     def of(self, t: torch.Tensor) -> Deps:
         known = self.deps.get(id(t))
@@ -108,15 +109,19 @@ class _DependenceMode(TorchFunctionMode):
         if not outputs and not in_place:  # .size(), .dim(), .item(): no tensor, nothing to follow
             return out
         deps = self._deps(name, args, kwargs)
+        target = args[0] if in_place and args and isinstance(args[0], torch.Tensor) else None
+        before = self.of(target) if target is not None else _NONE
         for t in outputs:
             self.deps[id(t)] = deps
+            if t._base is not None:
+                self.viewed.add(id(t._base))
         self.alive.append(out)
-        if deps and in_place:
-            target = args[0] if args else None
-            if isinstance(target, torch.Tensor):
-                if target._base is not None:
-                    raise _Refused(f"an in-place {name} writes into a view")
-                self.deps[id(target)] = deps
+        if deps and target is not None:
+            if target._base is not None:
+                raise _Refused(f"an in-place {name} writes into a view")
+            if not deps <= before and id(target) in self.viewed:  # the views would silently depend on more
+                raise _Refused(f"an in-place {name} writes parameter-dependent values into a tensor that has views")
+            self.deps[id(target)] = deps
         return out
 
     def _deps(self, name: str, args, kwargs) -> Deps:
@@ -217,12 +222,61 @@ def _trace(objective: Objective, inputs: Any) -> Optional[str]:
     params = {n: p.detach().requires_grad_(True) for n, p in objective.params.items()}
     constants = [t for t in tree_flatten(two)[0] if isinstance(t, torch.Tensor)]
     constants += list(objective._buffers.values())
+    constants += list(objective.model.parameters())  # the ones not measured (param_names) are constants
     mode = _DependenceMode(params, constants)
     try:
         with torch.enable_grad(), mode:
             objective.outputs(params, (two, None))
+        return _independence_reason(objective, two, params)
     except _Refused as refusal:
         return str(refusal)
     except Exception as error:  # the forward itself failed on two samples: no certificate
         return f"the forward pass could not be traced ({type(error).__name__}: {error})"
+
+
+def _tensors(out: Any) -> List[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _independence_reason(objective: Objective, two: Any, params: Dict[str, torch.Tensor]) -> Optional[str]:
+    """``None`` if each sample's outputs, and their vector-Jacobian products, are the same in the batch of
+    two as alone (the exact trace takes per-sample Jacobians: ``x - x.mean(0)`` or a flip over the batch
+    would make them wrong), otherwise why not."""
+    leaves = _tensors(two)
+    if not leaves or leaves[0].dim() == 0 or leaves[0].shape[0] < 2:
+        return None
+    why = "the outputs of a sample depend on the other samples of the batch (or change from one forward to the next)"
+    with torch.enable_grad():
+        joint = _tensors(objective.outputs(params, (two, None)))
+        for i in range(2):
+            one = tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, two)
+            alone = _tensors(objective.outputs(params, (one, None)))
+            if len(alone) != len(joint) or any(a.shape[:1] != (1,) or j.shape[:1] != (2,) for a, j in zip(alone, joint)):
+                return "the outputs have no leading batch dimension"
+            mine = [j[i : i + 1] for j in joint]
+            if not all(_close(a, m) for a, m in zip(alone, mine)):
+                return why
+            generator = torch.Generator().manual_seed(i)
+            cotangents = [torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a) for a in alone]
+            grads = []
+            for outs in (mine, alone):
+                pairs = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+                if not pairs:
+                    return None if not any(o.requires_grad for o in joint) else why
+                dot = sum((o * c).sum() for o, c in pairs)
+                g = torch.autograd.grad(dot, list(params.values()), allow_unused=True, retain_graph=True)
+                grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params.values(), g)])
+            if not all(_close(a, b) for a, b in zip(*grads)):
+                return why
     return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(a.dtype, 3e-2)  # batched and one-sample kernels round differently
+    a, b = a.detach().double(), b.detach().double()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return False
+    norm = torch.linalg.vector_norm
+    return float(norm(a - b)) <= rtol * float(norm(a) + norm(b))
