@@ -23,6 +23,7 @@ Only the ``K x K`` Gram matrices ``J_n J_n^T`` are formed, per parameter tensor:
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .objective import Objective, check_finite
-from .piecewise import piecewise_linear_reason
+from .piecewise import NotPiecewiseLinear, certifying, piecewise_linear_reason
 from .trace import TraceResult
 
 MAX_OUTPUTS = 256  # outputs per sample (classes) up to which the exact trace is worth its K backward passes
@@ -132,7 +133,7 @@ class _Uses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], torch.Tensor]):
+def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], torch.Tensor], certify: bool = False):
     """Forward with hooks on the plain Linear layers and one backward of K one-hot cotangents.
 
     Returns the output Hessian weights, the traces of the layers it could do and the parameter
@@ -147,9 +148,13 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     handles = [m.register_forward_hook(keep) for m in plan]
     params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
     uses = _Uses(params[name] for attrs in plan.values() for name in attrs.values())
+    # the very forward measured is certified too: the cached certificate saw two samples of an earlier model
+    certified = certifying(objective, objective.batch[0], params) if certify else contextlib.nullcontext()
     try:
-        with objective.measuring(), torch.enable_grad(), uses:
+        with objective.measuring(), torch.enable_grad(), uses, certified:
             z = objective.outputs(params)
+    except NotPiecewiseLinear as refusal:
+        raise NotExact(str(refusal)) from None
     finally:
         for h in handles:
             h.remove()
@@ -259,7 +264,7 @@ def gauss_newton_trace(
             raise NotExact(f"more than {MAX_OUTPUTS} outputs per sample")
         return _output_hessian(objective, z)
 
-    weights, traces, rest = _hooked_grams(objective, weights_of)
+    weights, traces, rest = _hooked_grams(objective, weights_of, certify=check)
     if rest:
         traces.update(_jacobian_traces(objective, rest, weights, memory_cap))
     per_layer = OrderedDict((n, traces[n]) for n in objective.params)
@@ -284,7 +289,7 @@ def exact_trace(
         if reason is not None:
             return None, reason
         try:
-            return gauss_newton_trace(objective, check=False, memory_cap=memory_cap), None
+            return gauss_newton_trace(objective, memory_cap=memory_cap), None
         except NotExact as refusal:  # found out only while computing (output shapes, vmap)
             return None, str(refusal)
     names = list(objective.params)
@@ -292,7 +297,7 @@ def exact_trace(
     local = like.clone()
     if reason is None:
         try:
-            local = torch.tensor([1.0, *gauss_newton_trace(objective, check=False, memory_cap=memory_cap).per_layer.values()],
+            local = torch.tensor([1.0, *gauss_newton_trace(objective, memory_cap=memory_cap).per_layer.values()],
                                  dtype=torch.float64, device=objective.device)
         except NotExact as refusal:  # this rank cannot: every rank falls back
             reason = str(refusal)

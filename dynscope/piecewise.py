@@ -26,8 +26,9 @@ probes.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -78,6 +79,10 @@ class _Refused(Exception):
     pass
 
 
+# a parameter-dependent tensor turned into a Python value: control flow (or a constant) decided by the parameters
+_TO_PYTHON = frozenset("__bool__ item tolist __int__ __float__ __index__ __len__ __iter__".split())
+
+
 class _DependenceMode(TorchFunctionMode):
     """Follows which parameters each tensor depends on; raises :class:`_Refused` at the first call
     that could make the output curved in a single parameter."""
@@ -106,7 +111,9 @@ class _DependenceMode(TorchFunctionMode):
             name = getattr(getattr(func, "__self__", None), "__name__", name)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         in_place = name.endswith("_") and not name.startswith("__") or name in _IN_PLACE
-        if not outputs and not in_place:  # .size(), .dim(), .item(): no tensor, nothing to follow
+        if name in _TO_PYTHON and args and isinstance(args[0], torch.Tensor) and self.of(args[0]):
+            raise _Refused(f"a parameter-dependent tensor becomes a Python value ({name}): data-dependent control flow")
+        if not outputs and not in_place:  # .size(), .dim(): no tensor, nothing to follow
             return out
         deps = self._deps(name, args, kwargs)
         target = args[0] if in_place and args and isinstance(args[0], torch.Tensor) else None
@@ -217,13 +224,37 @@ def piecewise_linear_reason(objective: Objective) -> Optional[str]:
     return known[key]
 
 
+class NotPiecewiseLinear(ValueError):
+    """Raised by :func:`certifying` at the first operation that could make the output curved."""
+
+
+@contextlib.contextmanager
+def certifying(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> Iterator[None]:
+    """Certify the forward pass run inside (``objective.outputs(params, (inputs, None))``) as it runs:
+    raises :class:`NotPiecewiseLinear` at the first operation that could make it curved in a parameter.
+
+    :func:`dynscope.gauss_newton.gauss_newton_trace` certifies the very forward pass it measures this way,
+    on the whole batch (the cached answer of :func:`piecewise_linear_reason` is for two samples and
+    a model that may have changed since).
+    """
+    try:
+        with _mode(objective, inputs, params):
+            yield
+    except _Refused as refusal:
+        raise NotPiecewiseLinear(str(refusal)) from None
+
+
+def _mode(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> _DependenceMode:
+    constants = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    constants += list(objective._buffers.values())
+    constants += list(objective.model.parameters())  # the ones not measured (param_names) are constants
+    return _DependenceMode(params, constants)
+
+
 def _trace(objective: Objective, inputs: Any) -> Optional[str]:
     two = tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) else t, inputs)
     params = {n: p.detach().requires_grad_(True) for n, p in objective.params.items()}
-    constants = [t for t in tree_flatten(two)[0] if isinstance(t, torch.Tensor)]
-    constants += list(objective._buffers.values())
-    constants += list(objective.model.parameters())  # the ones not measured (param_names) are constants
-    mode = _DependenceMode(params, constants)
+    mode = _mode(objective, two, params)
     try:
         with torch.enable_grad(), mode:
             objective.outputs(params, (two, None))

@@ -278,6 +278,14 @@ def _data_dependent_branch(net, x):  # vmap cannot take per-sample Jacobians thr
     return net.head(h)
 
 
+def _written_into_a_buffer(net, x):  # vmap cannot write a per-sample value into a buffer made inside
+    h = F.relu(net.a(x[:, None]).squeeze(1))  # on a 3-d input: the vmap path
+    out = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+    out[:, :2] = h[:, :2]
+    out[:, 2:] = h[:, 2:]
+    return net.head(out)
+
+
 class PerPosition(nn.Module):
     def __init__(self):
         super().__init__()
@@ -300,6 +308,7 @@ ADVERSARIAL = {  # name: objective builder (float64)
     "centred over the batch": lambda: _obj(TwoLayers(_centred_over_the_batch), F.cross_entropy, (_x(), hard(6))),
     "flipped over the batch": lambda: _obj(TwoLayers(_flipped_over_the_batch), F.mse_loss, (_x(), torch.randn(6, 3, dtype=torch.float64))),
     "a layer's weight read by another call": lambda: _obj(TwoLayers(_weight_read_by_another_call), F.cross_entropy, (_x(), hard(6))),
+    "written into a buffer": lambda: _obj(TwoLayers(_written_into_a_buffer), F.cross_entropy, (_x(), hard(6))),
     "data-dependent branch": lambda: _obj(TwoLayers(_data_dependent_branch), F.cross_entropy, (_x(), hard(6))),
     "soft targets over positions": lambda: _obj(PerPosition(), F.cross_entropy,
                                                      (_x(6, 2, 5), torch.softmax(torch.randn(6, 3, 5, dtype=torch.float64), 1))),
@@ -336,13 +345,38 @@ def test_the_exact_trace_applies_to(name):
 
 def test_measure_curvature_falls_back_where_the_exact_trace_fails_late():
     torch.manual_seed(0)
-    objective = ADVERSARIAL["data-dependent branch"]()
+    objective = ADVERSARIAL["written into a buffer"]()
+    assert exact_trace_reason(objective) is None  # certified: only vmap finds out
     result = measure_curvature(objective, num_matvecs=4, sharpness=False, eigen=False)
     assert result.trace.method == "hutchinson"
 
 
 def test_data_parallel_ranks_fall_back_together_where_the_exact_trace_fails_late():
     torch.manual_seed(0)
-    objective = ADVERSARIAL["data-dependent branch"]()
+    objective = ADVERSARIAL["written into a buffer"]()
     result, reason = exact_trace(objective, reduce=lambda t: t)
     assert result is None and reason
+
+
+class Switchable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.act = F.relu  # a plain attribute: no module type changes when it does
+
+    def forward(self, x):
+        return self.head(self.act(self.a(x)))
+
+
+def test_the_measured_forward_is_certified_itself_not_only_the_cached_answer():
+    torch.manual_seed(0)
+    net = Switchable().double()
+    batch = (_x(), hard(6))
+    assert exact_trace(Objective(net, F.cross_entropy, batch))[0] is not None
+    net.act = torch.tanh  # the cached certificate is stale now
+    objective = Objective(net, F.cross_entropy, batch)
+    result, reason = exact_trace(objective)
+    assert result is None and "tanh" in reason
+    with pytest.raises(NotExact, match="tanh"):
+        gauss_newton_trace(objective)
+    assert hessian_trace(objective, num_matvecs=4, method="auto", seed=0).method == "hutchinson"
