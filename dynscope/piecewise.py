@@ -20,8 +20,14 @@ depends on. Each call must be one of:
 
 Everything else (softmax, GELU, LayerNorm, batch-statistics BatchNorm, attention, an operation the
 mode cannot see that returns a tensor requiring grad) refuses the certificate, with the operation's
-name as the reason. The check is conservative: a refusal only means the estimate falls back to
-probes.
+name as the reason. So do an in-place write that makes a tensor with live views depend on more
+parameters (the views would escape the bookkeeping), a view written in place, and a
+parameter-dependent tensor turned into a Python value (``if h.sum() > 0``, ``.item()``).
+
+The exact trace takes per-sample Jacobians, so the same two samples are also run alone: their outputs
+and a vector-Jacobian product must match the batch's (``h - h.mean(0)``, a flip over the batch, a
+forward that changes from call to call are refused). The check is conservative: a refusal only means
+the estimate falls back to probes.
 """
 
 from __future__ import annotations
