@@ -225,9 +225,10 @@ def gauss_newton_trace(
 ) -> TraceResult:
     """The trace of the generalised Gauss-Newton matrix, per parameter tensor and in total, exactly.
 
-    For a piecewise-linear network (checked first unless ``check=False``) this is ``tr(H)``: see the
-    module docstring. Raises :class:`NotExact` when the loss's output Hessian is not known in closed
-    form, the network is not certified, or it has more than ``MAX_OUTPUTS`` outputs per sample.
+    For a piecewise-linear network (checked first unless ``check=False``, and again on the measured
+    forward pass itself) this is ``tr(H)``: see the module docstring. Raises :class:`NotExact` when
+    the loss's output Hessian is not known in closed form, the network is not certified, it has more
+    than ``MAX_OUTPUTS`` outputs per sample, or ``vmap`` cannot take its per-sample Jacobians.
 
     Args:
         objective: an :class:`dynscope.Objective` with a cross-entropy or mean-squared-error loss.
@@ -278,7 +279,8 @@ def exact_trace(
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     memory_cap: int = DEFAULT_MEMORY_CAP,
 ) -> Tuple[Optional[TraceResult], Optional[str]]:
-    """``(tr(H) exactly, None)`` where :func:`gauss_newton_trace` applies, else ``(None, why not)``.
+    """``(tr(H) exactly, None)`` where :func:`gauss_newton_trace` applies, else ``(None, why not)``;
+    a :class:`NotExact` found only while computing is a ``why not`` too, never raised.
 
     With ``reduce`` (a :class:`~dynscope.callbacks.distributed.RankReduce`-like mean over data-parallel
     ranks) the ranks agree: the exact trace is used only if it applies on every rank, so all of them
