@@ -149,10 +149,11 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
     uses = _Uses(params[name] for attrs in plan.values() for name in attrs.values())
     # the very forward measured is certified too: the cached certificate saw two samples of an earlier model
-    certified = certifying(objective, objective.batch[0], params) if certify else contextlib.nullcontext()
+    certified = certifying(objective, objective.batch[0], params) if certify else contextlib.nullcontext(lambda z: None)
     try:
-        with objective.measuring(), torch.enable_grad(), uses, certified:
+        with objective.measuring(), torch.enable_grad(), uses, certified as finish:
             z = objective.outputs(params)
+            finish(z)
     except NotPiecewiseLinear as refusal:
         raise NotExact(str(refusal)) from None
     finally:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -100,8 +101,13 @@ class _DependenceMode(TorchFunctionMode):
             self.deps.setdefault(id(t), _NONE)
         self.alive: List[Any] = [*params.values(), *constants]  # ids stay unique while the forward runs
         self.viewed: set = set()  # ids of tensors some tracked view aliases
+        self.outside = {id(t) for t in constants}  # inputs, buffers: their views may predate the forward
 
     def of(self, t: torch.Tensor) -> Deps:
+        if t.requires_grad and isinstance(t.grad_fn, BackwardCFunction):
+            # autograd differentiates its backward (a surrogate gradient, a straight-through estimator),
+            # not the forward this mode saw
+            raise _Refused(f"a custom autograd.Function ({type(t.grad_fn).__name__}) defines its own derivative")
         known = self.deps.get(id(t))
         if known is not None:
             return known
@@ -132,8 +138,10 @@ class _DependenceMode(TorchFunctionMode):
         if deps and target is not None:
             if target._base is not None:
                 raise _Refused(f"an in-place {name} writes into a view")
-            if not deps <= before and id(target) in self.viewed:  # the views would silently depend on more
-                raise _Refused(f"an in-place {name} writes parameter-dependent values into a tensor that has views")
+            if not deps <= before and (id(target) in self.viewed or id(target) in self.outside):
+                # its views (seen here, or made before the forward) would silently depend on more
+                raise _Refused(f"an in-place {name} writes parameter-dependent values into a tensor that has views "
+                               "(or an input or buffer)")
             self.deps[id(target)] = deps
         return out
 
@@ -235,17 +243,19 @@ class NotPiecewiseLinear(ValueError):
 
 
 @contextlib.contextmanager
-def certifying(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> Iterator[None]:
+def certifying(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> Iterator[Callable[[Any], Any]]:
     """Certify the forward pass run inside (``objective.outputs(params, (inputs, None))``) as it runs:
     raises :class:`NotPiecewiseLinear` at the first operation that could make it curved in a parameter.
+    Pass the outputs to the function it gives, inside.
 
     :func:`dynscope.gauss_newton.gauss_newton_trace` certifies the very forward pass it measures this way,
     on the whole batch (the cached answer of :func:`piecewise_linear_reason` is for two samples and
     a model that may have changed since).
     """
+    mode = _mode(objective, inputs, params)
     try:
-        with _mode(objective, inputs, params):
-            yield
+        with mode:
+            yield lambda outputs: [mode.of(t) for t in _tensors(outputs)]  # the outputs' own grad_fn
     except _Refused as refusal:
         raise NotPiecewiseLinear(str(refusal)) from None
 
@@ -263,7 +273,8 @@ def _trace(objective: Objective, inputs: Any) -> Optional[str]:
     mode = _mode(objective, two, params)
     try:
         with torch.enable_grad(), mode:
-            objective.outputs(params, (two, None))
+            for t in _tensors(objective.outputs(params, (two, None))):
+                mode.of(t)
         return _independence_reason(objective, two, params)
     except _Refused as refusal:
         return str(refusal)
