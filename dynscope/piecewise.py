@@ -104,12 +104,12 @@ class _DependenceMode(TorchFunctionMode):
         self.outside = {id(t) for t in constants}  # inputs, buffers: their views may predate the forward
 
     def of(self, t: torch.Tensor) -> Deps:
-        if t.requires_grad and isinstance(t.grad_fn, BackwardCFunction):
-            # autograd differentiates its backward (a surrogate gradient, a straight-through estimator),
-            # not the forward this mode saw
-            raise _Refused(f"a custom autograd.Function ({type(t.grad_fn).__name__}) defines its own derivative")
         known = self.deps.get(id(t))
         if known is not None:
+            if t.requires_grad and isinstance(t.grad_fn, BackwardCFunction):
+                # autograd differentiates its backward (a surrogate gradient, a straight-through estimator),
+                # not the forward this mode saw
+                raise _Refused(f"a custom autograd.Function ({type(t.grad_fn).__name__}) defines its own derivative")
             return known
         if t.requires_grad:  # made by an operation this mode cannot see (a custom op, an extension)
             raise _Refused("a tensor requiring grad comes from an operation dynscope cannot follow")

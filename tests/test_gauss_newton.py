@@ -315,6 +315,13 @@ class ViewedBuffer(nn.Module):  # a view of a buffer made before the forward; th
         return self.head(F.relu(self.a(x)) * self.view)
 
 
+def _branch_on_a_weight(net, x):
+    h = net.a(x)
+    if net.a.bias.sum():  # a weight-dependent value decides the branch
+        h = F.relu(h)
+    return net.head(h)
+
+
 class PerPosition(nn.Module):
     def __init__(self):
         super().__init__()
@@ -340,6 +347,7 @@ ADVERSARIAL = {  # name: objective builder (float64)
     "written into a buffer": lambda: _obj(TwoLayers(_written_into_a_buffer), F.cross_entropy, (_x(), hard(6))),
     "surrogate gradient (custom autograd.Function)": lambda: _obj(TwoLayers(_surrogate_gradient), F.cross_entropy, (_x(), hard(6))),
     "in-place write into a buffer viewed before the forward": lambda: _obj(ViewedBuffer(), F.cross_entropy, (_x(), hard(6))),
+    "branch on a weight": lambda: _obj(TwoLayers(_branch_on_a_weight), F.cross_entropy, (_x(), hard(6))),
     "data-dependent branch": lambda: _obj(TwoLayers(_data_dependent_branch), F.cross_entropy, (_x(), hard(6))),
     "soft targets over positions": lambda: _obj(PerPosition(), F.cross_entropy,
                                                      (_x(6, 2, 5), torch.softmax(torch.randn(6, 3, 5, dtype=torch.float64), 1))),
@@ -418,7 +426,7 @@ def test_the_measured_forward_is_certified_itself_not_only_the_cached_answer():
     ("in-place write into a buffer viewed before the forward", "views"),
     ("surrogate gradient (custom autograd.Function)", "custom autograd.Function"),
     ("centred over the batch", "other samples"),
-    ("data-dependent branch", "control flow"),
+    ("branch on a weight", "control flow"),
 ])
 def test_the_certificate_refuses(name, words):  # where a later step (vmap) would not hide a false certificate
     torch.manual_seed(0)
