@@ -145,13 +145,16 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     def keep(module, inputs, output):
         records[module].append((inputs[0], output))
 
-    handles = [m.register_forward_hook(keep) for m in plan]
+    if nn.modules.module._global_forward_hooks:  # they could replace a layer's output before ours sees it
+        plan.clear()
+    handles = [m.register_forward_hook(keep, prepend=True) for m in plan]  # the layer's own output, before any hook's
     params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
     uses = _Uses(params[name] for attrs in plan.values() for name in attrs.values())
     # the very forward measured is certified too: the cached certificate saw two samples of an earlier model
     certified = certifying(objective, objective.batch[0], params) if certify else contextlib.nullcontext(lambda z: None)
     try:
-        with objective.measuring(), torch.enable_grad(), uses, certified as finish:
+        # uses innermost: the certificate's own property reads (.requires_grad) are no uses
+        with objective.measuring(), torch.enable_grad(), certified as finish, uses:
             z = objective.outputs(params)
             finish(z)
     except NotPiecewiseLinear as refusal:

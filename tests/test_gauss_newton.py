@@ -331,6 +331,11 @@ class PerPosition(nn.Module):
         return self.conv(F.relu(x))
 
 
+def _hooked(net):  # a forward hook that replaces the first layer's output
+    net[0].register_forward_hook(lambda module, inputs, output: 2 * output + 1)
+    return net
+
+
 def _x(n=6, *shape):
     return torch.randn(n, *(shape or (4,)), dtype=torch.float64)
 
@@ -347,6 +352,7 @@ ADVERSARIAL = {  # name: objective builder (float64)
     "written into a buffer": lambda: _obj(TwoLayers(_written_into_a_buffer), F.cross_entropy, (_x(), hard(6))),
     "surrogate gradient (custom autograd.Function)": lambda: _obj(TwoLayers(_surrogate_gradient), F.cross_entropy, (_x(), hard(6))),
     "in-place write into a buffer viewed before the forward": lambda: _obj(ViewedBuffer(), F.cross_entropy, (_x(), hard(6))),
+    "a forward hook replacing a layer's output": lambda: _obj(_hooked(mlp((4, 5, 3))), F.cross_entropy, (_x(), hard(6))),
     "branch on a weight": lambda: _obj(TwoLayers(_branch_on_a_weight), F.cross_entropy, (_x(), hard(6))),
     "data-dependent branch": lambda: _obj(TwoLayers(_data_dependent_branch), F.cross_entropy, (_x(), hard(6))),
     "soft targets over positions": lambda: _obj(PerPosition(), F.cross_entropy,
@@ -431,3 +437,26 @@ def test_the_measured_forward_is_certified_itself_not_only_the_cached_answer():
 def test_the_certificate_refuses(name, words):  # where a later step (vmap) would not hide a false certificate
     torch.manual_seed(0)
     assert words in piecewise_linear_reason(ADVERSARIAL[name]())
+
+
+def test_plain_linear_layers_take_the_hooked_path_under_the_certificate_too():
+    from dynscope.gauss_newton import _hooked_grams, _output_hessian
+
+    torch.manual_seed(0)
+    objective = ADVERSARIAL["a forward hook replacing a layer's output"]()
+    _, done, rest = _hooked_grams(objective, lambda z: _output_hessian(objective, z), certify=True)
+    assert rest == []  # the certificate's own reads of .requires_grad are not uses of the weights
+    H = exact_hessian(objective).diagonal()
+    for layer, block in objective.layout.slices().items():
+        assert done[layer] == pytest.approx(float(H[block].sum()), rel=1e-10)
+
+
+def test_a_global_forward_hook_replacing_outputs():
+    torch.manual_seed(0)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: 2 * output if isinstance(module, nn.Linear) else None)
+    try:
+        objective = _obj(mlp((4, 5, 3)), F.cross_entropy, (_x(), hard(6)))
+        assert gauss_newton_trace(objective).value == pytest.approx(float(exact_hessian(objective).diagonal().sum()), rel=1e-10)
+    finally:
+        handle.remove()
