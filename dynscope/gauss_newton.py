@@ -162,6 +162,8 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     finally:
         for h in handles:
             h.remove()
+    if not isinstance(z, torch.Tensor):
+        raise NotExact(f"the network output is a {type(z).__name__}, not one tensor of logits or predictions")
     z = check_finite(z, "the network output")
     weights = weights_of(z)
     done = OrderedDict()

@@ -87,7 +87,7 @@ class _Refused(Exception):
 
 
 # a parameter-dependent tensor turned into a Python value: control flow (or a constant) decided by the parameters
-_TO_PYTHON = frozenset("__bool__ item tolist __int__ __float__ __index__ __len__ __iter__".split())
+_TO_PYTHON = frozenset("__bool__ item tolist __int__ __float__ __index__ __iter__".split())
 
 
 class _DependenceMode(TorchFunctionMode):
