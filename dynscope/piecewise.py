@@ -20,7 +20,8 @@ depends on. Each call must be one of:
 
 Everything else (softmax, GELU, LayerNorm, batch-statistics BatchNorm, attention, an operation the
 mode cannot see that returns a tensor requiring grad) refuses the certificate, with the operation's
-name as the reason. So do an in-place write that makes a tensor with live views depend on more
+name as the reason. So do a custom ``autograd.Function`` (autograd differentiates its backward, a
+surrogate gradient say, not the forward seen here), an in-place write that makes a tensor with live views depend on more
 parameters (the views would escape the bookkeeping), a view written in place, and a
 parameter-dependent tensor turned into a Python value (``if h.sum() > 0``, ``.item()``).
 
