@@ -12,7 +12,8 @@ off-diagonal parts still differ: eigenvalues are not the GGN's).
 depends on. Each call must be one of:
 
 * piecewise linear in each of its inputs (``relu``, ``max_pool2d``, ``abs``, ``maximum``, views,
-  sums, concatenation, padding, average pooling, eval-mode dropout, comparisons);
+  sums, concatenation, padding, average pooling, interpolation, embedding lookups, eval-mode dropout,
+  comparisons);
 * multilinear (``linear``, ``conv2d``, ``matmul``, ``mul``, eval-mode ``batch_norm``) in factors that
   depend on disjoint sets of parameters (``W2 @ relu(W1 x)`` is fine, ``W @ relu(W x)`` and
   ``h * h`` are not), or a division by a constant;
@@ -55,7 +56,8 @@ _PIECEWISE = frozenset(
     concatenate stack hstack vstack split split_with_sizes chunk unbind narrow select index_select gather
     masked_fill masked_fill_ movedim moveaxis swapaxes swapdims flip roll repeat tile clone to float double half
     bfloat16 type_as pad avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
-    adaptive_avg_pool3d pixel_shuffle pixel_unshuffle channel_shuffle identity
+    adaptive_avg_pool3d pixel_shuffle pixel_unshuffle channel_shuffle identity T mT interpolate upsample
+    upsample_nearest upsample_bilinear
     relu relu_ relu6 leaky_relu leaky_relu_ hardtanh hardtanh_ threshold threshold_ abs abs_ absolute clamp
     clamp_ clip clip_ clamp_min clamp_max maximum minimum fmax fmin max min amax amin where
     max_pool1d max_pool2d max_pool3d _max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices
@@ -159,6 +161,11 @@ class _DependenceMode(TorchFunctionMode):
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             if training and p > 0:
                 raise _Refused(f"{name} in training mode draws a random mask at every evaluation")
+            return union
+        if name == "embedding":  # a row lookup: linear in the table, unless max_norm renormalises it in place
+            max_norm = kwargs.get("max_norm", args[3] if len(args) > 3 else None)
+            if max_norm is not None or self.of(args[0] if args else kwargs["input"]):
+                raise _Refused("embedding with max_norm (or parameter-dependent indices)")
             return union
         if name == "batch_norm":
             return self._batch_norm(args, kwargs, union)

@@ -100,6 +100,26 @@ def conv1d_net():
     return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(6, 3))
 
 
+class TransposedWeight(nn.Module):  # x @ W.T + b, a one-parameter scale
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+        self.head = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.head(F.leaky_relu(x @ self.w.T + self.b, 0.1) * self.scale)
+
+
+def embedding_net():
+    return nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def upsampling_net(mode):
+    return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode=mode),
+                         nn.Conv2d(2, 1, 3), nn.Flatten(), nn.Linear(36, 3))
+
+
 def hard(n, classes=3):
     return torch.randint(0, classes, (n,))
 
@@ -118,6 +138,9 @@ CASES = {  # name: (model, input shape, loss, targets)
     "conv + eval BatchNorm + pooling + dropout": (bn_cnn, (2, 4, 4), F.cross_entropy, hard),
     "conv1d": (conv1d_net, (2, 4), nn.CrossEntropyLoss(), hard),
     "SmallCNN": (SmallCNN, (1, 8, 8), F.cross_entropy, hard),
+    "W.T, a scalar scale": (TransposedWeight, (4,), F.cross_entropy, hard),
+    "upsampling, nearest": (lambda: upsampling_net("nearest"), (2, 4, 4), F.cross_entropy, hard),
+    "upsampling, bilinear": (lambda: upsampling_net("bilinear"), (2, 4, 4), F.cross_entropy, hard),
 }
 
 
@@ -460,3 +483,12 @@ def test_a_global_forward_hook_replacing_outputs():
         assert gauss_newton_trace(objective).value == pytest.approx(float(exact_hessian(objective).diagonal().sum()), rel=1e-10)
     finally:
         handle.remove()
+
+
+def test_an_embedding_lookup_is_linear_in_its_table():
+    torch.manual_seed(0)
+    objective = Objective(embedding_net().double(), F.cross_entropy, (torch.randint(0, 7, (6, 2)), hard(6)))
+    assert piecewise_linear_reason(objective) is None
+    assert gauss_newton_trace(objective).value == pytest.approx(float(exact_hessian(objective).diagonal().sum()), rel=1e-10)
+    renormalised = nn.Sequential(nn.Embedding(7, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 3))
+    assert "max_norm" in piecewise_linear_reason(Objective(renormalised, F.cross_entropy, (torch.randint(0, 7, (6, 2)), hard(6))))
