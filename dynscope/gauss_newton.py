@@ -144,6 +144,9 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
 
     def keep(module, inputs, output):
         records[module].append((inputs[0], output))
+        # the rest of the forward gets a copy: an in-place op after the layer (nn.ReLU(inplace=True),
+        # out += identity) would otherwise turn the recorded output into its own result
+        return output.clone()
 
     if nn.modules.module._global_forward_hooks:  # they could replace a layer's output before ours sees it
         plan.clear()

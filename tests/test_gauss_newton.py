@@ -120,6 +120,18 @@ def upsampling_net(mode):
                          nn.Conv2d(2, 1, 3), nn.Flatten(), nn.Linear(36, 3))
 
 
+class InPlaceResidual(nn.Module):  # torchvision's BasicBlock pattern: out += identity; relu(inplace=True)
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        identity = out = self.a(x)
+        out = self.b(F.relu(out))
+        out += identity
+        return self.head(F.relu(out, inplace=True))
+
+
 def hard(n, classes=3):
     return torch.randint(0, classes, (n,))
 
@@ -138,6 +150,9 @@ CASES = {  # name: (model, input shape, loss, targets)
     "conv + eval BatchNorm + pooling + dropout": (bn_cnn, (2, 4, 4), F.cross_entropy, hard),
     "conv1d": (conv1d_net, (2, 4), nn.CrossEntropyLoss(), hard),
     "SmallCNN": (SmallCNN, (1, 8, 8), F.cross_entropy, hard),
+    "in-place ReLU after each layer": (lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5),
+                                                             nn.ReLU(inplace=True), nn.Linear(5, 3)), (4,), F.cross_entropy, hard),
+    "in-place residual sum": (InPlaceResidual, (4,), F.cross_entropy, hard),
     "W.T, a scalar scale": (TransposedWeight, (4,), F.cross_entropy, hard),
     "upsampling, nearest": (lambda: upsampling_net("nearest"), (2, 4, 4), F.cross_entropy, hard),
     "upsampling, bilinear": (lambda: upsampling_net("bilinear"), (2, 4, 4), F.cross_entropy, hard),
