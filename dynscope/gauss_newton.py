@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .objective import Objective, check_finite
-from .piecewise import NotPiecewiseLinear, certifying, piecewise_linear_reason
+from .piecewise import NotPiecewiseLinear, _close, certifying, piecewise_linear_reason
 from .trace import TraceResult
 
 MAX_OUTPUTS = 256  # outputs per sample (classes) up to which the exact trace is worth its K backward passes
@@ -171,12 +171,15 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     weights = weights_of(z)
     done = OrderedDict()
     # one call on a [B, in] input, and its parameters read by no other call (F.linear(x, layer.weight) elsewhere)
+    b, k = weights.shape[0], weights.shape[1]
     usable = [m for m in plan if len(records[m]) == 1 and records[m][0][0].dim() == 2 and records[m][0][1].requires_grad
+              and records[m][0][0].shape[0] == b  # one row per sample (not [B * T, in])
               and all(uses.counts[id(params[name])] == 1 for name in plan[m].values())]
     if usable:
-        b, k = weights.shape[0], weights.shape[1]
         flat = z.reshape(b, k)
-        cotangents = torch.eye(k, dtype=flat.dtype, device=flat.device)[:, None, :].expand(k, b, k)
+        # the K one-hot cotangents, and a random one: row n of each layer must belong to sample n
+        probe = torch.randn(b, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(flat)
+        cotangents = torch.cat([torch.eye(k, dtype=flat.dtype, device=flat.device)[:, None, :].expand(k, b, k), probe[None]])
         outs = [records[m][0][1] for m in usable]
         deltas = torch.autograd.grad(flat, outs, cotangents, is_grads_batched=True, allow_unused=True)
         for m, delta in zip(usable, deltas):
@@ -184,8 +187,10 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
             if delta is None:  # the layer does not reach the output
                 done.update({name: 0.0 for name in attrs.values()})
                 continue
+            d = delta[:k].double().permute(1, 0, 2)  # [B, K, out]
+            if not _close(delta[k], torch.einsum("nk,nko->no", probe.double(), d)):  # at delta's precision
+                continue  # the rows are not the samples in order (a permutation around the layer): vmap
             a = records[m][0][0].detach().double()
-            d = delta.double().permute(1, 0, 2)  # [B, K, out]
             gram = d @ d.transpose(1, 2)  # [B, K, K]: D_n D_n^T
             weighted = (weights * gram).sum((1, 2))  # [B]
             if "weight" in attrs:

@@ -360,6 +360,19 @@ def _branch_on_a_weight(net, x):
     return net.head(h)
 
 
+def _rows_permuted_around_a_layer(net, x):  # per sample overall, but a's row n belongs to sample B-1-n
+    return net.head(F.relu(net.a(x.flip(0))).flip(0))
+
+
+class PositionsAsRows(nn.Module):  # a Linear on [B * T, d]: its rows are positions, not samples
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(x.reshape(-1, 4))).reshape(x.shape[0], -1))
+
+
 class PerPosition(nn.Module):
     def __init__(self):
         super().__init__()
@@ -391,6 +404,9 @@ ADVERSARIAL = {  # name: objective builder (float64)
     "surrogate gradient (custom autograd.Function)": lambda: _obj(TwoLayers(_surrogate_gradient), F.cross_entropy, (_x(), hard(6))),
     "in-place write into a buffer viewed before the forward": lambda: _obj(ViewedBuffer(), F.cross_entropy, (_x(), hard(6))),
     "a forward hook replacing a layer's output": lambda: _obj(_hooked(mlp((4, 5, 3))), F.cross_entropy, (_x(), hard(6))),
+    "rows permuted around a layer": lambda: _obj(TwoLayers(_rows_permuted_around_a_layer), F.cross_entropy, (_x(), hard(6))),
+    "positions as rows": lambda: _obj(PositionsAsRows(), F.cross_entropy, (_x(6, 2, 4), hard(6))),
+    "positions as rows, one sample": lambda: _obj(PositionsAsRows(), F.cross_entropy, (_x(1, 2, 4), hard(1))),
     "branch on a weight": lambda: _obj(TwoLayers(_branch_on_a_weight), F.cross_entropy, (_x(), hard(6))),
     "data-dependent branch": lambda: _obj(TwoLayers(_data_dependent_branch), F.cross_entropy, (_x(), hard(6))),
     "soft targets over positions": lambda: _obj(PerPosition(), F.cross_entropy,
@@ -487,6 +503,8 @@ def test_plain_linear_layers_take_the_hooked_path_under_the_certificate_too():
     H = exact_hessian(objective).diagonal()
     for layer, block in objective.layout.slices().items():
         assert done[layer] == pytest.approx(float(H[block].sum()), rel=1e-10)
+    single = Objective(mlp((4, 16, 16, 10)), F.cross_entropy, (torch.randn(64, 4), hard(64, 10)))  # float32 rounding
+    assert _hooked_grams(single, lambda z: _output_hessian(single, z), certify=True)[2] == []
 
 
 def test_a_global_forward_hook_replacing_outputs():
