@@ -17,7 +17,9 @@ Only the ``K x K`` Gram matrices ``J_n J_n^T`` are formed, per parameter tensor:
 * ``nn.Linear`` on ``[B, in]`` inputs, called once: from one forward with hooks and one backward of
   ``K`` one-hot cotangents at once, ``G_n = |a_n|^2 D_n D_n^T`` (weight; ``D_n D_n^T`` for the bias) with
   ``a_n`` the layer's input and ``D_n`` the ``K`` output gradients: no per-sample gradient is ever
-  materialised;
+  materialised. It needs row ``n`` to be sample ``n`` (a random ``K+1``-th cotangent checks it) and the
+  weights read by no other call; the rest of the forward gets a copy of the layer's output, so that an
+  in-place ReLU cannot rewrite the recorded one;
 * every other tensor: ``vmap(jacrev)`` over the samples, chunked under a memory cap.
 """
 
