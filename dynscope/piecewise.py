@@ -307,9 +307,9 @@ def _independence_reason(objective: Objective, two: Any, params: Dict[str, torch
         for i in range(2):
             one = tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, two)
             alone = _tensors(objective.outputs(params, (one, None)))
-            if len(alone) != len(joint) or any(a.shape[:1] != (1,) or j.shape[:1] != (2,) for a, j in zip(alone, joint)):
+            if len(alone) != len(joint) or any(j.shape[:1] != (2,) or j.numel() != 2 * a.numel() for a, j in zip(alone, joint)):
                 return "the outputs have no leading batch dimension"
-            mine = [j[i : i + 1] for j in joint]
+            mine = [j[i : i + 1].reshape(a.shape) for a, j in zip(alone, joint)]  # a squeeze() may drop B = 1
             if not all(_close(a, m) for a, m in zip(alone, mine)):
                 return why
             generator = torch.Generator().manual_seed(i)

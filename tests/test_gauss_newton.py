@@ -132,6 +132,15 @@ class InPlaceResidual(nn.Module):  # torchvision's BasicBlock pattern: out += id
         return self.head(F.relu(out, inplace=True))
 
 
+class Squeezed(nn.Module):  # a regression head squeezed: [B] outputs, a scalar for one sample
+    def __init__(self):
+        super().__init__()
+        self.net = mlp((4, 6, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze()
+
+
 def hard(n, classes=3):
     return torch.randint(0, classes, (n,))
 
@@ -153,6 +162,7 @@ CASES = {  # name: (model, input shape, loss, targets)
     "in-place ReLU after each layer": (lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5),
                                                              nn.ReLU(inplace=True), nn.Linear(5, 3)), (4,), F.cross_entropy, hard),
     "in-place residual sum": (InPlaceResidual, (4,), F.cross_entropy, hard),
+    "squeezed regression output": (Squeezed, (4,), F.mse_loss, lambda n: torch.randn(n, dtype=torch.float64)),
     "W.T, a scalar scale": (TransposedWeight, (4,), F.cross_entropy, hard),
     "upsampling, nearest": (lambda: upsampling_net("nearest"), (2, 4, 4), F.cross_entropy, hard),
     "upsampling, bilinear": (lambda: upsampling_net("bilinear"), (2, 4, 4), F.cross_entropy, hard),
