@@ -330,7 +330,8 @@ def _independence_reason(objective: Objective, two: Any, params: Dict[str, torch
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False
-    rtol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(a.dtype, 3e-2)  # batched and one-sample kernels round differently
+    # batched and one-sample kernels round differently (TF32 convolutions on GPUs: ~5e-4); mixing is O(1)
+    rtol = {torch.float64: 1e-9, torch.float32: 2e-3}.get(a.dtype, 5e-2)
     a, b = a.detach().double(), b.detach().double()
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         return False
