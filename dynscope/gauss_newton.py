@@ -17,12 +17,15 @@ Only the ``K x K`` Gram matrices ``J_n J_n^T`` are formed, per parameter tensor:
 * ``nn.Linear`` on ``[B, in]`` inputs, called once: from one forward with hooks and one backward of
   ``K`` one-hot cotangents at once, ``G_n = |a_n|^2 D_n D_n^T`` (weight; ``D_n D_n^T`` for the bias) with
   ``a_n`` the layer's input and ``D_n`` the ``K`` output gradients: no per-sample gradient is ever
-  materialised;
+  materialised. It needs row ``n`` to be sample ``n`` (a random ``K+1``-th cotangent checks it) and the
+  weights read by no other call; the rest of the forward gets a copy of the layer's output, so that an
+  in-place ReLU cannot rewrite the recorded one;
 * every other tensor: ``vmap(jacrev)`` over the samples, chunked under a memory cap.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .objective import Objective, check_finite
-from .piecewise import piecewise_linear_reason
+from .piecewise import NotPiecewiseLinear, _close, certifying, piecewise_linear_reason
 from .trace import TraceResult
 
 MAX_OUTPUTS = 256  # outputs per sample (classes) up to which the exact trace is worth its K backward passes
@@ -56,6 +60,8 @@ def loss_reason(objective: Objective) -> Optional[str]:
         if getattr(loss_fn, "weight", None) is not None:
             return "cross-entropy with class weights"
         targets = objective.batch[1]
+        if isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.dim() != 2:
+            return "cross-entropy over positions (soft targets of other than two dimensions)"
         if isinstance(targets, torch.Tensor) and not targets.is_floating_point():
             if targets.dim() != 1:
                 return "cross-entropy over positions (targets of more than one dimension)"
@@ -77,16 +83,23 @@ def exact_trace_reason(objective: Objective) -> Optional[str]:
 def _output_hessian(objective: Objective, z: torch.Tensor) -> torch.Tensor:
     """``H_n / B`` per sample, ``[B, K, K]`` in float64: the loss's Hessian in sample ``n``'s outputs."""
     b = z.shape[0]
+    logits = z.dim() == 2
     z = z.detach().reshape(b, -1).double()
     k = z.shape[1]
     if _is(objective.loss_fn, F.mse_loss, nn.MSELoss):
         if objective.batch[1].numel() != z.numel():
             raise NotExact("mean squared error with broadcast targets")
         return torch.eye(k, dtype=torch.float64, device=z.device).expand(b, k, k) * (2.0 / (k * b))
-    if z.dim() != 2:
+    if not logits:
         raise NotExact("cross-entropy needs [B, K] logits")
     p = torch.softmax(z, 1)
-    return (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b
+    hessian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b
+    targets = objective.batch[1]
+    if targets.is_floating_point():  # -sum_k q_k log p_k: the Hessian scales with sum_k q_k, 1 only for distributions
+        smoothing = float(getattr(objective.loss_fn, "label_smoothing", 0.0))
+        mass = targets.detach().reshape(b, -1).double().sum(1)
+        hessian = hessian * ((1.0 - smoothing) * mass + smoothing)[:, None, None]
+    return hessian
 
 
 def _linear_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
@@ -107,7 +120,22 @@ def _linear_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]
     return plan
 
 
-def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], torch.Tensor]):
+class _Uses(TorchFunctionMode):
+    """Counts the torch calls that take each of the given tensors as an argument."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.counts = {id(t): 0 for t in tensors}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            if id(t) in self.counts:
+                self.counts[id(t)] += 1
+        return func(*args, **kwargs)
+
+
+def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], torch.Tensor], certify: bool = False):
     """Forward with hooks on the plain Linear layers and one backward of K one-hot cotangents.
 
     Returns the output Hessian weights, the traces of the layers it could do and the parameter
@@ -118,23 +146,42 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
 
     def keep(module, inputs, output):
         records[module].append((inputs[0], output))
+        # the rest of the forward gets a copy: an in-place op after the layer (nn.ReLU(inplace=True),
+        # out += identity) would otherwise turn the recorded output into its own result
+        return output.clone()
 
-    handles = [m.register_forward_hook(keep) for m in plan]
+    if nn.modules.module._global_forward_hooks:  # they could replace a layer's output before ours sees it
+        plan.clear()
+    handles = [m.register_forward_hook(keep, prepend=True) for m in plan]  # the layer's own output, before any hook's
     params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
+    uses = _Uses(params[name] for attrs in plan.values() for name in attrs.values())
+    # the very forward measured is certified too: the cached certificate saw two samples of an earlier model
+    certified = certifying(objective, objective.batch[0], params) if certify else contextlib.nullcontext(lambda z: None)
     try:
-        with objective.measuring(), torch.enable_grad():
+        # uses innermost: the certificate's own property reads (.requires_grad) are no uses
+        with objective.measuring(), torch.enable_grad(), certified as finish, uses:
             z = objective.outputs(params)
+            finish(z)
+    except NotPiecewiseLinear as refusal:
+        raise NotExact(str(refusal)) from None
     finally:
         for h in handles:
             h.remove()
+    if not isinstance(z, torch.Tensor):
+        raise NotExact(f"the network output is a {type(z).__name__}, not one tensor of logits or predictions")
     z = check_finite(z, "the network output")
     weights = weights_of(z)
     done = OrderedDict()
-    usable = [m for m in plan if len(records[m]) == 1 and records[m][0][0].dim() == 2 and records[m][0][1].requires_grad]
+    # one call on a [B, in] input, and its parameters read by no other call (F.linear(x, layer.weight) elsewhere)
+    b, k = weights.shape[0], weights.shape[1]
+    usable = [m for m in plan if len(records[m]) == 1 and records[m][0][0].dim() == 2 and records[m][0][1].requires_grad
+              and records[m][0][0].shape[0] == b  # one row per sample (not [B * T, in])
+              and all(uses.counts[id(params[name])] == 1 for name in plan[m].values())]
     if usable:
-        b, k = weights.shape[0], weights.shape[1]
         flat = z.reshape(b, k)
-        cotangents = torch.eye(k, dtype=flat.dtype, device=flat.device)[:, None, :].expand(k, b, k)
+        # the K one-hot cotangents, and a random one: row n of each layer must belong to sample n
+        probe = torch.randn(b, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(flat)
+        cotangents = torch.cat([torch.eye(k, dtype=flat.dtype, device=flat.device)[:, None, :].expand(k, b, k), probe[None]])
         outs = [records[m][0][1] for m in usable]
         deltas = torch.autograd.grad(flat, outs, cotangents, is_grads_batched=True, allow_unused=True)
         for m, delta in zip(usable, deltas):
@@ -142,8 +189,10 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
             if delta is None:  # the layer does not reach the output
                 done.update({name: 0.0 for name in attrs.values()})
                 continue
+            d = delta[:k].double().permute(1, 0, 2)  # [B, K, out]
+            if not _close(delta[k], torch.einsum("nk,nko->no", probe.double(), d)):  # at delta's precision
+                continue  # the rows are not the samples in order (a permutation around the layer): vmap
             a = records[m][0][0].detach().double()
-            d = delta.double().permute(1, 0, 2)  # [B, K, out]
             gram = d @ d.transpose(1, 2)  # [B, K, K]: D_n D_n^T
             weighted = (weights * gram).sum((1, 2))  # [B]
             if "weight" in attrs:
@@ -172,7 +221,10 @@ def _jacobian_traces(objective: Objective, names: List[str], weights: torch.Tens
     with objective.measuring():
         for start in range(0, b, chunk):
             part = tree_map(lambda t: t[start : start + chunk] if isinstance(t, torch.Tensor) else t, inputs)
-            jac = per_sample(sub, part)
+            try:
+                jac = per_sample(sub, part)
+            except RuntimeError as error:  # vmap: data-dependent control flow, .item(), in-place writes, random ops
+                raise NotExact(f"the per-sample Jacobians could not be taken with vmap ({str(error)[:200]})") from error
             w = weights[start : start + chunk]
             for n, j in jac.items():
                 j = j.reshape(j.shape[0], k, -1)
@@ -189,9 +241,10 @@ def gauss_newton_trace(
 ) -> TraceResult:
     """The trace of the generalised Gauss-Newton matrix, per parameter tensor and in total, exactly.
 
-    For a piecewise-linear network (checked first unless ``check=False``) this is ``tr(H)``: see the
-    module docstring. Raises :class:`NotExact` when the loss's output Hessian is not known in closed
-    form, the network is not certified, or it has more than ``MAX_OUTPUTS`` outputs per sample.
+    For a piecewise-linear network (checked first unless ``check=False``, and again on the measured
+    forward pass itself) this is ``tr(H)``: see the module docstring. Raises :class:`NotExact` when
+    the loss's output Hessian is not known in closed form, the network is not certified, it has more
+    than ``MAX_OUTPUTS`` outputs per sample, or ``vmap`` cannot take its per-sample Jacobians.
 
     Args:
         objective: an :class:`dynscope.Objective` with a cross-entropy or mean-squared-error loss.
@@ -228,7 +281,7 @@ def gauss_newton_trace(
             raise NotExact(f"more than {MAX_OUTPUTS} outputs per sample")
         return _output_hessian(objective, z)
 
-    weights, traces, rest = _hooked_grams(objective, weights_of)
+    weights, traces, rest = _hooked_grams(objective, weights_of, certify=check)
     if rest:
         traces.update(_jacobian_traces(objective, rest, weights, memory_cap))
     per_layer = OrderedDict((n, traces[n]) for n in objective.params)
@@ -242,7 +295,8 @@ def exact_trace(
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     memory_cap: int = DEFAULT_MEMORY_CAP,
 ) -> Tuple[Optional[TraceResult], Optional[str]]:
-    """``(tr(H) exactly, None)`` where :func:`gauss_newton_trace` applies, else ``(None, why not)``.
+    """``(tr(H) exactly, None)`` where :func:`gauss_newton_trace` applies, else ``(None, why not)``;
+    a :class:`NotExact` found only while computing is a ``why not`` too, never raised.
 
     With ``reduce`` (a :class:`~dynscope.callbacks.distributed.RankReduce`-like mean over data-parallel
     ranks) the ranks agree: the exact trace is used only if it applies on every rank, so all of them
@@ -251,9 +305,9 @@ def exact_trace(
     reason = exact_trace_reason(objective)
     result = None
     if reason is None:
-        try:
-            result = gauss_newton_trace(objective, check=False, memory_cap=memory_cap)
-        except NotExact as refusal:  # known only from the outputs (too many per sample): not a failure
+        try:  # certified again as it runs: the measured forward itself (see gauss_newton_trace)
+            result = gauss_newton_trace(objective, memory_cap=memory_cap)
+        except NotExact as refusal:  # found out only while computing (output shapes, vmap): every rank falls back
             reason = str(refusal)
         except Exception as error:  # noqa: BLE001 - shared with the other ranks, then re-raised
             if reduce is None or getattr(reduce, "fail", None) is None:

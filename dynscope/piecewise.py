@@ -12,7 +12,8 @@ off-diagonal parts still differ: eigenvalues are not the GGN's).
 depends on. Each call must be one of:
 
 * piecewise linear in each of its inputs (``relu``, ``max_pool2d``, ``abs``, ``maximum``, views,
-  sums, concatenation, padding, average pooling, eval-mode dropout, comparisons);
+  sums, concatenation, padding, average pooling, interpolation, embedding lookups, eval-mode dropout,
+  comparisons);
 * multilinear (``linear``, ``conv2d``, ``matmul``, ``mul``, eval-mode ``batch_norm``) in factors that
   depend on disjoint sets of parameters (``W2 @ relu(W1 x)`` is fine, ``W @ relu(W x)`` and
   ``h * h`` are not), or a division by a constant;
@@ -20,16 +21,25 @@ depends on. Each call must be one of:
 
 Everything else (softmax, GELU, LayerNorm, batch-statistics BatchNorm, attention, an operation the
 mode cannot see that returns a tensor requiring grad) refuses the certificate, with the operation's
-name as the reason. The check is conservative: a refusal only means the estimate falls back to
-probes.
+name as the reason. So do a custom ``autograd.Function`` (autograd differentiates its backward, a
+surrogate gradient say, not the forward seen here), an in-place write that makes a tensor with live views depend on more
+parameters (the views would escape the bookkeeping), a view written in place, and a
+parameter-dependent tensor turned into a Python value (``if h.sum() > 0``, ``.item()``).
+
+The exact trace takes per-sample Jacobians, so the same two samples are also run alone: their outputs
+and a vector-Jacobian product must match the batch's (``h - h.mean(0)``, a flip over the batch, a
+forward that changes from call to call are refused). The check is conservative: a refusal only means
+the estimate falls back to probes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -46,7 +56,8 @@ _PIECEWISE = frozenset(
     concatenate stack hstack vstack split split_with_sizes chunk unbind narrow select index_select gather
     masked_fill masked_fill_ movedim moveaxis swapaxes swapdims flip roll repeat tile clone to float double half
     bfloat16 type_as pad avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
-    adaptive_avg_pool3d pixel_shuffle pixel_unshuffle channel_shuffle identity
+    adaptive_avg_pool3d pixel_shuffle pixel_unshuffle channel_shuffle identity T mT interpolate upsample
+    upsample_nearest upsample_bilinear
     relu relu_ relu6 leaky_relu leaky_relu_ hardtanh hardtanh_ threshold threshold_ abs abs_ absolute clamp
     clamp_ clip clip_ clamp_min clamp_max maximum minimum fmax fmin max min amax amin where
     max_pool1d max_pool2d max_pool3d _max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices
@@ -78,6 +89,10 @@ class _Refused(Exception):
     pass
 
 
+# a parameter-dependent tensor turned into a Python value: control flow (or a constant) decided by the parameters
+_TO_PYTHON = frozenset("__bool__ item tolist __int__ __float__ __index__ __iter__".split())
+
+
 class _DependenceMode(TorchFunctionMode):
     """Follows which parameters each tensor depends on; raises :class:`_Refused` at the first call
     that could make the output curved in a single parameter."""
@@ -88,10 +103,16 @@ class _DependenceMode(TorchFunctionMode):
         for t in constants:
             self.deps.setdefault(id(t), _NONE)
         self.alive: List[Any] = [*params.values(), *constants]  # ids stay unique while the forward runs
+        self.viewed: set = set()  # ids of tensors some tracked view aliases
+        self.outside = {id(t) for t in constants}  # inputs, buffers: their views may predate the forward
 
     def of(self, t: torch.Tensor) -> Deps:
         known = self.deps.get(id(t))
         if known is not None:
+            if t.requires_grad and isinstance(t.grad_fn, BackwardCFunction):
+                # autograd differentiates its backward (a surrogate gradient, a straight-through estimator),
+                # not the forward this mode saw
+                raise _Refused(f"a custom autograd.Function ({type(t.grad_fn).__name__}) defines its own derivative")
             return known
         if t.requires_grad:  # made by an operation this mode cannot see (a custom op, an extension)
             raise _Refused("a tensor requiring grad comes from an operation dynscope cannot follow")
@@ -105,18 +126,26 @@ class _DependenceMode(TorchFunctionMode):
             name = getattr(getattr(func, "__self__", None), "__name__", name)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         in_place = name.endswith("_") and not name.startswith("__") or name in _IN_PLACE
-        if not outputs and not in_place:  # .size(), .dim(), .item(): no tensor, nothing to follow
+        if name in _TO_PYTHON and args and isinstance(args[0], torch.Tensor) and self.of(args[0]):
+            raise _Refused(f"a parameter-dependent tensor becomes a Python value ({name}): data-dependent control flow")
+        if not outputs and not in_place:  # .size(), .dim(): no tensor, nothing to follow
             return out
         deps = self._deps(name, args, kwargs)
+        target = args[0] if in_place and args and isinstance(args[0], torch.Tensor) else None
+        before = self.of(target) if target is not None else _NONE
         for t in outputs:
             self.deps[id(t)] = deps
+            if t._base is not None:
+                self.viewed.add(id(t._base))
         self.alive.append(out)
-        if deps and in_place:
-            target = args[0] if args else None
-            if isinstance(target, torch.Tensor):
-                if target._base is not None:
-                    raise _Refused(f"an in-place {name} writes into a view")
-                self.deps[id(target)] = deps
+        if deps and target is not None:
+            if target._base is not None:
+                raise _Refused(f"an in-place {name} writes into a view")
+            if not deps <= before and (id(target) in self.viewed or id(target) in self.outside):
+                # its views (seen here, or made before the forward) would silently depend on more
+                raise _Refused(f"an in-place {name} writes parameter-dependent values into a tensor that has views "
+                               "(or an input or buffer)")
+            self.deps[id(target)] = deps
         return out
 
     def _deps(self, name: str, args, kwargs) -> Deps:
@@ -132,6 +161,11 @@ class _DependenceMode(TorchFunctionMode):
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             if training and p > 0:
                 raise _Refused(f"{name} in training mode draws a random mask at every evaluation")
+            return union
+        if name == "embedding":  # a row lookup: linear in the table, unless max_norm renormalises it in place
+            max_norm = kwargs.get("max_norm", args[3] if len(args) > 3 else None)
+            if max_norm is not None or self.of(args[0] if args else kwargs["input"]):
+                raise _Refused("embedding with max_norm (or parameter-dependent indices)")
             return union
         if name == "batch_norm":
             return self._batch_norm(args, kwargs, union)
@@ -212,17 +246,94 @@ def piecewise_linear_reason(objective: Objective) -> Optional[str]:
     return known[key]
 
 
+class NotPiecewiseLinear(ValueError):
+    """Raised by :func:`certifying` at the first operation that could make the output curved."""
+
+
+@contextlib.contextmanager
+def certifying(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> Iterator[Callable[[Any], Any]]:
+    """Certify the forward pass run inside (``objective.outputs(params, (inputs, None))``) as it runs:
+    raises :class:`NotPiecewiseLinear` at the first operation that could make it curved in a parameter.
+    Pass the outputs to the function it gives, inside.
+
+    :func:`dynscope.gauss_newton.gauss_newton_trace` certifies the very forward pass it measures this way,
+    on the whole batch (the cached answer of :func:`piecewise_linear_reason` is for two samples and
+    a model that may have changed since).
+    """
+    mode = _mode(objective, inputs, params)
+    try:
+        with mode:
+            yield lambda outputs: [mode.of(t) for t in _tensors(outputs)]  # the outputs' own grad_fn
+    except _Refused as refusal:
+        raise NotPiecewiseLinear(str(refusal)) from None
+
+
+def _mode(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> _DependenceMode:
+    constants = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    constants += list(objective._buffers.values())
+    constants += list(objective.model.parameters())  # the ones not measured (param_names) are constants
+    return _DependenceMode(params, constants)
+
+
 def _trace(objective: Objective, inputs: Any) -> Optional[str]:
     two = tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) else t, inputs)
     params = {n: p.detach().requires_grad_(True) for n, p in objective.params.items()}
-    constants = [t for t in tree_flatten(two)[0] if isinstance(t, torch.Tensor)]
-    constants += list(objective._buffers.values())
-    mode = _DependenceMode(params, constants)
+    mode = _mode(objective, two, params)
     try:
         with torch.enable_grad(), mode:
-            objective.outputs(params, (two, None))
+            for t in _tensors(objective.outputs(params, (two, None))):
+                mode.of(t)
+        return _independence_reason(objective, two, params)
     except _Refused as refusal:
         return str(refusal)
     except Exception as error:  # the forward itself failed on two samples: no certificate
         return f"the forward pass could not be traced ({type(error).__name__}: {error})"
+
+
+def _tensors(out: Any) -> List[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _independence_reason(objective: Objective, two: Any, params: Dict[str, torch.Tensor]) -> Optional[str]:
+    """``None`` if each sample's outputs, and their vector-Jacobian products, are the same in the batch of
+    two as alone (the exact trace takes per-sample Jacobians: ``x - x.mean(0)`` or a flip over the batch
+    would make them wrong), otherwise why not."""
+    leaves = _tensors(two)
+    if not leaves or leaves[0].dim() == 0 or leaves[0].shape[0] < 2:
+        return None
+    why = "the outputs of a sample depend on the other samples of the batch (or change from one forward to the next)"
+    with torch.enable_grad():
+        joint = _tensors(objective.outputs(params, (two, None)))
+        for i in range(2):
+            one = tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, two)
+            alone = _tensors(objective.outputs(params, (one, None)))
+            if len(alone) != len(joint) or any(j.shape[:1] != (2,) or j.numel() != 2 * a.numel() for a, j in zip(alone, joint)):
+                return "the outputs have no leading batch dimension"
+            mine = [j[i : i + 1].reshape(a.shape) for a, j in zip(alone, joint)]  # a squeeze() may drop B = 1
+            if not all(_close(a, m) for a, m in zip(alone, mine)):
+                return why
+            generator = torch.Generator().manual_seed(i)
+            cotangents = [torch.randn(a.shape, generator=generator, dtype=torch.float64).to(a) for a in alone]
+            grads = []
+            for outs in (mine, alone):
+                pairs = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+                if not pairs:
+                    return None if not any(o.requires_grad for o in joint) else why
+                dot = sum((o * c).sum() for o, c in pairs)
+                g = torch.autograd.grad(dot, list(params.values()), allow_unused=True, retain_graph=True)
+                grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params.values(), g)])
+            if not all(_close(a, b) for a, b in zip(*grads)):
+                return why
     return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    # batched and one-sample kernels round differently (TF32 convolutions on GPUs: ~5e-4); mixing is O(1)
+    rtol = {torch.float64: 1e-9, torch.float32: 2e-3}.get(a.dtype, 5e-2)
+    a, b = a.detach().double(), b.detach().double()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return False
+    norm = torch.linalg.vector_norm
+    return float(norm(a - b)) <= rtol * float(norm(a) + norm(b))

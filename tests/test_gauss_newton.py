@@ -100,6 +100,47 @@ def conv1d_net():
     return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(6, 3))
 
 
+class TransposedWeight(nn.Module):  # x @ W.T + b, a one-parameter scale
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+        self.head = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.head(F.leaky_relu(x @ self.w.T + self.b, 0.1) * self.scale)
+
+
+def embedding_net():
+    return nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def upsampling_net(mode):
+    return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode=mode),
+                         nn.Conv2d(2, 1, 3), nn.Flatten(), nn.Linear(36, 3))
+
+
+class InPlaceResidual(nn.Module):  # torchvision's BasicBlock pattern: out += identity; relu(inplace=True)
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        identity = out = self.a(x)
+        out = self.b(F.relu(out))
+        out += identity
+        return self.head(F.relu(out, inplace=True))
+
+
+class Squeezed(nn.Module):  # a regression head squeezed: [B] outputs, a scalar for one sample
+    def __init__(self):
+        super().__init__()
+        self.net = mlp((4, 6, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze()
+
+
 def hard(n, classes=3):
     return torch.randint(0, classes, (n,))
 
@@ -118,6 +159,13 @@ CASES = {  # name: (model, input shape, loss, targets)
     "conv + eval BatchNorm + pooling + dropout": (bn_cnn, (2, 4, 4), F.cross_entropy, hard),
     "conv1d": (conv1d_net, (2, 4), nn.CrossEntropyLoss(), hard),
     "SmallCNN": (SmallCNN, (1, 8, 8), F.cross_entropy, hard),
+    "in-place ReLU after each layer": (lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5),
+                                                             nn.ReLU(inplace=True), nn.Linear(5, 3)), (4,), F.cross_entropy, hard),
+    "in-place residual sum": (InPlaceResidual, (4,), F.cross_entropy, hard),
+    "squeezed regression output": (Squeezed, (4,), F.mse_loss, lambda n: torch.randn(n, dtype=torch.float64)),
+    "W.T, a scalar scale": (TransposedWeight, (4,), F.cross_entropy, hard),
+    "upsampling, nearest": (lambda: upsampling_net("nearest"), (2, 4, 4), F.cross_entropy, hard),
+    "upsampling, bilinear": (lambda: upsampling_net("bilinear"), (2, 4, 4), F.cross_entropy, hard),
 }
 
 
@@ -269,3 +317,255 @@ def test_a_rank_whose_exact_trace_fails_still_joins_the_reduction(monkeypatch):
         exact_trace(objective, reduce=reduce)
     # the flag and one value per parameter tensor, as the ranks that succeeded send
     assert reduce.failed_with[0] == (1 + len(objective.params),)
+
+
+# -- adversarial models: wherever the exact trace is given, it is the dense Hessian's trace -------------
+
+class TwoLayers(nn.Module):
+    def __init__(self, forward, k=3):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(5, k)
+        self.body = forward
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def _view_of_a_buffer_written_later(net, x):  # v aliases buf; buf += h makes v depend on a: v * h is quadratic
+    h = F.relu(net.a(x))
+    buf = torch.zeros_like(h)
+    v = buf[:, :5]
+    buf += h
+    return net.head(v * h)
+
+
+def _centred_over_the_batch(net, x):  # samples mix: the per-sample Jacobians are not the batch's
+    h = net.a(x)
+    return net.head(F.relu(h - h.mean(0, keepdim=True)))
+
+
+def _flipped_over_the_batch(net, x):
+    h = F.relu(net.a(x))
+    return net.head(h + h.flip(0))
+
+
+def _weight_read_by_another_call(net, x):  # a's weight is used outside a's own call: the hooks see one use
+    return net.head(F.relu(net.a(x)) + F.relu(F.linear(2 * x, net.a.weight)))
+
+
+def _data_dependent_branch(net, x):  # vmap cannot take per-sample Jacobians through the branch
+    h = net.a(x[:, None]).squeeze(1)  # on a 3-d input: the vmap path
+    if h.sum() > 0:
+        h = F.relu(h)
+    return net.head(h)
+
+
+def _written_into_a_buffer(net, x):  # vmap cannot write a per-sample value into a buffer made inside
+    h = F.relu(net.a(x[:, None]).squeeze(1))  # on a 3-d input: the vmap path
+    out = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+    out[:, :2] = h[:, :2]
+    out[:, 2:] = h[:, 2:]
+    return net.head(out)
+
+
+class Surrogate(torch.autograd.Function):  # relu forward, a smooth surrogate derivative (spiking nets, STE)
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.relu()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(4 * x)
+
+
+def _surrogate_gradient(net, x):
+    return net.head(Surrogate.apply(net.a(x)))
+
+
+class ViewedBuffer(nn.Module):  # a view of a buffer made before the forward; the forward writes a's bias into it
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.register_buffer("state", torch.zeros(5))
+        self.view = self.state[:]
+
+    def forward(self, x):
+        self.state.zero_()
+        self.state += self.a.bias  # the view follows: h * view is quadratic in a.bias
+        return self.head(F.relu(self.a(x)) * self.view)
+
+
+def _branch_on_a_weight(net, x):
+    h = net.a(x)
+    if net.a.bias.sum():  # a weight-dependent value decides the branch
+        h = F.relu(h)
+    return net.head(h)
+
+
+def _rows_permuted_around_a_layer(net, x):  # per sample overall, but a's row n belongs to sample B-1-n
+    return net.head(F.relu(net.a(x.flip(0))).flip(0))
+
+
+class PositionsAsRows(nn.Module):  # a Linear on [B * T, d]: its rows are positions, not samples
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(x.reshape(-1, 4))).reshape(x.shape[0], -1))
+
+
+class PerPosition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.relu(x))
+
+
+def _hooked(net):  # a forward hook that replaces the first layer's output
+    net[0].register_forward_hook(lambda module, inputs, output: 2 * output + 1)
+    return net
+
+
+def _x(n=6, *shape):
+    return torch.randn(n, *(shape or (4,)), dtype=torch.float64)
+
+
+def _obj(model, loss, batch, **kwargs):
+    return Objective(model.double(), loss, batch, **kwargs)
+
+
+ADVERSARIAL = {  # name: objective builder (float64)
+    "in-place write into a tensor with a live view": lambda: _obj(TwoLayers(_view_of_a_buffer_written_later), F.cross_entropy, (_x(), hard(6))),
+    "centred over the batch": lambda: _obj(TwoLayers(_centred_over_the_batch), F.cross_entropy, (_x(), hard(6))),
+    "flipped over the batch": lambda: _obj(TwoLayers(_flipped_over_the_batch), F.mse_loss, (_x(), torch.randn(6, 3, dtype=torch.float64))),
+    "a layer's weight read by another call": lambda: _obj(TwoLayers(_weight_read_by_another_call), F.cross_entropy, (_x(), hard(6))),
+    "written into a buffer": lambda: _obj(TwoLayers(_written_into_a_buffer), F.cross_entropy, (_x(), hard(6))),
+    "surrogate gradient (custom autograd.Function)": lambda: _obj(TwoLayers(_surrogate_gradient), F.cross_entropy, (_x(), hard(6))),
+    "in-place write into a buffer viewed before the forward": lambda: _obj(ViewedBuffer(), F.cross_entropy, (_x(), hard(6))),
+    "a forward hook replacing a layer's output": lambda: _obj(_hooked(mlp((4, 5, 3))), F.cross_entropy, (_x(), hard(6))),
+    "rows permuted around a layer": lambda: _obj(TwoLayers(_rows_permuted_around_a_layer), F.cross_entropy, (_x(), hard(6))),
+    "positions as rows": lambda: _obj(PositionsAsRows(), F.cross_entropy, (_x(6, 2, 4), hard(6))),
+    "positions as rows, one sample": lambda: _obj(PositionsAsRows(), F.cross_entropy, (_x(1, 2, 4), hard(1))),
+    "branch on a weight": lambda: _obj(TwoLayers(_branch_on_a_weight), F.cross_entropy, (_x(), hard(6))),
+    "data-dependent branch": lambda: _obj(TwoLayers(_data_dependent_branch), F.cross_entropy, (_x(), hard(6))),
+    "soft targets over positions": lambda: _obj(PerPosition(), F.cross_entropy,
+                                                     (_x(6, 2, 5), torch.softmax(torch.randn(6, 3, 5, dtype=torch.float64), 1))),
+    "unnormalised soft targets": lambda: _obj(mlp((4, 5, 3)), F.cross_entropy, (_x(), 2 * torch.rand(6, 3, dtype=torch.float64))),
+    "unnormalised soft targets, label smoothing": lambda: _obj(mlp((4, 5, 3)), nn.CrossEntropyLoss(label_smoothing=0.2),
+                                                                    (_x(), 2 * torch.rand(6, 3, dtype=torch.float64))),
+    "more outputs than MAX_OUTPUTS": lambda: _obj(mlp((4, 5, MAX_OUTPUTS + 1)), F.cross_entropy, (_x(3), hard(3, MAX_OUTPUTS + 1))),
+    "mean squared error with broadcast targets": lambda: _obj(mlp((4, 5, 3)), F.mse_loss, (_x(), torch.randn(3, dtype=torch.float64))),
+    "measured parameters restricted": lambda: _obj(mlp((4, 5, 3)), F.cross_entropy, (_x(), hard(6)), param_names=["2.weight", "2.bias"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_the_exact_trace_is_the_hessian_trace_or_falls_back(name):
+    torch.manual_seed(0)
+    objective = ADVERSARIAL[name]()
+    result, reason = exact_trace(objective)  # never raises: a refusal is a reason
+    auto = hessian_trace(objective, num_matvecs=4, method="auto", seed=0)
+    if result is None:
+        assert reason and auto.method == "hutchinson"
+        return
+    H = exact_hessian(objective)
+    assert result.value == pytest.approx(float(H.diagonal().sum()), rel=1e-10)
+    assert auto.method == "exact" and auto.value == pytest.approx(result.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["unnormalised soft targets", "unnormalised soft targets, label smoothing",
+                                  "measured parameters restricted"])
+def test_the_exact_trace_applies_to(name):
+    torch.manual_seed(0)
+    objective = ADVERSARIAL[name]()
+    assert exact_trace_reason(objective) is None
+
+
+def test_measure_curvature_falls_back_where_the_exact_trace_fails_late():
+    torch.manual_seed(0)
+    objective = ADVERSARIAL["written into a buffer"]()
+    assert exact_trace_reason(objective) is None  # certified: only vmap finds out
+    result = measure_curvature(objective, num_matvecs=4, sharpness=False, eigen=False)
+    assert result.trace.method == "hutchinson"
+
+
+def test_data_parallel_ranks_fall_back_together_where_the_exact_trace_fails_late():
+    torch.manual_seed(0)
+    objective = ADVERSARIAL["written into a buffer"]()
+    result, reason = exact_trace(objective, reduce=lambda t: t)
+    assert result is None and reason
+
+
+class Switchable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.act = F.relu  # a plain attribute: no module type changes when it does
+
+    def forward(self, x):
+        return self.head(self.act(self.a(x)))
+
+
+def test_the_measured_forward_is_certified_itself_not_only_the_cached_answer():
+    torch.manual_seed(0)
+    net = Switchable().double()
+    batch = (_x(), hard(6))
+    assert exact_trace(Objective(net, F.cross_entropy, batch))[0] is not None
+    net.act = torch.tanh  # the cached certificate is stale now
+    objective = Objective(net, F.cross_entropy, batch)
+    result, reason = exact_trace(objective)
+    assert result is None and "tanh" in reason
+    with pytest.raises(NotExact, match="tanh"):
+        gauss_newton_trace(objective)
+    assert hessian_trace(objective, num_matvecs=4, method="auto", seed=0).method == "hutchinson"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("in-place write into a tensor with a live view", "views"),
+    ("in-place write into a buffer viewed before the forward", "views"),
+    ("surrogate gradient (custom autograd.Function)", "custom autograd.Function"),
+    ("centred over the batch", "other samples"),
+    ("branch on a weight", "control flow"),
+])
+def test_the_certificate_refuses(name, words):  # where a later step (vmap) would not hide a false certificate
+    torch.manual_seed(0)
+    assert words in piecewise_linear_reason(ADVERSARIAL[name]())
+
+
+def test_plain_linear_layers_take_the_hooked_path_under_the_certificate_too():
+    from dynscope.gauss_newton import _hooked_grams, _output_hessian
+
+    torch.manual_seed(0)
+    objective = ADVERSARIAL["a forward hook replacing a layer's output"]()
+    _, done, rest = _hooked_grams(objective, lambda z: _output_hessian(objective, z), certify=True)
+    assert rest == []  # the certificate's own reads of .requires_grad are not uses of the weights
+    H = exact_hessian(objective).diagonal()
+    for layer, block in objective.layout.slices().items():
+        assert done[layer] == pytest.approx(float(H[block].sum()), rel=1e-10)
+    single = Objective(mlp((4, 16, 16, 10)), F.cross_entropy, (torch.randn(64, 4), hard(64, 10)))  # float32 rounding
+    assert _hooked_grams(single, lambda z: _output_hessian(single, z), certify=True)[2] == []
+
+
+def test_a_global_forward_hook_replacing_outputs():
+    torch.manual_seed(0)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: 2 * output if isinstance(module, nn.Linear) else None)
+    try:
+        objective = _obj(mlp((4, 5, 3)), F.cross_entropy, (_x(), hard(6)))
+        assert gauss_newton_trace(objective).value == pytest.approx(float(exact_hessian(objective).diagonal().sum()), rel=1e-10)
+    finally:
+        handle.remove()
+
+
+def test_an_embedding_lookup_is_linear_in_its_table():
+    torch.manual_seed(0)
+    objective = Objective(embedding_net().double(), F.cross_entropy, (torch.randint(0, 7, (6, 2)), hard(6)))
+    assert piecewise_linear_reason(objective) is None
+    assert gauss_newton_trace(objective).value == pytest.approx(float(exact_hessian(objective).diagonal().sum()), rel=1e-10)
+    renormalised = nn.Sequential(nn.Embedding(7, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 3))
+    assert "max_norm" in piecewise_linear_reason(Objective(renormalised, F.cross_entropy, (torch.randint(0, 7, (6, 2)), hard(6))))
