@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -80,8 +81,43 @@ def exact_trace_reason(objective: Objective) -> Optional[str]:
     return (loss_reason(objective) if objective._sample_loss_fn is None else None) or piecewise_linear_reason(objective)
 
 
-def _output_hessian(objective: Objective, z: torch.Tensor) -> torch.Tensor:
-    """``H_n / B`` per sample, ``[B, K, K]`` in float64: the loss's Hessian in sample ``n``'s outputs."""
+@dataclass
+class OutputHessian:
+    """``H_n / B``, the loss's Hessian in sample ``n``'s ``K`` outputs over the batch size, in factored form:
+    ``scale_n (diag(p_n) - p_n p_n^T)`` for cross-entropy (``p_n`` the softmax), ``scale_n I`` for the mean
+    squared error (``p`` None). ``scale`` and ``p`` are float64."""
+
+    scale: torch.Tensor  # [B]
+    k: int
+    p: Optional[torch.Tensor] = None  # [B, K]
+
+    def rows(self, part: slice) -> "OutputHessian":
+        return OutputHessian(self.scale[part], self.k, None if self.p is None else self.p[part])
+
+    def dense(self) -> torch.Tensor:
+        """``[B, K, K]`` float64."""
+        if self.p is None:
+            return torch.eye(self.k, dtype=torch.float64, device=self.scale.device) * self.scale[:, None, None]
+        return (torch.diag_embed(self.p) - self.p[:, :, None] * self.p[:, None, :]) * self.scale[:, None, None]
+
+    def quadratic(self, d: torch.Tensor) -> torch.Tensor:
+        """``sum_(c,c') H_n[c, c'] (d_nc . d_nc')`` per sample for ``d`` of shape ``[B, K, m]`` (float64, ``[B]``).
+
+        For cross-entropy this is ``sum_c p_c |d_c - dbar|^2`` with ``dbar = sum_c p_c d_c``: the same
+        number as ``sum_c p_c |d_c|^2 - |dbar|^2`` without its cancellation for confident logits, and
+        without any ``K x K`` matrix per sample (batched small matrix products are slow on CPU).
+        """
+        if self.p is None:
+            q = d.square().sum((1, 2))
+        else:
+            p = self.p.to(d.dtype)[:, :, None]
+            centred = d - (p * d).sum(1, keepdim=True)
+            q = (p * centred.square()).sum((1, 2))
+        return q.double() * self.scale
+
+
+def _output_hessian(objective: Objective, z: torch.Tensor) -> OutputHessian:
+    """The loss's Hessian in each sample's outputs, over the batch size (see :class:`OutputHessian`)."""
     b = z.shape[0]
     logits = z.dim() == 2
     z = z.detach().reshape(b, -1).double()
@@ -89,17 +125,16 @@ def _output_hessian(objective: Objective, z: torch.Tensor) -> torch.Tensor:
     if _is(objective.loss_fn, F.mse_loss, nn.MSELoss):
         if objective.batch[1].numel() != z.numel():
             raise NotExact("mean squared error with broadcast targets")
-        return torch.eye(k, dtype=torch.float64, device=z.device).expand(b, k, k) * (2.0 / (k * b))
+        return OutputHessian(torch.full((b,), 2.0 / (k * b), dtype=torch.float64, device=z.device), k)
     if not logits:
         raise NotExact("cross-entropy needs [B, K] logits")
-    p = torch.softmax(z, 1)
-    hessian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b
+    scale = torch.full((b,), 1.0 / b, dtype=torch.float64, device=z.device)
     targets = objective.batch[1]
     if targets.is_floating_point():  # -sum_k q_k log p_k: the Hessian scales with sum_k q_k, 1 only for distributions
         smoothing = float(getattr(objective.loss_fn, "label_smoothing", 0.0))
         mass = targets.detach().reshape(b, -1).double().sum(1)
-        hessian = hessian * ((1.0 - smoothing) * mass + smoothing)[:, None, None]
-    return hessian
+        scale = scale * ((1.0 - smoothing) * mass + smoothing)
+    return OutputHessian(scale, k, torch.softmax(z, 1))
 
 
 def _linear_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
@@ -135,7 +170,7 @@ class _Uses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], torch.Tensor], certify: bool = False):
+def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], OutputHessian], certify: bool = False):
     """Forward with hooks on the plain Linear layers and one backward of K one-hot cotangents.
 
     Returns the output Hessian weights, the traces of the layers it could do and the parameter
@@ -173,7 +208,7 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
     weights = weights_of(z)
     done = OrderedDict()
     # one call on a [B, in] input, and its parameters read by no other call (F.linear(x, layer.weight) elsewhere)
-    b, k = weights.shape[0], weights.shape[1]
+    b, k = z.shape[0], weights.k
     usable = [m for m in plan if len(records[m]) == 1 and records[m][0][0].dim() == 2 and records[m][0][1].requires_grad
               and records[m][0][0].shape[0] == b  # one row per sample (not [B * T, in])
               and all(uses.counts[id(params[name])] == 1 for name in plan[m].values())]
@@ -189,24 +224,24 @@ def _hooked_grams(objective: Objective, weights_of: Callable[[torch.Tensor], tor
             if delta is None:  # the layer does not reach the output
                 done.update({name: 0.0 for name in attrs.values()})
                 continue
-            d = delta[:k].double().permute(1, 0, 2)  # [B, K, out]
-            if not _close(delta[k], torch.einsum("nk,nko->no", probe.double(), d)):  # at delta's precision
+            # in the layer's dtype (float32 at least), summed in float64: the trace's rounding is the model's
+            d = delta[:k].permute(1, 0, 2).to(torch.promote_types(delta.dtype, torch.float32))  # [B, K, out]
+            if not _close(delta[k], (probe.to(d.dtype)[:, :, None] * d).sum(1)):  # at delta's precision
                 continue  # the rows are not the samples in order (a permutation around the layer): vmap
-            a = records[m][0][0].detach().double()
-            gram = d @ d.transpose(1, 2)  # [B, K, K]: D_n D_n^T
-            weighted = (weights * gram).sum((1, 2))  # [B]
+            a = records[m][0][0].detach().to(d.dtype)
+            weighted = weights.quadratic(d)  # [B]: <H_n / B, D_n D_n^T>
             if "weight" in attrs:
-                done[attrs["weight"]] = float((weighted * (a * a).sum(1)).sum())
+                done[attrs["weight"]] = float(torch.dot(weighted, (a * a).sum(1).double()))
             if "bias" in attrs:
                 done[attrs["bias"]] = float(weighted.sum())
     rest = [n for n in objective.params if n not in done]
     return weights, done, rest
 
 
-def _jacobian_traces(objective: Objective, names: List[str], weights: torch.Tensor, memory_cap: int) -> Dict[str, float]:
+def _jacobian_traces(objective: Objective, names: List[str], weights: OutputHessian, memory_cap: int) -> Dict[str, float]:
     """``sum_n <H_n / B, J_n J_n^T>`` per tensor in ``names``, from ``vmap(jacrev)`` over sample chunks."""
     fixed = {n: p for n, p in objective.params.items() if n not in names}
-    b, k = weights.shape[0], weights.shape[1]
+    b, k = weights.scale.shape[0], weights.k
     inputs = objective.batch[0]
 
     def outputs(sub, sample):
@@ -225,11 +260,10 @@ def _jacobian_traces(objective: Objective, names: List[str], weights: torch.Tens
                 jac = per_sample(sub, part)
             except RuntimeError as error:  # vmap: data-dependent control flow, .item(), in-place writes, random ops
                 raise NotExact(f"the per-sample Jacobians could not be taken with vmap ({str(error)[:200]})") from error
-            w = weights[start : start + chunk]
-            for n, j in jac.items():
+            w = weights.rows(slice(start, start + chunk)).dense()
+            for n, j in jac.items():  # a K x K Gram per sample: one GEMM over the long rows
                 j = j.reshape(j.shape[0], k, -1)
-                gram = (j @ j.transpose(1, 2)).double()  # [chunk, K, K]
-                totals[n] += float((w * gram).sum())
+                totals[n] += float((w * (j @ j.transpose(1, 2)).double()).sum())
     return totals
 
 
@@ -276,7 +310,7 @@ def gauss_newton_trace(
     if reason is not None:
         raise NotExact(reason)
 
-    def weights_of(z: torch.Tensor) -> torch.Tensor:
+    def weights_of(z: torch.Tensor) -> OutputHessian:
         if z.reshape(z.shape[0], -1).shape[1] > MAX_OUTPUTS:
             raise NotExact(f"more than {MAX_OUTPUTS} outputs per sample")
         return _output_hessian(objective, z)
