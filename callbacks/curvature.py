@@ -268,6 +268,12 @@ class Curvature(DiagnosticCallback):
             self.idle_between_measurements = False  # collects the evaluation batches from the first steps
         self.last_density = None
 
+    @property
+    def trace_exact(self) -> Optional[bool]:
+        """Whether the last measurement's trace was exact (``tr(H) = tr(GGN)`` of a piecewise-linear
+        network) rather than estimated; ``None`` before the first measurement."""
+        return self._trace_exact
+
     def check_module(self, trainer, pl_module) -> None:
         find_loss_fn(pl_module, self.loss_fn)
 
