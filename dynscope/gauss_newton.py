@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .objective import Objective, check_finite
+from .persample import _hook_plan, _plain
 from .piecewise import NotPiecewiseLinear, _close, certifying, piecewise_linear_reason
 from .trace import TraceResult
 
@@ -138,21 +139,9 @@ def _output_hessian(objective: Objective, z: torch.Tensor) -> OutputHessian:
 
 
 def _linear_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]":
-    """Plain ``nn.Linear`` modules whose parameters are measured and held by no other module."""
-    name_of = {id(p): n for n, p in objective.model.named_parameters()}
-    holders: Dict[int, int] = {}
-    for m in objective.model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                holders[id(p)] = holders.get(id(p), 0) + 1
-    plan = OrderedDict()
-    for m in objective.model.modules():
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and m not in plan:
-            attrs = {a: name_of[id(p)] for a, p in m.named_parameters(recurse=False)
-                     if name_of.get(id(p)) in objective.params and holders[id(p)] == 1}
-            if attrs:
-                plan[m] = attrs
-    return plan
+    """Plain ``nn.Linear`` modules whose parameters are measured and held by no other module (the
+    per-sample hook path's plan, :func:`dynscope.persample._hook_plan`, for its Linear layers)."""
+    return OrderedDict((m, attrs) for m, attrs in _hook_plan(objective).items() if _plain(m, nn.Linear))
 
 
 class _Uses(TorchFunctionMode):
@@ -304,9 +293,10 @@ def gauss_newton_trace(
         >>> abs(gauss_newton_trace(obj).value - exact) < 1e-10 * exact
         True
     """
-    reason = loss_reason(objective) if objective._sample_loss_fn is None else "the objective is built from sample_loss_fn"
-    if reason is None and check:
-        reason = piecewise_linear_reason(objective)
+    if check:
+        reason = exact_trace_reason(objective)
+    else:
+        reason = loss_reason(objective) if objective._sample_loss_fn is None else "the objective is built from sample_loss_fn"
     if reason is not None:
         raise NotExact(reason)
 
@@ -336,17 +326,17 @@ def exact_trace(
     ranks) the ranks agree: the exact trace is used only if it applies on every rank, so all of them
     take the same path; a rank whose computation fails makes every rank raise.
     """
-    reason = exact_trace_reason(objective)
-    result = None
-    if reason is None:
-        try:  # certified again as it runs: the measured forward itself (see gauss_newton_trace)
-            result = gauss_newton_trace(objective, memory_cap=memory_cap)
-        except NotExact as refusal:  # found out only while computing (output shapes, vmap): every rank falls back
-            reason = str(refusal)
-        except Exception as error:  # noqa: BLE001 - shared with the other ranks, then re-raised
-            if reduce is None or getattr(reduce, "fail", None) is None:
-                raise
-            reduce.fail(torch.zeros(len(objective.params) + 1, dtype=torch.float64, device=objective.device), error)
+    if not isinstance(objective, Objective):
+        return None, "the target is not an Objective"
+    result = reason = None
+    try:  # the refusals known beforehand, then those found while computing (output shapes, vmap)
+        result = gauss_newton_trace(objective, memory_cap=memory_cap)
+    except NotExact as refusal:  # not a failure: on every rank the estimate takes over
+        reason = str(refusal)
+    except Exception as error:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        if reduce is None or getattr(reduce, "fail", None) is None:
+            raise
+        reduce.fail(torch.zeros(len(objective.params) + 1, dtype=torch.float64, device=objective.device), error)
     if reduce is None:
         return result, reason
     names = list(objective.params)

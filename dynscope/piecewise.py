@@ -124,7 +124,7 @@ class _DependenceMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property (.T, .mT, .real, .data)
             name = getattr(getattr(func, "__self__", None), "__name__", name)
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outputs = _tensors(out)
         in_place = name.endswith("_") and not name.startswith("__") or name in _IN_PLACE
         if name in _TO_PYTHON and args and isinstance(args[0], torch.Tensor) and self.of(args[0]):
             raise _Refused(f"a parameter-dependent tensor becomes a Python value ({name}): data-dependent control flow")
@@ -149,7 +149,7 @@ class _DependenceMode(TorchFunctionMode):
         return out
 
     def _deps(self, name: str, args, kwargs) -> Deps:
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = _tensors((args, kwargs))
         every = [self.of(t) for t in tensors]
         union = frozenset().union(*every)
         if not union or name in _CONSTANT:
@@ -236,7 +236,7 @@ def piecewise_linear_reason(objective: Objective) -> Optional[str]:
     if objective._sample_loss_fn is not None:
         return "the objective is built from sample_loss_fn (the network output is not separate from the loss)"
     inputs = objective.batch[0]
-    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    leaves = _tensors(inputs)
     structure = tuple(type(m) for m in objective.model.modules())  # a layer swapped since the last answer
     key = (objective.forward_fn, objective.mode, tuple(objective.params), tuple((t.shape[1:], t.dtype) for t in leaves),
            structure)
@@ -269,7 +269,7 @@ def certifying(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor
 
 
 def _mode(objective: Objective, inputs: Any, params: Dict[str, torch.Tensor]) -> _DependenceMode:
-    constants = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    constants = _tensors(inputs)
     constants += list(objective._buffers.values())
     constants += list(objective.model.parameters())  # the ones not measured (param_names) are constants
     return _DependenceMode(params, constants)
