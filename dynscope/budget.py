@@ -313,13 +313,13 @@ class BudgetController:
         """
         count = self.measurements.get(name, 0) + 1
         self.measurements[name] = count
-        if count <= 2 or name not in self.costs:  # the second replaces the first (one-time work)
-            self.costs[name] = seconds
-        else:
-            self.costs[name] = 0.5 * self.costs[name] + 0.5 * seconds
+
+        def learn(store: Dict[str, float], value: float) -> None:  # the second replaces the first (one-time work)
+            store[name] = value if count <= 2 or name not in store else 0.5 * store[name] + 0.5 * value
+
+        learn(self.costs, seconds)
         if expected_steps is not None and expected_steps > 0 and math.isfinite(expected_steps):
-            rate = seconds / expected_steps
-            self.rates[name] = rate if count <= 2 or name not in self.rates else 0.5 * self.rates[name] + 0.5 * rate
+            learn(self.rates, seconds / expected_steps)
         self.near[name] = near_event(metrics, self.previous.get(name, {}))
         self.previous[name] = dict(metrics)
         self._measured = True
