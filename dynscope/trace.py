@@ -14,7 +14,6 @@ from typing import Dict, List, Literal, Optional, Sequence
 import torch
 
 from .hvp import as_operator, block_dots
-from .objective import Objective
 
 
 @dataclass
@@ -445,7 +444,7 @@ def hessian_trace(
     if method in ("exact", "auto"):
         from .gauss_newton import NotExact, exact_trace  # noqa: PLC0415 - gauss_newton imports this module
 
-        result, reason = exact_trace(objective) if isinstance(objective, Objective) else (None, "the target is not an Objective")
+        result, reason = exact_trace(objective, reduce=operator_kwargs.get("reduce"))
         if result is not None:
             return result
         if method == "exact":
