@@ -325,6 +325,19 @@ def exact_trace(
     With ``reduce`` (a :class:`~dynscope.callbacks.distributed.RankReduce`-like mean over data-parallel
     ranks) the ranks agree: the exact trace is used only if it applies on every rank, so all of them
     take the same path; a rank whose computation fails makes every rank raise.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynscope import Objective
+        >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> relu = Objective(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), nn.functional.cross_entropy, batch)
+        >>> result, reason = exact_trace(relu)
+        >>> result.method, result.stderr, reason
+        ('exact', 0.0, None)
+        >>> gelu = Objective(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)), nn.functional.cross_entropy, batch)
+        >>> exact_trace(gelu)
+        (None, "'gelu' is not piecewise linear in the parameters")
     """
     if not isinstance(objective, Objective):
         return None, "the target is not an Objective"
