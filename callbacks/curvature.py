@@ -264,9 +264,14 @@ class Curvature(DiagnosticCallback):
         self._eigvec: Optional[torch.Tensor] = None
         self._pre_eigvec: Optional[torch.Tensor] = None
         self._eval: List[Any] = []
-        if eval_batches:
-            self.idle_between_measurements = False  # collects the evaluation batches from the first steps
         self.last_density = None
+
+    @property
+    def idle_between_measurements(self) -> bool:  # type: ignore[override]
+        """Idle between measurements once the evaluation batches are collected (from the first steps)."""
+        if not self.eval_batches or (self.eval_data == "val" and self._eval):
+            return True
+        return len(self._eval) >= self.eval_batches
 
     @property
     def trace_exact(self) -> Optional[bool]:

@@ -29,6 +29,7 @@ from .schedule import steps_done
 Options = Union[bool, Dict[str, Any]]
 MITIGATIONS = ("stablemax", "orthograd", "ema")
 LOG_EVERY = 200  # steps between two logs of the overhead when nothing was measured
+LOG_AFTER_MEASUREMENT = 50  # at least this many steps between two logs of it after measurements (each costs writes)
 
 # Base cadences of the suite (the budget stretches them); any of it can be overridden per diagnostic.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -274,7 +275,7 @@ class DynScope(CallbackBase):
             self._counts[name] = count
             self._spent[name] = spent
         step = trainer.global_step
-        if (measured and step - self._logged_at >= 10) or step - self._logged_at >= LOG_EVERY:
+        if (measured and step - self._logged_at >= LOG_AFTER_MEASUREMENT) or step - self._logged_at >= LOG_EVERY:
             self._log(trainer)
 
     def _log(self, trainer) -> None:
@@ -368,7 +369,8 @@ class DynScope(CallbackBase):
         if step != self._planned:  # the first micro-batch of an optimizer step
             self._planned = step
             if step < self._quiet_until and self.controller.quiet(step):  # nothing due, nothing to refresh
-                self._active = [c for c in self.callbacks.values() if not c.idle_between_measurements]
+                if self._active:  # (after a plan every diagnostic that is not idle is in it)
+                    self._active = [c for c in self._active if not c.idle_between_measurements]
             else:
                 self._plan(trainer, pl_module, batch, batch_idx, step, start)
                 return

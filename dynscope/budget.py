@@ -33,7 +33,10 @@ may therefore cost more than expected: the allowance pays it back (later measure
 **Admission.** Among the due measurements, near an event first, then the diagnostic with the fewest
 measurements, then the cheapest; the first that does not fit holds the queue (the others wait behind
 it, saving up for it), unless it cannot fit before the end of the run at all: then it steps aside
-and is named by :meth:`BudgetController.unmeasured`.
+and is named by :meth:`BudgetController.unmeasured`. A turn is kept for the laggard (the diagnostic
+with the fewest measurements that is not due yet): one measured more often is admitted only if the
+laggard's next measurement stays paid for when it comes due, so that cheap diagnostics on short
+cadences do not spend what an expensive one saves up between its turns.
 
 The diagnostics are duck-typed (:class:`Budgeted`): the Lightning callbacks in
 :mod:`dynscope.callbacks` are, and so are the plain objects in the tests.
@@ -43,11 +46,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 
-SYNC_EVERY = 16  # the cadences are refreshed (under DDP from inputs averaged over ranks) at least this often
+SYNC_EVERY = 16  # the accounts are refreshed (under DDP from inputs averaged over ranks) at least this often
+RESTRETCH_EVERY = 4 * SYNC_EVERY  # and the cadences re-fitted to the budget this often, or after a measurement
 
 
 class Budgeted(Protocol):
@@ -65,6 +69,10 @@ class Budgeted(Protocol):
 
     def wants(self, step: int) -> bool:
         """Whether a measurement is due (or still pending) after optimizer step ``step``."""
+
+    def next_wanted(self, step: int) -> float:
+        """The first step ``>= step`` at which :meth:`wants` may be true (``inf``: none on steps).
+        Optional: a diagnostic without it is never kept a turn for (see ``BudgetController``)."""
 
     @property
     def stretch(self) -> float:
@@ -355,16 +363,19 @@ class BudgetController:
             return self._admitted
         seconds, training = self.seconds, self.training_seconds()
         if reduce is not None:  # the same numbers on every rank, so the same decisions
+            k = len(names)
             costs = [self.costs.get(n, -1.0) for n in names]
+            rates = [self.rates.get(n, -1.0) for n in names]
             near = [float(self.near.get(n, False)) for n in names]
-            synced = reduce(torch.tensor([seconds, training, *costs, *near], dtype=torch.float64)).tolist()
+            synced = reduce(torch.tensor([seconds, training, *costs, *rates, *near], dtype=torch.float64)).tolist()
             seconds, training = synced[:2]
-            costs, near = synced[2 : 2 + len(names)], synced[2 + len(names) :]
+            costs, rates, near = synced[2 : 2 + k], synced[2 + k : 2 + 2 * k], synced[2 + 2 * k :]
             self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
+            self.rates = {n: r for n, r in zip(names, rates) if r >= 0}
             self.near = {n: v > 0 for n, v in zip(names, near)}
         self.step_seconds = training / max(step - 1 - self._start_step, 1)
         self.allowance.update(seconds, training)
-        if refresh:
+        if refresh and (self._measured or step % RESTRETCH_EVERY == 0):
             self._measured = False
             self._restretch(step, diagnostics)
             wanting = self.wanting = [n for n in names if diagnostics[n].wants(step)]
@@ -376,10 +387,14 @@ class BudgetController:
         ))
         self._admitted, head = [], None
         reachable = self._reachable(step)
+        laggard, reserve = self._reservation(step, diagnostics, wanting, reachable)
         for n in wanting:
             need = self.expected(n, diagnostics[n])
             if not diagnostics[n].deferrable:
                 self._admitted.append(n)
+            elif (laggard is not None and self._count(n, diagnostics) > self._count(laggard, diagnostics)
+                  and self.allowance.left - need < reserve):
+                continue  # ahead of the laggard: it waits, so that the laggard's turn is paid for
             elif head is None and self.allowance.admit(need):
                 self._admitted.append(n)
             elif head is None and need <= reachable:
@@ -414,6 +429,42 @@ class BudgetController:
         if gap <= 0 or self.step_seconds <= 0:
             return step + 1
         return int(min(step + max(1, math.floor(gap / self.step_seconds)), refresh))
+
+    def _count(self, name: str, diagnostics: Mapping[str, Budgeted]) -> int:
+        """Measurements of ``name`` in this fit."""
+        return diagnostics[name].num_measurements - self._counts_at_start.get(name, 0)
+
+    def _reservation(self, step: int, diagnostics: Mapping[str, Budgeted], wanting: List[str],
+                     reachable: float) -> Tuple[Optional[str], float]:
+        """The laggard, and the seconds of the allowance kept for its next measurement.
+
+        The laggard is the deferrable diagnostic with the fewest measurements in this fit (then the
+        dearest) among those not due now that will be due, and can fit, before the end of the run. A
+        diagnostic measured more often than the laggard is admitted only if it leaves the allowance
+        enough to pay for the laggard when that comes due (what the allowance will have saved by
+        then counts): otherwise cheap diagnostics on short cadences spend what an expensive one on a
+        long cadence saves up between its turns, and it is measured once or twice in a run in which
+        the others are measured many times.
+        """
+        if self.step_seconds <= 0:
+            return None, 0.0
+        end = self._start_step + self._total_steps
+        best, best_key, best_need, best_due = None, None, 0.0, step
+        for name, diagnostic in diagnostics.items():
+            next_wanted = getattr(diagnostic, "next_wanted", None)
+            if name in wanting or not diagnostic.deferrable or next_wanted is None:
+                continue
+            due = next_wanted(step + 1)
+            need = self.expected(name, diagnostic)
+            if not (math.isfinite(due) and due <= end and math.isfinite(need) and need <= reachable):
+                continue
+            key = (self._count(name, diagnostics), -need)
+            if best_key is None or key < best_key:
+                best, best_key, best_need, best_due = name, key, need, due
+        if best is None:
+            return None, 0.0
+        saved = self.allowance.budget * self.step_seconds * max(best_due - step, 0)
+        return best, best_need - saved
 
     def _reachable(self, step: int) -> float:
         """Seconds the allowance can still reach by the end of the run (``inf`` when its length is unknown)."""

@@ -284,3 +284,20 @@ def test_eval_data_from_the_validation_loader():
     with pytest.warns(RuntimeWarning, match="no validation data"):
         _fit(mlp((4, 6, 3)), lambda m: torch.optim.SGD(m.parameters(), lr=0.1), cb, 2, x, y, batch_size=8)
     assert len(cb._eval) == 2 and "lambda_max" in cb.last_metrics
+
+
+def test_inside_dynscope_the_evaluation_batches_are_collected_then_the_callback_idles():
+    """DynScope skips diagnostics that are idle between measurements; Curvature is not idle until it has
+    its evaluation batches (the first 4 training batches here: then it measures the Hessian of all 32)."""
+    from dynscope.callbacks import DynScope
+
+    x, y = classification_data(32, (4,))
+    scope = DynScope(loss_fn=F.cross_entropy, budget=None, noise=False, collapse=False, regions=False,
+                     curvature=dict(every_n_steps=8, method="hutchinson", num_matvecs=2, eigen_tol=1e-8,
+                                    eigen_max_iter=200, sharpness=False, eval_batches=4, sub_batch=None))
+    cb = scope.callbacks["curvature"]
+    assert not cb.idle_between_measurements
+    module = _fit(mlp((4, 6, 3)), lambda m: torch.optim.SGD(m.parameters(), lr=0.1), scope, 8, x, y, batch_size=8)
+    assert cb.idle_between_measurements and len(cb._eval) == 4
+    H = exact_hessian(Objective(module.net, F.cross_entropy, (x, y))).double()
+    assert cb.last_metrics["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-5)
