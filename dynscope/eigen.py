@@ -54,6 +54,8 @@ class EigenResult:
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
 #: the smallest relative tolerance for which :func:`lanczos` keeps its basis in float32
 _FLOAT32_TOL = 1e-4
+#: from this operator size on :func:`lanczos` reorthogonalises partially (below it, every step: it is cheap)
+_PARTIAL_REORTH_FROM = 2048
 
 
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -119,6 +121,12 @@ def lanczos(
     float32 (the tridiagonal and Ritz values in float64): the reorthogonalisation, most of a step's
     dense work, then moves half the memory; the rounding this adds (about ``2e-6 * max |theta|``) is
     added to the bounds. Otherwise, and for float64 operators, the basis is float64.
+
+    Operators on the CPU with at least 2048 rows are reorthogonalised partially (Simon 1984): a
+    step reorthogonalises against the whole basis only when estimates of the lost orthogonality
+    (:func:`_next_overlaps`) exceed ``sqrt(eps)``, which keeps the basis semi-orthogonal, the Ritz
+    values free of ghost copies and the bounds valid; the basis is then orthonormal to about
+    ``sqrt(eps)`` rather than ``eps``. Smaller operators, and those on accelerators, every step.
     """
     n = op.size
     max_iter = int(min(max_iter, n))
@@ -143,6 +151,17 @@ def lanczos(
     bounds: List[float] = []
     converged = met_before = False
     rounding = 0.0 if dtype == torch.float64 else 16 * torch.finfo(dtype).eps
+    # partial reorthogonalisation (Simon 1984): the three-term recurrence alone, while estimates of the
+    # new vector's overlaps with the basis (a recurrence in the scalars, O(j) a step) stay below
+    # sqrt(eps); then the new vector and the next one against the whole basis. Semi-orthogonality
+    # keeps the Ritz values and residual bounds accurate to O(eps ||H||); the full pass costs two
+    # reads of the basis per step. On CPU only: the estimates assume products rounded like the
+    # dtype, which TF32 kernels on GPUs do not honour (and there the full pass is cheap).
+    partial = n >= _PARTIAL_REORTH_FROM and op.device.type == "cpu"
+    unit = max(torch.finfo(dtype).eps, torch.finfo(op.dtype).eps) / 2  # the products' rounding counts too
+    eps1, delta = math.sqrt(n) * unit, math.sqrt(unit)
+    omega, omega_prev = torch.ones(1, dtype=torch.float64), None  # omega[k] ~ q_j . q_k
+    force, norm_estimate = False, 0.0
     for j in range(max_iter):
         if j == basis.shape[0]:
             basis = torch.cat([basis, torch.empty_like(basis[: min(j, max_iter - j)])])
@@ -155,15 +174,30 @@ def lanczos(
         w = hq.to(dtype)
         alpha = float(torch.dot(w, q))
         alphas.append(alpha)
-        # full reorthogonalisation in one fused pass; a second pass only when the first cancelled
-        # most of w ("twice is enough", Parlett/Kahan: then the rounding of the first pass matters)
         v = basis[: j + 1]
         before = float(w.norm())
-        w = torch.addmv(w, v.T, v @ w, alpha=-1)
-        beta = float(w.norm())
-        if beta < 0.7 * before:
+        if partial:
+            w = w - alpha * q if j == 0 else w - alpha * q - betas[-1] * basis[j - 1]
+            beta = float(w.norm())
+            norm_estimate = max(norm_estimate, abs(alpha) + beta + (betas[-1] if betas else 0.0))
+            omega_next = _next_overlaps(omega, omega_prev, alphas, betas, beta, eps1 * norm_estimate)
+            reorthogonalise = force or bool((omega_next[:-1].abs() > delta).any())
+            force = reorthogonalise and not force  # the vector after a reorthogonalised one is, too
+        else:
+            reorthogonalise = True
+        if reorthogonalise:
+            # full reorthogonalisation in one fused pass; a second pass only when the first cancelled
+            # most of w ("twice is enough", Parlett/Kahan: then the rounding of the first pass matters)
             w = torch.addmv(w, v.T, v @ w, alpha=-1)
             beta = float(w.norm())
+            if beta < 0.7 * before:
+                w = torch.addmv(w, v.T, v @ w, alpha=-1)
+                beta = float(w.norm())
+            if partial:
+                omega_next = torch.full((j + 2,), eps1, dtype=torch.float64)
+                omega_next[-1] = 1.0
+        if partial:
+            omega_prev, omega = omega, omega_next
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -191,7 +225,8 @@ def lanczos(
     top = _select(theta, min(k, m), which)
     vectors = None
     if return_eigenvectors:
-        vectors = (s[:, top].T.to(dtype) @ basis[:m]).to(op.dtype)
+        vectors = s[:, top].T.to(dtype) @ basis[:m]
+        vectors = (vectors / vectors.norm(dim=1, keepdim=True)).to(op.dtype)
     return EigenResult(
         eigenvalues=[float(theta[i]) for i in top],
         eigenvectors=vectors,
@@ -203,6 +238,35 @@ def lanczos(
         products=products[:m] if keep_products else None,
         tridiagonal=t if keep_basis else None,
     )
+
+
+def _next_overlaps(omega: torch.Tensor, omega_prev: Optional[torch.Tensor], alphas: List[float], betas: List[float],
+                   beta: float, rounding: float) -> torch.Tensor:
+    """Estimates of ``q_{j+1} . q_k`` (``k = 0..j+1``) from those of ``q_j`` (``omega``) and ``q_{j-1}``
+    (``omega_prev``): Simon's recurrence, which follows from ``H q_i = b_i q_{i+1} + a_i q_i + b_{i-1} q_{i-1}``
+    and the symmetry of ``H``,
+
+    ``b_j w_{j+1,k} = b_k w_{j,k+1} + (a_k - a_j) w_{j,k} + b_{k-1} w_{j,k-1} - b_{j-1} w_{j-1,k}``,
+
+    each step adding ``rounding`` (about ``eps sqrt(n) ||H||``) in the direction that grows the estimate.
+
+    Example:
+        >>> w = _next_overlaps(torch.ones(1, dtype=torch.float64), None, [2.0], [], 1.0, 1e-10)
+        >>> w.tolist()  # q_1 against q_0 at rounding level, and itself
+        [1e-10, 1.0]
+    """
+    j = len(alphas) - 1
+    out = torch.empty(j + 2, dtype=torch.float64)
+    if j > 0:
+        a = torch.tensor(alphas, dtype=torch.float64)
+        b = torch.tensor(betas, dtype=torch.float64)  # b_0 .. b_{j-1}
+        k = torch.arange(j)
+        lower = torch.cat([torch.zeros(1, dtype=torch.float64), b[: j - 1] * omega[: j - 1]])  # b_{k-1} w_{j,k-1}
+        grow = b[k] * omega[1 : j + 1] + (a[:j] - a[j]) * omega[:j] + lower - b[j - 1] * omega_prev[:j]
+        out[:j] = (grow + torch.where(grow >= 0, rounding, -rounding)) / beta
+    out[j] = rounding / beta
+    out[j + 1] = 1.0
+    return out
 
 
 def _block_warm_start(op, k: int, start: torch.Tensor, *, which: str, tol: float, max_iter: int,

@@ -518,3 +518,47 @@ def test_lanczos_float32_basis_meets_its_bound(which):
     assert again.eigenvalues == res.eigenvalues and again.num_matvecs == res.num_matvecs
     # a tolerance below float32's reach keeps the float64 basis
     assert lanczos(op, which=which, tol=1e-6, max_iter=120, keep_basis=True).basis.dtype == torch.float64
+
+
+class _Diagonal:
+    """``diag(d)`` as an operator without a dense matrix (Lanczos sees any orthogonally similar matrix alike)."""
+
+    def __init__(self, d):
+        from dynscope import Operator
+
+        class Op(Operator):
+            def __init__(self):
+                self.size, self.dtype, self.device = d.numel(), d.dtype, d.device
+
+            def _matmat(self, vectors):
+                return vectors * d
+
+        self.op = Op()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float64, 1e-10)])
+def test_lanczos_on_a_large_operator_stays_semi_orthogonal_without_ghost_eigenvalues(dtype, tol):
+    # From 2048 parameters on, Lanczos reorthogonalises only when Simon's estimates of the lost
+    # orthogonality call for it. Well separated top eigenvalues converge first, and without
+    # reorthogonalisation they would come back as ghost copies; with it the top three are
+    # eigvalsh's, each once, and the basis stays orthogonal to about sqrt(eps).
+    from dynscope.eigen import lanczos
+
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    d = torch.cat([torch.tensor([10.0, 9.9, 5.0, -3.0]), torch.rand(n - 4, generator=g) * 2 - 1]).to(dtype)
+    res = lanczos(_Diagonal(d).op, k=3, which="LA", tol=tol, max_iter=300, seed=1, keep_basis=True, return_eigenvectors=True)
+    assert res.converged
+    for value, ref, bound in zip(res.eigenvalues, d[:3].tolist(), res.error_bounds):
+        assert abs(value - ref) <= max(bound, 1e-12) and abs(value - ref) <= tol * ref
+    unit = torch.finfo(res.basis.dtype).eps / 2
+    gram = res.basis.double() @ res.basis.double().T
+    assert float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max()) <= 10 * math.sqrt(unit)
+    for vector, ref in zip(res.eigenvectors.double(), (0, 1, 2)):  # unit Ritz vectors along e_0, e_1, e_2
+        assert float(vector.norm()) == pytest.approx(1.0, abs=1e-6) and abs(float(vector[ref])) >= 1 - 10 * tol
+    # a long run (the bulk's edge never converges to 1e-12: all 200 steps, long after 10 and 9.9
+    # converged, when their ghost copies form without reorthogonalisation): 10, 9.9, 5 each once
+    long = lanczos(_Diagonal(d).op, k=5, which="LA", tol=1e-12, max_iter=200, seed=2)
+    assert long.num_matvecs == 200 and not long.converged
+    top = long.eigenvalues
+    assert top[:3] == pytest.approx(d[:3].tolist(), rel=1e-5) and top[3] < 1.0 + 1e-3
