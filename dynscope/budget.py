@@ -50,8 +50,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol, 
 
 import torch
 
-SYNC_EVERY = 16  # the accounts are refreshed (under DDP from inputs averaged over ranks) at least this often
-RESTRETCH_EVERY = 4 * SYNC_EVERY  # and the cadences re-fitted to the budget this often, or after a measurement
+SYNC_EVERY = 16  # under DDP the accounts are averaged over ranks (and waiting measurements admitted) this often
+REFRESH_EVERY = 4 * SYNC_EVERY  # the cadences are re-fitted to the budget this often, or after a measurement
 
 
 class Budgeted(Protocol):
@@ -263,6 +263,7 @@ class BudgetController:
         self._admitted: List[str] = []
         self.wanting: List[str] = []  # what wanted to measure at the last plan (after its refresh)
         self._measured = False  # since the last refresh of the cadences
+        self._refresh_every = SYNC_EVERY  # (REFRESH_EVERY in one process, from the first plan on)
         self._fits_at = 0.0  # training seconds before which the head of the queue cannot fit
         self._train_at_end: Optional[float] = None
 
@@ -344,11 +345,12 @@ class BudgetController:
 
         ``wanting`` are the diagnostics that want to measure after this step (default: asked with
         ``wants(step)``); they are asked again after a refresh of the cadences. Measurements that
-        are not deferrable are always admitted. The cadences are refreshed every ``SYNC_EVERY``
-        steps and after each measurement. ``reduce`` (under DDP: the mean over ranks of a float64
-        tensor) makes every rank take the same decisions: the inputs are averaged first, and
-        deferrable measurements are admitted only at refreshes, so that a pending measurement does
-        not cost a collective every step.
+        are not deferrable are always admitted. The accounts are refreshed every ``REFRESH_EVERY``
+        steps (under DDP every ``SYNC_EVERY``) and after each measurement; the cadences every
+        ``REFRESH_EVERY`` steps and after each measurement. ``reduce`` (under DDP: the mean over
+        ranks of a float64 tensor) makes every rank take the same decisions: the inputs are averaged
+        first, and deferrable measurements are admitted only at refreshes, so that a pending
+        measurement does not cost a collective every step.
         """
         names = list(diagnostics)
         wanting = [n for n in names if diagnostics[n].wants(step)] if wanting is None else list(wanting)
@@ -356,7 +358,9 @@ class BudgetController:
         if self.allowance is None:
             self._admitted = wanting
             return list(wanting)
-        refresh = step % SYNC_EVERY == 0 or self._measured
+        # in one process a waiting measurement is admitted when next_admission says; under DDP only here
+        self._refresh_every = SYNC_EVERY if reduce is not None else REFRESH_EVERY
+        refresh = step % self._refresh_every == 0 or self._measured
         waiting = reduce is None and self.training_seconds() < self._fits_at  # nothing pending fits yet
         if not refresh and (not wanting or reduce is not None or waiting):
             self._admitted = [n for n in wanting if not diagnostics[n].deferrable]
@@ -375,7 +379,7 @@ class BudgetController:
             self.near = {n: v > 0 for n, v in zip(names, near)}
         self.step_seconds = training / max(step - 1 - self._start_step, 1)
         self.allowance.update(seconds, training)
-        if refresh and (self._measured or step % RESTRETCH_EVERY == 0):
+        if refresh and (self._measured or step % REFRESH_EVERY == 0):
             self._measured = False
             self._restretch(step, diagnostics)
             wanting = self.wanting = [n for n in names if diagnostics[n].wants(step)]
@@ -411,7 +415,7 @@ class BudgetController:
 
     def quiet(self, step: int) -> bool:
         """Whether a step at which no diagnostic newly wants to measure needs no planning (no refresh due)."""
-        return self.allowance is None or not (step % SYNC_EVERY == 0 or self._measured)
+        return self.allowance is None or not (step % self._refresh_every == 0 or self._measured)
 
     def next_admission(self, step: int, synced: bool = False) -> int:
         """The first step after ``step`` at which a measurement left waiting by :meth:`plan` may be admitted.
@@ -420,7 +424,8 @@ class BudgetController:
         queue, at the training time per step measured so far (at most until the next refresh). Under
         DDP (``synced``) waiting measurements are admitted only at refreshes (the same step on every rank).
         """
-        refresh = (step // SYNC_EVERY + 1) * SYNC_EVERY
+        every = SYNC_EVERY if synced else REFRESH_EVERY
+        refresh = (step // every + 1) * every
         if self.allowance is None:
             return step + 1
         if synced:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dynscope.budget import SYNC_EVERY, BudgetController, share_budget
+from dynscope.budget import REFRESH_EVERY, SYNC_EVERY, BudgetController, share_budget
 
 
 class Clock:
@@ -281,11 +281,11 @@ def test_next_admission_waits_for_the_allowance_at_the_measured_step_time():
     controller.start(0, math.inf, {"check": check})
     clock.now = 9.0
     assert controller.plan(10, {"check": check}) == []  # 0.45 s saved, 2 s needed: 31 more steps of 1 s
-    assert controller.next_admission(10) == 16  # capped at the next refresh
-    check.pending = True  # (else the refresh at step 16 stretches its cadence beyond step 16)
-    assert controller.plan(16, {"check": check}) == []  # a refresh: 9 s in 15 steps, 2 steps cost 1.2 s
-    clock.now = 15.0  # fits at 9 + (1.2 - 0.45) / 0.05 = 24 s of training: 15 steps of 0.6 s after 15 s
-    assert controller.next_admission(16) == 31
+    assert controller.next_admission(10) == 41
+    assert controller.next_admission(40) == REFRESH_EVERY  # capped at the next refresh
+    check.pending = True  # (else the refresh at step 64 stretches its cadence beyond it)
+    clock.now = 37.8  # the refresh learns the step time: 0.6 s, so 2 steps cost 1.2 s of the 1.89 s saved
+    assert controller.plan(REFRESH_EVERY, {"check": check}) == ["check"]
 
 
 def test_without_a_budget_everything_due_runs_and_the_accounts_are_kept():
