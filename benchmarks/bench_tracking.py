@@ -47,7 +47,11 @@ misses 5%: with ``memory="auto"`` (DynScope's default) the median error of the 8
 4-vector sketch: 24.7% (5%); cold Hutchinson: 26.8% (RMS 35.7%, 8%). The Hutchinson floor is
 324-712 probes for a 5% standard error (one probe's standard deviation is 0.9-1.3x the trace:
 a flat, indefinite spectrum that the Krylov space's few vectors barely deflate), and the Hessian
-moves 9-38% between measurements.
+moves 9-38% between measurements. Printed at the first and last measurement, from the dense
+matrices: the exact floor is 298 and 560 probes; deflating the exact top 8 eigenvectors leaves 220
+and 434; nor does the GGN help as a control variate (its trace exact, Hutchinson on ``H - GGN``:
+268 and 538), since the second-order term carries the off-diagonal mass (``|H - GGN|_F`` 6.68
+and 5.57 of ``|H|_F`` 7.07 and 5.69) although the GGN holds 77-78% of the trace.
 
 Each estimator runs in ``--replicates`` independent copies (probe seeds), so that errors are
 distributions, not single draws. Per measurement: HVPs, CPU seconds (``time.process_time``) and
@@ -67,7 +71,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +143,48 @@ def dense_hessian(net, x, y, chunk: int = 256) -> torch.Tensor:
         blocks.append(op.matmat(unit).double())
     h = torch.cat(blocks)
     return (h + h.T) / 2
+
+
+def dense_ggn(net, x) -> torch.Tensor:
+    """The generalised Gauss-Newton matrix of the mean cross-entropy in float64, ``J^T H_z J / B``, from the
+    output Jacobian (``torch.func.jacrev``; its first derivatives are checked against autograd's gradient)."""
+    model = copy.deepcopy(net).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with sdpa_kernel([SDPBackend.MATH]):
+        jac = jacrev(lambda prm: functional_call(model, prm, (x,)))(params)
+        out = model(x)
+    b, k = out.shape
+    j = torch.cat([jac[name].reshape(b * k, -1) for name in params], 1)  # [B K, n]
+    p = F.softmax(out.detach(), -1)
+    hz = torch.block_diag(*[torch.diag(p[s]) - torch.outer(p[s], p[s]) for s in range(b)]) / b
+    probe = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel([SDPBackend.MATH]):
+        grads = torch.autograd.grad(F.cross_entropy(model(x), probe), list(model.parameters()))
+    residual = (p - F.one_hot(probe, k).double()).reshape(-1) / b
+    assert torch.allclose(j.T @ residual, torch.cat([v.reshape(-1) for v in grads]), rtol=1e-8, atol=1e-12)
+    g = j.T @ hz @ j
+    return (g + g.T) / 2
+
+
+def hutchinson_floor(a: torch.Tensor, trace: float) -> float:
+    """Rademacher probes for a 5% standard error of ``tr(a)``, exactly: ``Var = 2 sum_{i != j} a_ij^2``."""
+    off = float(a.pow(2).sum() - a.diagonal().pow(2).sum())
+    return 2 * off / (0.05 * trace) ** 2
+
+
+def transformer_floors(h: torch.Tensor, net, x, top: int = 8) -> str:
+    """Why 8 probes miss 5% on the transformer: the floor of plain Hutchinson, after deflating the exact top
+    ``top`` eigenvectors (by magnitude), and of ``H - GGN`` (the GGN's trace known exactly, Hutchinson on
+    the rest)."""
+    tr = float(h.diagonal().sum())
+    g = dense_ggn(net, x)
+    values, vectors = torch.linalg.eigh(h)
+    u = vectors[:, values.abs().argsort(descending=True)[:top]]
+    deflated = h - u @ (u.T @ h) - (h @ u) @ u.T + u @ (u.T @ h @ u) @ u.T
+    return (f"floor {hutchinson_floor(h, tr):.0f}, with its top {top} eigenvectors deflated exactly "
+            f"{hutchinson_floor(deflated, tr):.0f}; H - GGN (tr(GGN) = {float(g.diagonal().sum()):.4g} of {tr:.4g} "
+            f"exactly, Hutchinson on the rest) {hutchinson_floor(h - g, tr):.0f}; |H|_F {float(h.norm()):.3g}, "
+            f"|GGN|_F {float(g.norm()):.3g}, |H - GGN|_F {float((h - g).norm()):.3g}")
 
 
 def check_transformer_reference() -> None:
@@ -264,6 +310,8 @@ def main(quick: bool = False, step_batch: bool = False, every: int = 20, measure
         med = {name: [statistics.median(v[j] for v in row[name]) for j in range(5)] for name in names}
         cells = " | ".join(f"{m[0]:>5.1f}+{m[1]:<3.0f} {m[2]:5.3f} {m[3]:6.2%} {m[4]:5.1%}" for m in (med[k] for k in names))
         print(f"   {step:>4} {lam:8.4g} {tr:8.4g} {(sd1 / (0.05 * tr)) ** 2:6.0f} {rho:5.2f} | {cells}", flush=True)
+        if transformer_model and (step == 1 or step + every > steps):
+            print(f"          step {step}: {transformer_floors(h, net, xb)}", flush=True)
         net.train()
     later = rows[1:]
     print("   after the first measurement, over measurements x replicates (HVPs and CPU s: medians; errors: median and RMS; "
