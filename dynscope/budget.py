@@ -34,9 +34,9 @@ may therefore cost more than expected: the allowance pays it back (later measure
 measurements, then the cheapest; the first that does not fit holds the queue (the others wait behind
 it, saving up for it), unless it cannot fit before the end of the run at all: then it steps aside
 and is named by :meth:`BudgetController.unmeasured`. A turn is kept for the laggard (the diagnostic
-with the fewest measurements that is not due yet): one measured more often is admitted only if the
-laggard's next measurement stays paid for when it comes due, so that cheap diagnostics on short
-cadences do not spend what an expensive one saves up between its turns.
+with the fewest measurements): one measured more often (near an event: ``tighten`` times as often)
+is admitted only if the laggard's next measurement stays paid for when it comes due, so that cheap
+diagnostics on short cadences, or near an event, do not spend what an expensive one saves up.
 
 The diagnostics are duck-typed (:class:`Budgeted`): the Lightning callbacks in
 :mod:`dynscope.callbacks` are, and so are the plain objects in the tests.
@@ -396,8 +396,7 @@ class BudgetController:
             need = self.expected(n, diagnostics[n])
             if not diagnostics[n].deferrable:
                 self._admitted.append(n)
-            elif (laggard is not None and self._count(n, diagnostics) > self._count(laggard, diagnostics)
-                  and self.allowance.left - need < reserve):
+            elif laggard is not None and self._ahead(n, laggard, diagnostics) and self.allowance.left - need < reserve:
                 continue  # ahead of the laggard: it waits, so that the laggard's turn is paid for
             elif head is None and self.allowance.admit(need):
                 self._admitted.append(n)
@@ -439,17 +438,25 @@ class BudgetController:
         """Measurements of ``name`` in this fit."""
         return diagnostics[name].num_measurements - self._counts_at_start.get(name, 0)
 
+    def _ahead(self, name: str, laggard: str, diagnostics: Mapping[str, Budgeted]) -> bool:
+        """Whether ``name`` is measured enough more often than ``laggard`` to wait for its turn: any
+        more often, or near an event ``tighten`` times as often."""
+        count, behind = self._count(name, diagnostics), self._count(laggard, diagnostics)
+        if self.near.get(name, False):
+            return count >= self.tighten * (behind + 1)
+        return count > behind
+
     def _reservation(self, step: int, diagnostics: Mapping[str, Budgeted], wanting: List[str],
                      reachable: float) -> Tuple[Optional[str], float]:
         """The laggard, and the seconds of the allowance kept for its next measurement.
 
         The laggard is the deferrable diagnostic with the fewest measurements in this fit (then the
-        dearest) among those not due now that will be due, and can fit, before the end of the run. A
-        diagnostic measured more often than the laggard is admitted only if it leaves the allowance
-        enough to pay for the laggard when that comes due (what the allowance will have saved by
-        then counts): otherwise cheap diagnostics on short cadences spend what an expensive one on a
-        long cadence saves up between its turns, and it is measured once or twice in a run in which
-        the others are measured many times.
+        dearest) among those due now or later that can fit before the end of the run. A diagnostic
+        measured more often than the laggard is admitted only if it leaves the allowance enough to
+        pay for the laggard when that comes due (what the allowance will have saved by then counts),
+        near an event or not: otherwise cheap diagnostics on short cadences (or measured more often
+        near an event) spend what an expensive one on a long cadence saves up, and it is measured
+        once or twice in a run in which the others are measured many times.
         """
         if self.step_seconds <= 0:
             return None, 0.0
@@ -457,9 +464,9 @@ class BudgetController:
         best, best_key, best_need, best_due = None, None, 0.0, step
         for name, diagnostic in diagnostics.items():
             next_wanted = getattr(diagnostic, "next_wanted", None)
-            if name in wanting or not diagnostic.deferrable or next_wanted is None:
+            if not diagnostic.deferrable or (name not in wanting and next_wanted is None):
                 continue
-            due = next_wanted(step + 1)
+            due = step if name in wanting else next_wanted(step + 1)
             need = self.expected(name, diagnostic)
             if not (math.isfinite(due) and due <= end and math.isfinite(need) and need <= reachable):
                 continue

@@ -183,6 +183,35 @@ def test_a_turn_is_kept_for_the_laggard_so_cheap_checks_on_short_cadences_do_not
     assert counts[Blind]["curvature"] == 2 and max(counts[Blind].values()) >= 6
 
 
+def test_a_diagnostic_near_an_event_runs_up_to_tighten_times_as_often_as_the_laggard_but_does_not_starve_it():
+    # softmax collapse rising at every measurement: near an event for the whole run. It goes first and
+    # may be measured four times as often as the laggard, then it too leaves the laggard's turn paid
+    # for (without that rule it took the whole allowance: curvature and noise were never measured)
+    class Rising(Check):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        @property
+        def metrics(self):
+            return {"sc_fraction": 0.01 * (self.num_measurements + 1)}
+
+        @metrics.setter
+        def metrics(self, value):
+            pass
+
+    checks = {
+        "curvature": Check(50, 8.0, first=13.0, prior=15.0),
+        "noise": Check(25, 1.8, first=2.2, prior=4.0),
+        "collapse": Rising(10, 0.9, first=1.2, prior=1.0),
+        "regions": Check(20, 1.6, first=2.0, prior=3.2),
+    }
+    controller, _ = simulate(checks, 1000, hook_seconds=0.004)
+    counts = {n: c.num_measurements for n, c in checks.items()}
+    assert controller.overhead() <= 0.05 and controller.near["collapse"]
+    assert counts["curvature"] >= 2 and counts["noise"] >= 3 and counts["regions"] >= 3
+    assert counts["collapse"] >= 3 * counts["curvature"]
+
+
 def test_a_measurement_that_cannot_fit_before_the_end_steps_aside_and_is_named():
     # a 100 s measurement never fits in 300 steps at 5% (15 s): the cheap one still gets the allowance
     huge, cheap = Check(10, 100.0), Check(10, 1.0)
