@@ -159,6 +159,17 @@ def test_the_fewest_measured_goes_first_so_cheap_checks_do_not_crowd_out_an_expe
     assert len(costly.steps) >= 4 and len(cheap.steps) >= 4
 
 
+def mlp_like_checks(kind=Check, collapse=None):
+    """The suite's four diagnostics at the benchmark MLP's costs in steps at budget 0.05 (curvature 13
+    cold, 8 warm): 50 steps saved over 1000, 46 for 3 of each."""
+    return {
+        "curvature": kind(50, 8.0, first=13.0, prior=15.0),
+        "noise": kind(25, 1.8, first=2.2, prior=4.0),
+        "collapse": (collapse or kind)(10, 0.9, first=1.2, prior=1.0),
+        "regions": kind(20, 1.6, first=2.0, prior=3.2),
+    }
+
+
 def test_a_turn_is_kept_for_the_laggard_so_cheap_checks_on_short_cadences_do_not_spend_its_savings():
     # Costs in steps like the benchmark MLP's at budget 0.05 (curvature 13 cold, 8 warm; DynScope's
     # own bookkeeping 0.4% of each step): 50 s saved over 1000 steps, 46 s for 3 of each. Without a
@@ -169,12 +180,7 @@ def test_a_turn_is_kept_for_the_laggard_so_cheap_checks_on_short_cadences_do_not
 
     counts = {}
     for kind in (Check, Blind):
-        checks = {
-            "curvature": kind(50, 8.0, first=13.0, prior=15.0),
-            "noise": kind(25, 1.8, first=2.2, prior=4.0),
-            "collapse": kind(10, 0.9, first=1.2, prior=1.0),
-            "regions": kind(20, 1.6, first=2.0, prior=3.2),
-        }
+        checks = mlp_like_checks(kind)
         controller, _ = simulate(checks, 1000, hook_seconds=0.004)
         assert controller.overhead() <= 0.05
         counts[kind] = {n: c.num_measurements for n, c in checks.items()}
@@ -188,9 +194,6 @@ def test_a_diagnostic_near_an_event_runs_up_to_tighten_times_as_often_as_the_lag
     # may be measured four times as often as the laggard, then it too leaves the laggard's turn paid
     # for (without that rule it took the whole allowance: curvature and noise were never measured)
     class Rising(Check):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-
         @property
         def metrics(self):
             return {"sc_fraction": 0.01 * (self.num_measurements + 1)}
@@ -199,12 +202,7 @@ def test_a_diagnostic_near_an_event_runs_up_to_tighten_times_as_often_as_the_lag
         def metrics(self, value):
             pass
 
-    checks = {
-        "curvature": Check(50, 8.0, first=13.0, prior=15.0),
-        "noise": Check(25, 1.8, first=2.2, prior=4.0),
-        "collapse": Rising(10, 0.9, first=1.2, prior=1.0),
-        "regions": Check(20, 1.6, first=2.0, prior=3.2),
-    }
+    checks = mlp_like_checks(Check, collapse=Rising)
     controller, _ = simulate(checks, 1000, hook_seconds=0.004)
     counts = {n: c.num_measurements for n, c in checks.items()}
     assert controller.overhead() <= 0.05 and controller.near["collapse"]
