@@ -124,6 +124,9 @@ def _delegate(name: str) -> property:
 class Triggered:
     """Mixin: ``active``, ``triggered_step``, ``reason``, ``trigger_values`` and ``patience`` read from ``self.trigger``."""
 
+    # its measurements decide a mitigation: an overhead budget never holds them back for another
+    # diagnostic's turn (see dynscope.budget.BudgetController)
+    mitigating = True
     active = _delegate("active")
     triggered_step = _delegate("triggered_step")
     reason = _delegate("reason")

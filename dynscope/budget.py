@@ -36,7 +36,8 @@ it, saving up for it), unless it cannot fit before the end of the run at all: th
 and is named by :meth:`BudgetController.unmeasured`. A turn is kept for the laggard (the diagnostic
 with the fewest measurements): one measured more often (near an event: ``tighten`` times as often)
 is admitted only if the laggard's next measurement stays paid for when it comes due, so that cheap
-diagnostics on short cadences, or near an event, do not spend what an expensive one saves up.
+diagnostics on short cadences, or near an event, do not spend what an expensive one saves up. A
+diagnostic whose measurements decide a mitigation (``mitigating``) is never held back so.
 
 The diagnostics are duck-typed (:class:`Budgeted`): the Lightning callbacks in
 :mod:`dynscope.callbacks` are, and so are the plain objects in the tests.
@@ -58,6 +59,8 @@ class Budgeted(Protocol):
     """What the controller needs to know about a diagnostic."""
 
     deferrable: bool  # may run later than scheduled (False: evenly spaced, only ever slowed down)
+    # optional, default False: its measurements decide a mitigation (never held back for the laggard)
+    mitigating: bool
     num_measurements: int
     last_metrics: Dict[str, float]
 
@@ -441,6 +444,8 @@ class BudgetController:
     def _ahead(self, name: str, laggard: str, diagnostics: Mapping[str, Budgeted]) -> bool:
         """Whether ``name`` is measured enough more often than ``laggard`` to wait for its turn: any
         more often, or near an event ``tighten`` times as often."""
+        if getattr(diagnostics[name], "mitigating", False):
+            return False  # a mitigation waiting for its trigger must not wait for a turn
         count, behind = self._count(name, diagnostics), self._count(laggard, diagnostics)
         if self.near.get(name, False):
             return count >= self.tighten * (behind + 1)

@@ -208,6 +208,11 @@ def test_a_diagnostic_near_an_event_runs_up_to_tighten_times_as_often_as_the_lag
     assert controller.overhead() <= 0.05 and controller.near["collapse"]
     assert counts["curvature"] >= 2 and counts["noise"] >= 3 and counts["regions"] >= 3
     assert counts["collapse"] >= 3 * counts["curvature"]
+    # the same collapse deciding a mitigation (AutoStableMax): never held back, it measures whenever due
+    Rising.mitigating = True
+    checks = mlp_like_checks(Check, collapse=Rising)
+    simulate(checks, 1000, hook_seconds=0.004)
+    assert checks["collapse"].num_measurements >= 40
 
 
 def test_a_measurement_that_cannot_fit_before_the_end_steps_aside_and_is_named():
