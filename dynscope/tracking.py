@@ -182,8 +182,7 @@ class CurvatureTracker:
                 return self._finish(eigen, ritz, top2, k, None)
             # the top Ritz vectors of the Krylov space (their products are combinations of the
             # Lanczos products) and the sketch span the deflated subspace: at most 2 * sketch + 1 rows
-            _, w = torch.linalg.eigh(eigen.tridiagonal)
-            w = w[:, -max(self.sketch, 1) :].T
+            w = w_all[:, -max(self.sketch, 1) :].T
             basis, products = orthonormalize(
                 torch.cat([w @ eigen.basis.double(), *extra]),
                 torch.cat([(w.to(eigen.products.dtype) @ eigen.products).double(), *extra_products]),
