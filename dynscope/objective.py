@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .context import cuda_devices, measurement
-from .params import ParamDict, ParamLayout, detached_params
+from .params import ParamDict, ParamLayout
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -89,19 +89,29 @@ def tensor_slots(model: nn.Module, named_modules: Optional[Sequence[Tuple[str, n
     weights such as GPT-2's ``wte``/``lm_head``, a shared submodule) has several slots and one name:
     the one ``named_parameters()``/``named_buffers()`` reports.
     """
-    # one walk of the modules (the names named_parameters()/named_buffers() give: the first path)
-    param_names: Dict[int, str] = {}
-    buffer_names: Dict[int, str] = {}
-    stores = []
-    for prefix, module in model.named_modules() if named_modules is None else named_modules:
-        dot = prefix + "." if prefix else ""
-        for store, names in ((module._parameters, param_names), (module._buffers, buffer_names)):
-            stores.append(store)
-            for attr, t in store.items():
-                if t is not None and id(t) not in names:
-                    names[id(t)] = dot + attr
-    buffer_names.update(param_names)
-    return [(store, attr, buffer_names[id(t)]) for store in stores for attr, t in store.items() if t is not None]
+    named = list(model.named_modules()) if named_modules is None else named_modules
+    return _slots(named, tensor_names(*_named_tensors(named)))
+
+
+def tensor_names(params: Sequence[Tuple[str, torch.Tensor]], buffers: Sequence[Tuple[str, torch.Tensor]]) -> Dict[int, str]:
+    """``{id(tensor): name}`` from ``named_parameters()`` and ``named_buffers()`` (a parameter's name wins).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> net.add_module("alias", net[0])  # the same layer under a second name
+        >>> names = tensor_names(list(net.named_parameters()), list(net.named_buffers()))
+        >>> names[id(net.alias.weight)]
+        '0.weight'
+    """
+    names = {id(t): n for n, t in buffers}
+    names.update({id(t): n for n, t in params})
+    return names
+
+
+def _slots(named_modules: Sequence[Tuple[str, nn.Module]], names: Mapping[int, str]) -> List[Slot]:
+    return [(store, attr, names[id(t)]) for _, module in named_modules for store in (module._parameters, module._buffers)
+            for attr, t in store.items() if t is not None]
 
 
 @contextlib.contextmanager
@@ -250,7 +260,8 @@ class Objective:
         self._buffers = OrderedDict(buffers)
         self._sample_loss_fn = sample_loss_fn
         self._unreduced = None if loss_fn is None else per_sample_loss_fn(loss_fn)
-        self._slots = tensor_slots(model, self._named_modules)
+        self._tensor_names = tensor_names(params, buffers)
+        self._slots = _slots(self._named_modules, self._tensor_names)
         self._rnns = [m for _, m in self._named_modules if isinstance(m, nn.RNNBase)]
 
     # -- pure functions of the parameters ---------------------------------------------------

@@ -56,7 +56,7 @@ from torch.func import grad
 from torch.utils._pytree import tree_map
 
 from .hvp import DEFAULT_MEMORY_CAP, activation_numel, is_out_of_memory
-from .objective import NonFiniteError, NotPerSampleError, Objective, check_finite
+from .objective import NonFiniteError, NotPerSampleError, Objective, _named_tensors, check_finite, tensor_names
 
 Method = Literal["auto", "vmap"]
 
@@ -567,17 +567,19 @@ def _hook_plan(objective: Objective) -> "OrderedDict[nn.Module, Dict[str, str]]"
     """Supported layers and, for each, ``{attribute: parameter name}`` of the tensors to hook."""
     # a tensor held by two modules (tied weights) gets gradient from both: vmap. One module reachable
     # under two names (an alias) is hooked once and sees all its calls: fine.
-    # One walk of the modules (named_parameters' names: the first module path, as it dedups modules
-    # and tensors alike); the generic named_* walks cost more than the measurement's small ops.
+    # The Objective's walk of the modules and its names (named_parameters'); the generic named_* walks
+    # cost more than the measurement's small ops.
+    named = getattr(objective, "_named_modules", None)
+    name_of = getattr(objective, "_tensor_names", None)
+    if named is None or name_of is None:  # an Objective unpickled from an older version
+        named = list(objective.model.named_modules())
+        name_of = tensor_names(*_named_tensors(named))
     uses: Counter = Counter()
-    name_of: Dict[int, str] = {}
     modules = []
-    named = getattr(objective, "_named_modules", None)  # the Objective's walk at construction
-    for prefix, module in objective.model.named_modules() if named is None else named:
-        for attr, p in module._parameters.items():
+    for _, module in named:
+        for p in module._parameters.values():
             if p is not None:
                 uses[id(p)] += 1
-                name_of.setdefault(id(p), f"{prefix}.{attr}" if prefix else attr)
         if _rule(module) is not None:
             modules.append(module)
     plan = OrderedDict()
