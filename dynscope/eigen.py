@@ -225,7 +225,7 @@ def lanczos(
     top = _select(theta, min(k, m), which)
     vectors = None
     if return_eigenvectors:
-        vectors = s[:, top].T.to(dtype) @ basis[:m]
+        vectors = s[:, top].T.to(device=basis.device, dtype=dtype) @ basis[:m]
         vectors = (vectors / vectors.norm(dim=1, keepdim=True)).to(op.dtype)
     return EigenResult(
         eigenvalues=[float(theta[i]) for i in top],

@@ -140,12 +140,12 @@ def spectral_density(
     op = as_operator(objective, **operator_kwargs)
     n = op.size
     m = min(num_steps, n)
-    q = RademacherProbes(num_probes, n, seed).rows(0, num_probes).double().to(op.device) / math.sqrt(n)
+    q = RademacherProbes(num_probes, n, seed, op.device).rows(0, num_probes).double() / math.sqrt(n)
     basis = torch.zeros(m, num_probes, n, dtype=torch.float64, device=op.device)
     alphas = torch.zeros(num_probes, m, dtype=torch.float64)
     betas = torch.zeros(num_probes, max(m - 1, 0), dtype=torch.float64)
     steps = torch.full((num_probes,), m, dtype=torch.long)  # a probe stops early in an invariant subspace
-    active = torch.ones(num_probes, dtype=torch.bool)
+    active = torch.ones(num_probes, dtype=torch.bool, device=op.device)
     with getattr(op, "measuring", contextlib.nullcontext)():
         for j in range(m):
             basis[j] = q
@@ -162,7 +162,7 @@ def spectral_density(
                 steps[i] = j + 1
             active = active & ~stop
             betas[:, j] = torch.where(active, b, torch.zeros_like(b)).cpu()
-            q = torch.where(active[:, None].to(w.device), w / b.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+            q = torch.where(active[:, None], w / b.clamp_min(1e-300)[:, None], torch.zeros_like(w))
             if not bool(active.any()):
                 break
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)

@@ -52,7 +52,8 @@ _SHIFTS = torch.arange(31, -1, -1, dtype=torch.int32)
 class RademacherProbes:
     """``num`` Rademacher vectors of length ``size`` from a private generator (global RNG untouched).
 
-    Each random 32-bit word gives 32 signs: bit ``k`` is shifted into the sign bit and copied onto
+    ``device``: where the signs are made (the random words always come from a CPU generator, so
+    the probes are the same on every device). Each random 32-bit word gives 32 signs: bit ``k`` is shifted into the sign bit and copied onto
     1.0, so there is one random draw per 32 entries and no integer-to-float conversion pass. The
     words are drawn up front; the signs are made on demand, all at once (:meth:`rows`) or one
     probe at a time into a reused buffer (:meth:`row`), with the same values either way.
@@ -64,20 +65,24 @@ class RademacherProbes:
         (torch.Size([3, 5]), True, True)
     """
 
-    def __init__(self, num: int, size: int, seed: Optional[int] = None) -> None:
+    def __init__(self, num: int, size: int, seed: Optional[int] = None, device=None) -> None:
         gen = torch.Generator()
         if seed is None:
             gen.seed()
         else:
             gen.manual_seed(int(seed))
         self.num, self.size = num, size
-        self.words = torch.randint(-(2**31), 2**31, ((num * size + 31) // 32, 1), generator=gen, dtype=torch.int32)
+        words = torch.randint(-(2**31), 2**31, ((num * size + 31) // 32, 1), generator=gen, dtype=torch.int32)
+        # the words come from the CPU generator on every device (the same seed gives the same probes
+        # everywhere); the signs are made where they are used, so a GPU receives 1/32 of their bytes
+        self.words = words.to(device) if device is not None else words
+        self._shifts = _SHIFTS.to(self.words.device)
         self._buffer: Optional[torch.Tensor] = None
 
     def _signs(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Entries ``start:stop`` of the flattened ``[num, size]`` signs (float32)."""
         first, last = start // 32, (stop + 31) // 32
-        bits = torch.bitwise_left_shift(self.words[first:last], _SHIFTS, out=out)  # sign bit = one random bit
+        bits = torch.bitwise_left_shift(self.words[first:last], self._shifts, out=out)  # sign bit = one random bit
         bits = bits.view(torch.float32)
         signs = torch.copysign(torch.ones((), dtype=torch.float32), bits, out=bits)
         return signs.view(-1)[start - 32 * first : stop - 32 * first]
@@ -90,7 +95,7 @@ class RademacherProbes:
         """Probe ``i`` (float32), in a buffer that the next call to ``row`` overwrites."""
         words = (self.size + 31) // 32 + 1
         if self._buffer is None:
-            self._buffer = torch.empty(words, 32, dtype=torch.int32)
+            self._buffer = torch.empty(words, 32, dtype=torch.int32, device=self.words.device)
         start = i * self.size
         count = (start + self.size + 31) // 32 - start // 32
         return self._signs(start, start + self.size, out=self._buffer[:count])
@@ -106,7 +111,7 @@ def rademacher(num: int, size: int, seed: Optional[int], dtype=torch.float32, de
         >>> torch.equal(z, rademacher(3, 5, seed=0))
         True
     """
-    return RademacherProbes(num, size, seed).rows(0, num).to(dtype=dtype, device=device)
+    return RademacherProbes(num, size, seed, device).rows(0, num).to(dtype=dtype)
 
 
 def _per_layer(op, contributions: torch.Tensor) -> Dict[str, float]:
@@ -120,7 +125,7 @@ def hutchinson(op, num_matvecs: int, seed: Optional[int] = None) -> TraceResult:
     """Hutchinson's estimator ``(1/m) sum_i z_i^T H z_i`` with Rademacher ``z_i``."""
     layout = getattr(op, "layout", None)
     blocks = layout.slices() if layout is not None else {"": slice(0, op.size)}
-    probes = RademacherProbes(num_matvecs, op.size, seed)
+    probes = RademacherProbes(num_matvecs, op.size, seed, op.device)
     # z_i^T H z_i per probe and per block, one dot per row and block (no [m, n] temporaries). The
     # products z_ij (H z_i)_j are exact (z = +-1); the dots round at the level of H z_i's rounding.
     if hasattr(op, "quadratic_forms"):  # HessianOperator: per-probe products reduced as they come
@@ -371,7 +376,7 @@ def deflated_hutchinson(
         u, hu = u.to(op.device), hu.to(op.device)
     blocks = _blocks(op)
     t, head = deflated_head(u, hu, blocks)
-    forms = projected_forms(op, RademacherProbes(num_matvecs, n, seed).rows(0, num_matvecs), u, blocks)
+    forms = projected_forms(op, RademacherProbes(num_matvecs, n, seed, op.device).rows(0, num_matvecs), u, blocks)
     spent += num_matvecs
     samples = forms.sum(1)
     stderr = float(samples.std(unbiased=True) / math.sqrt(num_matvecs)) if num_matvecs > 1 else math.nan

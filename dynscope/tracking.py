@@ -176,6 +176,7 @@ class CurvatureTracker:
             )
             # the top two Ritz pairs, carried to the next measurement
             ritz, w_all = torch.linalg.eigh(eigen.tridiagonal)
+            w_all = w_all.to(eigen.basis.device)  # the tridiagonal lives on the CPU, the basis with the model
             # (in the basis' dtype: a start vector needs no float64, and a float64 copy of the basis costs a step)
             top2 = w_all[:, -2:].T.flip(0).to(eigen.basis.dtype) @ eigen.basis if ritz.shape[0] >= 2 else None
             if not trace:
@@ -230,8 +231,8 @@ class CurvatureTracker:
         num_fresh = self.trace_matvecs - (carried["count"] if carried is not None else 0)
         rows = []
         if carried is not None:
-            rows.append(RademacherProbes(carried["total"], n, carried["seed"]).rows(carried["first"], carried["total"]))
-        rows.append(RademacherProbes(num_fresh, n, seed).rows(0, num_fresh))
+            rows.append(RademacherProbes(carried["total"], n, carried["seed"], op.device).rows(carried["first"], carried["total"]))
+        rows.append(RademacherProbes(num_fresh, n, seed, op.device).rows(0, num_fresh))
         blocks = _blocks(op)
         t, head_layers = deflated_head(u, hu, blocks)
         head = float(torch.trace(t))
