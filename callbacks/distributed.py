@@ -96,8 +96,11 @@ class RankReduce:
         raise error  # not reached: _reduce raised it
 
     def _reduce(self, t: torch.Tensor, error: Optional[BaseException]) -> torch.Tensor:
-        flat = torch.cat([t.detach().reshape(-1), _flags(error, t.dtype, t.device)])
-        total = self.strategy.reduce(flat, reduce_op=self.op)
+        # on the strategy's device: NCCL reduces CUDA tensors only, and the budget's and the
+        # collapse counters' bookkeeping lives on the CPU
+        device = getattr(self.strategy, "root_device", t.device)
+        flat = torch.cat([t.detach().reshape(-1), _flags(error, t.dtype, t.device)]).to(device)
+        total = self.strategy.reduce(flat, reduce_op=self.op).to(t.device)
         raise_shared(total[-2:], error)
         return total[:-2].reshape(t.shape)
 
@@ -136,6 +139,7 @@ def any_rank(trainer, flag: bool, device=None) -> bool:
     """
     if world_size(trainer) <= 1:
         return flag
+    device = device if device is not None else getattr(trainer.strategy, "root_device", None)
     total = trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="sum")
     return float(total) > 0
 
@@ -153,6 +157,7 @@ def on_every_rank(trainer, local: Callable[[], T], device=None) -> T:
     except Exception as caught:  # noqa: BLE001 - shared with the other ranks, then re-raised
         result, error = None, caught
     if world_size(trainer) > 1:
+        device = device if device is not None else getattr(trainer.strategy, "root_device", None)
         flags = trainer.strategy.reduce(_flags(error, device=device), reduce_op="sum")
         raise_shared(flags, error)
     if error is not None:

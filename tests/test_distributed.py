@@ -134,3 +134,30 @@ def test_sharded_strategies_disable_dynscope_with_a_clear_warning():
     with pytest.warns(RuntimeWarning, match="shards"):
         scope.setup(fake, torch.nn.Linear(2, 2), "fit")
     assert all(c.disabled for c in scope.callbacks.values())
+
+
+class _DeviceStrategy:
+    """A two-rank strategy on another device (``meta`` stands in for CUDA): its collective takes
+    only tensors on its own device, as NCCL takes only CUDA tensors."""
+
+    root_device = torch.device("meta")
+
+    def __init__(self):
+        self.seen = []
+
+    def reduce(self, t, reduce_op):
+        self.seen.append(t.device.type)
+        assert t.device == self.root_device, f"a {t.device} tensor was given to the collective"
+        return torch.zeros(t.shape, dtype=t.dtype)  # every rank succeeded; the values do not matter here
+
+
+def test_collectives_run_on_the_strategys_device_whatever_the_tensor_was_made_on():
+    from dynscope.callbacks.distributed import RankReduce, any_rank, on_every_rank
+
+    strategy = _DeviceStrategy()
+    trainer = SimpleNamespace(world_size=2, strategy=strategy)
+    out = RankReduce(strategy, "mean")(torch.arange(3, dtype=torch.float64))  # the budget's CPU bookkeeping
+    assert out.device.type == "cpu" and out.shape == (3,)
+    assert any_rank(trainer, True) is False  # the fake collective sums to zero
+    assert on_every_rank(trainer, lambda: 7) == 7
+    assert strategy.seen == ["meta", "meta", "meta"]
