@@ -147,7 +147,7 @@ class Curvature(DiagnosticCallback):
         chunk_size: items (here: probes) per vectorized call of the HVP kernel (default: as many as
             fit in ``memory_cap``).
         memory_cap: bytes a batched HVP call may use (default: about twice the per-probe loop's
-            memory, at least 16 MiB; see :func:`dynscope.hvp.kernel_plan`).
+            memory, at least 16 MiB on CPU and 2 GiB on an accelerator; see :func:`dynscope.hvp.kernel_plan`).
         checkpoint_eigenvectors: keep the last top eigenvector(s) in checkpoints, to warm-start
             Lanczos after a resume exactly as in an uninterrupted run. Each is parameter-sized (two
             with an Adam-type optimizer: the preconditioned one too), so the callback's state adds

@@ -11,12 +11,13 @@ The machinery lives in three short modules, re-exported here:
   (:func:`choose_method`): the per-probe ``"loop"`` on CPU, where it was as fast as or faster than
   the batched kernels on the benchmark MLPs, CNNs and transformer and needs the least memory,
   except for models whose per-probe work is so small that the per-call overhead dominates (then
-  ``"reverse"``); the batched ``"reverse"`` on accelerators. Forward-over-reverse is used only when
-  asked for. A batched kernel that fails on the model (an op without a batching rule) falls back to
+  ``"reverse"``); forward-over-reverse on accelerators, where a call's launches dominate and it ran
+  as fast as or faster than ``"reverse"`` on every benchmark model (H200). A batched kernel that fails on the model (an op without a batching rule) falls back to
   ``"loop"`` for that model (a deterministic, error-driven choice, remembered per model). A single
   vector always uses the retained graph. Batched calls take ``chunk_size`` probes at a time, by
-  default as many as keep the call within about twice the per-probe loop's memory (at least 32
-  MiB; where that is one probe, the loop itself) or within ``memory_cap`` bytes when given
+  default as many as keep the call within about twice the per-probe loop's memory (at least 16
+  MiB on CPU, 2 GiB on an accelerator, where launches rather than caches bound a call's time;
+  where that is one probe, the loop itself) or within ``memory_cap`` bytes when given
   (:func:`kernel_plan`); a chunk that runs out of memory is halved and retried.
 * :mod:`dynscope.operators`: :class:`Operator` (the base every estimator takes),
   :class:`OperatorWrapper`, :class:`HessianOperator`, :class:`MatrixOperator`,
@@ -82,7 +83,8 @@ def hvp(
             docstring.
         chunk_size: items (here: probes) per vectorized call; default: as many as fit in
             ``memory_cap``.
-        memory_cap: bytes a batched call may use; default: twice the per-probe loop's footprint.
+        memory_cap: bytes a batched call may use; default: twice the per-probe loop's footprint
+            (at least 16 MiB on CPU, 2 GiB on an accelerator).
 
     Returns:
         ``H v`` in the same form as ``vectors``.

@@ -110,7 +110,7 @@ class HessianOperator(Operator):
             :func:`dynscope.hvp.choose_method`), ``"forward"``, ``"reverse"`` or ``"loop"``.
         chunk_size: items (here: probes) per vectorized call; default: as many as fit in ``memory_cap``.
         memory_cap: bytes a batched call may use; default (None): about twice the per-probe
-            loop's memory, at least 16 MiB (:func:`dynscope.hvp.kernel_plan`).
+            loop's memory, at least 16 MiB on CPU and 2 GiB on an accelerator (:func:`dynscope.hvp.kernel_plan`).
             On an accelerator, where batching is the speed-up, raise it for speed (e.g. to
             ``2 * 2**30``).
         reduce: applied once to each product's result, e.g. an all-reduce mean over data-parallel
