@@ -1017,7 +1017,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
             if losses.dim() != 1 or losses.shape[0] != size:
                 raise NotPerSampleError(f"expected one loss per sample (shape [{size}]), got {tuple(losses.shape)}")
             total = losses.sum()
-            if not math.isfinite(float(total)):  # a non-finite loss makes the sum so: then the message names it
+            if not math.isfinite(float(total.detach())):  # a non-finite loss makes the sum so: then the message names it
                 check_finite(losses.detach(), "the per-sample losses")
             uses = _graph_uses(total)
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
