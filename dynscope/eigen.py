@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+import numpy as np
 import torch
 
 from .hvp import as_operator
@@ -77,13 +78,25 @@ def error_bounds(theta: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         >>> [round(v, 6) for v in b.tolist()]
         [0.064103, 0.002857]
     """
-    m = theta.shape[0]
-    if m == 1:
-        return residuals.clone()
-    dist = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
-    dist.fill_diagonal_(math.inf)
-    gap = dist.min(1).values
-    return torch.where(gap > 0, torch.minimum(residuals, residuals**2 / gap.clamp_min(1e-300)), residuals)
+    return torch.from_numpy(_error_bounds(theta.double().cpu().numpy(), residuals.double().cpu().numpy()))
+
+
+def _error_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    # in numpy: the per-step bookkeeping on a few dozen numbers costs microseconds there, and
+    # tens of them per torch call, which added up to more than a Hessian-vector product per step
+    if theta.shape[0] == 1:
+        return residuals.copy()
+    dist = np.abs(theta[:, None] - theta[None, :]) - residuals[None, :]
+    np.fill_diagonal(dist, np.inf)
+    gap = dist.min(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tight = np.minimum(residuals, residuals**2 / np.maximum(gap, 1e-300))
+    return np.where(gap > 0, tight, residuals)
+
+
+def _select_np(theta: np.ndarray, k: int, which: str) -> List[int]:
+    key = np.abs(theta) if which == "LM" else theta
+    return [int(i) for i in np.argsort(-key, kind="stable")[:k]]
 
 
 def lanczos(
@@ -160,13 +173,17 @@ def lanczos(
     partial = n >= _PARTIAL_REORTH_FROM and op.device.type == "cpu"
     unit = max(torch.finfo(dtype).eps, torch.finfo(op.dtype).eps) / 2  # the products' rounding counts too
     eps1, delta = math.sqrt(n) * unit, math.sqrt(unit)
-    omega, omega_prev = torch.ones(1, dtype=torch.float64), None  # omega[k] ~ q_j . q_k
+    omega, omega_prev = np.ones(1), None  # omega[k] ~ q_j . q_k
     force, norm_estimate = False, 0.0
+    t = np.zeros((basis.shape[0], basis.shape[0]))  # the tridiagonal (numpy: see _error_bounds), grown with the basis
+    top: List[int] = []
     for j in range(max_iter):
         if j == basis.shape[0]:
             basis = torch.cat([basis, torch.empty_like(basis[: min(j, max_iter - j)])])
             if keep_products:
                 products = torch.cat([products, torch.empty_like(products[: basis.shape[0] - j])])
+        if j + 1 >= t.shape[0]:
+            t = np.pad(t, (0, min(max(t.shape[0], 1), max_iter - t.shape[0]) + 1))
         basis[j] = q
         hq = op.matmat(q.to(op.dtype).unsqueeze(0))[0]
         if keep_products:
@@ -174,14 +191,17 @@ def lanczos(
         w = hq.to(dtype)
         alpha = float(torch.dot(w, q))
         alphas.append(alpha)
+        t[j, j] = alpha
         v = basis[: j + 1]
         before = float(w.norm())
         if partial:
-            w = w - alpha * q if j == 0 else w - alpha * q - betas[-1] * basis[j - 1]
+            w = torch.sub(w, q, alpha=alpha)  # a new tensor: hq may be the operator's own
+            if j > 0:
+                w.sub_(basis[j - 1], alpha=betas[-1])
             beta = float(w.norm())
             norm_estimate = max(norm_estimate, abs(alpha) + beta + (betas[-1] if betas else 0.0))
             omega_next = _next_overlaps(omega, omega_prev, alphas, betas, beta, eps1 * norm_estimate)
-            reorthogonalise = force or bool((omega_next[:-1].abs() > delta).any())
+            reorthogonalise = force or bool((np.abs(omega_next[:-1]) > delta).any())
             force = reorthogonalise and not force  # the vector after a reorthogonalised one is, too
         else:
             reorthogonalise = True
@@ -194,25 +214,21 @@ def lanczos(
                 w = torch.addmv(w, v.T, v @ w, alpha=-1)
                 beta = float(w.norm())
             if partial:
-                omega_next = torch.full((j + 2,), eps1, dtype=torch.float64)
+                omega_next = np.full(j + 2, eps1)
                 omega_next[-1] = 1.0
         if partial:
             omega_prev, omega = omega, omega_next
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if j > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, s = torch.linalg.eigh(t)
+        theta, s = np.linalg.eigh(t[: j + 1, : j + 1])
         if beta < max(1e-12, rounding) * max(1.0, abs(alpha)):  # invariant subspace: the Ritz values are exact
             converged = j + 1 >= k
-            top = _select(theta, min(k, j + 1), which)
+            top = _select_np(theta, min(k, j + 1), which)
             residuals = bounds = [0.0] * len(top)
             break
         if j + 1 >= k:
-            all_res = (beta * s[-1, :]).abs()
-            top = _select(theta, k, which)
+            all_res = np.abs(beta * s[-1, :])
+            top = _select_np(theta, k, which)
             residuals = [float(all_res[i]) for i in top]
-            bound = error_bounds(theta, all_res) + rounding * float(theta.abs().max())
+            bound = _error_bounds(theta, all_res) + rounding * float(np.abs(theta).max())
             bounds = [float(bound[i]) for i in top]
             met = all(b <= tol * max(abs(float(theta[i])), 1e-30) for b, i in zip(bounds, top))
             if met and met_before:
@@ -220,9 +236,13 @@ def lanczos(
                 break
             met_before = met
         betas.append(beta)
+        if j + 1 < max_iter:
+            t[j, j + 1] = t[j + 1, j] = beta
         q = w / beta
     m = len(alphas)
-    top = _select(theta, min(k, m), which)
+    top = _select_np(theta, min(k, m), which)
+    theta, s = torch.from_numpy(theta), torch.from_numpy(s)
+    tridiagonal = torch.from_numpy(t[:m, :m].copy())
     vectors = None
     if return_eigenvectors:
         vectors = s[:, top].T.to(device=basis.device, dtype=dtype) @ basis[:m]
@@ -236,12 +256,12 @@ def lanczos(
         error_bounds=bounds,
         basis=basis[:m] if keep_basis else None,
         products=products[:m] if keep_products else None,
-        tridiagonal=t if keep_basis else None,
+        tridiagonal=tridiagonal if keep_basis else None,
     )
 
 
-def _next_overlaps(omega: torch.Tensor, omega_prev: Optional[torch.Tensor], alphas: List[float], betas: List[float],
-                   beta: float, rounding: float) -> torch.Tensor:
+def _next_overlaps(omega: np.ndarray, omega_prev: Optional[np.ndarray], alphas: List[float], betas: List[float],
+                   beta: float, rounding: float) -> np.ndarray:
     """Estimates of ``q_{j+1} . q_k`` (``k = 0..j+1``) from those of ``q_j`` (``omega``) and ``q_{j-1}``
     (``omega_prev``): Simon's recurrence, which follows from ``H q_i = b_i q_{i+1} + a_i q_i + b_{i-1} q_{i-1}``
     and the symmetry of ``H``,
@@ -251,19 +271,18 @@ def _next_overlaps(omega: torch.Tensor, omega_prev: Optional[torch.Tensor], alph
     each step adding ``rounding`` (about ``eps sqrt(n) ||H||``) in the direction that grows the estimate.
 
     Example:
-        >>> w = _next_overlaps(torch.ones(1, dtype=torch.float64), None, [2.0], [], 1.0, 1e-10)
+        >>> w = _next_overlaps(np.ones(1), None, [2.0], [], 1.0, 1e-10)
         >>> w.tolist()  # q_1 against q_0 at rounding level, and itself
         [1e-10, 1.0]
     """
     j = len(alphas) - 1
-    out = torch.empty(j + 2, dtype=torch.float64)
+    out = np.empty(j + 2)
     if j > 0:
-        a = torch.tensor(alphas, dtype=torch.float64)
-        b = torch.tensor(betas, dtype=torch.float64)  # b_0 .. b_{j-1}
-        k = torch.arange(j)
-        lower = torch.cat([torch.zeros(1, dtype=torch.float64), b[: j - 1] * omega[: j - 1]])  # b_{k-1} w_{j,k-1}
-        grow = b[k] * omega[1 : j + 1] + (a[:j] - a[j]) * omega[:j] + lower - b[j - 1] * omega_prev[:j]
-        out[:j] = (grow + torch.where(grow >= 0, rounding, -rounding)) / beta
+        a = np.asarray(alphas)
+        b = np.asarray(betas)  # b_0 .. b_{j-1}
+        lower = np.concatenate([[0.0], b[: j - 1] * omega[: j - 1]])  # b_{k-1} w_{j,k-1}
+        grow = b[:j] * omega[1 : j + 1] + (a[:j] - a[j]) * omega[:j] + lower - b[j - 1] * omega_prev[:j]
+        out[:j] = (grow + np.where(grow >= 0, rounding, -rounding)) / beta
     out[j] = rounding / beta
     out[j + 1] = 1.0
     return out
