@@ -322,8 +322,11 @@ def test_the_suite_demo_prints_what_each_diagnostic_did(tmp_path, capsys):
     assert main(["demo", "suite", "--steps", "40", "--budget", "0.5", "--logdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "DynScope(budget=0.5) over 40 steps" in out
-    for name in ("curvature", "noise", "collapse", "regions"):
-        assert f"\n{name:>10}  " in out  # a row of the summary table
+    table = out.split("over 40 steps")[1].split("\n\n")[0].splitlines()[1:]
+    names = ("curvature", "noise", "collapse", "regions")
+    # a row per diagnostic, or (when curvature's values make the table too wide) a column per diagnostic
+    rows = {line.split()[0] for line in table if line.strip()}
+    assert set(names) <= rows or all(name in table[0].split() for name in names), "\n".join(table)
     assert any(p.name.startswith("suite-") for p in tmp_path.iterdir())
 
 
