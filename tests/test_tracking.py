@@ -129,3 +129,21 @@ def layer_blocks(weights):
         out[name] = slice(start, start + w.numel())
         start += w.numel()
     return out
+
+
+def test_the_first_measurement_stays_within_eigen_max_iter_and_reports_lambda_max_own_convergence():
+    from dynscope import MatrixOperator
+    from dynscope.tracking import CurvatureTracker
+
+    # a well separated top eigenvalue above a tight cluster: the second Ritz value converges slowly
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64)).Q
+    spectrum = torch.cat([torch.tensor([10.0]), 4.0 + torch.rand(150, generator=g, dtype=torch.float64),
+                          torch.linspace(-1.0, 1.0, 149, dtype=torch.float64)])
+    A = basis @ torch.diag(spectrum) @ basis.T
+    tracker = CurvatureTracker(sketch=0, eigen_tol=1e-2, eigen_max_iter=12)
+    got = tracker.measure(MatrixOperator(A), trace=False).eigen
+    assert got.num_matvecs <= 12
+    assert got.value == pytest.approx(10.0, rel=1e-2)
+    assert got.converged and got.error_bounds[0] <= 1e-2 * got.value  # lambda_max's own bound, not the pair's
+    assert len(got.eigenvalues) == 1
