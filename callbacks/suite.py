@@ -54,7 +54,7 @@ def prior_steps(child: DiagnosticCallback, batch_size: Optional[int] = None) -> 
 
     Example:
         >>> prior_steps(Curvature(num_matvecs=8, eigen_max_iter=20, sub_batch=32), batch_size=128)
-        12.0
+        18.0
     """
     return float(child.expected_cost(batch_size))
 
