@@ -2,9 +2,7 @@
 
 Run: ``python benchmarks/bench_anchors.py [--repeats 5] [--quick]``.
 
-The anchors are optional (``pip install --no-deps pyhessian curvlinops-for-pytorch hessian-eigenthings``;
-curvlinops also wants scipy, einops, einconv, opt-einsum and linear_operator, each installable with
-``--no-deps`` next to any torch); a missing one reads "n/a". CPU seconds (``time.process_time``),
+The anchors are optional (see ``anchors.py``); a missing one reads "n/a". CPU seconds (``time.process_time``),
 median of interleaved repeats, on the benchmark models (MLP 85k / B128, the 2k MLP / B512, a CNN
 with BatchNorm / B64, the small transformer / B64; eval mode):
 
@@ -43,19 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_curvature import SmallTransformer, mlp  # noqa: E402
 from dynscope import Objective, hessian_trace, top_eigenvalues  # noqa: E402
 
-try:
-    import curvlinops
-    from scipy.sparse.linalg import eigsh
-except Exception:  # noqa: BLE001 - optional anchor
-    curvlinops = None
-try:
-    import hessian_eigenthings as eigenthings
-except Exception:  # noqa: BLE001 - optional anchor
-    eigenthings = None
-try:
-    from pyhessian import hessian as PyHessian
-except Exception:  # noqa: BLE001 - optional anchor
-    PyHessian = None
+from anchors import (PyHessian, available, curvlinops, curvlinops_hessian, eigenthings, eigsh,  # noqa: E402
+                     pyhessian_lambda_max, pyhessian_trace)
 
 
 def cpu_medians(fns, repeats):
@@ -105,13 +92,6 @@ def cases(quick: bool):
     return trained
 
 
-def pyhessian_trace(model, x, y, probes):
-    h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-    values = h.trace(maxIter=probes, tol=float("-inf"))  # spends all probes (see bench_curvature.py)
-    model.zero_grad(set_to_none=True)
-    return sum(values) / len(values)
-
-
 def eigenthings_loss(module, batch):
     return F.cross_entropy(module(batch[0]), batch[1])
 
@@ -128,8 +108,7 @@ def bench_trace(all_cases, repeats):
         if PyHessian:
             fns["pyhessian"] = lambda: pyhessian_trace(model, x, y, 32)
         if curvlinops:
-            params = [p for p in model.parameters() if p.requires_grad]
-            op = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+            op = curvlinops_hessian(model, x, y)
             fns["curvlinops"] = lambda: float(curvlinops.hutchinson_trace(op, 32))
         if eigenthings:
             eop = eigenthings.HessianOperator(model, [(x, y)], eigenthings_loss)
@@ -159,18 +138,12 @@ def bench_eigen(all_cases, repeats):
             "dynscope warm": lambda: top_eigenvalues(obj, which="LA", tol=1e-2, start=warm),
         }
         if PyHessian:
-            def power():
-                value = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(top_n=1, tol=1e-3)[0][0]
-                model.zero_grad(set_to_none=True)
-                return value
-            runs["PyHessian power"] = power
+            runs["PyHessian power"] = lambda: pyhessian_lambda_max(model, x, y, 1e-3)
         if eigenthings:
             eop = eigenthings.HessianOperator(model, [(x, y)], eigenthings_loss)
             runs["eigenthings Lanczos 8"] = lambda: eigenthings.lanczos(eop, k=1, max_iter=8, which="LA", seed=0)
         if curvlinops:
-            params = [p for p in model.parameters() if p.requires_grad]
-            cop = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
-            sop = cop.to_scipy()
+            sop = curvlinops_hessian(model, x, y).to_scipy()
             runs["curvlinops eigsh"] = lambda: eigsh(sop, k=1, which="LA", tol=1e-2)
         t, out = cpu_medians(runs, repeats)
         print(f"   {name} (lambda_max {ref:.4g})", flush=True)
@@ -194,8 +167,7 @@ def bench_eigen(all_cases, repeats):
 
 
 def main(repeats: int = 5, quick: bool = False) -> int:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; PyHessian {'available' if PyHessian else 'n/a'}, "
-          f"curvlinops {'available' if curvlinops else 'n/a'}, hessian-eigenthings {'available' if eigenthings else 'n/a'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {available()}")
     all_cases = cases(quick)
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
         bench_trace(all_cases, repeats)

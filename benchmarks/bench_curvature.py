@@ -44,10 +44,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dynscope import HessianOperator, Objective, hessian_trace, top_eigenvalues
 
-try:
-    from pyhessian import hessian as PyHessian
-except ImportError:  # pragma: no cover - optional baseline
-    PyHessian = None
+from anchors import PyHessian, pyhessian_lambda_max
+from anchors import pyhessian_trace as _pyhessian_trace
 
 
 def mlp(sizes) -> nn.Sequential:
@@ -132,16 +130,9 @@ def loop_trace(model, x, y, num_probes, seed=0):
 
 
 def pyhessian_trace(model, x, y, num_probes):
-    model.zero_grad(set_to_none=True)
-    h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-    # PyHessian stops when |mean - previous| / (previous + 1e-6) < tol, without abs() in the
-    # denominator: with tol=0 a negative running mean (common early on a transformer) stops it
-    # after two probes. tol=-inf makes it spend all of them.
-    values = h.trace(maxIter=num_probes, tol=float("-inf"))
-    assert len(values) == num_probes, len(values)
-    model.zero_grad(set_to_none=True)
+    value = _pyhessian_trace(model, x, y, num_probes)
     model.train()
-    return sum(values) / len(values)
+    return value
 
 
 def bench_trace(cases, repeats):
@@ -280,12 +271,8 @@ def bench_eigen(model, x, y, repeats):
         rows.append((f"dynscope Lanczos tol={tol:g}", res.num_matvecs, abs(res.value - reference) / abs(reference), t))
     if PyHessian:
         for tol in (1e-2, 1e-3):
-            def power():
-                model.zero_grad(set_to_none=True)
-                return PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(top_n=1, tol=tol)
-
             value = []
-            t = median_time(lambda: value.append(power()[0][0]), repeats)
+            t = median_time(lambda: value.append(pyhessian_lambda_max(model, x, y, tol)), repeats)
             value = value[-1]
             rows.append((f"PyHessian power tol={tol:g}", "~", abs(value - reference) / abs(reference), t))
         model.zero_grad(set_to_none=True)

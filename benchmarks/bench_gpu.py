@@ -1,7 +1,7 @@
 """The GPU column (issue 14): dynscope's batched kernels against PyHessian and curvlinops on one CUDA device.
 
 Run on a machine with a GPU: ``python benchmarks/bench_gpu.py [--repeats 7]`` (the anchors are
-optional, as in ``bench_anchors.py``; a missing one reads "n/a").
+optional, see ``anchors.py``; a missing one reads "n/a").
 
 Wall-clock seconds between ``torch.cuda.synchronize()`` calls (on a GPU the host's CPU time says
 nothing about the work), median of interleaved repeats after a warm-up, on the benchmark models
@@ -46,7 +46,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,14 +55,7 @@ from bench_curvature import SmallTransformer, mlp  # noqa: E402
 from dynscope import Objective, gradient_snr, hessian_trace, top_eigenvalues  # noqa: E402
 from dynscope.kernel_choice import kernel_plan  # noqa: E402
 
-try:
-    import curvlinops
-except Exception:  # noqa: BLE001 - optional anchor
-    curvlinops = None
-try:
-    from pyhessian import hessian as PyHessian
-except Exception:  # noqa: BLE001 - optional anchor
-    PyHessian = None
+from anchors import PyHessian, available, curvlinops, curvlinops_hessian, pyhessian_lambda_max, pyhessian_trace  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -113,13 +105,6 @@ def cases(device: torch.device, quick: bool):
     return trained
 
 
-def pyhessian_trace(model, x, y, probes, cuda):
-    h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=cuda)
-    values = h.trace(maxIter=probes, tol=float("-inf"))  # spends all probes (see bench_curvature.py)
-    model.zero_grad(set_to_none=True)
-    return sum(values) / len(values)
-
-
 def bench_trace(all_cases, repeats, device):
     cuda = device.type == "cuda"
     print("1. trace, 32 probes (wall s)              batched     loop   PyHessian  curvlinops   "
@@ -131,9 +116,7 @@ def bench_trace(all_cases, repeats, device):
         if PyHessian:
             fns["pyhessian"] = lambda: pyhessian_trace(model, x, y, 32, cuda)
         if curvlinops:
-            params = [p for p in model.parameters() if p.requires_grad]
-            op = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)],
-                                                  check_deterministic=False)
+            op = curvlinops_hessian(model, x, y)
             fns["curvlinops"] = lambda: float(curvlinops.hutchinson_trace(op, 32))
         try:
             t, _ = wall_medians(fns, repeats, device)
@@ -176,11 +159,7 @@ def bench_eigen(all_cases, repeats, device):
         ref = top_eigenvalues(obj, which="LA", tol=1e-9, max_iter=300).value
         runs = {"dynscope Lanczos": lambda: top_eigenvalues(obj, which="LA", tol=1e-2, seed=0)}
         if PyHessian:
-            def power():
-                value = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=cuda).eigenvalues(top_n=1, tol=1e-3)[0][0]
-                model.zero_grad(set_to_none=True)
-                return value
-            runs["PyHessian power"] = power
+            runs["PyHessian power"] = lambda: pyhessian_lambda_max(model, x, y, 1e-3, cuda)
         try:
             t, out = wall_medians(runs, repeats, device)
         except Exception as error:  # noqa: BLE001
@@ -217,8 +196,7 @@ def bench_snr(all_cases, repeats, device):
 def main(repeats: int = 7, quick: bool = False, device: str = "cuda", kernels: bool = False) -> int:
     dev = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (no CUDA device: the column is not a GPU one)"
-    print(f"torch {torch.__version__} on {where}; PyHessian {'available' if PyHessian else 'n/a'}, "
-          f"curvlinops {'available' if curvlinops else 'n/a'}", flush=True)
+    print(f"torch {torch.__version__} on {where}; {available()}", flush=True)
     all_cases = cases(dev, quick)
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
         if kernels:

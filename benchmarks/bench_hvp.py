@@ -52,14 +52,7 @@ from torch import nn
 from bench_noise import _status_kib  # the same /proc reader for peak memory
 from dynscope import Objective, hessian_trace
 
-try:
-    import curvlinops
-except Exception:  # noqa: BLE001 - optional anchor
-    curvlinops = None
-try:
-    from pyhessian import hessian as PyHessian
-except Exception:  # noqa: BLE001 - optional anchor
-    PyHessian = None
+from anchors import PyHessian, curvlinops, curvlinops_hessian, pyhessian_trace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBES = 32
@@ -101,24 +94,10 @@ def setup(name):
 def tracers(model, x, y, cap=None, method="auto"):
     fns = {"dynscope": lambda: hessian_trace(Objective(model, F.cross_entropy, (x, y)), PROBES, seed=0,
                                              hvp_method=method, memory_cap=cap)}
-    if curvlinops is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def theirs():
-            op = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)],
-                                                  check_deterministic=False)
-            return curvlinops.hutchinson_trace(op, PROBES)
-
-        fns["curvlinops"] = theirs
+    if curvlinops is not None:  # building the operator is part of what a caller pays
+        fns["curvlinops"] = lambda: curvlinops.hutchinson_trace(curvlinops_hessian(model, x, y), PROBES)
     if PyHessian is not None:
-        def pyhessian():
-            h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-            values = h.trace(maxIter=PROBES, tol=float("-inf"))  # tol=-inf: spend every probe
-            model.zero_grad(set_to_none=True)
-            model.eval()  # PyHessian leaves the model in eval mode already; keep it so
-            return values
-
-        fns["PyHessian"] = pyhessian
+        fns["PyHessian"] = lambda: pyhessian_trace(model, x, y, PROBES)  # leaves the model in eval mode, as it was
     return fns
 
 
