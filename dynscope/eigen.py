@@ -218,7 +218,9 @@ def lanczos(
                 omega_next[-1] = 1.0
         if partial:
             omega_prev, omega = omega, omega_next
-        theta, s = np.linalg.eigh(t[: j + 1, : j + 1])
+        # torch's LAPACK, not numpy's: numpy's first calls in a process that trains with torch cost
+        # ~0.7 ms each (its BLAS starting up), more than the whole step's bookkeeping otherwise
+        theta, s = (x.numpy() for x in torch.linalg.eigh(torch.from_numpy(t[: j + 1, : j + 1])))
         if beta < max(1e-12, rounding) * max(1.0, abs(alpha)):  # invariant subspace: the Ritz values are exact
             converged = j + 1 >= k
             top = _select_np(theta, min(k, j + 1), which)
