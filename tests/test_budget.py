@@ -127,6 +127,27 @@ def test_a_diagnostic_whose_expected_cost_drops_is_charged_the_learnt_rate_times
     assert restored.expected("check", check) == pytest.approx(2.0)
 
 
+def test_a_diagnostic_not_yet_measured_is_expected_at_its_prior_times_what_the_others_priors_were_worth():
+    clock = Clock()
+    cheap, dear, third = Check(every=1, cost=1.0, prior=4.0), Check(every=1, cost=1.0, prior=30.0), Check(every=1, cost=1.0, prior=2.0)
+    checks = {"cheap": cheap, "dear": dear, "third": third}
+    controller = BudgetController(0.1, clock=clock)
+    controller.start(0, math.inf, checks)
+    clock.now = 2.0
+    controller.plan(3, checks)  # 1 s per step
+    assert controller.expected("dear", dear) == pytest.approx(30.0)  # nothing measured: the prior
+    controller.measured("cheap", 2.0, {}, expected_steps=4.0)  # cost half its prior
+    assert controller.expected("dear", dear) == pytest.approx(15.0)
+    controller.measured("third", 4.0, {}, expected_steps=2.0)  # twice its prior: the geometric mean is 1
+    assert controller.expected("dear", dear) == pytest.approx(30.0)
+    controller.measured("third", 1.0, {}, expected_steps=2.0)  # the second measurement replaces the first
+    assert controller.expected("dear", dear) == pytest.approx(30.0 * 0.5)
+    controller.measured("cheap", 0.001, {}, expected_steps=4.0)
+    assert controller.expected("dear", dear) == pytest.approx(30.0 / 4)  # at most 4x off
+    controller.measured("dear", 6.0, {}, expected_steps=30.0)  # measured: its own rate from now on
+    assert controller.expected("dear", dear) == pytest.approx(6.0)
+
+
 def test_a_cold_first_measurement_does_not_slow_down_the_later_ones():
     # warm measurements cost 1 s, the first 10 s; 0.05 s saved per step: a warm one every 20 steps once
     # the first has been paid back
