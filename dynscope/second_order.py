@@ -1,4 +1,5 @@
-"""GELU, LayerNorm, softmax and attention with cheap second derivatives, for reverse-over-reverse HVPs.
+"""GELU, LayerNorm, softmax, attention and eval-mode BatchNorm with cheap second derivatives, for
+reverse-over-reverse HVPs.
 
 A reverse-over-reverse Hessian-vector product differentiates the backward pass once more for
 every probe. torch's generic double-backward formulas for ``gelu``, ``layer_norm`` and
@@ -8,7 +9,9 @@ probe-independent factors once, while the gradient graph is built, so that each 
 multiplications and row means. ``scaled_dot_product_attention`` and
 ``multi_head_attention_forward`` (``nn.MultiheadAttention``) are rewritten as matrix products
 around that softmax in the simple cases (no attention mask or dropout, float32/float64: see each
-function); the other cases run torch's own.
+function); the other cases run torch's own. ``batch_norm`` with running statistics (eval mode) is
+written as the per-channel affine map it is, whose double backward autograd does in a few
+multiplications.
 What it saves is measured by ``benchmarks/bench_curvature.py`` (section 1).
 
 :func:`cheap_second_order` swaps them in through a ``TorchFunctionMode``. Values and gradients
@@ -210,6 +213,27 @@ def layer_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight=None
     return _LayerNorm.apply(flat, w, b, eps).reshape(input.shape)
 
 
+def batch_norm(input: torch.Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:  # F.batch_norm's argument names
+    """``F.batch_norm`` with running statistics (eval mode) as the per-channel affine map it is,
+    ``x * a + c`` with ``a = weight / sqrt(running_var + eps)``, ``c = bias - running_mean * a``: its
+    double backward is then a few multiplications per probe, where torch's generic rule (written
+    for batch statistics) made a third of a CNN's HVP. Batch statistics (training), missing running
+    statistics and other dtypes use ``F.batch_norm``."""
+    tensors = (input, running_mean, running_var, weight, bias)
+    if training or running_mean is None or running_var is None or input.dim() < 2 or input.dtype not in _FLOATS \
+            or any(t is not None and t.dtype != input.dtype for t in tensors):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = weight * scale
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift.reshape(shape), input, scale.reshape(shape))
+
+
 def softmax(x: torch.Tensor, dim: int, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
     """``F.softmax`` with a cheap second derivative (float32/float64; other cases use ``F.softmax``)."""
     if dim is None or dtype is not None or x.dtype not in _FLOATS:
@@ -296,8 +320,9 @@ class cheap_second_order(TorchFunctionMode):
     """Within this context GELU, LayerNorm, softmax and attention use the rules of this module.
 
     Covered: ``F.gelu``, ``F.layer_norm``, ``F.softmax`` (``torch.softmax``, ``Tensor.softmax``),
-    ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward``, so ``nn.GELU``,
-    ``nn.LayerNorm``, ``nn.Softmax``, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``.
+    ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward`` and ``F.batch_norm`` with
+    running statistics, so ``nn.GELU``, ``nn.LayerNorm``, ``nn.Softmax``, ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` and ``nn.BatchNorm1d/2d/3d`` in eval mode.
     """
 
     #: whether a rule replaced a function since the mode was created
@@ -312,6 +337,7 @@ class cheap_second_order(TorchFunctionMode):
 
 
 _RULES = {
+    F.batch_norm: batch_norm,
     F.gelu: gelu,
     F.layer_norm: layer_norm,
     F.softmax: softmax,

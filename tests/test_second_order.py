@@ -44,6 +44,20 @@ class Softmax(nn.Module):
         return x * torch.softmax(x, self.dim) + x.softmax(self.dim) ** 2
 
 
+class ChannelBatchNorm(nn.Module):
+    """BatchNorm1d over the features of ``[batch, sequence, features]`` (as ``[batch, features, sequence]``)."""
+
+    def __init__(self, features: int, affine: bool = True):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features, affine=affine)
+        with torch.no_grad():  # running statistics away from 0 and 1
+            self.bn.running_mean.uniform_(-1.0, 1.0)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
 def head(*layers, inputs=3):
     return nn.Sequential(nn.Linear(inputs, 4), *layers, nn.Flatten(), nn.LazyLinear(2))
 
@@ -61,6 +75,8 @@ CASES = {
     "sdpa-causal": lambda: head(Attention(4, causal=True)),
     "multihead": lambda: head(SelfAttention(4, 2, need_weights=False)),
     "multihead-weights": lambda: head(SelfAttention(4, 2, need_weights=True)),
+    "batchnorm-eval": lambda: head(ChannelBatchNorm(4), nn.ReLU()),
+    "batchnorm-eval-no-affine": lambda: head(ChannelBatchNorm(4, affine=False), nn.Tanh()),
     "encoder-layer": lambda: head(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation="gelu",
                                                              batch_first=True, norm_first=True)),
 }
@@ -74,7 +90,7 @@ def objective(name):
     obj = Objective(net.double(), F.cross_entropy, (x.double(), torch.tensor([0, 1, 1])))
     with torch.no_grad():  # move LayerNorm's affine parameters off their trivial initial values
         for module in net.modules():
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
                 for p in module.parameters():
                     p.add_(torch.randn_like(p) * 0.3)
     return obj
