@@ -59,9 +59,12 @@ _FLOAT32_TOL = 1e-4
 _PARTIAL_REORTH_FROM = 2048
 
 
-def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    key = theta.abs() if which == "LM" else theta
-    return torch.argsort(key, descending=True)[:k]
+def _select(theta, k: int, which: str) -> List[int]:
+    """Indices of the top ``k`` Ritz values ``theta`` (numpy or torch): largest magnitude (``"LM"``)
+    or largest (``"LA"``) first."""
+    values = theta.detach().cpu().numpy() if isinstance(theta, torch.Tensor) else theta
+    key = np.abs(values) if which == "LM" else values
+    return [int(i) for i in np.argsort(-key, kind="stable")[:k]]
 
 
 def error_bounds(theta: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
@@ -93,10 +96,6 @@ def _error_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
         tight = np.minimum(residuals, residuals**2 / np.maximum(gap, 1e-300))
     return np.where(gap > 0, tight, residuals)
 
-
-def _select_np(theta: np.ndarray, k: int, which: str) -> List[int]:
-    key = np.abs(theta) if which == "LM" else theta
-    return [int(i) for i in np.argsort(-key, kind="stable")[:k]]
 
 
 def lanczos(
@@ -223,12 +222,12 @@ def lanczos(
         theta, s = (x.numpy() for x in torch.linalg.eigh(torch.from_numpy(t[: j + 1, : j + 1])))
         if beta < max(1e-12, rounding) * max(1.0, abs(alpha)):  # invariant subspace: the Ritz values are exact
             converged = j + 1 >= k
-            top = _select_np(theta, min(k, j + 1), which)
+            top = _select(theta, min(k, j + 1), which)
             residuals = bounds = [0.0] * len(top)
             break
         if j + 1 >= k:
             all_res = np.abs(beta * s[-1, :])
-            top = _select_np(theta, k, which)
+            top = _select(theta, k, which)
             residuals = [float(all_res[i]) for i in top]
             bound = _error_bounds(theta, all_res) + rounding * float(np.abs(theta).max())
             bounds = [float(bound[i]) for i in top]
@@ -242,7 +241,7 @@ def lanczos(
             t[j, j + 1] = t[j + 1, j] = beta
         q = w / beta
     m = len(alphas)
-    top = _select_np(theta, min(k, m), which)
+    top = _select(theta, min(k, m), which)
     theta, s = torch.from_numpy(theta), torch.from_numpy(s)
     tridiagonal = torch.from_numpy(t[:m, :m].copy())
     vectors = None
