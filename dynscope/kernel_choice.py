@@ -151,10 +151,10 @@ def choose_method(objective: Objective) -> str:
     """
     chosen = getattr(objective, "_hvp_method", None) or _CHOSEN.get(objective.model)
     if chosen is None:
-        small = 3 * objective.layout.numel + 3 * activation_numel(objective) <= _SMALL_PROBE
         if objective.device.type != "cpu":
             chosen = "forward"
-        else:
+        else:  # (counting the activations takes a forward pass: only where the size decides)
+            small = 3 * objective.layout.numel + 3 * activation_numel(objective) <= _SMALL_PROBE
             chosen = "reverse" if small else "loop"
         remember(objective, chosen)
     return chosen
