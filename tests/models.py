@@ -121,6 +121,24 @@ def classification_data(n: int = 64, shape=(4,), classes: int = 3, seed: int = 0
     return x, y
 
 
+# The kernels' test models (tests/test_hvp.py, and on a GPU tests/test_gpu.py): a model and its batch.
+KERNEL_CASES = {
+    "mlp": lambda: (mlp((4, 6, 3)), classification_data(12, (4,))),
+    "cnn-batchnorm": lambda: (SmallCNN(channels=2), classification_data(6, (1, 8, 8))),
+    "transformer": lambda: (TinyTransformer(dim=4, heads=2), classification_data(6, (5,), vocab=11)),
+    "mlp-dropout": lambda: (mlp((4, 6, 3), dropout=0.5), classification_data(12, (4,))),
+}
+
+
+def kernel_case(name: str, device="cpu", dtype=None):
+    """``(model, batch)`` of :data:`KERNEL_CASES` (seeded), moved to ``device``; float tensors to ``dtype``."""
+    torch.manual_seed(0)
+    model, batch = KERNEL_CASES[name]()
+    model = model.to(device=device, dtype=dtype)
+    batch = tuple(t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in batch)
+    return model, batch
+
+
 def loader(x, y, batch_size: int = 16, shuffle: bool = False):
     ds = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle)

@@ -25,7 +25,7 @@ from dynscope.hvp import hvp_flat
 from dynscope.kernel_choice import kernel_plan, probe_bytes
 from dynscope.trace import RademacherProbes
 from dynscope.tracking import CurvatureTracker
-from models import Recorder, SmallCNN, TinyTransformer, classification_data, mlp
+from models import Recorder, SmallCNN, kernel_case
 from reference import exact_hessian
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -34,16 +34,8 @@ CUDA = torch.device("cuda")
 
 
 def _objective(name: str, device, dtype=torch.float64) -> Objective:
-    torch.manual_seed(0)
-    if name == "mlp":
-        model, batch = mlp((4, 6, 3)), classification_data(12, (4,))
-    elif name == "cnn-batchnorm":
-        model, batch = SmallCNN(channels=2), classification_data(6, (1, 8, 8))
-    else:
-        model, batch = TinyTransformer(dim=4, heads=2), classification_data(6, (5,), vocab=11)
-    model = model.to(device=device, dtype=dtype).eval()
-    batch = tuple(t.to(device) if t.is_floating_point() is False else t.to(device=device, dtype=dtype) for t in batch)
-    return Objective(model, F.cross_entropy, batch)
+    model, batch = kernel_case(name, device, dtype)
+    return Objective(model.eval(), F.cross_entropy, batch)
 
 
 MODELS = ["mlp", "cnn-batchnorm", "transformer"]

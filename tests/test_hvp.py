@@ -5,7 +5,7 @@ from torch import nn
 
 from dynscope import HessianOperator, Objective, hvp
 from dynscope.hvp import hvp_flat
-from models import SmallCNN, TinyTransformer, classification_data, mlp
+from models import classification_data, kernel_case, mlp
 from reference import exact_hessian, finite_difference_hessian
 
 
@@ -15,13 +15,8 @@ MODELS = ["mlp", "cnn-batchnorm", "transformer", "mlp-dropout"]
 @pytest.fixture(scope="module")
 def objectives():
     """Each test model with its exact Hessian (computed once per module)."""
-    torch.manual_seed(0)
-    built = {
-        "mlp": Objective(mlp((4, 6, 3)), F.cross_entropy, classification_data(12, (4,))),
-        "cnn-batchnorm": Objective(SmallCNN(channels=2), F.cross_entropy, classification_data(6, (1, 8, 8))),
-        "transformer": Objective(TinyTransformer(dim=4, heads=2), F.cross_entropy, classification_data(6, (5,), vocab=11)),
-        "mlp-dropout": Objective(mlp((4, 6, 3), dropout=0.5), F.cross_entropy, classification_data(12, (4,))),
-    }
+    built = {name: Objective(model, F.cross_entropy, batch) for name, (model, batch) in
+             ((name, kernel_case(name)) for name in MODELS)}
     return {name: (obj, exact_hessian(obj)) for name, obj in built.items()}
 
 
