@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,21 +40,7 @@ from dynscope import Objective, hessian_trace, top_eigenvalues  # noqa: E402
 
 from anchors import (PyHessian, available, curvlinops, curvlinops_hessian, eigenthings, eigsh,  # noqa: E402
                      pyhessian_lambda_max, pyhessian_trace)
-
-
-def cpu_medians(fns, repeats):
-    times = {name: [] for name in fns}
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, fn in fns.items():
-            out[name] = fn()  # warm-up, and the result
-        for r in range(repeats):
-            for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
-                start = time.process_time()
-                fn()
-                times[name].append(time.process_time() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, out
+from timing import interleaved_medians  # noqa: E402
 
 
 def cnn_bn() -> nn.Module:
@@ -113,7 +96,7 @@ def bench_trace(all_cases, repeats):
         if eigenthings:
             eop = eigenthings.HessianOperator(model, [(x, y)], eigenthings_loss)
             fns["eigenthings"] = lambda: eigenthings.hutchinson(eop, num_samples=32, seed=0).estimate
-        t, values = cpu_medians(fns, repeats)
+        t, values = interleaved_medians(fns, repeats)
         cells = [f"{t[k]:9.3f}" if k in t else f"{'n/a':>9}" for k in ("ours", "pyhessian", "curvlinops", "eigenthings")]
         best = min((v for k, v in t.items() if k not in ("ours", "exact")), default=float("nan"))
         line = f"   {name:<34} {'  '.join(cells)}   {best / t['ours']:5.2f}x"
@@ -145,7 +128,7 @@ def bench_eigen(all_cases, repeats):
         if curvlinops:
             sop = curvlinops_hessian(model, x, y).to_scipy()
             runs["curvlinops eigsh"] = lambda: eigsh(sop, k=1, which="LA", tol=1e-2)
-        t, out = cpu_medians(runs, repeats)
+        t, out = interleaved_medians(runs, repeats)
         print(f"   {name} (lambda_max {ref:.4g})", flush=True)
         within = {}
         for key, res in out.items():

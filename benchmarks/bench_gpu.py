@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +52,7 @@ from bench_anchors import cnn_bn  # noqa: E402
 from bench_curvature import SmallTransformer, mlp  # noqa: E402
 from dynscope import Objective, gradient_snr, hessian_trace, top_eigenvalues  # noqa: E402
 from dynscope.kernel_choice import kernel_plan  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 from anchors import PyHessian, available, curvlinops, curvlinops_hessian, pyhessian_lambda_max, pyhessian_trace  # noqa: E402
 
@@ -64,22 +63,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def wall_medians(fns, repeats, device):
-    """Median wall seconds of each function over interleaved repeats (one warm-up call each, which
-    also gives the returned result)."""
-    times = {name: [] for name in fns}
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, fn in fns.items():
-            out[name] = fn()
-        for r in range(repeats):
-            for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
-                synchronize(device)
-                start = time.perf_counter()
-                fn()
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, out
+    """Median wall seconds of each function over interleaved repeats (and each one's result), the
+    device synchronised around each call."""
+    return interleaved_medians(fns, repeats, clock=time.perf_counter, synchronize=lambda: synchronize(device))
 
 
 def cases(device: torch.device, quick: bool):

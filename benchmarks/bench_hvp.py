@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
@@ -53,6 +51,7 @@ from bench_noise import _status_kib  # the same /proc reader for peak memory
 from dynscope import Objective, hessian_trace
 
 from anchors import PyHessian, curvlinops, curvlinops_hessian, pyhessian_trace
+from timing import interleaved_medians
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBES = 32
@@ -101,20 +100,6 @@ def tracers(model, x, y, cap=None, method="auto"):
     return fns
 
 
-def cpu_medians(fns, repeats):
-    times = {name: [] for name in fns}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.process_time()
-                fn()
-                times[name].append(time.process_time() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _memory_child(spec_json: str) -> None:
     """In a fresh process: the resident high-water mark's rise over one trace (MiB), as JSON."""
     warnings.filterwarnings("ignore")
@@ -149,7 +134,7 @@ def main(quick: bool = False, repeats: int = 7, memory: bool = True, memory_case
     print(f"1. trace, {PROBES} probes, set-up included (CPU ms)   dynscope  curvlinops  PyHessian   ratios")
     for name in CASES if timing else ():
         model, x, y = setup(name)
-        t = cpu_medians(tracers(model, x, y), repeats)
+        t = interleaved_medians(tracers(model, x, y), repeats)[0]
         ours = t["dynscope"]
         cells = [f"{1e3 * t[k]:9.1f}" if k in t else "      n/a" for k in ("dynscope", "curvlinops", "PyHessian")]
         ratios = "  ".join(f"{k} {t[k] / ours:4.2f}x" for k in ("curvlinops", "PyHessian") if k in t)
