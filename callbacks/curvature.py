@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from dynscope import HessianOperator, Objective
 from dynscope.curvature import adam_preconditioner, batch_slice, measure_curvature, objective_at, optimizer_hparams
 from dynscope.curvature import with_batch_statistics
+from dynscope.eigen import lanczos
 from dynscope.curvature import density_histogram, optimizer_scaling
 from dynscope.objective import batch_size_of
 from dynscope.optim import CoordinateClip
@@ -35,6 +36,7 @@ def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
 
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
 _EXACT_TRACE_MATVECS = 3  # what the exact trace costs in HVPs, about (0.3-0.8x of 8 on the benchmark models)
+PILOT_STEPS = 3  # timed Lanczos steps of the pilot (Curvature.pilot)
 
 
 class Curvature(DiagnosticCallback):
@@ -315,10 +317,43 @@ class Curvature(DiagnosticCallback):
         trace = _EXACT_TRACE_MATVECS if self._trace_exact else self.num_matvecs
         matvecs = trace + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
         matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)
+        return matvecs * self._steps_per_matvec(batch_size)
+
+    def _steps_per_matvec(self, batch_size: Optional[int]) -> float:
+        """The prior's training steps per HVP: 1.5 on the full batch, less on a sub-batch."""
         fraction = float(self.eval_batches or 1)  # batches measured on; a sub-batch slices the evaluation set too
         if self.sub_batch is not None and batch_size:
             fraction = 0.2 + 0.8 * min(fraction, self.sub_batch / batch_size)
-        return 1.5 * matvecs * fraction
+        return 1.5 * fraction
+
+    def pilot(self, trainer, pl_module, batch, clock: Callable[[], float],
+              batch_size: Optional[int] = None) -> Optional[float]:
+        """What one expected step of :meth:`expected_cost` costs on this model, in ``clock`` seconds,
+        from a few timed products before the first measurement (``None``: nothing to time yet).
+
+        The prior's steps per HVP are a guess that is off by the model: 0.5x-2x on the benchmark
+        models, since what an HVP on a sub-batch costs next to a training step depends on how much of
+        the step is the loop's own overhead and how much the network's arithmetic. So an overhead
+        budget asks for a pilot: the Hessian of the measurement set (the evaluation set, or this
+        batch) is built and ``PILOT_STEPS`` Lanczos steps run on it, timed after one untimed product
+        (the gradient graph and the kernel's one-time set-up). Nothing is kept and nothing the training
+        sees is touched; on a data-parallel run each rank times its own, without collectives.
+        """
+        if self.disabled:
+            return None
+        measured = list(self._eval) if self.eval_batches and self._eval else [batch]
+        if self.eval_batches and not self._eval:
+            return None
+        joined = join_batches(measured, self.warn_once) if len(measured) > 1 else measured[0]
+        op = self._operator(self.objective(pl_module, batch_slice(joined, self.sub_batch)))
+        with op.measuring():
+            op.matmat(torch.zeros(1, op.size, dtype=op.dtype, device=op.device))
+            start = clock()
+            steps = lanczos(op, k=1, which="LA", tol=self.eigen_tol, max_iter=PILOT_STEPS, seed=self.seed).num_matvecs
+            seconds = clock() - start
+        if not seconds > 0:
+            return None
+        return seconds / (steps * self._steps_per_matvec(batch_size))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.eval_batches and self.eval_data == "val" and not self._eval:

@@ -102,7 +102,9 @@ class DynScope(CallbackBase):
         gva: arguments for :class:`VarianceAmplification` / :class:`AutoEMA`.
         extra: more diagnostics (``DiagnosticCallback`` instances, by name) to run under the same
             budget; before their first measurement each is expected to cost its ``expected_cost()``
-            (training steps; one by default). Every Lightning hook a diagnostic implements reaches it.
+            (training steps; one by default), or, if it has ``pilot(trainer, pl_module, batch, clock,
+            batch_size)`` returning the clock's seconds per expected step, what that timed (once, early
+            in the fit: see :meth:`Curvature.pilot`). Every Lightning hook a diagnostic implements reaches it.
         mitigate: any of ``"stablemax"``, ``"orthograd"``, ``"ema"``.
         tighten: how much more budget share, and how much faster a cadence, near an event.
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
@@ -343,6 +345,7 @@ class DynScope(CallbackBase):
         self._hook_seconds = {}
         self._spent = {}
         self._expected_steps = {}
+        self._piloted: set = set()
         self._planned = -1
         self._quiet_until = 0
         self._active = []
@@ -382,6 +385,8 @@ class DynScope(CallbackBase):
         """The first micro-batch of a step that needs planning: ask the controller, call the diagnostics."""
         if self.controller.batch_size is None:
             self._learn_batch_size(batch)
+        if self.budget is not None and self.controller.step_seconds > 0:
+            self._pilots(trainer, pl_module, batch)
         wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
         admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         wanting = self.controller.wanting
@@ -404,6 +409,27 @@ class DynScope(CallbackBase):
             due.append(self.controller.next_admission(step, synced=self._reduce is not None))
         self._quiet_until = min(due, default=math.inf)
         self.controller.charge(self.clock() - start)
+
+    def _pilots(self, trainer, pl_module, batch) -> None:
+        """Once per fit, before their first measurement, the diagnostics that can time a pilot do
+        (:meth:`Curvature.pilot`): the budget then expects what they cost on this model, not a prior's guess.
+        The pilot's time is charged to the budget with the plan's; a pilot that fails leaves the prior in place."""
+        for name, child in list(self.callbacks.items()):
+            pilot = getattr(child, "pilot", None)
+            if pilot is None or name in self._piloted or name in self.controller.rates:
+                continue
+            before = self.clock()
+            try:
+                rate = pilot(trainer, pl_module, batch, self.clock, self.controller.batch_size)
+            except Exception:  # noqa: BLE001 - a pilot only informs the schedule; the measurement reports
+                if self.strict:
+                    raise
+                rate, self._piloted = None, self._piloted | {name}
+            finally:  # (charged to the budget with the rest of the plan)
+                child.seconds_spent += self.clock() - before
+            if rate is not None:
+                self._piloted.add(name)
+                self.controller.piloted(name, rate)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:

@@ -28,7 +28,9 @@ each measurement was expected to cost (``measured(..., expected_steps=)``), what
 seconds per expected step, times the diagnostic's current ``expected_cost``: a diagnostic whose
 measurements get cheaper in a way it knows of (curvature, once its trace turned out exact) is
 expected to cost less from then on. The first measurement
-may therefore cost more than expected: the allowance pays it back (later measurements wait).
+may therefore cost more than expected: the allowance pays it back (later measurements wait). A
+diagnostic that timed a pilot before its first measurement (:meth:`BudgetController.piloted`) is
+expected at the pilot's seconds per expected step until then.
 
 **Admission.** Among the due measurements, near an event first, then the diagnostic with the fewest
 measurements, then the cheapest; the first that does not fit holds the queue (the others wait behind
@@ -322,10 +324,18 @@ class BudgetController:
         errs the same way for all of them. On the digits MLP the gradient noise and the linear regions
         cost 0.5-0.7x their priors, curvature 0.35x.
         """
-        if not self.rates or self.step_seconds <= 0:
+        measured = [rate for name, rate in self.rates.items() if self.measurements.get(name, 0)]
+        if not measured or self.step_seconds <= 0:
             return 1.0
-        logs = [math.log(max(rate / self.step_seconds, 1e-12)) for rate in self.rates.values()]
+        logs = [math.log(max(rate / self.step_seconds, 1e-12)) for rate in measured]
         return min(max(math.exp(sum(logs) / len(logs)), 0.25), 4.0)
+
+    def piloted(self, name: str, seconds_per_step: float) -> None:
+        """Before its first measurement, ``name`` timed a pilot: one of its expected steps costs
+        ``seconds_per_step`` (its prior times this, until a measurement replaces it). A pilot does
+        not enter :meth:`calibration`, which is what measurements taught about the priors."""
+        if name not in self.rates and seconds_per_step > 0 and math.isfinite(seconds_per_step):
+            self.rates[name] = seconds_per_step
 
     def measured(self, name: str, seconds: float, metrics: Mapping[str, float],
                  expected_steps: Optional[float] = None) -> None:

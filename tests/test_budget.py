@@ -148,6 +148,32 @@ def test_a_diagnostic_not_yet_measured_is_expected_at_its_prior_times_what_the_o
     assert controller.expected("dear", dear) == pytest.approx(6.0)
 
 
+def test_a_pilot_sets_the_rate_until_the_first_measurement_and_stays_out_of_the_calibration():
+    clock = Clock()
+    dear, cheap, other = Check(every=1, cost=1.0, prior=30.0), Check(every=1, cost=1.0, prior=4.0), Check(every=1, cost=1.0, prior=2.0)
+    checks = {"dear": dear, "cheap": cheap, "other": other}
+    controller = BudgetController(0.1, clock=clock)
+    controller.start(0, math.inf, checks)
+    clock.now = 2.0
+    controller.plan(3, checks)  # 1 s per step
+    controller.piloted("dear", 0.25)  # a pilot timed one expected step at 0.25 s
+    assert controller.expected("dear", dear) == pytest.approx(30.0 * 0.25)
+    dear.prior = 10.0  # its expected cost changes (a cold start, then warm ones): the pilot's rate scales it
+    assert controller.expected("dear", dear) == pytest.approx(10.0 * 0.25)
+    assert controller.calibration() == 1.0  # a pilot is not what a measurement taught about the priors
+    assert controller.expected("cheap", cheap) == pytest.approx(4.0)
+    controller.measured("other", 4.0, {}, expected_steps=2.0)  # measured at twice its prior
+    assert controller.calibration() == pytest.approx(2.0)
+    assert controller.expected("dear", dear) == pytest.approx(10.0 * 0.25)  # its own pilot, not the calibration
+    controller.piloted("dear", 1.0)  # a second pilot does not overwrite the first
+    assert controller.expected("dear", dear) == pytest.approx(10.0 * 0.25)
+    controller.measured("dear", 6.0, {}, expected_steps=10.0)  # its first measurement replaces the pilot
+    assert controller.expected("dear", dear) == pytest.approx(6.0)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        controller.piloted("cheap", bad)
+    assert "cheap" not in controller.rates
+
+
 def test_a_cold_first_measurement_does_not_slow_down_the_later_ones():
     # warm measurements cost 1 s, the first 10 s; 0.05 s saved per step: a warm one every 20 steps once
     # the first has been paid back

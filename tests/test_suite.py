@@ -229,6 +229,81 @@ def test_a_diagnostic_that_cannot_fit_is_named_with_the_reason():
     assert huge.steps == []
 
 
+class Piloted(Slow):
+    """A 40 ms diagnostic whose prior (20 steps of 5 ms = 100 ms) is 2.5x too dear; its pilot takes 2 ms
+    on the fake clock and says one expected step costs 2 ms (40 ms for a measurement)."""
+
+    def __init__(self, clock, fail=False):
+        super().__init__(clock, every_n_steps=10, cost=0.04)
+        self.expected_steps, self.fail, self.pilots = 20.0, fail, []
+
+    def pilot(self, trainer, pl_module, batch, clock, batch_size=None):
+        self.pilots.append(trainer.global_step)
+        self.fake.advance(0.002)
+        if self.fail:
+            raise RuntimeError("no pilot here")
+        return 0.002
+
+
+def test_a_pilot_runs_once_before_the_first_measurement_and_its_rate_replaces_the_prior():
+    clock = FakeClock()
+    piloted = Piloted(clock)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"piloted": piloted},
+                     clock=clock)
+    expected = []
+    learn = scope.controller.measured
+    scope.controller.measured = lambda name, *a, **k: (expected.append(scope.controller.expected(name, piloted)), learn(name, *a, **k))
+    run_sleeper(scope, 200, clock)
+    assert len(piloted.pilots) == 1 and piloted.steps and piloted.pilots[0] < piloted.steps[0]
+    assert expected[0] == pytest.approx(0.04)  # the pilot's 2 ms per expected step, times 20: not the prior's 0.1 s
+    # with the prior it waits for 100 ms of savings (200 steps of 5 ms at 10%): measured only once the run ends
+    assert piloted.steps[0] <= 100
+    assert scope.seconds == pytest.approx(0.002 + 0.04 * len(piloted.steps))  # the pilot is charged too
+    unpiloted = DynScope(budget=None, curvature=False, noise=False, collapse=False, regions=False,
+                         extra={"piloted": Piloted(FakeClock())}, clock=FakeClock())
+    run_sleeper(unpiloted, 20, FakeClock())
+    assert unpiloted.callbacks["piloted"].pilots == []  # no budget: nothing to plan, no pilot
+
+
+def test_a_failing_pilot_leaves_the_prior_and_training_goes_on_unless_strict():
+    clock = FakeClock()
+    failing = Piloted(clock, fail=True)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"piloted": failing},
+                     clock=clock)
+    run_sleeper(scope, 60, clock)
+    assert len(failing.pilots) == 1 and "piloted" not in scope.controller.rates
+    strict = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False,
+                      extra={"piloted": Piloted(clock, fail=True)}, clock=clock, strict=True)
+    with pytest.raises(RuntimeError, match="no pilot here"):
+        run_sleeper(strict, 60, clock)
+
+
+def test_the_curvature_pilot_times_a_few_lanczos_steps_and_touches_nothing():
+    class Ticks:  # every reading one second later: the pilot's time is its number of readings
+        now = 0.0
+
+        def __call__(self):
+            self.now += 1.0
+            return self.now
+
+    torch.manual_seed(0)
+    module = Classifier(mlp((4, 8, 3)))
+    x, y = classification_data(32, (4,))
+    curvature = Curvature(method="tracked", num_matvecs=8, eigen_tol=1e-12, sub_batch=16, eval_batches=1)
+    curvature._eval = [(x[:32], y[:32])]
+    before = {n: p.clone() for n, p in module.named_parameters()}
+    rng = torch.get_rng_state()
+    rate = curvature.pilot(None, module, None, Ticks(), batch_size=32)
+    # one clock second over PILOT_STEPS Lanczos steps, each 1.5 * (0.2 + 0.8 * 16 / 32) expected steps
+    from callbacks.curvature import PILOT_STEPS
+    assert rate == pytest.approx(1.0 / (PILOT_STEPS * 1.5 * 0.6))
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert curvature.tracker.eigenvector is None and curvature.num_measurements == 0
+    waiting = Curvature(eval_batches=1)  # the evaluation set is not collected yet: nothing to time
+    assert waiting.pilot(None, module, None, Ticks()) is None
+
+
 # -- the observer effect, resume, configuration -----------------------------------------------------------
 def test_the_suite_does_not_change_training():
     baseline = trained_weights([], steps=20)
