@@ -406,3 +406,31 @@ def test_linear_regions_every_step_leaves_training_bit_identical():
     measured = trained_weights([callback])
     assert_same_weights(baseline, measured)
     assert callback.num_measurements == 11 and "lc_train/net.relu" in callback.last_metrics
+
+
+def test_the_pilot_fits_a_fixed_and_a_per_point_cost_and_touches_nothing():
+    class Clock:  # the test says what each timed call costs: 1 s fixed plus 0.25 s per point
+        def __init__(self):
+            self.now, self.calls = 0.0, 0
+
+        def __call__(self):
+            self.calls += 1
+            if self.calls % 2 == 0:  # the reading after a call
+                self.now += 1.0 + 0.25 * (2 if self.calls == 2 else 6)
+            return self.now
+
+    torch.manual_seed(0)
+    net = mlp((4, 8, 3))
+    module = Classifier(net)
+    callback = LinearRegions(radii=(0.1, 0.2), num_points=8, num_test_points=4, num_random_points=0)
+    callback.train_points, callback.test_points = torch.randn(8, 4), torch.randn(4, 4)
+    before = {n: p.clone() for n, p in net.named_parameters()}
+    rng = torch.get_rng_state()
+    rate = callback.pilot(None, module, None, Clock(), batch_size=16)
+    # two radii, a call for 8 training and one for 4 test points: 2 * ((1 + 8/4) + (1 + 4/4)) = 10 s
+    assert rate == pytest.approx(10.0 / callback.expected_cost(16))
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    assert torch.equal(torch.get_rng_state(), rng) and callback.num_measurements == 0
+    smooth = Classifier(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)))
+    callback.functional = True
+    assert callback.pilot(None, smooth, None, Clock(), batch_size=16) is None  # no linear regions: nothing to time
