@@ -419,20 +419,22 @@ class BudgetController:
         self._admitted, head = [], None
         reachable = self._reachable(step)
         laggard, reserve = self._reservation(step, diagnostics, wanting, reachable)
+        waits: List[float] = []  # seconds of allowance each waiting measurement still lacks
         for n in wanting:
             need = self.expected(n, diagnostics[n])
             if not diagnostics[n].deferrable:
                 self._admitted.append(n)
             elif laggard is not None and self._ahead(n, laggard, diagnostics) and self.allowance.left - need < reserve:
-                continue  # ahead of the laggard: it waits, so that the laggard's turn is paid for
+                waits.append(need + reserve - self.allowance.left)  # ahead of the laggard: waits for its turn
             elif head is None and self.allowance.admit(need):
                 self._admitted.append(n)
             elif head is None and need <= reachable:
                 head = n
-        # the training time at which the head of the queue will fit the allowance
-        need = self.expected(head, diagnostics[head]) if head is not None else None
-        fits = need is not None and math.isfinite(need)  # an untimed first step: plan again at the next
-        self._fits_at = training + (need - self.allowance.left) / self.allowance.budget if fits else 0.0
+                waits.append(need - self.allowance.left)
+        # the training time at which the first waiting measurement will fit (an untimed first step, or
+        # an expectation not yet known: plan again at the next step)
+        lacking = min(waits, default=math.nan)
+        self._fits_at = training + lacking / self.allowance.budget if math.isfinite(lacking) else 0.0
         return list(self._admitted)
 
     def admitted(self, name: str) -> bool:

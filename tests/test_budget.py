@@ -367,6 +367,24 @@ def test_next_admission_waits_for_the_allowance_at_the_measured_step_time():
     assert controller.plan(REFRESH_EVERY, {"check": check}) == ["check"]
 
 
+def test_a_measurement_held_back_for_the_laggard_is_planned_again_when_it_will_fit_not_every_step():
+    # "cheap" (1 s, measured once) is due now, "dear" (10 s, never measured) at step 30: cheap waits until
+    # the allowance pays for both, i.e. 11 s minus what dear's 20 steps to come will save (1 s)
+    clock = Clock()
+    cheap, dear = Check(every=1, cost=1.0), Check(every=30, cost=10.0)
+    dear.next_wanted = lambda step: 30.0 if step <= 30 else math.inf
+    dear.wants = lambda step: step == 30
+    checks = {"cheap": cheap, "dear": dear}
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, math.inf, checks)
+    cheap.num_measurements = 1  # measured once in this fit
+    clock.now = 9.0
+    assert controller.plan(10, checks, wanting=["cheap"]) == []  # 0.45 s saved: cheap needs 1 + 9 s
+    # (before, a measurement held back for the laggard was planned again at every step)
+    assert controller._fits_at == pytest.approx(9.0 + (1.0 + 9.0 - 0.45) / 0.05)
+    assert controller.next_admission(10) == REFRESH_EVERY  # past the next refresh: planned again there
+
+
 def test_without_a_budget_everything_due_runs_and_the_accounts_are_kept():
     clock = Clock()
     check = Check(every=1, cost=1.0)
