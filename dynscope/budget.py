@@ -6,7 +6,9 @@ training time. Two rules, both in seconds of the injected ``clock``:
 * the **allowance** (a token bucket): a due measurement runs only if the time spent so far plus
   its expected cost stays within ``budget`` times the training time so far; otherwise it waits
   (stays pending) until the allowance has grown. This keeps the overhead under the budget at every
-  point of the run, the first measurements included;
+  point of the run, the first measurements included. The allowance grows by the budget less what
+  dynscope spends outside measurements (:meth:`BudgetController.saving_rate`), which is when a
+  waiting measurement is planned again;
 * the **cadences** (water-filling): each diagnostic's schedule is stretched so that their combined
   cost per training step fits the budget, the cheap ones first, each getting an equal share (a
   diagnostic near an event gets ``tighten`` times the share and may run up to ``tighten`` times
@@ -254,6 +256,7 @@ class BudgetController:
     def reset(self) -> None:
         """Start the accounts afresh: time spent, training time, costs, events (a new fit)."""
         self.seconds = 0.0  # charged: this fit and the ones before a resume
+        self.measuring_seconds = 0.0  # the part of it spent in measurements (the rest: planning, pilots, hooks)
         self.elapsed_before = 0.0  # clock time of the fit before a resume
         self.costs: Dict[str, float] = {}  # seconds per measurement, once measured
         self.rates: Dict[str, float] = {}  # seconds per expected step, where the expected cost came with it
@@ -330,6 +333,18 @@ class BudgetController:
         logs = [math.log(max(rate / self.step_seconds, 1e-12)) for rate in measured]
         return min(max(math.exp(sum(logs) / len(logs)), 0.25), 4.0)
 
+    def saving_rate(self) -> float:
+        """Seconds the allowance grows by per training second: the budget less what dynscope spends
+        outside measurements (planning, pilots, per-step hooks, logging) per training second so far,
+        at least a tenth of the budget. On a small model whose step is mostly Lightning's own loop,
+        that spending is a good part of the budget (the digits MLP: about half of it), and a
+        measurement waiting for the allowance to grow by ``budget`` per second was planned again
+        at every step, each plan spending more of what it waited for."""
+        budget = self.allowance.budget if self.allowance is not None else 0.0
+        training = self.training_seconds()
+        idle = (self.seconds - self.measuring_seconds) / training if training > 0 else 0.0
+        return max(budget - max(idle, 0.0), 0.1 * budget)
+
     def piloted(self, name: str, seconds_per_step: float) -> None:
         """Before its first measurement, ``name`` timed a pilot: one of its expected steps costs
         ``seconds_per_step`` (its prior times this, until a measurement replaces it). A pilot does
@@ -349,6 +364,7 @@ class BudgetController:
         """
         count = self.measurements.get(name, 0) + 1
         self.measurements[name] = count
+        self.measuring_seconds += seconds
 
         def learn(store: Dict[str, float], value: float) -> None:  # the second replaces the first (one-time work)
             store[name] = value if count <= 2 or name not in store else 0.5 * store[name] + 0.5 * value
@@ -434,7 +450,7 @@ class BudgetController:
         # the training time at which the first waiting measurement will fit (an untimed first step, or
         # an expectation not yet known: plan again at the next step)
         lacking = min(waits, default=math.nan)
-        self._fits_at = training + lacking / self.allowance.budget if math.isfinite(lacking) else 0.0
+        self._fits_at = training + lacking / self.saving_rate() if math.isfinite(lacking) else 0.0
         return list(self._admitted)
 
     def admitted(self, name: str) -> bool:
@@ -506,7 +522,7 @@ class BudgetController:
                 best, best_key, best_need, best_due = name, key, need, due
         if best is None:
             return None, 0.0
-        saved = self.allowance.budget * self.step_seconds * max(best_due - step, 0)
+        saved = self.saving_rate() * self.step_seconds * max(best_due - step, 0)
         return best, best_need - saved
 
     def _reachable(self, step: int) -> float:
@@ -514,7 +530,7 @@ class BudgetController:
         left = self._start_step + self._total_steps - (step - 1)
         if not math.isfinite(left) or self.step_seconds <= 0:
             return math.inf
-        return self.allowance.left + self.allowance.budget * self.step_seconds * max(left, 0.0)
+        return self.allowance.left + self.saving_rate() * self.step_seconds * max(left, 0.0)
 
     def _restretch(self, step: int, diagnostics: Mapping[str, Budgeted]) -> None:
         if self.step_seconds <= 0:
@@ -576,6 +592,7 @@ class BudgetController:
     def state_dict(self) -> Dict[str, object]:
         return {
             "seconds": self.seconds,
+            "measuring_seconds": self.measuring_seconds,
             "elapsed": self.elapsed(),
             "costs": dict(self.costs),
             "rates": dict(self.rates),
@@ -586,6 +603,7 @@ class BudgetController:
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.seconds = float(state.get("seconds", 0.0))
+        self.measuring_seconds = float(state.get("measuring_seconds", self.seconds))  # (older checkpoints: all of it)
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.costs = dict(state.get("costs", {}))
         self.rates = dict(state.get("rates", {}))

@@ -385,6 +385,33 @@ def test_a_measurement_held_back_for_the_laggard_is_planned_again_when_it_will_f
     assert controller.next_admission(10) == REFRESH_EVERY  # past the next refresh: planned again there
 
 
+def test_a_waiting_measurement_expects_the_allowance_to_grow_by_the_budget_less_dynscopes_own_spending():
+    # 1 s steps whose hooks cost 0.03 s: of the 0.05 s a step saves, 0.02 s are left for measurements
+    clock = Clock()
+    check = Check(every=1000, cost=2.0)
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+    for step in range(1, 11):
+        controller.plan(step, {"check": check}, wanting=[])
+        clock.now += 1.03
+        controller.charge(0.03)
+    assert controller.saving_rate() == pytest.approx(0.02)
+    assert controller.plan(11, {"check": check}, wanting=["check"]) == []  # 0.2 s left, 2 s needed
+    # 1.8 s more at 0.02 s per step: 90 steps (at 0.05 s per step it said 36, and planned again and again)
+    assert controller.next_admission(11) == min(11 + 90, REFRESH_EVERY)
+    assert controller._fits_at - controller.training_seconds() == pytest.approx(1.8 / 0.02)
+    controller.measured("check", 2.0, {})  # what measurements cost is not spending outside them
+    clock.now += 2.0
+    controller.charge(2.0)
+    assert controller.saving_rate() == pytest.approx(0.02)
+    clock.now += 100.0
+    controller.charge(100.0)  # more spent outside measurements than the budget: a tenth of it, not 0
+    assert controller.saving_rate() == pytest.approx(0.005)
+    restored = BudgetController(0.05, clock=clock)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.measuring_seconds == 2.0
+
+
 def test_without_a_budget_everything_due_runs_and_the_accounts_are_kept():
     clock = Clock()
     check = Check(every=1, cost=1.0)
