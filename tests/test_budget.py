@@ -127,14 +127,20 @@ def test_a_diagnostic_whose_expected_cost_drops_is_charged_the_learnt_rate_times
     assert restored.expected("check", check) == pytest.approx(2.0)
 
 
-def test_a_diagnostic_not_yet_measured_is_expected_at_its_prior_times_what_the_others_priors_were_worth():
+def priced(**priors):
+    """A controller at 1 s per training step over checks stating ``priors`` (training steps), none measured."""
     clock = Clock()
-    cheap, dear, third = Check(every=1, cost=1.0, prior=4.0), Check(every=1, cost=1.0, prior=30.0), Check(every=1, cost=1.0, prior=2.0)
-    checks = {"cheap": cheap, "dear": dear, "third": third}
+    checks = {name: Check(every=1, cost=1.0, prior=prior) for name, prior in priors.items()}
     controller = BudgetController(0.1, clock=clock)
     controller.start(0, math.inf, checks)
     clock.now = 2.0
-    controller.plan(3, checks)  # 1 s per step
+    controller.plan(3, checks)  # two steps of training done
+    return controller, checks
+
+
+def test_a_diagnostic_not_yet_measured_is_expected_at_its_prior_times_what_the_others_priors_were_worth():
+    controller, checks = priced(cheap=4.0, dear=30.0, third=2.0)
+    dear = checks["dear"]
     assert controller.expected("dear", dear) == pytest.approx(30.0)  # nothing measured: the prior
     controller.measured("cheap", 2.0, {}, expected_steps=4.0)  # cost half its prior
     assert controller.expected("dear", dear) == pytest.approx(15.0)
@@ -149,13 +155,8 @@ def test_a_diagnostic_not_yet_measured_is_expected_at_its_prior_times_what_the_o
 
 
 def test_a_pilot_sets_the_rate_until_the_first_measurement_and_stays_out_of_the_calibration():
-    clock = Clock()
-    dear, cheap, other = Check(every=1, cost=1.0, prior=30.0), Check(every=1, cost=1.0, prior=4.0), Check(every=1, cost=1.0, prior=2.0)
-    checks = {"dear": dear, "cheap": cheap, "other": other}
-    controller = BudgetController(0.1, clock=clock)
-    controller.start(0, math.inf, checks)
-    clock.now = 2.0
-    controller.plan(3, checks)  # 1 s per step
+    controller, checks = priced(dear=30.0, cheap=4.0, other=2.0)
+    dear, cheap = checks["dear"], checks["cheap"]
     controller.piloted("dear", 0.25)  # a pilot timed one expected step at 0.25 s
     assert controller.expected("dear", dear) == pytest.approx(30.0 * 0.25)
     dear.prior = 10.0  # its expected cost changes (a cold start, then warm ones): the pilot's rate scales it
