@@ -103,8 +103,8 @@ class DynScope(CallbackBase):
         extra: more diagnostics (``DiagnosticCallback`` instances, by name) to run under the same
             budget; before their first measurement each is expected to cost its ``expected_cost()``
             (training steps; one by default), or, if it has ``pilot(trainer, pl_module, batch, clock,
-            batch_size)`` returning the clock's seconds per expected step, what that timed (once, early
-            in the fit: see :meth:`Curvature.pilot`). Every Lightning hook a diagnostic implements reaches it.
+            batch_size)`` returning the clock's seconds per expected step, what that timed (once, when it
+            is next in line: see :meth:`Curvature.pilot`). Every Lightning hook a diagnostic implements reaches it.
         mitigate: any of ``"stablemax"``, ``"orthograd"``, ``"ema"``.
         tighten: how much more budget share, and how much faster a cadence, near an event.
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
@@ -385,9 +385,9 @@ class DynScope(CallbackBase):
         """The first micro-batch of a step that needs planning: ask the controller, call the diagnostics."""
         if self.controller.batch_size is None:
             self._learn_batch_size(batch)
-        if self.budget is not None and self.controller.step_seconds > 0:
-            self._pilots(trainer, pl_module, batch)
         wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
+        if self.budget is not None and self.controller.step_seconds > 0 and wanting:
+            self._pilot(trainer, pl_module, batch, wanting)
         admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         wanting = self.controller.wanting
         budgeted = self.budget is not None
@@ -410,26 +410,35 @@ class DynScope(CallbackBase):
         self._quiet_until = min(due, default=math.inf)
         self.controller.charge(self.clock() - start)
 
-    def _pilots(self, trainer, pl_module, batch) -> None:
-        """Once per fit, before their first measurement, the diagnostics that can time a pilot do
-        (:meth:`Curvature.pilot`): the budget then expects what they cost on this model, not a prior's guess.
-        The pilot's time is charged to the budget with the plan's; a pilot that fails leaves the prior in place."""
-        for name, child in list(self.callbacks.items()):
-            pilot = getattr(child, "pilot", None)
-            if pilot is None or name in self._piloted or name in self.controller.rates:
-                continue
-            before = self.clock()
-            try:
-                rate = pilot(trainer, pl_module, batch, self.clock, self.controller.batch_size)
-            except Exception:  # noqa: BLE001 - a pilot only informs the schedule; the measurement reports
-                if self.strict:
-                    raise
-                rate, self._piloted = None, self._piloted | {name}
-            finally:  # (charged to the budget with the rest of the plan)
-                child.seconds_spent += self.clock() - before
-            if rate is not None:
-                self._piloted.add(name)
-                self.controller.piloted(name, rate)
+    def _pilot(self, trainer, pl_module, batch, wanting: List[str]) -> None:
+        """Before its first measurement, a diagnostic that can time a pilot (:meth:`Curvature.pilot`)
+        does so when it is next in line among the due ones (the fewest measurements, then the cheapest
+        by its stated cost): the budget then expects what it costs on this model, not a guess, at the
+        moment that decides whether it waits. Cheaper diagnostics measure first without waiting for
+        it, and a short run does not pay for pilots of diagnostics it never reaches. The pilot's time
+        is charged to the budget with the plan's; a pilot that fails leaves the stated cost in place."""
+        controller = self.controller
+        due = [n for n in wanting if n in self.callbacks and self.callbacks[n].deferrable]
+        if not due:
+            return
+        name = min(due, key=lambda n: (controller._count(n, self.callbacks), controller.expected(n, self.callbacks[n])))
+        child = self.callbacks[name]
+        pilot = getattr(child, "pilot", None)
+        if pilot is None or name in self._piloted or name in controller.rates:
+            return
+        before = self.clock()
+        try:
+            rate = pilot(trainer, pl_module, batch, self.clock, controller.batch_size)
+        except Exception:  # noqa: BLE001 - a pilot only informs the schedule; the measurement reports
+            if self.strict:
+                raise
+            rate = None
+            self._piloted.add(name)
+        finally:  # (charged to the budget with the rest of the plan)
+            child.seconds_spent += self.clock() - before
+        if rate is not None:
+            self._piloted.add(name)
+            controller.piloted(name, rate)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:

@@ -265,6 +265,17 @@ def test_a_pilot_runs_once_before_the_first_measurement_and_its_rate_replaces_th
     assert unpiloted.callbacks["piloted"].pilots == []  # no budget: nothing to plan, no pilot
 
 
+def test_a_pilot_waits_until_its_diagnostic_is_next_in_line():
+    clock = FakeClock()
+    piloted, cheap = Piloted(clock), Slow(clock, every_n_steps=10, cost=0.001)
+    scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False,
+                     extra={"piloted": piloted, "cheap": cheap}, clock=clock)
+    run_sleeper(scope, 200, clock)
+    # both are due every 10 steps; the cheap one, never measured either, goes first and the pilot after it
+    assert cheap.steps and len(piloted.pilots) == 1 and piloted.pilots[0] >= cheap.steps[0]
+    assert piloted.steps and piloted.pilots[0] < piloted.steps[0]
+
+
 def test_a_failing_pilot_leaves_the_prior_and_training_goes_on_unless_strict():
     clock = FakeClock()
     failing = Piloted(clock, fail=True)
