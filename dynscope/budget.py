@@ -7,8 +7,8 @@ training time. Two rules, both in seconds of the injected ``clock``:
   its expected cost stays within ``budget`` times the training time so far; otherwise it waits
   (stays pending) until the allowance has grown. This keeps the overhead under the budget at every
   point of the run, the first measurements included. The allowance grows by the budget less what
-  dynscope spends outside measurements (:meth:`BudgetController.saving_rate`), which is when a
-  waiting measurement is planned again;
+  dynscope spends outside measurements (:meth:`BudgetController.saving_rate`): when that has
+  happened, a waiting measurement is planned again;
 * the **cadences** (water-filling): each diagnostic's schedule is stretched so that their combined
   cost per training step fits the budget, the cheap ones first, each getting an equal share (a
   diagnostic near an event gets ``tighten`` times the share and may run up to ``tighten`` times
@@ -339,7 +339,9 @@ class BudgetController:
         at least a tenth of the budget. On a small model whose step is mostly Lightning's own loop,
         that spending is a good part of the budget (the digits MLP: about half of it), and a
         measurement waiting for the allowance to grow by ``budget`` per second was planned again
-        at every step, each plan spending more of what it waited for."""
+        at every step, each plan spending more of what it waited for. (Only when to plan again uses
+        this rate: what fits before the end of the run, and the laggard's turn, count the budget,
+        since the one-time spending of a fit's start, set-up and pilots, is in this rate early on.)"""
         budget = self.allowance.budget if self.allowance is not None else 0.0
         training = self.training_seconds()
         idle = (self.seconds - self.measuring_seconds) / training if training > 0 else 0.0
@@ -522,7 +524,7 @@ class BudgetController:
                 best, best_key, best_need, best_due = name, key, need, due
         if best is None:
             return None, 0.0
-        saved = self.saving_rate() * self.step_seconds * max(best_due - step, 0)
+        saved = self.allowance.budget * self.step_seconds * max(best_due - step, 0)
         return best, best_need - saved
 
     def _reachable(self, step: int) -> float:
@@ -530,7 +532,7 @@ class BudgetController:
         left = self._start_step + self._total_steps - (step - 1)
         if not math.isfinite(left) or self.step_seconds <= 0:
             return math.inf
-        return self.allowance.left + self.saving_rate() * self.step_seconds * max(left, 0.0)
+        return self.allowance.left + self.allowance.budget * self.step_seconds * max(left, 0.0)
 
     def _restretch(self, step: int, diagnostics: Mapping[str, Budgeted]) -> None:
         if self.step_seconds <= 0:
