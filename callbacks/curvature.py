@@ -299,7 +299,9 @@ class Curvature(DiagnosticCallback):
         the suite's curvature on 16 samples): 0.5 (the 2.4k-parameter digits MLP, whose step is
         mostly Lightning's own overhead), 0.8-1.3 (CNN), 1.4 (transformer) and 1.5-2 (85k MLP) per
         full-batch HVP. A measurement that costs more than expected is paid back by the budget's
-        allowance (later measurements wait); one expected to cost too much waits for nothing.
+        allowance (later measurements wait); one expected to cost too much waits for nothing. Under
+        a budget the first measurement is expected at what a pilot timed (:meth:`pilot`), which
+        puts this guess's 0.5-2 right for the model at hand.
 
         Example:
             >>> Curvature(num_matvecs=16, eigen_max_iter=30).expected_cost()  # the first measurement
@@ -317,14 +319,14 @@ class Curvature(DiagnosticCallback):
         trace = _EXACT_TRACE_MATVECS if self._trace_exact else self.num_matvecs
         matvecs = trace + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
         matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)
-        return matvecs * self._steps_per_matvec(batch_size)
+        return 1.5 * matvecs * self._batch_fraction(batch_size)
 
-    def _steps_per_matvec(self, batch_size: Optional[int]) -> float:
-        """The prior's training steps per HVP: 1.5 on the full batch, less on a sub-batch."""
+    def _batch_fraction(self, batch_size: Optional[int]) -> float:
+        """The full batches one HVP is expected to cost (1.5 training steps each)."""
         fraction = float(self.eval_batches or 1)  # batches measured on; a sub-batch slices the evaluation set too
         if self.sub_batch is not None and batch_size:
             fraction = 0.2 + 0.8 * min(fraction, self.sub_batch / batch_size)
-        return 1.5 * fraction
+        return fraction
 
     def pilot(self, trainer, pl_module, batch, clock: Callable[[], float],
               batch_size: Optional[int] = None) -> Optional[float]:
@@ -353,7 +355,7 @@ class Curvature(DiagnosticCallback):
             seconds = clock() - start
         if not seconds > 0:
             return None
-        return seconds / (steps * self._steps_per_matvec(batch_size))
+        return seconds / (steps * 1.5 * self._batch_fraction(batch_size))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.eval_batches and self.eval_data == "val" and not self._eval:
