@@ -426,19 +426,19 @@ class DynScope(CallbackBase):
         pilot = getattr(child, "pilot", None)
         if pilot is None or name in self._piloted or name in controller.rates:
             return
-        before = self.clock()
+        before, rate = self.clock(), None
         try:
             rate = pilot(trainer, pl_module, batch, self.clock, controller.batch_size)
         except Exception:  # noqa: BLE001 - a pilot only informs the schedule; the measurement reports
             if self.strict:
                 raise
-            rate = None
             self._piloted.add(name)
         finally:  # (charged to the budget with the rest of the plan)
-            child.seconds_spent += self.clock() - before
+            spent = self.clock() - before
+            child.seconds_spent += spent
+            controller.piloted(name, rate, seconds=spent)
         if rate is not None:
             self._piloted.add(name)
-            controller.piloted(name, rate)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:

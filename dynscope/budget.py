@@ -7,7 +7,7 @@ training time. Two rules, both in seconds of the injected ``clock``:
   its expected cost stays within ``budget`` times the training time so far; otherwise it waits
   (stays pending) until the allowance has grown. This keeps the overhead under the budget at every
   point of the run, the first measurements included. The allowance grows by the budget less what
-  dynscope spends outside measurements (:meth:`BudgetController.saving_rate`): when that has
+  dynscope spends per step outside measurements (:meth:`BudgetController.saving_rate`): when that has
   happened, a waiting measurement is planned again;
 * the **cadences** (water-filling): each diagnostic's schedule is stretched so that their combined
   cost per training step fits the budget, the cheap ones first, each getting an equal share (a
@@ -257,6 +257,7 @@ class BudgetController:
         """Start the accounts afresh: time spent, training time, costs, events (a new fit)."""
         self.seconds = 0.0  # charged: this fit and the ones before a resume
         self.measuring_seconds = 0.0  # the part of it spent in measurements (the rest: planning, pilots, hooks)
+        self.one_time_seconds = 0.0  # the part spent once, not per step: before the training started, pilots
         self.elapsed_before = 0.0  # clock time of the fit before a resume
         self.costs: Dict[str, float] = {}  # seconds per measurement, once measured
         self.rates: Dict[str, float] = {}  # seconds per expected step, where the expected cost came with it
@@ -265,6 +266,7 @@ class BudgetController:
         self.previous: Dict[str, Dict[str, float]] = {}
         self.step_seconds = 0.0  # training seconds per step, as of the last plan
         self._fit_start: Optional[float] = None
+        self._unstarted = 0.0  # charged before the training started (set-up): inside the fit's clock time
         self._start_step = 0
         self._total_steps = math.inf
         self._counts_at_start: Dict[str, int] = {}
@@ -277,12 +279,14 @@ class BudgetController:
 
     def start(self, step: int, total_steps: float, diagnostics: Mapping[str, Budgeted]) -> None:
         """The training starts (or resumes) after ``step`` steps; ``total_steps`` of them in all (``inf``: unknown)."""
-        self._fit_start = self.clock()
+        self._fit_start = self.clock() - self._unstarted  # (else the set-up is charged but not timed)
+        self._unstarted = 0.0
         self._start_step = step
         self._total_steps = total_steps - step if math.isfinite(total_steps) and total_steps > 0 else math.inf
         self._counts_at_start = {n: d.num_measurements for n, d in diagnostics.items()}
         self._train_at_end = None
         self.step_seconds = 0.0
+        self.one_time_seconds = self.seconds - self.measuring_seconds  # the set-up (and, resumed, the fits before)
 
     def finish(self) -> None:
         """The training ended: :meth:`unmeasured` weighs the training time up to now."""
@@ -291,6 +295,8 @@ class BudgetController:
     def charge(self, seconds: float) -> None:
         """Count ``seconds`` spent measuring (or in the caller's hooks) against the budget."""
         self.seconds += seconds
+        if self._fit_start is None:
+            self._unstarted += seconds
 
     def training_seconds(self) -> float:
         """Clock time of the fit so far (resumes included) minus the time charged."""
@@ -335,23 +341,26 @@ class BudgetController:
 
     def saving_rate(self) -> float:
         """Seconds the allowance grows by per training second: the budget less what dynscope spends
-        outside measurements (planning, pilots, per-step hooks, logging) per training second so far,
-        at least a tenth of the budget. On a small model whose step is mostly Lightning's own loop,
-        that spending is a good part of the budget (the digits MLP: about half of it), and a
-        measurement waiting for the allowance to grow by ``budget`` per second was planned again
-        at every step, each plan spending more of what it waited for. (Only when to plan again uses
-        this rate: what fits before the end of the run, and the laggard's turn, count the budget,
-        since the one-time spending of a fit's start, set-up and pilots, is in this rate early on.)"""
+        per step outside measurements (planning, per-step hooks, logging; not the one-time set-up and
+        pilots) per training second so far, at least a tenth of the budget. On a small model whose
+        step is mostly Lightning's own loop that spending is a good part of the budget (the digits
+        MLP: about half of it): a measurement waiting for the allowance to grow by the whole budget
+        was planned again at every step, each plan spending more of what it waited for, and a turn
+        kept for the laggard at the whole budget's savings was short when it came due."""
         budget = self.allowance.budget if self.allowance is not None else 0.0
         training = self.training_seconds()
-        idle = (self.seconds - self.measuring_seconds) / training if training > 0 else 0.0
-        return max(budget - max(idle, 0.0), 0.1 * budget)
+        idle = self.seconds - self.measuring_seconds - self.one_time_seconds
+        return max(budget - max(idle / training if training > 0 else 0.0, 0.0), 0.1 * budget)
 
-    def piloted(self, name: str, seconds_per_step: float) -> None:
-        """Before its first measurement, ``name`` timed a pilot: one of its expected steps costs
-        ``seconds_per_step`` (its prior times this, until a measurement replaces it). A pilot does
-        not enter :meth:`calibration`, which is what measurements taught about the priors."""
-        if name not in self.rates and seconds_per_step > 0 and math.isfinite(seconds_per_step):
+    def piloted(self, name: str, seconds_per_step: Optional[float], seconds: float = 0.0) -> None:
+        """Before its first measurement, ``name`` timed a pilot, which took ``seconds``: one of its
+        expected steps costs ``seconds_per_step`` (``None``: the pilot failed), its prior times this
+        until a measurement replaces it. A pilot does not enter :meth:`calibration`, which is what
+        measurements taught about the priors, nor the per-step spending of :meth:`saving_rate`."""
+        self.one_time_seconds += max(seconds, 0.0)
+        if seconds_per_step is None or not (seconds_per_step > 0 and math.isfinite(seconds_per_step)):
+            return
+        if name not in self.rates:
             self.rates[name] = seconds_per_step
 
     def measured(self, name: str, seconds: float, metrics: Mapping[str, float],
@@ -524,7 +533,7 @@ class BudgetController:
                 best, best_key, best_need, best_due = name, key, need, due
         if best is None:
             return None, 0.0
-        saved = self.allowance.budget * self.step_seconds * max(best_due - step, 0)
+        saved = self.saving_rate() * self.step_seconds * max(best_due - step, 0)
         return best, best_need - saved
 
     def _reachable(self, step: int) -> float:
@@ -532,7 +541,7 @@ class BudgetController:
         left = self._start_step + self._total_steps - (step - 1)
         if not math.isfinite(left) or self.step_seconds <= 0:
             return math.inf
-        return self.allowance.left + self.allowance.budget * self.step_seconds * max(left, 0.0)
+        return self.allowance.left + self.saving_rate() * self.step_seconds * max(left, 0.0)
 
     def _restretch(self, step: int, diagnostics: Mapping[str, Budgeted]) -> None:
         if self.step_seconds <= 0:
@@ -605,6 +614,7 @@ class BudgetController:
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.seconds = float(state.get("seconds", 0.0))
+        self._unstarted = 0.0  # (the set-up charged before the restore is not in the restored seconds)
         self.measuring_seconds = float(state.get("measuring_seconds", self.seconds))  # (older checkpoints: all of it)
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.costs = dict(state.get("costs", {}))

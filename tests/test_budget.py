@@ -391,16 +391,22 @@ def test_a_waiting_measurement_expects_the_allowance_to_grow_by_the_budget_less_
     clock = Clock()
     check = Check(every=1000, cost=2.0)
     controller = BudgetController(0.05, clock=clock)
+    controller.charge(0.5)  # set-up before the training: spent once, not per step
     controller.start(0, math.inf, {"check": check})
     for step in range(1, 11):
         controller.plan(step, {"check": check}, wanting=[])
         clock.now += 1.03
         controller.charge(0.03)
     assert controller.saving_rate() == pytest.approx(0.02)
-    assert controller.plan(11, {"check": check}, wanting=["check"]) == []  # 0.2 s left, 2 s needed
-    # 1.8 s more at 0.02 s per step: 90 steps (at 0.05 s per step it said 36, and planned again and again)
-    assert controller.next_admission(11) == min(11 + 90, REFRESH_EVERY)
-    assert controller._fits_at - controller.training_seconds() == pytest.approx(1.8 / 0.02)
+    clock.now += 0.3
+    controller.charge(0.3)
+    controller.piloted("check", None, seconds=0.3)  # a (failed) pilot: spent once, not per step
+    assert controller.saving_rate() == pytest.approx(0.02)
+    assert controller.plan(11, {"check": check}, wanting=["check"]) == []  # 0.5 - 0.5 - 0.3 - 0.3 < 0 s left
+    lacking = 2.0 - controller.allowance.left
+    # at 0.02 s per step (at 0.05 s per step it came too soon, and was planned again and again)
+    assert controller._fits_at - controller.training_seconds() == pytest.approx(lacking / 0.02)
+    assert controller.next_admission(11) == REFRESH_EVERY
     controller.measured("check", 2.0, {})  # what measurements cost is not spending outside them
     clock.now += 2.0
     controller.charge(2.0)
