@@ -253,6 +253,7 @@ class LinearRegions(DiagnosticCallback):
                                           chunk_size=self.chunk_size, functional=self.functional)
             seconds.append(clock() - start)
             if not result.applicable:
+                self._drop_smooth(pl_module)
                 return None
         per_point = max((seconds[1] - seconds[0]) / (sizes[1] - sizes[0]), 0.0) if sizes[1] > sizes[0] else seconds[0] / sizes[0]
         fixed = max(seconds[0] - sizes[0] * per_point, 0.0)
@@ -260,6 +261,10 @@ class LinearRegions(DiagnosticCallback):
         predicted = len(self.radii) * sum(fixed + n * per_point for n in calls)
         expected = self.expected_cost(batch_size)
         return predicted / expected if predicted > 0 and expected > 0 else None
+
+    def _drop_smooth(self, pl_module) -> None:
+        self.drop(f"{type(pl_module).__name__} calls smooth activations (GELU, SiLU, tanh, ...) in its "
+                  "forward: it has no linear regions, so local complexity does not apply")
 
     def _ensure_points(self, trainer, pl_module, batch) -> None:
         if self.train_points is None:
@@ -294,8 +299,7 @@ class LinearRegions(DiagnosticCallback):
                         functional=self.functional,
                     )
                 if not result.applicable:
-                    self.drop(f"{type(pl_module).__name__} calls smooth activations (GELU, SiLU, tanh, ...) in its "
-                              "forward: it has no linear regions, so local complexity does not apply")
+                    self._drop_smooth(pl_module)
                     return {}
                 out[f"lc_{name}{suffix}"] = result.total
                 if self.per_layer:

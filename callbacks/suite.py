@@ -421,7 +421,7 @@ class DynScope(CallbackBase):
         due = [n for n in wanting if n in self.callbacks and self.callbacks[n].deferrable]
         if not due:
             return
-        name = min(due, key=lambda n: (controller._count(n, self.callbacks), controller.expected(n, self.callbacks[n])))
+        name = min(due, key=lambda n: (controller.count_in_fit(n, self.callbacks), controller.expected(n, self.callbacks[n])))
         child = self.callbacks[name]
         pilot = getattr(child, "pilot", None)
         if pilot is None or name in self._piloted or name in controller.rates:

@@ -490,7 +490,7 @@ class BudgetController:
             return step + 1
         return int(min(step + max(1, math.floor(gap / self.step_seconds)), refresh))
 
-    def _count(self, name: str, diagnostics: Mapping[str, Budgeted]) -> int:
+    def count_in_fit(self, name: str, diagnostics: Mapping[str, Budgeted]) -> int:
         """Measurements of ``name`` in this fit."""
         return diagnostics[name].num_measurements - self._counts_at_start.get(name, 0)
 
@@ -499,7 +499,7 @@ class BudgetController:
         more often, or near an event ``tighten`` times as often."""
         if getattr(diagnostics[name], "mitigating", False):
             return False  # a mitigation waiting for its trigger must not wait for a turn
-        count, behind = self._count(name, diagnostics), self._count(laggard, diagnostics)
+        count, behind = self.count_in_fit(name, diagnostics), self.count_in_fit(laggard, diagnostics)
         if self.near.get(name, False):
             return count >= self.tighten * (behind + 1)
         return count > behind
@@ -528,7 +528,7 @@ class BudgetController:
             need = self.expected(name, diagnostic)
             if not (math.isfinite(due) and due <= end and math.isfinite(need) and need <= reachable):
                 continue
-            key = (self._count(name, diagnostics), -need)
+            key = (self.count_in_fit(name, diagnostics), -need)
             if best_key is None or key < best_key:
                 best, best_key, best_need, best_due = name, key, need, due
         if best is None:
