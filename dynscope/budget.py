@@ -591,11 +591,13 @@ class BudgetController:
             need = self.expected(name, diagnostic)
             steps = need / per_step if per_step > 0 else math.nan
             saved = self.budget * train / per_step if per_step > 0 else 0.0
+            own = (self.seconds - self.measuring_seconds) / per_step if per_step > 0 else 0.0
             lines.append(
                 f"dynscope DynScope: {name} was not measured in this run: one measurement is expected to cost "
                 f"~{steps:.0f} training steps and budget={self.budget} saved up {saved:.0f} steps' worth over "
-                f"the run, shared with the other diagnostics; raise budget=, train longer or make it cheaper "
-                f"(fewer HVPs, probes or points: its callback's arguments)"
+                f"the run, shared with the other diagnostics (dynscope's own set-up, planning and logging took "
+                f"{own:.0f}); raise budget=, train longer or make it cheaper (fewer HVPs, probes or points: its "
+                f"callback's arguments)"
             )
         return lines
 
