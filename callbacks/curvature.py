@@ -338,14 +338,12 @@ class Curvature(DiagnosticCallback):
         the step is the loop's own overhead and how much the network's arithmetic. So an overhead
         budget asks for a pilot: the Hessian of the measurement set (the evaluation set, or this
         batch) is built and ``PILOT_STEPS`` Lanczos steps run on it, timed after one untimed product
-        (the gradient graph and the kernel's one-time set-up). Nothing is kept and nothing the training
-        sees is touched; on a data-parallel run each rank times its own, without collectives.
+        (the gradient graph and the kernel's one-time set-up). No result is kept and nothing the
+        training sees is touched; on a data-parallel run each rank times its own, without collectives.
         """
-        if self.disabled:
+        if self.disabled or (self.eval_batches and not self._eval):
             return None
-        measured = list(self._eval) if self.eval_batches and self._eval else [batch]
-        if self.eval_batches and not self._eval:
-            return None
+        measured = list(self._eval) if self.eval_batches else [batch]
         joined = join_batches(measured, self.warn_once) if len(measured) > 1 else measured[0]
         op = self._operator(self.objective(pl_module, batch_slice(joined, self.sub_batch)))
         with op.measuring():

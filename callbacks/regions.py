@@ -232,8 +232,9 @@ class LinearRegions(DiagnosticCallback):
         timed before the first measurement on two small sets of training points (``None``: none).
 
         The stated cost counts forwards as if each sample cost its share of a training step, which
-        holds for a network whose forward is arithmetic (the benchmark CNN: 1x) but makes a small one,
-        whose forwards are mostly per-call overhead, look 4-7x dearer than it is (the digits MLP). So
+        holds for a network whose forward is arithmetic (the benchmark CNN: 1.6x) but makes a small
+        one, whose forwards are mostly per-call overhead, look up to 25x dearer than it is (the digits
+        MLP). So
         the first 2 and the first 6 training points are measured (with the first radius), which gives
         a call's fixed and per-point cost, and the measurement's calls are predicted from them: a
         sixth of a measurement. The results are discarded.
