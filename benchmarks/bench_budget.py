@@ -83,15 +83,8 @@ def timeline(scope: DynScope) -> List[str]:
 
     def measured(name, seconds, metrics, expected_steps=None):
         per_step = controller.step_seconds or float("nan")
-        # what the controller expected when it admitted the measurement (a pilot's or a learnt rate
-        # times the diagnostic's stated cost, a learnt cost, or the stated cost times the calibration)
-        rate = controller.rates.get(name)
-        if rate is not None and expected_steps:
-            expected = rate * expected_steps / per_step
-        elif name in controller.costs:
-            expected = controller.costs[name] / per_step
-        else:
-            expected = (expected_steps or float("nan")) * controller.calibration()
+        # what the controller expected when it admitted the measurement (before it learns from it)
+        expected = controller.expected(name, scope.callbacks[name], steps=expected_steps) / per_step
         lines.append(f"{name:>10} at step ~{controller.elapsed() / per_step:5.0f}: {seconds / per_step:5.1f} steps "
                      f"(expected {expected:.1f}), overhead so far {controller.overhead():.3f}")
         return learn(name, seconds, metrics, expected_steps=expected_steps)

@@ -12,8 +12,8 @@ import torch
 from dynscope import HessianOperator, Objective
 from dynscope.curvature import adam_preconditioner, batch_slice, measure_curvature, objective_at, optimizer_hparams
 from dynscope.curvature import with_batch_statistics
-from dynscope.eigen import lanczos
 from dynscope.curvature import density_histogram, optimizer_scaling
+from dynscope.eigen import lanczos
 from dynscope.objective import batch_size_of
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params

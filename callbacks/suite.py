@@ -412,16 +412,16 @@ class DynScope(CallbackBase):
 
     def _pilot(self, trainer, pl_module, batch, wanting: List[str]) -> None:
         """Before its first measurement, a diagnostic that can time a pilot (:meth:`Curvature.pilot`)
-        does so when it is next in line among the due ones (the fewest measurements, then the cheapest
-        by its stated cost): the budget then expects what it costs on this model, not a guess, at the
+        does so when it is next in line among the due ones (:meth:`BudgetController.next_in_line`, the
+        budget's own queue order): the budget then expects what it costs on this model, not a guess, at the
         moment that decides whether it waits. Cheaper diagnostics measure first without waiting for
         it, and a short run does not pay for pilots of diagnostics it never reaches. The pilot's time
         is charged to the budget with the plan's; a pilot that fails leaves the stated cost in place."""
         controller = self.controller
-        due = [n for n in wanting if n in self.callbacks and self.callbacks[n].deferrable]
-        if not due:
+        name = controller.next_in_line((n for n in wanting if n in self.callbacks and self.callbacks[n].deferrable),
+                                       self.callbacks)
+        if name is None:
             return
-        name = min(due, key=lambda n: (controller.count_in_fit(n, self.callbacks), controller.expected(n, self.callbacks[n])))
         child = self.callbacks[name]
         pilot = getattr(child, "pilot", None)
         if pilot is None or name in self._piloted or name in controller.rates:

@@ -314,15 +314,37 @@ class BudgetController:
         return self.seconds / train if train > 0 else math.nan
 
     # -- the cost model ------------------------------------------------------------------------------
-    def expected(self, name: str, diagnostic: Budgeted) -> float:
-        """Seconds one measurement of ``name`` is expected to cost (``inf`` before a step was timed)."""
+    def expected(self, name: str, diagnostic: Budgeted, steps: Optional[float] = None) -> float:
+        """Seconds one measurement of ``name`` is expected to cost (``inf`` before a step was timed);
+        ``steps``: what the diagnostic states it costs, if not its ``expected_cost`` now (one it
+        stated before a measurement, say)."""
+        stated = float(diagnostic.expected_cost(self.batch_size) if steps is None else steps)
         if name in self.rates:
-            return self.rates[name] * float(diagnostic.expected_cost(self.batch_size))
+            return self.rates[name] * stated
         if name in self.costs:
             return self.costs[name]
         if self.step_seconds <= 0:  # the prior in steps means nothing before a step was timed
             return math.inf
-        return float(diagnostic.expected_cost(self.batch_size)) * self.step_seconds * self.calibration()
+        return stated * self.step_seconds * self.calibration()
+
+    def next_in_line(self, names: Iterable[str], diagnostics: Mapping[str, Budgeted]) -> Optional[str]:
+        """Which of ``names`` the queue of :meth:`plan` puts first: near an event first, then the
+        fewest measurements, then the cheapest (``None`` for none).
+
+        Example:
+            >>> class Check:
+            ...     def __init__(self, steps, count): self.steps, self.num_measurements = steps, count
+            ...     def expected_cost(self, batch_size=None): return self.steps
+            >>> checks = {"dear": Check(20.0, 0), "cheap": Check(1.0, 0), "done": Check(0.5, 3)}
+            >>> budget = BudgetController(0.05)
+            >>> budget.step_seconds = 1.0  # (what plan() measures once a training step has run)
+            >>> budget.next_in_line(checks, checks), budget.next_in_line(["dear", "done"], checks)
+            ('cheap', 'dear')
+        """
+        return min(names, key=lambda n: self._queue_key(n, diagnostics), default=None)
+
+    def _queue_key(self, name: str, diagnostics: Mapping[str, Budgeted]) -> Tuple[bool, int, float]:
+        return not self.near.get(name, False), diagnostics[name].num_measurements, self.expected(name, diagnostics[name])
 
     def calibration(self) -> float:
         """What the priors measured so far turned out to be worth: the geometric mean, over the
@@ -440,9 +462,7 @@ class BudgetController:
         # Near an event first, then the fewest measurements, then the cheapest. The first deferrable
         # one that does not fit holds the queue (the others save up for it), unless it cannot fit
         # before the end of the run: then it steps aside.
-        wanting.sort(key=lambda n: (
-            not self.near.get(n, False), diagnostics[n].num_measurements, self.expected(n, diagnostics[n])
-        ))
+        wanting.sort(key=lambda n: self._queue_key(n, diagnostics))
         self._admitted, head = [], None
         reachable = self._reachable(step)
         laggard, reserve = self._reservation(step, diagnostics, wanting, reachable)
@@ -490,7 +510,7 @@ class BudgetController:
             return step + 1
         return int(min(step + max(1, math.floor(gap / self.step_seconds)), refresh))
 
-    def count_in_fit(self, name: str, diagnostics: Mapping[str, Budgeted]) -> int:
+    def _count(self, name: str, diagnostics: Mapping[str, Budgeted]) -> int:
         """Measurements of ``name`` in this fit."""
         return diagnostics[name].num_measurements - self._counts_at_start.get(name, 0)
 
@@ -499,7 +519,7 @@ class BudgetController:
         more often, or near an event ``tighten`` times as often."""
         if getattr(diagnostics[name], "mitigating", False):
             return False  # a mitigation waiting for its trigger must not wait for a turn
-        count, behind = self.count_in_fit(name, diagnostics), self.count_in_fit(laggard, diagnostics)
+        count, behind = self._count(name, diagnostics), self._count(laggard, diagnostics)
         if self.near.get(name, False):
             return count >= self.tighten * (behind + 1)
         return count > behind
@@ -528,7 +548,7 @@ class BudgetController:
             need = self.expected(name, diagnostic)
             if not (math.isfinite(due) and due <= end and math.isfinite(need) and need <= reachable):
                 continue
-            key = (self.count_in_fit(name, diagnostics), -need)
+            key = (self._count(name, diagnostics), -need)
             if best_key is None or key < best_key:
                 best, best_key, best_need, best_due = name, key, need, due
         if best is None:
