@@ -267,6 +267,7 @@ class BudgetController:
         self.step_seconds = 0.0  # training seconds per step, as of the last plan
         self._fit_start: Optional[float] = None
         self._unstarted = 0.0  # charged before the training started (set-up): inside the fit's clock time
+        self._saving_rate = self.budget or 0.0  # (saving_rate: as of the last plan)
         self._start_step = 0
         self._total_steps = math.inf
         self._counts_at_start: Dict[str, int] = {}
@@ -368,11 +369,9 @@ class BudgetController:
         step is mostly Lightning's own loop that spending is a good part of the budget (the digits
         MLP: about half of it): a measurement waiting for the allowance to grow by the whole budget
         was planned again at every step, each plan spending more of what it waited for, and a turn
-        kept for the laggard at the whole budget's savings was short when it came due."""
-        budget = self.allowance.budget if self.allowance is not None else 0.0
-        training = self.training_seconds()
-        idle = self.seconds - self.measuring_seconds - self.one_time_seconds
-        return max(budget - max(idle / training if training > 0 else 0.0, 0.0), 0.1 * budget)
+        kept for the laggard at the whole budget's savings was short when it came due. As of the last
+        :meth:`plan`, from the numbers it used: under DDP the ranks' averages, so every rank decides alike."""
+        return self._saving_rate
 
     def piloted(self, name: str, seconds_per_step: Optional[float], seconds: float = 0.0) -> None:
         """Before its first measurement, ``name`` timed a pilot, which took ``seconds``: one of its
@@ -442,19 +441,23 @@ class BudgetController:
             self._admitted = [n for n in wanting if not diagnostics[n].deferrable]
             return self._admitted
         seconds, training = self.seconds, self.training_seconds()
+        per_step_spending = self.seconds - self.measuring_seconds - self.one_time_seconds
         if reduce is not None:  # the same numbers on every rank, so the same decisions
             k = len(names)
             costs = [self.costs.get(n, -1.0) for n in names]
             rates = [self.rates.get(n, -1.0) for n in names]
             near = [float(self.near.get(n, False)) for n in names]
-            synced = reduce(torch.tensor([seconds, training, *costs, *rates, *near], dtype=torch.float64)).tolist()
-            seconds, training = synced[:2]
-            costs, rates, near = synced[2 : 2 + k], synced[2 + k : 2 + 2 * k], synced[2 + 2 * k :]
+            synced = reduce(torch.tensor([seconds, training, per_step_spending, *costs, *rates, *near],
+                                         dtype=torch.float64)).tolist()
+            seconds, training, per_step_spending = synced[:3]
+            costs, rates, near = synced[3 : 3 + k], synced[3 + k : 3 + 2 * k], synced[3 + 2 * k :]
             self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
             self.rates = {n: r for n, r in zip(names, rates) if r >= 0}
             self.near = {n: v > 0 for n, v in zip(names, near)}
         self.step_seconds = training / max(step - 1 - self._start_step, 1)
         self.allowance.update(seconds, training)
+        spent = max(per_step_spending / training if training > 0 else 0.0, 0.0)
+        self._saving_rate = max(self.allowance.budget - spent, 0.1 * self.allowance.budget)
         if refresh and (self._measured or step % REFRESH_EVERY == 0):
             self._measured = False
             self._restretch(step, diagnostics)

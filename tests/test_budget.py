@@ -327,10 +327,11 @@ def test_under_ddp_the_decisions_come_from_averaged_inputs_and_only_at_refreshes
     controller.start(0, math.inf, {"check": check})
     calls = []
 
-    def reduce(t):  # another rank spent twice as long measuring: the mean is what both decide on
+    def reduce(t):  # another rank spent twice as long, three times as much of it outside measurements
         calls.append(t.clone())
         other = t.clone()
         other[0] = 2 * t[0]
+        other[2] = 3 * t[2]
         return (t + other) / 2
 
     clock.now = 10.0
@@ -343,12 +344,15 @@ def test_under_ddp_the_decisions_come_from_averaged_inputs_and_only_at_refreshes
     # averaged: 6 s spent of 0.5 * 16 s allowed, and one step (16 s / 15 steps) admitted (its prior)
     assert controller.allowance.left == pytest.approx(0.5 * 16 - 6 - 16 / 15)
     assert controller.next_admission(SYNC_EVERY + 1, synced=True) == 2 * SYNC_EVERY
+    # the saving rate too: 8 s of spending outside measurements (averaged) in 16 s leaves the floor, a tenth
+    # of the budget (this rank's own 4 s would leave 0.25: the ranks would decide apart)
+    assert controller.saving_rate() == pytest.approx(0.05)
     # what each rank learnt of the costs is averaged too (seconds per measurement, and per expected step)
     controller.costs, controller.rates = {"check": 1.0}, {"check": 0.25}
 
     def reduce_learnt(t):
         other = t.clone()
-        other[2:4] = t[2:4] * 3  # the other rank measured each at three times the cost
+        other[3:5] = t[3:5] * 3  # the other rank measured each at three times the cost
         return (t + other) / 2
 
     controller.plan(2 * SYNC_EVERY, {"check": check}, reduce=reduce_learnt)
@@ -398,12 +402,11 @@ def test_a_waiting_measurement_expects_the_allowance_to_grow_by_the_budget_less_
         controller.plan(step, {"check": check}, wanting=[])
         clock.now += 1.03
         controller.charge(0.03)
-    assert controller.saving_rate() == pytest.approx(0.02)
     clock.now += 0.3
     controller.charge(0.3)
     controller.piloted("check", None, seconds=0.3)  # a (failed) pilot: spent once, not per step
-    assert controller.saving_rate() == pytest.approx(0.02)
     assert controller.plan(11, {"check": check}, wanting=["check"]) == []  # 0.5 - 0.5 - 0.3 - 0.3 < 0 s left
+    assert controller.saving_rate() == pytest.approx(0.02)  # (as of this plan)
     lacking = 2.0 - controller.allowance.left
     # at 0.02 s per step (at 0.05 s per step it came too soon, and was planned again and again)
     assert controller._fits_at - controller.training_seconds() == pytest.approx(lacking / 0.02)
@@ -411,9 +414,11 @@ def test_a_waiting_measurement_expects_the_allowance_to_grow_by_the_budget_less_
     controller.measured("check", 2.0, {})  # what measurements cost is not spending outside them
     clock.now += 2.0
     controller.charge(2.0)
+    controller.plan(12, {"check": check}, wanting=["check"])
     assert controller.saving_rate() == pytest.approx(0.02)
     clock.now += 100.0
     controller.charge(100.0)  # more spent outside measurements than the budget: a tenth of it, not 0
+    controller.plan(13, {"check": check}, wanting=["check"])
     assert controller.saving_rate() == pytest.approx(0.005)
     restored = BudgetController(0.05, clock=clock)
     restored.load_state_dict(controller.state_dict())
