@@ -17,10 +17,11 @@ from .objective import Objective
 #: The memory cap of the per-sample kernels (bytes). The HVP kernels' default is relative to the
 #: per-probe loop's footprint instead (:func:`loop_footprint`).
 DEFAULT_MEMORY_CAP = 2 * 1024**3
-# On CPU the batched kernel wins only where the per-probe work is tiny (a 2k-parameter MLP at batch
-# 512: 0.6x the loop's time; an 85k MLP: 1.3x; the CNNs and the transformer: 1.0-1.7x); this many
-# values (3 parameter- and 3 activation-sized tensors per probe) is the boundary.
-_SMALL_PROBE = 2**19
+# On CPU the batched kernel wins only where the per-probe work is tiny: 0.15-0.7x the loop's time for
+# 4-32 probes of a 2k-parameter MLP at batch 16-512 (11k-121k values per probe, counting 3
+# parameter- and 3 activation-sized tensors), but 1.3-1.4x on the 85k MLP already at 16 samples (305k
+# values) and 1.2-1.5x on the CNNs and the transformer. The boundary sits between the two.
+_SMALL_PROBE = 200_000
 # Without a cap a batched call's probes may use the per-probe loop's footprint, and at least this
 # many bytes: on small models the loop's footprint is a few probes, too few to amortise a call. On
 # CPU larger chunks are slower, not faster (the 2k MLP at batch 512: 16 probes, ~13 MiB, took 0.8x
