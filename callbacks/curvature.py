@@ -14,6 +14,7 @@ from dynscope.curvature import adam_preconditioner, batch_slice, measure_curvatu
 from dynscope.curvature import with_batch_statistics
 from dynscope.curvature import density_histogram, optimizer_scaling
 from dynscope.eigen import lanczos
+from dynscope.gauss_newton import exact_trace_reason
 from dynscope.objective import batch_size_of
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
@@ -244,6 +245,7 @@ class Curvature(DiagnosticCallback):
         self.method = method
         self.exact_trace = exact_trace
         self._trace_exact: Optional[bool] = None  # known after the first measurement
+        self._exact_expected = False  # before it, what the pilot's structural check expects
         self.eigen = eigen
         self.eigen_tol = eigen_tol
         self.eigen_max_iter = eigen_max_iter
@@ -287,7 +289,8 @@ class Curvature(DiagnosticCallback):
     def expected_cost(self, batch_size: Optional[int] = None) -> float:
         """One measurement in training steps: about 1.5 per HVP on the full batch, less on a
         sub-batch (a fifth of an HVP is per-call overhead that does not shrink). The HVPs are the
-        trace's (about 3 once a measurement found it exact), Lanczos' (at its step limit from a
+        trace's (about 3 once a measurement found it exact, or once the pilot's structural check
+        expects it to be), Lanczos' (at its step limit from a
         random start, where the tracked method also places the second eigenvalue; at half of it
         from the previous eigenvector), two for the sharpness, and those of the options
         (``lambda_min``, per-layer Lanczos, the spectral density). The budget learns the seconds
@@ -316,7 +319,8 @@ class Curvature(DiagnosticCallback):
             return float(declared)
         warm = (self.tracker.eigenvector if self.tracker is not None else self._eigvec) is not None
         lanczos = self.eigen_max_iter / 2 if warm else self.eigen_max_iter
-        trace = _EXACT_TRACE_MATVECS if self._trace_exact else self.num_matvecs
+        exact = self._exact_expected if self._trace_exact is None else self._trace_exact
+        trace = _EXACT_TRACE_MATVECS if exact else self.num_matvecs
         matvecs = trace + (lanczos if self.eigen else 0) + (2 if self.sharpness else 0)
         matvecs += (lanczos if self.lambda_min else 0) + (self.density_probes * self.density_steps if self.density else 0)
         return 1.5 * matvecs * self._batch_fraction(batch_size)
@@ -338,18 +342,27 @@ class Curvature(DiagnosticCallback):
         the step is the loop's own overhead and how much the network's arithmetic. So an overhead
         budget asks for a pilot: the Hessian of the measurement set (the evaluation set, or this
         batch) is built and ``PILOT_STEPS`` Lanczos steps run on it, timed after one untimed product
-        (the gradient graph and the kernel's one-time set-up). No result is kept and nothing the
-        training sees is touched; on a data-parallel run each rank times its own, without collectives.
+        (the gradient graph and the kernel's one-time set-up) and from a start vector made before
+        the timer (a random one costs a few products of a small model, once per measurement: timed
+        over three steps it made the first measurement look 1.4x dearer than it was). The pilot
+        also settles whether the trace will be exact (the structural check the first measurement
+        would make, cached), so that the expectation counts the trace's products as they will be.
+        No result is kept and nothing the training sees is touched; on a data-parallel run each
+        rank times its own, without collectives.
         """
         if self.disabled or (self.eval_batches and not self._eval):
             return None
         measured = list(self._eval) if self.eval_batches else [batch]
         joined = join_batches(measured, self.warn_once) if len(measured) > 1 else measured[0]
-        op = self._operator(self.objective(pl_module, batch_slice(joined, self.sub_batch)))
+        objective = self.objective(pl_module, batch_slice(joined, self.sub_batch))
+        if self.exact_trace and self._trace_exact is None:
+            self._exact_expected = exact_trace_reason(objective) is None
+        op = self._operator(objective)
         with op.measuring():
             op.matmat(torch.zeros(1, op.size, dtype=op.dtype, device=op.device))
+            first = torch.ones(op.size, dtype=op.dtype, device=op.device)
             start = clock()
-            steps = lanczos(op, k=1, which="LA", tol=self.eigen_tol, max_iter=PILOT_STEPS, seed=self.seed).num_matvecs
+            steps = lanczos(op, k=1, which="LA", tol=self.eigen_tol, max_iter=PILOT_STEPS, start=first).num_matvecs
             seconds = clock() - start
         if not seconds > 0:
             return None

@@ -311,6 +311,14 @@ def test_the_curvature_pilot_times_a_few_lanczos_steps_and_touches_nothing():
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
     assert torch.equal(torch.get_rng_state(), rng)
     assert curvature.tracker.eigenvector is None and curvature.num_measurements == 0
+    # a ReLU network with cross-entropy: the pilot expects the exact trace (about 3 products, not the
+    # 8 probes), so the first measurement is expected at (3 + 60 Lanczos + 2 sharpness) * 1.5 * 0.6
+    assert curvature.trace_exact is None  # (nothing measured yet)
+    assert curvature.expected_cost(32) == pytest.approx((3 + 60 + 2) * 1.5 * 0.6)
+    curved = Curvature(method="tracked", num_matvecs=8, sub_batch=16, eval_batches=1)
+    curved._eval = curvature._eval
+    curved.pilot(None, Classifier(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))), None, Ticks(), 32)
+    assert curved.expected_cost(32) == pytest.approx((8 + 60 + 2) * 1.5 * 0.6)
     waiting = Curvature(eval_batches=1)  # the evaluation set is not collected yet: nothing to time
     assert waiting.pilot(None, module, None, Ticks()) is None
 
