@@ -112,7 +112,8 @@ class DynScope(CallbackBase):
             of warning and going on.
         min_measurements: how many measurements each deferrable diagnostic should get over the
             run (when the trainer knows its length): its cadence is never stretched beyond
-            ``total steps / min_measurements``, a due measurement of the diagnostic with the fewest
+            ``total steps / min_measurements`` (nor, while it has fewer, beyond the steps left over
+            the measurements missing), a due measurement of the diagnostic with the fewest
             measurements so far is admitted first and the others wait behind it (unless it cannot
             fit before the end of the run), so expensive diagnostics are not crowded out by cheap
             ones. The budget still caps the overhead: a diagnostic that did not fit at all is named

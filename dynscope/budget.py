@@ -14,7 +14,8 @@ training time. Two rules, both in seconds of the injected ``clock``:
   diagnostic near an event gets ``tighten`` times the share and may run up to ``tighten`` times
   more often than its base cadence), but never beyond ``total steps / min_measurements`` when the
   run's length is known (sped up to it when the base cadence is slower: a log schedule late in the
-  run, a run shorter than ``min_measurements`` base periods). Stretches are powers of two (aligned cadences), rounded down, so that the
+  run, a run shorter than ``min_measurements`` base periods), nor, for one measured fewer than
+  ``min_measurements`` times so far, beyond the steps left over the measurements missing. Stretches are powers of two (aligned cadences), rounded down, so that the
   allowance sets the pace and no share goes unused; a diagnostic that is never deferred (evenly
   spaced) is rounded up instead, and one that cannot fit before the end of the run gets no share.
 
@@ -209,7 +210,8 @@ class BudgetController:
         tighten: near an event a diagnostic gets this much more of the budget and may run this much
             more often than its base cadence.
         min_measurements: when the run's length is known, no cadence is stretched beyond
-            ``total steps / min_measurements``.
+            ``total steps / min_measurements``, nor, while a diagnostic has fewer measurements, beyond
+            ``steps left / measurements missing``.
 
     Example:
         >>> class Check:  # costs half a training step, due every 10 steps
@@ -582,8 +584,15 @@ class BudgetController:
             floors[name] = 1.0 / self.tighten if near and diagnostic.deferrable else 1.0
             if diagnostic.deferrable and self.min_measurements and math.isfinite(self._total_steps):
                 # at least min_measurements over the run (the allowance still caps the overhead); below 1
-                # when the base cadence itself is slower (a log schedule late in the run, a short run)
-                ceilings[name] = self._total_steps / self.min_measurements / period
+                # when the base cadence itself is slower (a log schedule late in the run, a short run).
+                # One that is behind (a late first measurement, waiting for savings) is due often enough
+                # for its missing ones to fit in what is left of the run, but not more often than its base
+                # cadence for that reason alone
+                span = self._total_steps / self.min_measurements
+                missing = self.min_measurements - self._count(name, diagnostics)
+                if missing > 0:
+                    span = min(span, max((self._start_step + self._total_steps - step) / missing, period))
+                ceilings[name] = span / period
         raw = share_budget(rates, self.allowance.budget * self.step_seconds, weights, floors)
         for name, stretch in raw.items():
             diagnostic = diagnostics[name]
