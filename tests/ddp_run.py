@@ -191,3 +191,7 @@ def fit_and_report(args, module, scope) -> None:
 
 if __name__ == "__main__":
     main()
+    # Lightning leaves the process group up after fit; torn down by the interpreter's exit, gloo's
+    # threads sometimes end the rank with "terminate called without an active exception" (SIGABRT)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
