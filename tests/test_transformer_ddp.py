@@ -39,7 +39,7 @@ def test_two_processes_measure_the_global_batch_and_agree_on_decisions(tmp_path)
                 "dynscope/attention/head_max_logit/net.blocks.0.h1"):
         one, two = dict(single["scalars"][tag]), dict(rank0["scalars"][tag])
         assert one.keys() == two.keys(), tag
-        # after one step the weights agree to float rounding; Adam at lr 3e-2 then amplifies the rounding a little
-        assert two[1] == pytest.approx(one[1], rel=1e-4, abs=1e-5), tag
+        # the weights agree to float rounding at every step (the key bias, whose rounding Adam amplifies,
+        # is not trained: see ddp_transformer_run.py)
         for step in one:
-            assert two[step] == pytest.approx(one[step], rel=2e-2, abs=1e-3), (tag, step)
+            assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), (tag, step)
