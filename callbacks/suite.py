@@ -329,11 +329,15 @@ class DynScope(CallbackBase):
 
     # -- Lightning hooks ------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            # A new fit starts new accounts (a resume restores them after this, in load_state_dict),
+            # before the set-up below is charged to them (it was reset away: 2-3 ms uncounted per fit)
+            self.reset_budget()
         self._each("setup", trainer, pl_module, stage)
         if stage == "fit":
-            # A new fit starts new accounts (a resume restores them after this, in load_state_dict).
-            self.reset_budget()
+            start = self.clock()
             write_layout(trainer, ("overhead",))
+            self.controller.charge(self.clock() - start)
 
     def reset_budget(self) -> None:
         """Start the budget's accounts afresh: time spent, training time, costs, stretches.
@@ -387,9 +391,11 @@ class DynScope(CallbackBase):
         if self.controller.batch_size is None:
             self._learn_batch_size(batch)
         wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
-        if self.budget is not None and self.controller.step_seconds > 0 and wanting:
-            self._pilot(trainer, pl_module, batch, wanting)
         admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
+        if self.budget is not None and self.controller.step_seconds > 0 and self.controller.wanting:
+            # the queue as planned, then once more with what a pilot timed (a refresh: the same on every rank)
+            if self._pilot(trainer, pl_module, batch, self.controller.wanting):
+                admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         wanting = self.controller.wanting
         budgeted = self.budget is not None
         # A pending measurement the budget did not admit has nothing to do in this step: skipped.
@@ -411,22 +417,23 @@ class DynScope(CallbackBase):
         self._quiet_until = min(due, default=math.inf)
         self.controller.charge(self.clock() - start)
 
-    def _pilot(self, trainer, pl_module, batch, wanting: List[str]) -> None:
+    def _pilot(self, trainer, pl_module, batch, wanting: List[str]) -> bool:
         """Before its first measurement, a diagnostic that can time a pilot (:meth:`Curvature.pilot`)
         does so when it is next in line among the due ones (:meth:`BudgetController.next_in_line`, the
         budget's own queue order): the budget then expects what it costs on this model, not a guess, at the
         moment that decides whether it waits. Cheaper diagnostics measure first without waiting for
         it, and a short run does not pay for pilots of diagnostics it never reaches. The pilot's time
-        is charged to the budget with the plan's; a pilot that fails leaves the stated cost in place."""
+        is charged to the budget with the plan's; a pilot that fails leaves the stated cost in place.
+        Returns whether a pilot ran (the plan is then made again, with what it timed)."""
         controller = self.controller
         name = controller.next_in_line((n for n in wanting if n in self.callbacks and self.callbacks[n].deferrable),
                                        self.callbacks)
         if name is None:
-            return
+            return False
         child = self.callbacks[name]
         pilot = getattr(child, "pilot", None)
         if pilot is None or name in self._piloted or name in controller.rates:
-            return
+            return False
         before, rate = self.clock(), None
         try:
             rate = pilot(trainer, pl_module, batch, self.clock, controller.batch_size)
@@ -440,6 +447,7 @@ class DynScope(CallbackBase):
             controller.piloted(name, rate, seconds=spent)
         if rate is not None:
             self._piloted.add(name)
+        return True  # (whatever it gave: under DDP every rank then plans again, as the others do)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._active:

@@ -164,7 +164,10 @@ def test_a_pilot_sets_the_rate_until_the_first_measurement_and_stays_out_of_the_
     assert controller.calibration() == 1.0  # a pilot is not what a measurement taught about the priors
     assert controller.expected("cheap", cheap) == pytest.approx(4.0)
     controller.measured("other", 4.0, {}, expected_steps=2.0)  # measured at twice its prior
-    assert controller.calibration() == pytest.approx(2.0)
+    assert controller.calibration() == 1.0  # never above 1: one dearer than it stated says nothing of the others
+    assert controller.expected("cheap", cheap) == pytest.approx(4.0)
+    controller.measured("other", 1.0, {}, expected_steps=2.0)  # (the second replaces the first) half its prior
+    assert controller.calibration() == pytest.approx(0.5) and controller.expected("cheap", cheap) == pytest.approx(2.0)
     assert controller.expected("dear", dear) == pytest.approx(10.0 * 0.25)  # its own pilot, not the calibration
     controller.piloted("dear", 1.0)  # a second pilot does not overwrite the first
     assert controller.expected("dear", dear) == pytest.approx(10.0 * 0.25)
@@ -173,6 +176,26 @@ def test_a_pilot_sets_the_rate_until_the_first_measurement_and_stays_out_of_the_
     for bad in (0.0, -1.0, math.inf, math.nan):
         controller.piloted("cheap", bad)
     assert "cheap" not in controller.rates
+
+
+def test_when_nothing_waiting_can_fit_before_the_end_the_next_plan_is_at_the_next_refresh():
+    from dynscope.budget import REFRESH_EVERY
+
+    # 100 steps of 1 s at budget 0.05: 5 s can be saved over the run, a measurement costs 20 s
+    clock = Clock()
+    checks = {"dear": Check(every=1, cost=20.0, prior=20.0)}
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, 100, checks)
+    clock.now = 2.0
+    assert controller.plan(3, checks) == []
+    assert controller.next_admission(3) == REFRESH_EVERY  # not every step (each plan spending what it waits for)
+    assert controller.quiet(4) and not controller.quiet(REFRESH_EVERY)
+    # one that will fit: planned again when the allowance will have grown enough
+    fits = {"cheap": Check(every=1, cost=0.5, prior=0.5)}
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, 100, fits)
+    clock.now = 2.0
+    assert controller.plan(3, fits) == [] and 3 < controller.next_admission(3) < REFRESH_EVERY
 
 
 def test_a_cold_first_measurement_does_not_slow_down_the_later_ones():
@@ -438,6 +461,7 @@ def test_a_waiting_measurement_expects_the_allowance_to_grow_by_the_budget_less_
     clock.now += 0.3
     controller.charge(0.3)
     controller.piloted("check", None, seconds=0.3)  # a (failed) pilot: spent once, not per step
+    check.pending = True  # (due now: still wanted when the refresh after the pilot asks again)
     assert controller.plan(11, {"check": check}, wanting=["check"]) == []  # 0.5 - 0.5 - 0.3 - 0.3 < 0 s left
     assert controller.saving_rate() == pytest.approx(0.02)  # (as of this plan)
     lacking = 2.0 - controller.allowance.left
@@ -445,6 +469,7 @@ def test_a_waiting_measurement_expects_the_allowance_to_grow_by_the_budget_less_
     assert controller._fits_at - controller.training_seconds() == pytest.approx(lacking / 0.02)
     assert controller.next_admission(11) == REFRESH_EVERY
     controller.measured("check", 2.0, {})  # what measurements cost is not spending outside them
+    check.pending = False
     clock.now += 2.0
     controller.charge(2.0)
     controller.plan(12, {"check": check}, wanting=["check"])
