@@ -388,13 +388,15 @@ class DynScope(CallbackBase):
 
     def _plan(self, trainer, pl_module, batch, batch_idx, step: int, start: float) -> None:
         """The first micro-batch of a step that needs planning: ask the controller, call the diagnostics."""
+        began, piloted = start, False
         if self.controller.batch_size is None:
             self._learn_batch_size(batch)
         wanting = [name for name, child in self.callbacks.items() if child.wants(step)]
         admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         if self.budget is not None and self.controller.step_seconds > 0 and self.controller.wanting:
             # the queue as planned, then once more with what a pilot timed (a refresh: the same on every rank)
-            if self._pilot(trainer, pl_module, batch, self.controller.wanting):
+            piloted = self._pilot(trainer, pl_module, batch, self.controller.wanting)
+            if piloted:
                 admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         wanting = self.controller.wanting
         budgeted = self.budget is not None
@@ -415,7 +417,10 @@ class DynScope(CallbackBase):
         if waiting:
             due.append(self.controller.next_admission(step, synced=self._reduce is not None))
         self._quiet_until = min(due, default=math.inf)
-        self.controller.charge(self.clock() - start)
+        end = self.clock()
+        self.controller.charge(end - start)
+        if not admitted and not piloted:  # what planning again costs a measurement that waits
+            self.controller.planned(end - began)
 
     def _pilot(self, trainer, pl_module, batch, wanting: List[str]) -> bool:
         """Before its first measurement, a diagnostic that can time a pilot (:meth:`Curvature.pilot`)

@@ -520,3 +520,43 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="min_measurements"):
         BudgetController(0.1, min_measurements=-1)
     assert share_budget({"a": 1.0}, available=0.0) == {"a": 1024.0}
+
+
+def test_a_waiting_measurement_is_planned_again_when_the_allowance_covers_it_and_the_plan_that_admits_it():
+    # 1 s steps, budget 5%, a 1 s check due every step and plans that cost 0.04 s each (most of what
+    # a step saves), run as DynScope does: no plan before next_admission. When the wait counted only
+    # the check's shortfall, the plan that found it 0.05 s short came a step later, spent 0.04 s of
+    # the step's 0.05 s and found it short again: a plan at every step, the savings eaten by plans
+    clock, plan_cost = Clock(), 0.04
+    check = Check(every=1, cost=1.0, prior=1.0)
+    checks = {"check": check}
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, 2000, checks)
+    plans, quiet_until = 0, 0
+    for step in range(1, 2001):
+        if step < quiet_until and controller.quiet(step):
+            clock.now += 1.0
+            continue
+        plans += 1
+        admitted = controller.plan(step, checks)
+        if check.wants(step) and not admitted:  # it waits: planned again when it may fit
+            check.pending = True
+            quiet_until = controller.next_admission(step)
+        clock.now += plan_cost
+        controller.charge(plan_cost)
+        if not admitted:
+            controller.planned(plan_cost)
+        clock.now += 1.0
+        if admitted:
+            clock.now += 1.0
+            controller.charge(1.0)
+            check.num_measurements += 1
+            check.pending = False
+            controller.measured("check", 1.0, {})
+            quiet_until = step + 1
+        elif not check.pending:
+            quiet_until = check.next_wanted(step + 1)
+    # each measurement waits ~1 / 0.05 steps' savings and a plan or two: not ~100 plans in between
+    assert plans <= 3 * check.num_measurements + 2000 // REFRESH_EVERY
+    assert controller.overhead() <= 0.05 + 1e-9
+    assert check.num_measurements >= 0.8 * (0.05 * 2000 - plans * plan_cost) / 1.0
