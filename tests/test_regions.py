@@ -71,6 +71,31 @@ def test_full_cross_polytope_first_layer_closed_form_and_chunking():
             np.testing.assert_array_equal(lc.per_point.numpy(), expected)
 
 
+def test_default_forwards_keep_their_pre_activations_within_the_bound_and_count_as_one_forward_would():
+    # a conv net with 4x16x16 + 8 pre-activations a vertex (1056 float32 = 4224 bytes): at 8 directions
+    # (16 vertices a point) and a 256 KiB bound, 3 points (48 vertices) a forward after the first point
+    import dynscope.regions as regions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 8), nn.ReLU(),
+                        nn.Linear(8, 2))
+    xs = torch.randn(10, 1, 16, 16)
+    rows = []
+    handle = net.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+    bound = regions.ACTIVATION_BYTES_PER_FORWARD
+    try:
+        regions.ACTIVATION_BYTES_PER_FORWARD = 256 * 1024
+        lc = local_complexity(net, xs, 0.1, 8, seed=1)
+    finally:
+        regions.ACTIVATION_BYTES_PER_FORWARD = bound
+        handle.remove()
+    per_point = 16 * (4 * 16 * 16 + 8) * 4
+    assert rows == [16, 48, 48, 48]  # one point, then 256 KiB // 67584 bytes = 3 points a forward
+    assert max(rows[1:]) // 16 * per_point <= 256 * 1024
+    whole = local_complexity(net, xs, 0.1, 8, seed=1, chunk_size=len(xs))  # one forward of all 160 vertices
+    np.testing.assert_array_equal(lc.per_point.numpy(), whole.per_point.numpy())
+
+
 def test_layer_that_never_changes_sign_counts_zero():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 1)).double()
