@@ -395,7 +395,7 @@ class DynScope(CallbackBase):
         admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         if self.budget is not None and self.controller.step_seconds > 0 and self.controller.wanting:
             # the queue as planned, then once more with what a pilot timed (a refresh: the same on every rank)
-            piloted = self._pilot(trainer, pl_module, batch, self.controller.wanting)
+            piloted = self._pilot(trainer, pl_module, batch, self.controller.wanting, step)
             if piloted:
                 admitted = self.controller.plan(step, self.callbacks, wanting, reduce=self._reduce)
         wanting = self.controller.wanting
@@ -422,12 +422,13 @@ class DynScope(CallbackBase):
         if not admitted and not piloted:  # what planning again costs a measurement that waits
             self.controller.planned(end - began)
 
-    def _pilot(self, trainer, pl_module, batch, wanting: List[str]) -> bool:
+    def _pilot(self, trainer, pl_module, batch, wanting: List[str], step: int) -> bool:
         """Before its first measurement, a diagnostic that can time a pilot (:meth:`Curvature.pilot`)
         does so when it is next in line among the due ones (:meth:`BudgetController.next_in_line`, the
         budget's own queue order): the budget then expects what it costs on this model, not a guess, at the
         moment that decides whether it waits. Cheaper diagnostics measure first without waiting for
-        it, and a short run does not pay for pilots of diagnostics it never reaches. The pilot's time
+        it, and a short run does not pay for pilots of diagnostics it never reaches, nor of one that
+        could not fit before its end at half its expected cost (:meth:`BudgetController.may_fit`). The pilot's time
         is charged to the budget with the plan's; a pilot that fails leaves the stated cost in place.
         Returns whether a pilot ran (the plan is then made again, with what it timed)."""
         controller = self.controller
@@ -438,6 +439,8 @@ class DynScope(CallbackBase):
         child = self.callbacks[name]
         pilot = getattr(child, "pilot", None)
         if pilot is None or name in self._piloted or name in controller.rates:
+            return False
+        if not controller.may_fit(name, child, step):  # out of reach even at half its expected cost
             return False
         before, rate = self.clock(), None
         try:

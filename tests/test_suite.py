@@ -276,17 +276,31 @@ def test_a_pilot_waits_until_its_diagnostic_is_next_in_line():
     assert piloted.steps and piloted.pilots[0] < piloted.steps[0]
 
 
+def test_no_pilot_for_a_diagnostic_out_of_reach_even_at_half_its_expected_cost():
+    # a prior of 1000 steps of 5 ms (5 s) in a 40-step run at 5%: 10 ms ever saved up, so even a
+    # pilot saying it costs half as much would not bring it within reach: the pilot is skipped
+    clock = FakeClock()
+    piloted = Piloted(clock)
+    piloted.expected_steps = 1000.0
+    scope = DynScope(budget=0.05, curvature=False, noise=False, collapse=False, regions=False, extra={"piloted": piloted},
+                     clock=clock)
+    with pytest.warns(RuntimeWarning, match="piloted was not measured in this run"):
+        run_sleeper(scope, 40, clock)
+    assert piloted.pilots == [] and piloted.steps == []
+    assert scope.seconds < 0.002  # (a pilot alone costs 2 ms)
+
+
 def test_a_failing_pilot_leaves_the_prior_and_training_goes_on_unless_strict():
     clock = FakeClock()
     failing = Piloted(clock, fail=True)
     scope = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False, extra={"piloted": failing},
                      clock=clock)
-    run_sleeper(scope, 60, clock)
+    run_sleeper(scope, 200, clock)  # (long enough to be worth a pilot)
     assert len(failing.pilots) == 1 and "piloted" not in scope.controller.rates
     strict = DynScope(budget=0.1, curvature=False, noise=False, collapse=False, regions=False,
                       extra={"piloted": Piloted(clock, fail=True)}, clock=clock, strict=True)
     with pytest.raises(RuntimeError, match="no pilot here"):
-        run_sleeper(strict, 60, clock)
+        run_sleeper(strict, 200, clock)
 
 
 def test_the_curvature_pilot_times_a_few_lanczos_steps_and_touches_nothing():
