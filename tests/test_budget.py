@@ -560,3 +560,48 @@ def test_a_waiting_measurement_is_planned_again_when_the_allowance_covers_it_and
     assert plans <= 3 * check.num_measurements + 2000 // REFRESH_EVERY
     assert controller.overhead() <= 0.05 + 1e-9
     assert check.num_measurements >= 0.8 * (0.05 * 2000 - plans * plan_cost) / 1.0
+
+
+def test_the_steps_after_a_measurement_are_charged_what_they_take_above_the_typical_step():
+    # 1 s steps; a 2 s measurement after step 10 leaves the next three steps at 1.5, 1.2 and 1.0 s
+    # (cold caches), of which 0.1 s was charged in the first (a plan): 0.4 + 0.2 + 0 s are the
+    # measurement's. A 10 s step (a checkpoint written) counts one step at most; an epoch's end stops the timing
+    clock = Clock()
+    check = Check(every=1000, cost=2.0)
+    controller = BudgetController(0.05, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+
+    def step(seconds, charged=0.0):
+        if controller.timing_steps:
+            controller.step_started()
+        clock.now += seconds
+        controller.charge(charged)
+
+    for _ in range(10):
+        step(1.0)
+    assert controller.plan(11, {"check": check}, wanting=["check"]) == []  # (learns the step time: 1 s)
+    clock.now += 2.0
+    controller.charge(2.0)
+    controller.measured("check", 2.0, {})
+    before = controller.seconds
+    for seconds, charged in ((1.5, 0.1), (1.2, 0.0), (1.0, 0.0), (1.0, 0.0), (3.0, 0.0)):
+        step(seconds, charged)
+    assert not controller.timing_steps
+    assert controller.aftermath_seconds == pytest.approx(0.4 + 0.2)  # (the 3 s step came after the three)
+    assert controller.seconds - before == pytest.approx(0.1 + 0.6)
+    assert controller.expected("check", check) == pytest.approx(2.0 + 0.6)  # its next one, aftermath included
+    assert controller.saving_rate() == pytest.approx(0.05)  # a measurement's cost, not spending per step
+    controller.measured("check", 2.0, {})
+    step(1.0)
+    step(10.0)  # a checkpoint: one step's extra at most
+    step(1.0)
+    controller.steps_interrupted()  # the epoch ends: validation and the next epoch's start are not the measurement's
+    clock.now += 30.0
+    assert controller.timing_steps  # (one more step to time)
+    step(1.5)
+    step(1.0)
+    assert not controller.timing_steps
+    assert controller.aftermath_seconds == pytest.approx(0.6 + 0.0 + 1.0 + 0.5)
+    restored = BudgetController(0.05, clock=clock)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.expected("check", check) == pytest.approx(controller.expected("check", check))

@@ -173,6 +173,37 @@ def test_the_budget_keeps_the_overhead_under_its_fraction():
     assert slow.schedule.stretch >= 8  # 30 ms per step wanted, 0.5 ms per step available
 
 
+def test_the_steps_a_measurement_slows_down_are_charged_to_it():
+    # each measurement (30 ms) leaves the next two training steps at 8 and 6 ms instead of 5 ms (cold
+    # caches): DynScope times the steps after it and charges the 3 + 1 ms to the budget
+    clock = FakeClock()
+
+    class Cooling(Slow):
+        def measure(self, trainer, pl_module, batch):
+            pl_module.slower = [0.003, 0.001]
+            return super().measure(trainer, pl_module, batch)
+
+    class Slowed(Sleeper):
+        slower = []
+
+        def training_step(self, batch, batch_idx):
+            if self.slower:
+                self.clock.advance(self.slower.pop(0))
+            return super().training_step(batch, batch_idx)
+
+    slow = Cooling(clock, every_n_steps=50)
+    scope = DynScope(budget=0.5, curvature=False, noise=False, collapse=False, regions=False, extra={"slow": slow},
+                     clock=clock)
+    torch.manual_seed(0)
+    x, y = classification_data(64, (4,))
+    trainer(max_steps=225, callbacks=[scope]).fit(Slowed(mlp((4, 8, 3)), clock), loader(x, y, batch_size=8))
+    measured = len(slow.steps)
+    assert measured >= 3 and slow.steps[-1] <= 221  # (each one's aftermath inside the run)
+    # (the typical step it is compared with is the mean step so far, a little above 5 ms)
+    assert scope.controller.aftermath_seconds == pytest.approx(0.004 * measured, rel=0.1)
+    assert scope.seconds == pytest.approx(0.03 * measured + scope.controller.aftermath_seconds, rel=1e-6)
+
+
 def test_near_an_event_a_diagnostic_runs_more_often_than_its_base_cadence():
     counts = {}
     for eos in (0.1, 0.9):
