@@ -289,6 +289,7 @@ class BudgetController:
         self._aftermath_timed = 0  # steps timed after it so far
         self._aftermath_mark: Optional[Tuple[float, float]] = None  # (clock, seconds charged) at the last one
         self._aftermath_excess = 0.0
+        self._aftermath_mean = 0.0  # charged per measurement, as of the last plan
         self._aside = False  # every measurement left waiting by the last plan cannot fit before the end
         self._train_at_end: Optional[float] = None
 
@@ -334,7 +335,7 @@ class BudgetController:
         ``steps``: what the diagnostic states it costs, if not its ``expected_cost`` now (one it
         stated before a measurement, say)."""
         stated = float(diagnostic.expected_cost(self.batch_size) if steps is None else steps)
-        after = self.aftermath_seconds / self._aftermaths if self._aftermaths else 0.0
+        after = self._aftermath_mean
         if name in self.rates:
             return self.rates[name] * stated + after
         if name in self.costs:
@@ -513,19 +514,21 @@ class BudgetController:
             return self._admitted
         seconds, training = self.seconds, self.training_seconds()
         per_step_spending = self.seconds - self.measuring_seconds - self.one_time_seconds
+        aftermath = self.aftermath_seconds / self._aftermaths if self._aftermaths else 0.0
         if reduce is not None:  # the same numbers on every rank, so the same decisions
             k = len(names)
             costs = [self.costs.get(n, -1.0) for n in names]
             rates = [self.rates.get(n, -1.0) for n in names]
             near = [float(self.near.get(n, False)) for n in names]
-            synced = reduce(torch.tensor([seconds, training, per_step_spending, *costs, *rates, *near],
+            synced = reduce(torch.tensor([seconds, training, per_step_spending, aftermath, *costs, *rates, *near],
                                          dtype=torch.float64)).tolist()
-            seconds, training, per_step_spending = synced[:3]
-            costs, rates, near = synced[3 : 3 + k], synced[3 + k : 3 + 2 * k], synced[3 + 2 * k :]
+            seconds, training, per_step_spending, aftermath = synced[:4]
+            costs, rates, near = synced[4 : 4 + k], synced[4 + k : 4 + 2 * k], synced[4 + 2 * k :]
             self.costs = {n: c for n, c in zip(names, costs) if c >= 0}
             self.rates = {n: r for n, r in zip(names, rates) if r >= 0}
             self.near = {n: v > 0 for n, v in zip(names, near)}
         self.step_seconds = training / max(step - 1 - self._start_step, 1)
+        self._aftermath_mean = aftermath  # (expected() adds it: under DDP the ranks' mean, as for the costs)
         self.allowance.update(seconds, training)
         spent = max(per_step_spending / training if training > 0 else 0.0, 0.0)
         self._saving_rate = max(self.allowance.budget - spent, 0.1 * self.allowance.budget)
@@ -749,3 +752,4 @@ class BudgetController:
         self.previous = {n: dict(m) for n, m in state.get("previous", {}).items()}
         self.aftermath_seconds = float(state.get("aftermath_seconds", 0.0))
         self._aftermaths = int(state.get("aftermaths", 0))
+        self._aftermath_mean = self.aftermath_seconds / self._aftermaths if self._aftermaths else 0.0

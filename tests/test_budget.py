@@ -405,14 +405,16 @@ def test_under_ddp_the_decisions_come_from_averaged_inputs_and_only_at_refreshes
     assert controller.saving_rate() == pytest.approx(0.05)
     # what each rank learnt of the costs is averaged too (seconds per measurement, and per expected step)
     controller.costs, controller.rates = {"check": 1.0}, {"check": 0.25}
+    controller.aftermath_seconds, controller._aftermaths = 0.2, 2  # and the steps after its measurements
 
     def reduce_learnt(t):
         other = t.clone()
-        other[3:5] = t[3:5] * 3  # the other rank measured each at three times the cost
+        other[3:6] = t[3:6] * 3  # the other rank measured each at three times the cost
         return (t + other) / 2
 
     controller.plan(2 * SYNC_EVERY, {"check": check}, reduce=reduce_learnt)
     assert (controller.costs, controller.rates) == ({"check": 2.0}, {"check": 0.5})
+    assert controller.expected("check", check) == pytest.approx(0.5 * check.prior + 0.2)  # 0.1 s here, 0.3 s there
 
 
 def test_next_admission_waits_for_the_allowance_at_the_measured_step_time():
@@ -589,8 +591,10 @@ def test_the_steps_after_a_measurement_are_charged_what_they_take_above_the_typi
     assert not controller.timing_steps
     assert controller.aftermath_seconds == pytest.approx(0.4 + 0.2)  # (the 3 s step came after the three)
     assert controller.seconds - before == pytest.approx(0.1 + 0.6)
+    controller.plan(17, {"check": check}, wanting=["check"])
     assert controller.expected("check", check) == pytest.approx(2.0 + 0.6)  # its next one, aftermath included
-    assert controller.saving_rate() == pytest.approx(0.05)  # a measurement's cost, not spending per step
+    # the aftermath is a measurement's cost, not spending per step (only the plan's 0.1 s is)
+    assert controller.saving_rate() == pytest.approx(0.05 - 0.1 / controller.training_seconds())
     controller.measured("check", 2.0, {})
     step(1.0)
     step(10.0)  # a checkpoint: one step's extra at most
@@ -601,7 +605,10 @@ def test_the_steps_after_a_measurement_are_charged_what_they_take_above_the_typi
     step(1.5)
     step(1.0)
     assert not controller.timing_steps
-    assert controller.aftermath_seconds == pytest.approx(0.6 + 0.0 + 1.0 + 0.5)
+    typical = controller.step_seconds  # (the mean step as of the plan at step 17: a little above 1 s)
+    assert 1.0 < typical < 1.1
+    assert controller.aftermath_seconds == pytest.approx(0.6 + (1.0 - typical) + typical + (1.5 - typical))
+    controller.plan(40, {"check": check}, wanting=["check"])  # (expected() adds the mean as of the last plan)
     restored = BudgetController(0.05, clock=clock)
     restored.load_state_dict(controller.state_dict())
     assert restored.expected("check", check) == pytest.approx(controller.expected("check", check))
