@@ -305,7 +305,9 @@ class BudgetController:
         self.one_time_seconds = self.seconds - self.measuring_seconds  # the set-up (and, resumed, the fits before)
 
     def finish(self) -> None:
-        """The training ended: :meth:`unmeasured` weighs the training time up to now."""
+        """The training ended: :meth:`unmeasured` weighs the training time up to now (the steps timed
+        after the last measurement, if any, are charged first)."""
+        self._close_aftermath()
         self._train_at_end = self.training_seconds()
 
     def charge(self, seconds: float) -> None:

@@ -608,6 +608,12 @@ def test_the_steps_after_a_measurement_are_charged_what_they_take_above_the_typi
     typical = controller.step_seconds  # (the mean step as of the plan at step 17: a little above 1 s)
     assert 1.0 < typical < 1.1
     assert controller.aftermath_seconds == pytest.approx(0.6 + (1.0 - typical) + typical + (1.5 - typical))
+    controller.measured("check", 2.0, {})  # the last measurement of the run: one step after it, then the end
+    step(1.5)
+    step(1.0)  # (its start times the 1.5 s step)
+    controller.finish()
+    assert not controller.timing_steps
+    assert controller.aftermath_seconds == pytest.approx(0.6 + (2.5 - typical) + (1.5 - typical))
     controller.plan(40, {"check": check}, wanting=["check"])  # (expected() adds the mean as of the last plan)
     restored = BudgetController(0.05, clock=clock)
     restored.load_state_dict(controller.state_dict())
