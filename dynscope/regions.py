@@ -354,9 +354,9 @@ def local_complexity(
         layers: restrict to these layer names (module names as in ``model.named_modules()``; a
             module applied ``k > 1`` times in one forward gives ``name@2 .. name@k``).
         chunk_size: items (here: points, each bringing ``2P`` vertices) per vectorized call (one
-            batched forward); default: one point first, then as many as keep a forward's
-            pre-activations within :data:`ACTIVATION_BYTES_PER_FORWARD` and its vertices within
-            :data:`VERTICES_PER_FORWARD` (from the model's structure, the same on every run).
+            batched forward); default: as many as keep a forward's pre-activations within
+            :data:`ACTIVATION_BYTES_PER_FORWARD` and its vertices within :data:`VERTICES_PER_FORWARD`
+            (from the model's structure: the first call on a model runs one point alone to see them).
         functional: also count activation functions called inside ``forward`` methods
             (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.hardtanh``,
             ``F.relu6``, ``F.prelu``, ``F.hardsigmoid``), seen through a
@@ -403,7 +403,10 @@ def local_complexity(
     device, dtype = _input_device_dtype(model, points)
     directions = orthonormal_directions(dim, num_directions, seed, dtype=dtype, device=device)
     group = 2 * num_directions
-    chunk = chunk_size  # (None: sized from the first point's pre-activations)
+    # (None: sized from the first point's pre-activations, remembered for the model's later calls)
+    sizing = (group, tuple(points.shape[1:]), dtype, functional, None if layers is None else tuple(layers),
+              ACTIVATION_BYTES_PER_FORWARD, VERTICES_PER_FORWARD)
+    chunk = chunk_size or _POINTS_PER_FORWARD.get(model, {}).get(sizing)
     forward = forward_fn or (lambda m, x: m(x))
     if not functional and not any(isinstance(m, PIECEWISE_LINEAR + SMOOTH) for m in model.modules()):
         raise ValueError(_NO_ACTIVATION.format(model=type(model).__name__))
@@ -421,13 +424,20 @@ def local_complexity(
                     forward(model, cross_polytope_vertices(block, directions, float(radius)))
                     if start == 0:
                         _check_first_chunk(model, counter, layers)
-                        chunk = chunk or _points_per_forward(counter, group, dtype)
+                        if not chunk:
+                            chunk = _points_per_forward(counter, group, dtype)
+                            _POINTS_PER_FORWARD.setdefault(model, {})[sizing] = chunk
                     start += block.shape[0]
     finally:
         for handle in handles:
             handle.remove()
 
     return _result(model, counter, points.shape[0], float(radius), num_directions)
+
+
+#: Points per forward by model (and vertices per point, input shape, dtype, activations counted): its structure's,
+#: found once (from the first point's pre-activations, a forward of its own) and kept for its later calls.
+_POINTS_PER_FORWARD: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, int]]" = weakref.WeakKeyDictionary()
 
 
 def _points_per_forward(counter: _Counter, group: int, dtype: torch.dtype) -> int:

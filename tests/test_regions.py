@@ -86,14 +86,18 @@ def test_default_forwards_keep_their_pre_activations_within_the_bound_and_count_
     try:
         regions.ACTIVATION_BYTES_PER_FORWARD = 256 * 1024
         lc = local_complexity(net, xs, 0.1, 8, seed=1)
+        first, rows[:] = list(rows), []
+        again = local_complexity(net, xs, 0.1, 8, seed=1)  # the model's size is known: no lone first point
     finally:
         regions.ACTIVATION_BYTES_PER_FORWARD = bound
         handle.remove()
     per_point = 16 * (4 * 16 * 16 + 8) * 4
-    assert rows == [16, 48, 48, 48]  # one point, then 256 KiB // 67584 bytes = 3 points a forward
-    assert max(rows[1:]) // 16 * per_point <= 256 * 1024
+    assert first == [16, 48, 48, 48]  # one point, then 256 KiB // 67584 bytes = 3 points a forward
+    assert max(first[1:]) // 16 * per_point <= 256 * 1024
+    assert rows == [48, 48, 48, 16]
     whole = local_complexity(net, xs, 0.1, 8, seed=1, chunk_size=len(xs))  # one forward of all 160 vertices
     np.testing.assert_array_equal(lc.per_point.numpy(), whole.per_point.numpy())
+    np.testing.assert_array_equal(again.per_point.numpy(), whole.per_point.numpy())
 
 
 def test_layer_that_never_changes_sign_counts_zero():
