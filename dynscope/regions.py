@@ -47,8 +47,8 @@ SMOOTH: Tuple[type, ...] = (
 VERTICES_PER_FORWARD = 8192
 #: A forward's pre-activations (summed over the counted layers) when ``chunk_size`` is not given.
 #: Bounded for speed, not memory: on the benchmark CNN (96 KiB of pre-activations a vertex) 48
-#: points took 162 ms in forwards of 8192 vertices (all of them at once) and 57 ms in forwards of
-#: 64, which stay in the caches; the 85k MLP (2 KiB a vertex) is as fast at 4096 as at 8192.
+#: points took 152 ms with all their 768 vertices in one forward and 57 ms in forwards of 32-64,
+#: which stay in the caches; the 85k MLP (2 KiB a vertex) is as fast at 4096 as at 8192.
 ACTIVATION_BYTES_PER_FORWARD = 8 * 2**20
 
 
@@ -435,8 +435,9 @@ def local_complexity(
     return _result(model, counter, points.shape[0], float(radius), num_directions)
 
 
-#: Points per forward by model (and vertices per point, input shape, dtype, activations counted): its structure's,
-#: found once (from the first point's pre-activations, a forward of its own) and kept for its later calls.
+#: Points per forward by model (and vertices per point, input shape, dtype, activations counted):
+#: its structure's, found once (from the first point's pre-activations, a forward of its own) and
+#: kept for its later calls.
 _POINTS_PER_FORWARD: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, int]]" = weakref.WeakKeyDictionary()
 
 
