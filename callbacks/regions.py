@@ -234,10 +234,10 @@ class LinearRegions(DiagnosticCallback):
         The stated cost counts forwards as if each sample cost its share of a training step, which
         holds for a network whose forward is arithmetic (the benchmark CNN: 1.6x) but makes a small
         one, whose forwards are mostly per-call overhead, look up to 25x dearer than it is (the digits
-        MLP). So
-        the first 2 and the first 6 training points are measured (with the first radius), which gives
-        a call's fixed and per-point cost, and the measurement's calls are predicted from them: a
-        sixth of a measurement. The results are discarded.
+        MLP). So the first 2 and the first 6 training points are measured (with the first radius),
+        after one untimed point that pays a first call's one-time work, which gives a call's fixed
+        and per-point cost, and the measurement's calls are predicted from them: a sixth of a
+        measurement. The results are discarded.
         """
         if self.disabled:
             return None
@@ -246,6 +246,12 @@ class LinearRegions(DiagnosticCallback):
         sizes = (min(2, available), min(6, available))
         directions = min(self.num_directions, self.train_points[0].numel())
         seconds = []
+        # untimed: one point, which pays the first call's one-time work (the forward that sizes the
+        # measurement's forwards, new batch shapes, the hooks' first use) outside the timed calls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotPiecewiseLinearWarning)
+            local_complexity(pl_module, self.train_points[:1], self.radii[0], directions, seed=self.seed,
+                             chunk_size=self.chunk_size, functional=self.functional)
         for size in sizes:
             start = clock()
             with warnings.catch_warnings():

@@ -460,6 +460,23 @@ def test_the_pilot_fits_a_fixed_and_a_per_point_cost_and_touches_nothing():
     assert rate == pytest.approx(10.0 / callback.expected_cost(16))
     assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
     assert torch.equal(torch.get_rng_state(), rng) and callback.num_measurements == 0
+    # a first call's one-time work (the forward that sizes a model's forwards, new shapes) is paid by an
+    # untimed call of one point before the timer is read: the timed calls are the 2- and 6-point ones
+    import sys
+
+    regions_module = sys.modules[LinearRegions.__module__]
+    seen, clock, real = [], Clock(), regions_module.local_complexity
+
+    def recording(model, points, *args, **kwargs):
+        seen.append((len(points), clock.calls))
+        return real(model, points, *args, **kwargs)
+
+    regions_module.local_complexity = recording
+    try:
+        callback.pilot(None, Classifier(mlp((4, 8, 3))), None, clock, batch_size=16)
+    finally:
+        regions_module.local_complexity = real
+    assert seen == [(1, 0), (2, 1), (6, 3)]
     smooth = Classifier(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)))
     callback.functional = True
     with pytest.warns(RuntimeWarning, match="no linear regions"):

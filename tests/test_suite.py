@@ -368,6 +368,38 @@ def test_the_curvature_pilot_times_a_few_lanczos_steps_and_touches_nothing():
     assert waiting.pilot(None, module, None, Ticks()) is None
 
 
+def test_the_curvature_pilot_times_lanczos_only_after_its_bookkeeping_ran_once_untimed(monkeypatch):
+    # a pilot is the first Lanczos of its process for most users: the bookkeeping's first calls
+    # (LAPACK, numpy, buffers of the operator's size) run once on a diagonal of that size, before the timer
+    import sys
+
+    curvature_module = sys.modules[Curvature.__module__]
+    ticks, calls = [0.0], []
+
+    def clock():
+        ticks[0] += 1.0
+        return ticks[0]
+
+    real = curvature_module.lanczos
+
+    def recording(op, *args, **kwargs):
+        calls.append((type(op).__name__, op.size, ticks[0], op.num_matvecs))
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(curvature_module, "lanczos", recording)
+    torch.manual_seed(0)
+    module = Classifier(mlp((4, 8, 3)))
+    x, y = classification_data(32, (4,))
+    curvature = Curvature(method="tracked", num_matvecs=8, sub_batch=16, eval_batches=1)
+    curvature._eval = [(x[:32], y[:32])]
+    assert curvature.pilot(None, module, None, clock, batch_size=32) is not None
+    size = sum(p.numel() for p in module.parameters())
+    (first, size_1, ticks_1, _), (second, size_2, ticks_2, _) = calls
+    assert (first, size_1, ticks_1) == ("_Diagonal", size, 0.0)  # before the clock was read
+    assert (second, size_2, ticks_2) == ("HessianOperator", size, 1.0)  # between the two readings
+    assert ticks[0] == 2.0
+
+
 # -- the observer effect, resume, configuration -----------------------------------------------------------
 def test_the_suite_does_not_change_training():
     baseline = trained_weights([], steps=20)
