@@ -1,6 +1,6 @@
 """What ``DynScope(budget=0.05)`` measures, and what it costs, over short runs (issue 14, item 7).
 
-Run: ``python benchmarks/bench_budget.py [--steps 300 1000] [--repeats 3] [--models mlp cnn]``.
+Run: ``python benchmarks/bench_budget.py [--steps 300 1000] [--repeats 3] [--models mlp cnn] [--fresh] [--timeline]``.
 
 For each model and run length, Lightning trains without and with ``DynScope(loss_fn=F.cross_entropy,
 budget=0.05)``, alternating (interleaved pairs, the same seed and data), ``--repeats`` times, on one
@@ -13,7 +13,9 @@ made (median over the repeats, and the smallest), each one's cost per measuremen
 Targets: every applicable diagnostic at least 3 times in 1,000 steps, at least once in 300 (or a
 line saying why not), wall-time ratio <= 1.05. ``--timeline`` prints, for each fit with DynScope,
 when each measurement ran, what it cost in training steps (and what it was expected to cost), and
-the overhead so far: the budget's arithmetic, measurement by measurement.
+the overhead so far: the budget's arithmetic, measurement by measurement. ``--fresh`` runs each fit
+in a new process: a user's run is the first fit of its process, whose first calls of everything
+(a pilot's included) pay what later fits in the same process do not.
 
 Models: ``mlp`` (64-256-256-10, batch 128, 64 features), ``cnn`` (2 conv + 2 linear on 3x32x32,
 batch 64), ``digits`` (the README test's 64-32-10 MLP on scikit-learn's digits, or data of their
@@ -29,8 +31,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
@@ -93,29 +97,50 @@ def timeline(scope: DynScope) -> List[str]:
     return lines
 
 
-def run(name: str, steps: int, repeats: int, budget: float, show_timeline: bool = False) -> None:
+def one_fit(name: str, steps: int, budget: Optional[float]) -> Dict:
+    """One fit of ``name``: plain (``budget=None``), or with ``DynScope(budget=budget)`` and what it did."""
+    if budget is None:
+        wall, cpu = fit(name, steps, None)
+        return {"wall": wall, "cpu": cpu}
+    scope = DynScope(loss_fn=F.cross_entropy, budget=budget)
+    events = timeline(scope)
+    wall, cpu = fit(name, steps, scope)
+    per_step = scope.controller.step_seconds
+    return {
+        "wall": wall, "cpu": cpu, "account": scope.overhead(), "timeline": events, "unmeasured": scope.unmeasured(),
+        "counts": {d: c.num_measurements for d, c in scope.callbacks.items()},
+        "costs": {d: scope.costs[d] / per_step for d in scope.callbacks if d in scope.costs and per_step > 0},
+    }
+
+
+def fresh_fit(name: str, steps: int, budget: Optional[float]) -> Dict:
+    """:func:`one_fit` in a new Python process (what a user's run is: the first fit of its process)."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", name, str(steps), "none" if budget is None else str(budget)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(name: str, steps: int, repeats: int, budget: float, show_timeline: bool = False, fresh: bool = False) -> None:
     walls: List[float] = []
     cpus: List[float] = []
     counts: Dict[str, List[int]] = {}
     costs: Dict[str, List[float]] = {}
     accounts: List[float] = []
     lines: List[str] = []
+    once = fresh_fit if fresh else one_fit
     for _ in range(repeats):
-        plain_wall, plain_cpu = fit(name, steps, None)
-        scope = DynScope(loss_fn=F.cross_entropy, budget=budget)
-        events = timeline(scope)
-        wall, cpu = fit(name, steps, scope)
+        plain = once(name, steps, None)
+        scoped = once(name, steps, budget)
         if show_timeline:
-            print("\n".join(f"{'':>13}{line}" for line in events), flush=True)
-        walls.append(wall / plain_wall)
-        cpus.append(cpu / plain_cpu)
-        accounts.append(scope.overhead())
-        per_step = scope.controller.step_seconds
-        for diagnostic, child in scope.callbacks.items():
-            counts.setdefault(diagnostic, []).append(child.num_measurements)
-            if diagnostic in scope.costs and per_step > 0:
-                costs.setdefault(diagnostic, []).append(scope.costs[diagnostic] / per_step)
-        lines = scope.unmeasured() or lines
+            print("\n".join(f"{'':>13}{line}" for line in scoped["timeline"]), flush=True)
+        walls.append(scoped["wall"] / plain["wall"])
+        cpus.append(scoped["cpu"] / plain["cpu"])
+        accounts.append(scoped["account"])
+        for diagnostic, count in scoped["counts"].items():
+            counts.setdefault(diagnostic, []).append(count)
+        for diagnostic, cost in scoped["costs"].items():
+            costs.setdefault(diagnostic, []).append(cost)
+        lines = scoped["unmeasured"] or lines
     measured = ", ".join(
         f"{d} {statistics.median(c):g} (min {min(c)}; "
         f"{statistics.median(costs[d]) if d in costs else float('nan'):.1f} steps each)"
@@ -138,17 +163,25 @@ def main(quick: bool = False, argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--models", nargs="*", default=["mlp"] if quick else ["mlp", "cnn"], choices=list(MODELS))
     parser.add_argument("--timeline", action="store_true", help="print when each measurement ran and what it cost")
+    parser.add_argument("--fresh", action="store_true",
+                        help="each fit in a new process (as a user's run is: the first fit of its process)")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "STEPS", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args([] if argv is None else argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for logger in ("pytorch_lightning", "lightning", "lightning.pytorch"):
         logging.getLogger(logger).setLevel(logging.ERROR)
+    if args.child:  # (one fit for --fresh: its results as the last line, JSON)
+        name, steps, budget = args.child
+        print(json.dumps(one_fit(name, int(steps), None if budget == "none" else float(budget))))
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, budget={args.budget}, {args.repeats} interleaved pairs; medians")
+          f"{os.environ.get('OMP_WAIT_POLICY')}, budget={args.budget}, {args.repeats} interleaved pairs"
+          f"{', each fit in a new process' if args.fresh else ''}; medians")
     for name in args.models:
         for steps in args.steps:
-            run(name, steps, args.repeats, args.budget, args.timeline)
+            run(name, steps, args.repeats, args.budget, args.timeline, args.fresh)
     torch.set_num_threads(threads)
     return 0
 
