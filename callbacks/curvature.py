@@ -16,7 +16,7 @@ from dynscope.curvature import density_histogram, optimizer_scaling
 from dynscope.eigen import lanczos
 from dynscope.gauss_newton import exact_trace_reason
 from dynscope.objective import batch_size_of
-from dynscope.operators import Operator
+from dynscope.operators import DiagonalOperator
 from dynscope.optim import CoordinateClip
 from dynscope.params import detached_params
 from dynscope.stability import UnsupportedOptimizer
@@ -39,16 +39,6 @@ def batch_statistics_objective(pl_module, batch, loss_fn=None) -> Objective:
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "tracked": 2}
 _EXACT_TRACE_MATVECS = 3  # what the exact trace costs in HVPs, about (0.3-0.8x of 8 on the benchmark models)
 PILOT_STEPS = 3  # timed Lanczos steps of the pilot (Curvature.pilot)
-
-
-class _Diagonal(Operator):
-    """``diag(d)``: Lanczos on it runs the bookkeeping of a run of its size without an HVP."""
-
-    def __init__(self, d: torch.Tensor) -> None:
-        self.d, self.size, self.dtype, self.device = d, d.numel(), d.dtype, d.device
-
-    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        return vectors * self.d
 
 
 class Curvature(DiagnosticCallback):
@@ -377,7 +367,7 @@ class Curvature(DiagnosticCallback):
             # on the 85k MLP, which made a user's pilot (the first in its process) expect the first
             # measurement at 1.7x its cost. Paid once here, on a diagonal of the same size, untimed
             spread = torch.linspace(1.0, 2.0, op.size, dtype=op.dtype, device=op.device)
-            lanczos(_Diagonal(spread), k=1, which="LA", tol=self.eigen_tol, max_iter=PILOT_STEPS, start=first)
+            lanczos(DiagonalOperator(spread), k=1, which="LA", tol=self.eigen_tol, max_iter=PILOT_STEPS, start=first)
             start = clock()
             steps = lanczos(op, k=1, which="LA", tol=self.eigen_tol, max_iter=PILOT_STEPS, start=first).num_matvecs
             seconds = clock() - start

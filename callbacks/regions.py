@@ -246,18 +246,19 @@ class LinearRegions(DiagnosticCallback):
         sizes = (min(2, available), min(6, available))
         directions = min(self.num_directions, self.train_points[0].numel())
         seconds = []
-        # untimed: one point, which pays the first call's one-time work (the forward that sizes the
-        # measurement's forwards, new batch shapes, the hooks' first use) outside the timed calls
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotPiecewiseLinearWarning)
-            local_complexity(pl_module, self.train_points[:1], self.radii[0], directions, seed=self.seed,
-                             chunk_size=self.chunk_size, functional=self.functional)
-        for size in sizes:
-            start = clock()
+
+        def points(size: int):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotPiecewiseLinearWarning)
-                result = local_complexity(pl_module, self.train_points[:size], self.radii[0], directions, seed=self.seed,
-                                          chunk_size=self.chunk_size, functional=self.functional)
+                return local_complexity(pl_module, self.train_points[:size], self.radii[0], directions, seed=self.seed,
+                                        chunk_size=self.chunk_size, functional=self.functional)
+
+        # untimed: one point, which pays the first call's one-time work (the forward that sizes the
+        # measurement's forwards, new batch shapes, the hooks' first use) outside the timed calls
+        points(1)
+        for size in sizes:
+            start = clock()
+            result = points(size)
             seconds.append(clock() - start)
             if not result.applicable:
                 self._drop_smooth(pl_module)

@@ -14,7 +14,7 @@ import types
 _SUBMODULE_OF = {
     "EigenResult": "eigen", "top_eigenvalues": "eigen",
     "HessianOperator": "operators", "MatrixOperator": "operators", "ScaledOperator": "operators", "hvp": "hvp",
-    "Operator": "operators", "OperatorWrapper": "operators",
+    "Operator": "operators", "OperatorWrapper": "operators", "DiagonalOperator": "operators",
     "NonFiniteError": "objective", "NotPerSampleError": "objective", "Objective": "objective",
     "ParamLayout": "params",
     "clip_top_coordinates": "sharpness", "directional_sharpness": "sharpness",
@@ -91,6 +91,7 @@ __all__ = [
     "ema_decay",
     "variance_amplification",
     "EigenResult",
+    "DiagonalOperator",
     "HessianOperator",
     "MatrixOperator",
     "Operator",

@@ -473,6 +473,10 @@ class BudgetController:
         spans the gap is not timed; the timing goes on from the next one."""
         self._aftermath_mark = None
 
+    def _own_aftermath_mean(self) -> float:
+        """Seconds charged per measurement for the steps after it, from this process's accounts."""
+        return self.aftermath_seconds / self._aftermaths if self._aftermaths else 0.0
+
     def _close_aftermath(self) -> None:
         if self._aftermath_timed:
             extra = max(self._aftermath_excess, 0.0)
@@ -516,7 +520,7 @@ class BudgetController:
             return self._admitted
         seconds, training = self.seconds, self.training_seconds()
         per_step_spending = self.seconds - self.measuring_seconds - self.one_time_seconds
-        aftermath = self.aftermath_seconds / self._aftermaths if self._aftermaths else 0.0
+        aftermath = self._own_aftermath_mean()
         if reduce is not None:  # the same numbers on every rank, so the same decisions
             k = len(names)
             costs = [self.costs.get(n, -1.0) for n in names]
@@ -754,4 +758,4 @@ class BudgetController:
         self.previous = {n: dict(m) for n, m in state.get("previous", {}).items()}
         self.aftermath_seconds = float(state.get("aftermath_seconds", 0.0))
         self._aftermaths = int(state.get("aftermaths", 0))
-        self._aftermath_mean = self.aftermath_seconds / self._aftermaths if self._aftermaths else 0.0
+        self._aftermath_mean = self._own_aftermath_mean()

@@ -224,6 +224,31 @@ class MatrixOperator(Operator):
         return vectors @ self.matrix.T
 
 
+class DiagonalOperator(Operator):
+    """``diag(d)`` without the matrix: ``n`` values, products in ``O(n)`` (for tests, and for running
+    an estimator's bookkeeping at a model's size without its HVPs, as :meth:`Curvature.pilot` does).
+
+    Example:
+        >>> import torch
+        >>> from dynscope import top_eigenvalues
+        >>> op = DiagonalOperator(torch.tensor([3.0, 1.0, 2.0]))
+        >>> op.matmat(torch.ones(1, 3))
+        tensor([[3., 1., 2.]])
+        >>> round(top_eigenvalues(op, which="LA").value, 4)
+        3.0
+    """
+
+    def __init__(self, d: torch.Tensor, layout=None) -> None:
+        if d.dim() != 1:
+            raise ValueError(f"expected the diagonal as a vector, got shape {tuple(d.shape)}")
+        self.d, self.size, self.dtype, self.device = d, d.numel(), d.dtype, d.device
+        self.layout = layout
+        self.num_matvecs = 0
+
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors * self.d
+
+
 class ScaledOperator(OperatorWrapper):
     """``D A D`` for an operator ``A`` and a diagonal ``D = diag(scale)``.
 

@@ -395,7 +395,7 @@ def test_the_curvature_pilot_times_lanczos_only_after_its_bookkeeping_ran_once_u
     assert curvature.pilot(None, module, None, clock, batch_size=32) is not None
     size = sum(p.numel() for p in module.parameters())
     (first, size_1, ticks_1, _), (second, size_2, ticks_2, _) = calls
-    assert (first, size_1, ticks_1) == ("_Diagonal", size, 0.0)  # before the clock was read
+    assert (first, size_1, ticks_1) == ("DiagonalOperator", size, 0.0)  # before the clock was read
     assert (second, size_2, ticks_2) == ("HessianOperator", size, 1.0)  # between the two readings
     assert ticks[0] == 2.0
 
