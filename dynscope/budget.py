@@ -454,7 +454,19 @@ class BudgetController:
         charged in them) is charged to the measurement, then expected with every later one. A
         measurement leaves the caches and the allocator cold: on the 85k MLP the next step ran
         10-50% slower than the median (curvature 20-90%), the two after it 3-20%, in all about 0.3-0.6
-        steps per measurement that the account did not see (the wall time ran 1-2.7% above it)."""
+        steps per measurement that the account did not see (the wall time ran 1-2.7% above it).
+
+        Example:
+            >>> now = [0.0]
+            >>> budget = BudgetController(0.1, clock=lambda: now[0])
+            >>> budget.start(step=0, total_steps=100, diagnostics={})
+            >>> now[0] = 63.0; _ = budget.plan(64, {})  # (a refresh) 63 steps of 1 s: the typical step
+            >>> budget.measured("check", 0.0, {})
+            >>> for seconds in (1.5, 1.2, 1.0, 1.0):  # the three steps after it, then one more start
+            ...     budget.step_started(); now[0] += seconds
+            >>> round(budget.aftermath_seconds, 6), budget.timing_steps  # 0.5 + 0.2 + 0 charged
+            (0.7, False)
+        """
         if self._aftermath_left <= 0:
             return
         now, seconds = self.clock(), self.seconds
@@ -653,7 +665,20 @@ class BudgetController:
         ``optimism`` times cheaper than expected (as of the last :meth:`plan`: the same on every rank).
         A pilot that times a diagnostic which cannot fit even so is not worth its cost: on the 85k
         MLP over 300 steps curvature's pilot (3-4 of the 15 steps saved) ran for a measurement that
-        never could."""
+        never could.
+
+        Example:
+            >>> class Check:  # states 12 training steps a measurement
+            ...     deferrable, num_measurements, last_metrics = True, 0, {}
+            ...     def expected_cost(self, batch_size=None): return 12.0
+            >>> now = [0.0]
+            >>> budget = BudgetController(0.05, clock=lambda: now[0])
+            >>> budget.start(step=0, total_steps=100, diagnostics={})
+            >>> now[0] = 63.0; _ = budget.plan(64, {})  # (a refresh) 1 s steps, 0.05 s saved a step
+            >>> # 5 s reachable by step 100 (3.15 saved, 37 steps of 0.05 to come): 12 s > 2 x 5 s
+            >>> budget.may_fit("check", Check(), 64), budget.may_fit("check", Check(), 64, optimism=4.0)
+            (False, True)
+        """
         if self.allowance is None:
             return True
         return self.expected(name, diagnostic) <= optimism * self._reachable(step)
