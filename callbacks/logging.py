@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Dict, List, Mapping, Optional
 
 import numpy as np
@@ -49,6 +50,10 @@ def log_scalars(trainer, metrics: Mapping[str, float], step: int) -> None:
     constant 1.0 series TensorBoard draws as that line along, and the per-layer values of a metric
     are also written as one histogram, ``dynscope/layers/<group>/<metric>`` (HISTOGRAMS tab: the
     spread over the layers at each measurement step, where the per-layer charts have a line per layer).
+    There all of one call goes into one event (what ``log_metrics``, ``add_scalar`` and
+    ``add_histogram`` would write, value by value): an event per value cost 1-2 ms for the 20 tags of
+    one measurement, as much as the measurement of a small model, mostly waiting for the writer's
+    queue of ten events to drain.
     """
     if not metrics or not is_global_zero(trainer):
         return
@@ -62,12 +67,81 @@ def log_scalars(trainer, metrics: Mapping[str, float], step: int) -> None:
         if key is not None:
             layers.setdefault(key, []).append(v)
     for logger in getattr(trainer, "loggers", []) or []:
+        writer = _event_writer(logger)
+        if writer is not None:
+            _write_event(logger, writer, clean, line, layers, step)
+            continue
         logger.log_metrics(clean, step=step)
         if isinstance(logger, TensorBoardLoggerTypes):
             if line:  # TensorBoard's way to draw the stability line
                 logger.experiment.add_scalar(STABILITY_LINE_TAG, 1.0, step)
             for key, values in layers.items():  # one distribution over the layers instead of a line per layer
                 logger.experiment.add_histogram(key, np.asarray(values, dtype=np.float64), step)
+
+
+_BINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # a writer's histogram bins as an array
+
+
+def _event_writer(logger):
+    """The event-file writer of a TensorBoard logger whose experiment is torch's ``SummaryWriter``
+    (None for other loggers, and for tensorboardX's writer, which gets the calls value by value)."""
+    if not isinstance(logger, TensorBoardLoggerTypes):
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # (imported by the logger already)
+
+    experiment = logger.experiment
+    if not isinstance(experiment, SummaryWriter) or not hasattr(experiment, "_get_file_writer"):
+        return None
+    if experiment not in _BINS:  # (add_histogram converts its list of ~1,500 edges at every call)
+        _BINS[experiment] = np.asarray(experiment.default_bins, dtype=np.float64)
+    return experiment
+
+
+def _write_event(logger, writer, clean: Mapping[str, float], line: bool, layers: Mapping[str, List[float]], step: int) -> None:
+    """One event holding the values ``log_metrics`` (with the logger's prefix), the stability line
+    and the layer histograms would have written one event each."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = getattr(logger, "_prefix", "")
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=v) for k, v in clean.items()]
+    if line:
+        values.append(Summary.Value(tag=STABILITY_LINE_TAG, simple_value=1.0))
+    bins = _BINS[writer]
+    for key, layer_values in layers.items():
+        histo = histogram_proto(np.asarray(layer_values, dtype=np.float64), bins)
+        if histo is not None:
+            values.append(Summary.Value(tag=key, histo=histo))
+    writer._get_file_writer().add_summary(Summary(value=values), step)  # (what add_scalar calls)
+
+
+def histogram_proto(values: np.ndarray, edges: np.ndarray):
+    """The ``HistogramProto`` that ``SummaryWriter.add_histogram(..., bins=edges)`` writes for ``values``
+    (finite), or None where no value lies within the edges (add_histogram raises there).
+
+    Only the bins from the first to the last value's are counted (torch counts all ~1,500 default
+    bins with ``np.histogram``, 0.2 ms for a handful of per-layer values); like torch, the proto
+    holds an empty bin on the left and the right limits of the bins in between.
+
+    Example:
+        >>> h = histogram_proto(np.array([0.5, 2.0, 2.5]), np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
+        >>> list(h.bucket_limit), list(h.bucket), h.num, h.sum
+        ([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 0.0, 2.0], 3.0, 5.0)
+    """
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    values = values.reshape(-1)
+    inside = values[(values >= edges[0]) & (values <= edges[-1])]  # np.histogram drops the others
+    if inside.size == 0:
+        return None
+    # bin i holds edges[i] <= v < edges[i + 1]; the last bin is closed on the right too
+    index = np.minimum(np.searchsorted(edges, inside, side="right") - 1, edges.size - 2)
+    first, last = int(index.min()), int(index.max())
+    counts = np.bincount(index - first, minlength=last - first + 1)
+    return HistogramProto(
+        min=values.min(), max=values.max(), num=len(values), sum=values.sum(), sum_squares=values.dot(values),
+        bucket_limit=edges[first : last + 2].tolist(), bucket=[0.0] + counts.tolist(),
+    )
 
 
 def log_text(trainer, name: str, text: str, step: int) -> None:

@@ -23,6 +23,7 @@ so a mitigation's effect shows next to what the user watches.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -82,13 +83,20 @@ class Chart:
         return rf"^{PREFIX}/{group}/({names}){self.suffix}$"
 
     def matches(self, group: str, tag: str) -> bool:
-        return re.match(self.regex(group), tag) is not None
+        return _compiled(self, group).match(tag) is not None
 
     def event_regex(self) -> Optional[str]:
         """The regex of the mitigations' 0/1 series overlaid on this chart in TensorBoard."""
         if not self.events:
             return None
         return rf"^{PREFIX}/mitigation/({'|'.join(map(re.escape, self.events))})$"
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(chart: Chart, group: str) -> "re.Pattern[str]":
+    """A chart's tag regex, compiled once (``re``'s own cache holds 512 patterns; every new tag a
+    measurement logs is matched against each chart of its group)."""
+    return re.compile(chart.regex(group))
 
 
 @dataclass(frozen=True)
