@@ -116,17 +116,24 @@ def _write_event(logger, writer, clean: Mapping[str, float], line: bool, layers:
 
 
 def histogram_proto(values: np.ndarray, edges: np.ndarray):
-    """The ``HistogramProto`` that ``SummaryWriter.add_histogram(..., bins=edges)`` writes for ``values``
-    (finite), or None where no value lies within the edges (add_histogram raises there).
+    """The distribution ``SummaryWriter.add_histogram(..., bins=edges)`` writes for ``values`` (finite),
+    with every run of empty bins between two values as one empty bucket; None where no value lies
+    within the edges (add_histogram raises there).
 
-    Only the bins from the first to the last value's are counted (torch counts all ~1,500 default
-    bins with ``np.histogram``, 0.2 ms for a handful of per-layer values); like torch, the proto
-    holds an empty bin on the left and the right limits of the bins in between.
+    The buckets' counts over any range of the edges are add_histogram's, as are ``min``, ``max``,
+    ``num``, ``sum`` and ``sum_squares``: TensorBoard and the report draw the same bars. Its proto
+    holds every bin between the smallest and the largest value, ~600 for signed per-layer values
+    on torch's default bins, ~10 KB an event, whose checksum tensorboard's writer computes in pure
+    Python (about 1 ms, in a thread that holds the interpreter's lock); and it counts all ~1,500
+    bins (0.2 ms for a handful of values). Like add_histogram's, the first bucket is empty and
+    ends where the first value's bin starts.
 
     Example:
-        >>> h = histogram_proto(np.array([0.5, 2.0, 2.5]), np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
-        >>> list(h.bucket_limit), list(h.bucket), h.num, h.sum
-        ([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 0.0, 2.0], 3.0, 5.0)
+        >>> h = histogram_proto(np.array([0.5, 2.5, 2.7]), np.arange(6.0))
+        >>> list(h.bucket_limit), list(h.bucket), h.num, h.sum  # bins [0, 1) and [2, 3), nothing between
+        ([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 0.0, 2.0], 3.0, 5.7)
+        >>> list(histogram_proto(np.array([0.5, 4.5]), np.arange(6.0)).bucket_limit)  # one empty bucket for [1, 4)
+        [0.0, 1.0, 4.0, 5.0]
     """
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
 
@@ -136,12 +143,16 @@ def histogram_proto(values: np.ndarray, edges: np.ndarray):
         return None
     # bin i holds edges[i] <= v < edges[i + 1]; the last bin is closed on the right too
     index = np.minimum(np.searchsorted(edges, inside, side="right") - 1, edges.size - 2)
-    first, last = int(index.min()), int(index.max())
-    counts = np.bincount(index - first, minlength=last - first + 1)
-    return HistogramProto(
-        min=values.min(), max=values.max(), num=len(values), sum=values.sum(), sum_squares=values.dot(values),
-        bucket_limit=edges[first : last + 2].tolist(), bucket=[0.0] + counts.tolist(),
-    )
+    bins, counts = np.unique(index, return_counts=True)
+    limits, bucket = [float(edges[bins[0]])], [0.0]
+    for i, (b, count) in enumerate(zip(bins.tolist(), counts.tolist())):
+        if i and b > bins[i - 1] + 1:  # empty bins since the previous value's: one empty bucket
+            limits.append(float(edges[b]))
+            bucket.append(0.0)
+        limits.append(float(edges[b + 1]))
+        bucket.append(float(count))
+    return HistogramProto(min=values.min(), max=values.max(), num=len(values), sum=values.sum(),
+                          sum_squares=values.dot(values), bucket_limit=limits, bucket=bucket)
 
 
 def log_text(trainer, name: str, text: str, step: int) -> None:
