@@ -11,6 +11,7 @@ from dynscope.noise import SmoothedNoiseScale, TwoBatchNoiseScale, gradient_nois
 from dynscope.objective import NotPerSampleError
 from dynscope.kernel_choice import DEFAULT_MEMORY_CAP
 from dynscope.persample import per_sample_moments
+from dynscope.step_capture import StepCapture
 
 from .base import DiagnosticCallback, memory_cap_bytes
 from .distributed import on_every_rank, sum_over_ranks, world_size
@@ -120,6 +121,11 @@ class GradientNoise(DiagnosticCallback):
         self.two_batch = TwoBatchNoiseScale(two_batch_ema)
         self.smoothed = SmoothedNoiseScale(noise_ema)
         self._checked = False
+        self._capture: Optional[StepCapture] = None  # recording the training step to measure
+        self._captured = None  # the moments it gave, for this step's measurement
+        #: why the last measurement did not come from the training step's own backward (None: it did)
+        self.capture_reason: Optional[str] = "not measured yet"
+        self._capturing = True  # False once a step could not be captured: the model's step is not the objective's
 
     @property
     def memory_cap_mb(self) -> float:
@@ -148,6 +154,74 @@ class GradientNoise(DiagnosticCallback):
         declared = getattr(self, "expected_steps", None)
         return 4.0 if declared is None else float(declared)
 
+    # -- measuring from the training step's own forward and backward ------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._end_capture()  # one a step left open (a training_step that skipped its backward)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._run_at is None:
+            return
+        self.capture_reason = self._capture_refusal(trainer)
+        if self.capture_reason is None:
+            try:
+                capture = StepCapture(self.objective(pl_module, batch), self.memory_cap)
+            except Exception as error:  # noqa: BLE001 - the measurement builds its objective again and says what is wrong
+                self.capture_reason = f"{type(error).__name__}: {error}"
+                return
+            if capture.reason is not None:
+                self.capture_reason, self._capturing = capture.reason, False
+                return
+            self._capture = capture.__enter__()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._capture is not None:
+            self._capture.saw_loss(loss)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        """The moments of a captured step, while the parameters' ``.grad`` is still this step's."""
+        capture, self._capture = self._capture, None
+        if capture is None:
+            return
+        start = self.clock()
+        try:
+            self._captured = capture.moments()
+            self.capture_reason = capture.reason
+        except Exception as error:  # noqa: BLE001 - the measurement falls back to its own backward
+            self._captured, self.capture_reason = None, f"{type(error).__name__}: {error}"
+        finally:
+            capture.close()
+            self.seconds_spent += self.clock() - start
+        if self._captured is None:
+            self._capturing = False
+
+    def _capture_refusal(self, trainer) -> Optional[str]:
+        """Why this step's forward and backward cannot stand for the measurement's own (None: try;
+        the conditions of :class:`~dynscope.step_capture.StepCapture` that the trainer settles)."""
+        if not self._capturing:
+            return "an earlier step could not be captured"
+        if not self._checked:
+            return "the first measurement checks the per-sample decomposition on its own backward"
+        if self.method != "auto" or self.fixed_batch or self.schedule.at_epoch_end:
+            return "method='vmap', a fixed batch or an epoch-end schedule"
+        if not self._automatic or getattr(trainer, "accumulate_grad_batches", 1) != 1:
+            return "manual optimization or accumulated gradients"
+        if world_size(trainer) != 1:
+            return "data-parallel gradients are averaged over the ranks"
+        if str(getattr(trainer, "precision", "32-true")) not in ("32-true", "64-true", "32", "64"):
+            return "mixed or low precision"
+        return None
+
+    def _end_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
+        self._captured = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._end_capture()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._end_capture()
+
     def measure(self, trainer, pl_module, batch) -> Dict[str, float]:
         def local():
             objective = self.objective(pl_module, batch)
@@ -160,7 +234,9 @@ class GradientNoise(DiagnosticCallback):
                 raise LossProtocolError(f"{error}. {PER_SAMPLE_HELP}") from error
 
         # A non-finite loss skips this measurement (NonFiniteError) and leaves the check for the next.
-        moments = on_every_rank(trainer, local, pl_module.device)
+        moments, self._captured = self._captured, None
+        if moments is None:
+            moments = on_every_rank(trainer, local, pl_module.device)
         self._checked = True
         out: Dict[str, float] = {}
         reduce = sum_over_ranks(trainer)

@@ -104,7 +104,9 @@ class DynScope(CallbackBase):
             budget; before their first measurement each is expected to cost its ``expected_cost()``
             (training steps; one by default), or, if it has ``pilot(trainer, pl_module, batch, clock,
             batch_size)`` returning the clock's seconds per expected step, what that timed (once, when it
-            is next in line: see :meth:`Curvature.pilot`). Every Lightning hook a diagnostic implements reaches it.
+            is next in line: see :meth:`Curvature.pilot`). Every Lightning hook a diagnostic implements reaches it
+            (``on_before_backward``, ``on_after_backward`` and ``on_before_zero_grad`` only in the steps it
+            measures, unless it sets ``idle_between_measurements = False``).
         mitigate: any of ``"stablemax"``, ``"orthograd"``, ``"ema"``.
         tighten: how much more budget share, and how much faster a cadence, near an event.
         mode: ``"eval"`` or ``"train"`` for the diagnostics that evaluate the loss.
@@ -537,9 +539,16 @@ def _forwarded_hooks(children: Dict[str, DiagnosticCallback]) -> Dict[str, List[
             for hook in FORWARDED}
 
 
+# Hooks of every training step: a diagnostic idle between measurements gets them only in a step it measures
+# (each call costs the dispatch and the timing, ~5 us: 0.3% of a 2 ms step)
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_zero_grad")
+
+
 def _forwarder(hook: str):
     def forward(self, *args, **kwargs) -> None:
         targets = self._hooks.get(hook)
+        if targets and hook in STEP_HOOKS:
+            targets = [c for c in targets if not getattr(c, "idle_between_measurements", False) or c in self._active]
         if targets:
             self._each(hook, *args, only=targets, **kwargs)
 

@@ -303,14 +303,26 @@ class Objective:
                     "per-sample metrics"
                 )
             return losses
-        outputs = self._call(params, batch)
+        return self.losses_of(self._call(params, batch), batch[1])
+
+    def losses_of(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """The per-sample losses of given ``outputs`` (shape ``[B]``; ``loss_fn`` objectives only).
+
+        Example:
+            >>> import torch
+            >>> obj = Objective(torch.nn.Linear(2, 2), torch.nn.functional.mse_loss, (torch.zeros(2, 2), torch.zeros(2, 2)))
+            >>> obj.losses_of(torch.tensor([[1.0, 3.0], [2.0, 2.0]]), torch.zeros(2, 2)).tolist()  # per-sample means
+            [5.0, 4.0]
+        """
+        if self._sample_loss_fn is not None:
+            raise ValueError("losses_of() is not defined for an objective built from sample_loss_fn")
         if self._unreduced is not None:
-            losses = self._unreduced(outputs, batch[1])
+            losses = self._unreduced(outputs, targets)
             if losses.dim() > 1:  # e.g. MSE keeps the feature dims: average them per sample
                 losses = losses.reshape(losses.shape[0], -1).mean(1)
             return losses
         one = lambda o, t: self.loss_fn(o.unsqueeze(0), t.unsqueeze(0))  # noqa: E731
-        return torch.vmap(one)(outputs, batch[1])
+        return torch.vmap(one)(outputs, targets)
 
     def sample_loss(self, params: Mapping[str, torch.Tensor], sample: Any) -> torch.Tensor:
         """The loss of a single sample (a batch element without its batch dimension).

@@ -990,10 +990,8 @@ def _batch_dims(objective: Objective, plan, records) -> Optional[Dict[nn.Module,
     return dims
 
 
-def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientMoments, List[str]]:
-    """Moments of the hooked tensors, and the names left for the vmap path."""
-    size = objective.batch_size
-    records: Dict[nn.Module, List[Record]] = {m: [] for m in plan}
+def _recorder(records: Dict[nn.Module, List[Record]]) -> Callable:
+    """A forward hook that appends each call's ``[input, output gradient (filled in the backward), output shape]``."""
 
     def forward_hook(module, inputs, output):
         if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
@@ -1009,7 +1007,15 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
 
         output.register_hook(keep)
 
-    handles = [m.register_forward_hook(forward_hook) for m in plan]
+    return forward_hook
+
+
+def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientMoments, List[str]]:
+    """Moments of the hooked tensors, and the names left for the vmap path."""
+    size = objective.batch_size
+    records: Dict[nn.Module, List[Record]] = {m: [] for m in plan}
+    hook = _recorder(records)
+    handles = [m.register_forward_hook(hook) for m in plan]
     try:
         with objective.measuring():
             params = OrderedDict((n, p.detach().requires_grad_(True)) for n, p in objective.params.items())
@@ -1024,10 +1030,19 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
     finally:
         for h in handles:
             h.remove()
+    s1 = OrderedDict((n, torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads))
+    return moments_from_records(objective, plan, records, {n: uses.get(id(p), 0) for n, p in params.items()}, s1, chunk_cap)
+
+
+def moments_from_records(objective: Objective, plan, records: Dict[nn.Module, List[Record]], uses: Mapping[str, int],
+                         s1: Mapping[str, torch.Tensor], chunk_cap: int) -> Tuple[Optional[GradientMoments], List[str]]:
+    """Moments of the hooked tensors from the layer calls ``records`` of one forward and backward of
+    ``sum_i loss_i`` (output gradients per sample), ``uses`` (each parameter's edges in the loss's
+    graph, :func:`_graph_uses`) and ``s1`` (autograd's ``sum_i g_i``); and the names left over."""
+    size = objective.batch_size
     batch_dims = _batch_dims(objective, plan, records)
     if batch_dims is None:
         return None, list(objective.params)
-    s1 = OrderedDict((n, torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params.items(), grads))
     done: "OrderedDict[str, RawSums]" = OrderedDict()
     pending: "OrderedDict[str, _Pending]" = OrderedDict()
     for module, attrs in plan.items():
@@ -1038,7 +1053,7 @@ def _hook_moments(objective: Objective, plan, chunk_cap: int) -> Tuple[GradientM
         if not recs:
             continue
         # every use of a hooked tensor in the loss's graph must be one of the calls the hooks saw
-        attrs = {a: n for a, n in attrs.items() if uses.get(id(params[n]), 0) == len(recs)}
+        attrs = {a: n for a, n in attrs.items() if uses.get(n, 0) == len(recs)}
         if not attrs:
             continue
         for attr, (raw, bound, terms) in _rule(module)(module, recs, attrs, size, chunk_cap, s1).items():

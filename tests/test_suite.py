@@ -540,6 +540,7 @@ def test_every_lightning_hook_reaches_the_diagnostics_that_implement_it():
              "on_validation_start", "on_validation_batch_end", "on_before_backward", "on_after_backward")
     for hook in hooks:  # each records that it was called
         setattr(Hooked, hook, lambda self, *args, _hook=hook, **kwargs: self.calls.append(_hook))
+    Hooked.idle_between_measurements = False  # (an idle one gets the backward hooks in its measured steps only: below)
 
     class Validated(Classifier):
         def validation_step(self, batch, batch_idx):
@@ -558,6 +559,14 @@ def test_every_lightning_hook_reaches_the_diagnostics_that_implement_it():
         Validated(mlp((4, 8, 3))), loader(x, y, batch_size=8), loader(x, y, batch_size=8))
     assert set(hooked.calls) == set(hooks) - {"on_exception"}
     assert hooked.calls.count("on_before_backward") == 4 and hooked.calls.count("on_validation_batch_end") == 2
+
+    class Idle(Hooked):
+        idle_between_measurements = True
+
+    idle = Idle()
+    scope = DynScope(budget=None, curvature=False, noise=False, collapse=False, regions=False, extra={"idle": idle})
+    trainer(max_steps=4, callbacks=[scope]).fit(Classifier(mlp((4, 8, 3))), loader(x, y, batch_size=8))
+    assert idle.num_measurements == 1 and idle.calls.count("on_before_backward") == 1  # step 1 only
 
     hooked = Hooked()
     scope = DynScope(budget=0.05, curvature=False, noise=False, collapse=False, regions=False, extra={"hooked": hooked})
