@@ -3,11 +3,14 @@
 1. MLPs 64-256-256-10 and 256-1024-1024-10 (batch 128) and the small CNN of ``bench_overhead.py``
    (two 3x3 conv + max-pool blocks and two Linear layers on 3x32x32 images, batch 64),
    cross-entropy, synthetic data: one plain SGD step, dynscope's measurement (hook fast path;
-   vmap path with the default and a small memory cap), and, when they import, Cockpit's MeanGSNR
+   vmap path with the default and a small memory cap; and a training step whose own forward and
+   backward give the moments, ``dynscope.step_capture.StepCapture``, as ``GradientNoise`` measures
+   where the step's loss is the objective's), and, when they import, Cockpit's MeanGSNR
    step and BackPACK's Variance extension (``pip install --no-deps backpack-for-pytorch einops
    unfoldNd``; rows say "not installed" otherwise), side by side in one run. Issue 14's targets:
    dynscope's GSNR measurement <= 2x a training step and <= BackPACK's Variance step; the
-   summary table prints both ratios to the plain step next to each other.
+   summary table prints both ratios to the plain step next to each other (for the captured step:
+   what it adds to the plain step).
 2. Per-sample gradients of a small transformer: vmap vs a loop of per-sample backward passes.
 
 Times are CPU time (``time.process_time``) on ``--threads`` threads (default 1: on a shared
@@ -42,6 +45,7 @@ from torch import nn
 
 from dynscope import Objective, per_sample_grads, per_sample_moments
 from dynscope.noise import gradient_noise_scale, gradient_snr
+from dynscope.step_capture import StepCapture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL_CAP = 64 * 2**20
@@ -110,6 +114,24 @@ def dynscope_measure(model, x, y, method="auto", memory_cap=2 * 1024**3) -> Call
         obj = Objective(model, F.cross_entropy, (x, y))
         moments = per_sample_moments(obj, method, memory_cap=memory_cap, check=False)  # the callback checks once
         gradient_snr(moments), gradient_noise_scale(moments)
+
+    return run
+
+
+def captured_step(model, x, y) -> Callable[[], None]:
+    """A training step whose own forward and backward give the moments (what ``GradientNoise`` does
+    after its first measurement where the step's loss is the objective's): the step is included."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def run():
+        opt.zero_grad()
+        with StepCapture(Objective(model, F.cross_entropy, (x, y))) as capture:
+            loss = F.cross_entropy(model(x), y)
+            capture.saw_loss(loss)
+            loss.backward()
+        moments = capture.moments()
+        gradient_snr(moments), gradient_noise_scale(moments)
+        opt.step()
 
     return run
 
@@ -208,6 +230,7 @@ def backpack_variance_step(model, x, y) -> Optional[Callable[[], None]]:
 KINDS = {
     "plain step": plain_step,
     "dynscope fast path": dynscope_measure,
+    "step + dynscope from its backward": captured_step,
     "dynscope vmap (2 GiB cap)": lambda m, x, y: dynscope_measure(m, x, y, "vmap"),
     f"dynscope vmap ({SMALL_CAP >> 20} MiB cap)": lambda m, x, y: dynscope_measure(m, x, y, "vmap", SMALL_CAP),
     "Cockpit MeanGSNR step": cockpit_step,
@@ -315,11 +338,14 @@ def table(title: str, spec: Dict, kinds, baseline: str, repeats: int, reference:
 def summary(rows) -> None:
     """GSNR per measurement and BackPACK's Variance step, each over the plain step, side by side."""
     print("\n### GSNR vs a training step and BackPACK's Variance (targets: GSNR/step <= 2, GSNR <= BackPACK)")
-    print("| model | step ms | GSNR ms | GSNR / step | BackPACK Variance / step | GSNR / BackPACK |")
-    print("|---|---|---|---|---|---|")
+    print("| model | step ms | GSNR ms (own backward) | GSNR / step | from the step's backward: extra / step "
+          "| BackPACK Variance / step | GSNR / BackPACK |")
+    print("|---|---|---|---|---|---|---|")
     for name, times in rows:
         step, gsnr, variance = times["plain step"], times["dynscope fast path"], times.get("BackPACK Variance step")
-        print(f"| {name} | {_fmt(step, 2)} | {_fmt(gsnr, 2)} | {_fmt(gsnr / step, 2)} | "
+        captured = times.get("step + dynscope from its backward")
+        extra = None if captured is None else (captured - step) / step
+        print(f"| {name} | {_fmt(step, 2)} | {_fmt(gsnr, 2)} | {_fmt(gsnr / step, 2)} | {_fmt(extra, 2)} | "
               f"{_fmt(None if variance is None else variance / step, 2)} | {_fmt(None if variance is None else gsnr / variance, 2)} |")
 
 
@@ -336,7 +362,8 @@ def _main(quick: bool) -> int:
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU time (shared machine: timings are noisy)")
     gsnr_kinds = ["plain step", "dynscope fast path", "dynscope vmap (2 GiB cap)",
-                  f"dynscope vmap ({SMALL_CAP >> 20} MiB cap)", "Cockpit MeanGSNR step", "BackPACK Variance step"]
+                  f"dynscope vmap ({SMALL_CAP >> 20} MiB cap)", "step + dynscope from its backward",
+                  "Cockpit MeanGSNR step", "BackPACK Variance step"]
     specs = [("MLP 64-256-256-10", {"model": (64, 256), "batch": 128})]
     if not quick:
         specs.append(("MLP 256-1024-1024-10", {"model": (256, 1024), "batch": 128}))
@@ -360,7 +387,9 @@ def _main(quick: bool) -> int:
     )
     print(
         "\nCockpit/BackPACK rows time a whole training step with the extension on; dynscope rows time the "
-        "measurement alone (the training step is extra), built from a fresh Objective as the callback does. "
+        "measurement alone (the training step is extra), built from a fresh Objective as the callback does, "
+        "except 'step + dynscope from its backward': a training step whose own forward and backward give the "
+        "moments (GradientNoise after its first measurement, where the step's loss is the objective's). "
         f"Peak MiB: rise of the resident high-water mark (VmHWM) over one call in a fresh process; the "
         f"{SMALL_CAP >> 20} MiB cap bounds the vmap chunk's working memory."
     )

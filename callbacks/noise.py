@@ -46,7 +46,21 @@ class GradientNoise(DiagnosticCallback):
       vs the all-reduced one, EMA-smoothed (``two_batch_ema``).
 
     ``g_i`` is the gradient of sample ``i``'s own loss; the batch gradient is ``G_B = mean_i g_i``;
-    variances are unbiased. Under DDP the per-sample moments of all ranks are summed (one
+    variances are unbiased.
+
+    After the first measurement (which checks the per-sample decomposition with a forward and
+    backward of its own, after the optimizer step), the training step's own forward and backward
+    give the per-sample gradients (:class:`dynscope.step_capture.StepCapture`: read-only hooks,
+    the step's batch at the parameters it computed its gradient with), where the step's loss is
+    certified to be ``loss_fn(module(x), y)``'s mean on the batch (the module called once on it,
+    the same loss value and output gradient, every parameter in a Linear, Conv1d/2d or Embedding
+    layer and used only there, no autocast, the same outputs in eval and train mode for
+    ``mode="eval"``) and the trainer leaves ``.grad`` as the step computed it (one process,
+    automatic optimization, no accumulation, 32- or 64-bit precision). Then a measurement costs
+    the sums of squares alone: 0.7x a training step on the benchmark CNN and a 1.3M-parameter MLP,
+    1.3x on an 85k-parameter MLP, against 1.6x and 2.1x with its own backward. Otherwise, and from
+    the first step that cannot be captured on, it measures with its own backward as the first time
+    (``capture_reason`` says why). Under DDP the per-sample moments of all ranks are summed (one
     all-reduce of ``2P`` numbers), so ``B`` is the global batch. Per-sample gradients come from the
     hook fast path for Linear, Conv1d/2d and Embedding layers and from ``vmap`` for the rest (see
     :mod:`dynscope.persample`); with ``method="vmap"`` all from ``vmap``. Models vmap cannot trace
