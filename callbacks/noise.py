@@ -11,7 +11,7 @@ from dynscope.noise import SmoothedNoiseScale, TwoBatchNoiseScale, gradient_nois
 from dynscope.objective import NotPerSampleError
 from dynscope.kernel_choice import DEFAULT_MEMORY_CAP
 from dynscope.persample import per_sample_moments
-from dynscope.step_capture import StepCapture
+from dynscope.step_capture import NOT_FINITE, StepCapture
 
 from .base import DiagnosticCallback, memory_cap_bytes
 from .distributed import on_every_rank, sum_over_ranks, world_size
@@ -139,7 +139,7 @@ class GradientNoise(DiagnosticCallback):
         self._captured = None  # the moments it gave, for this step's measurement
         #: why the last measurement did not come from the training step's own backward (None: it did)
         self.capture_reason: Optional[str] = "not measured yet"
-        self._capturing = True  # False once a step could not be captured: the model's step is not the objective's
+        self._refused: Optional[str] = None  # why a step could not be captured: then no step is (it is the model's way)
 
     @property
     def memory_cap_mb(self) -> float:
@@ -182,7 +182,7 @@ class GradientNoise(DiagnosticCallback):
                 self.capture_reason = f"{type(error).__name__}: {error}"
                 return
             if capture.reason is not None:
-                self.capture_reason, self._capturing = capture.reason, False
+                self.capture_reason = self._refused = capture.reason
                 return
             self._capture = capture.__enter__()
 
@@ -204,14 +204,14 @@ class GradientNoise(DiagnosticCallback):
         finally:
             capture.close()
             self.seconds_spent += self.clock() - start
-        if self._captured is None:
-            self._capturing = False
+        if self._captured is None and self.capture_reason != NOT_FINITE:
+            self._refused = self.capture_reason
 
     def _capture_refusal(self, trainer) -> Optional[str]:
         """Why this step's forward and backward cannot stand for the measurement's own (None: try;
         the conditions of :class:`~dynscope.step_capture.StepCapture` that the trainer settles)."""
-        if not self._capturing:
-            return "an earlier step could not be captured"
+        if self._refused is not None:
+            return self._refused
         if not self._checked:
             return "the first measurement checks the per-sample decomposition on its own backward"
         if self.method != "auto" or self.fixed_batch or self.schedule.at_epoch_end:
@@ -223,6 +223,12 @@ class GradientNoise(DiagnosticCallback):
         if str(getattr(trainer, "precision", "32-true")) not in ("32-true", "64-true", "32", "64"):
             return "mixed or low precision"
         return None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._capture is not None:  # armed, but the step ran no backward (training_step returned None)
+            self._capture.close()
+            self._capture = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _end_capture(self) -> None:
         if self._capture is not None:

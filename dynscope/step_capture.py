@@ -22,6 +22,8 @@ from .kernel_choice import DEFAULT_MEMORY_CAP
 from .objective import Objective
 from .persample import GradientMoments, Record, _autocast_on, _graph_uses, _hook_plan, _recorder, moments_from_records
 
+NOT_FINITE = "the step's loss is not finite"  # the one reason that says nothing about the next step
+
 # (model, its module types) -> whether its outputs are the same in train and eval mode (measured once)
 _MODE_FREE: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, bool]]" = weakref.WeakKeyDictionary()
 
@@ -216,7 +218,9 @@ class StepCapture:
             mean = self.objective.losses_of(out, self.objective.batch[1]).mean()
             (expected,) = torch.autograd.grad(mean, out)
         value, eps = float(mean.detach()), float(torch.finfo(mean.dtype).eps)
-        if not (math.isfinite(self._loss) and abs(value - self._loss) <= 64 * eps * max(abs(value), abs(self._loss))):
+        if not math.isfinite(self._loss):
+            return NOT_FINITE
+        if not abs(value - self._loss) <= 64 * eps * max(abs(value), abs(self._loss)):
             return "the step's loss is not the mean of the per-sample losses of its output"
         if not _close(expected, self._output_grad, 64):
             return "the step's loss has another gradient with respect to the model's output"

@@ -175,7 +175,7 @@ def test_a_step_the_capture_cannot_see_is_measured_the_usual_way():
     x, y = classification_data(48, (4,))
     trainer(max_steps=6, callbacks=[noise]).fit(_OwnForward(mlp((4, 6, 3))), loader(x, y, batch_size=8))
     assert noise.num_measurements == 4 and "gsnr" in noise.last_metrics
-    assert noise.capture_reason == "an earlier step could not be captured"  # tried once: called 0 times
+    assert noise.capture_reason == "the model was called 0 times in the step, not once"  # tried once, then not again
 
 
 def test_observer_effect_with_the_training_step_captured():
@@ -196,3 +196,26 @@ def test_dynscope_captures_the_steps_its_noise_measures():
                      noise=dict(every_n_steps=2))
     trainer(max_steps=6, callbacks=[scope]).fit(Classifier(mlp((4, 6, 3))), loader(x, y, batch_size=8))
     assert scope.callbacks["noise"].num_measurements == 4 and scope.callbacks["noise"].capture_reason is None
+
+
+class _Skipping(Classifier):
+    def training_step(self, batch, batch_idx):  # no loss: Lightning skips the backward and the update
+        return None if batch_idx == 3 else super().training_step(batch, batch_idx)
+
+
+def test_a_step_without_a_backward_leaves_no_hooks_and_the_next_ones_are_captured():
+    torch.manual_seed(0)
+    noise, reasons = GradientNoise(every_n_steps=1, loss_fn=F.cross_entropy), []
+    run = noise.run
+    noise.run = lambda *a, **k: (run(*a, **k), reasons.append(noise.capture_reason))[0]
+    module = _Skipping(mlp((4, 6, 3)))
+    hooked_after = {}
+
+    class Look(pl.Callback):  # runs after GradientNoise's on_train_batch_end
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            hooked_after[batch_idx] = any(m._forward_hooks for m in pl_module.modules())
+
+    x, y = classification_data(48, (4,))
+    trainer(max_steps=5, callbacks=[noise, Look()]).fit(module, loader(x, y, batch_size=8))
+    assert reasons[0].startswith("the first measurement") and reasons[-1] is None and None in reasons[1:3]
+    assert not any(hooked_after.values()) and 3 in hooked_after
