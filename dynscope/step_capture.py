@@ -50,7 +50,7 @@ class StepCapture:
     checked against it where the layer's rule materialises per-sample gradients.
 
     Args:
-        objective: the loss and batch of the step (its ``params`` are read when the capture closes).
+        objective: the loss and batch of the step, on the model the step trains.
         memory_cap: working memory of the per-layer per-sample gradients of sequence and
             convolution layers, as in :func:`dynscope.per_sample_moments`.
 
