@@ -386,6 +386,7 @@ def measure_curvature(
         out["density_moment2"] = dens.moment(2)
 
     if sharpness:
+        own_gradient = gradient_of is None
         gradient_of = gradient_of or (lambda obj: obj.gradient())
         here = {}  # directions whose sharpness is taken at the target's parameters: one batched call
         if before is not None and objective is not None:
@@ -393,7 +394,8 @@ def measure_curvature(
             if update is not None:
                 here["update_sharpness_next"] = update
         if objective is not None:
-            gradient = gradient_of(objective)
+            held = op.gradient() if own_gradient and isinstance(op, HessianOperator) and op.objective is objective else None
+            gradient = held if held is not None else gradient_of(objective)  # (the products' graph has it: no backward)
             if any(bool(g.any()) for g in gradient.values()):
                 here["grad_sharpness"] = gradient
         if here:

@@ -72,6 +72,14 @@ class HVPKernel:
             self._graph = (list(params.values()), grads, used)
         return self._graph
 
+    def gradient(self) -> Optional["OrderedDict[str, torch.Tensor]"]:
+        """The objective's gradient as the products' retained graph holds it (None before the first product)."""
+        if self._graph is None:
+            return None
+        params, grads, _ = self._graph
+        return OrderedDict((n, torch.zeros_like(p) if g is None else g.detach())
+                           for n, p, g in zip(self.objective.params, params, grads))
+
     def _gradient_graph(self, params: "OrderedDict[str, torch.Tensor]"):
         loss = check_finite(self.objective.loss(params), "the loss")
         return torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)

@@ -157,6 +157,11 @@ class HessianOperator(Operator):
     def _run(self, vectors: torch.Tensor, reduce) -> torch.Tensor:
         return run_chunked(self._kernel, vectors, self.method, self.chunk_size, self.memory_cap, reduce)
 
+    def gradient(self):
+        """The objective's gradient (this process's), as the graph of the products so far holds it;
+        None before a product (then ``objective.gradient()`` computes it: a forward and a backward)."""
+        return self._kernel.gradient()
+
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``[m, n]``."""
         self.num_matvecs += vectors.shape[0]

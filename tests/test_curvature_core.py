@@ -239,3 +239,15 @@ def test_the_metric_names_are_the_declared_ones():
 def test_the_core_measurement_imports_no_lightning():
     code = "import sys, dynscope.curvature\nprint(sorted(m for m in ('pytorch_lightning', 'lightning') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_grad_sharpness_reads_the_gradient_off_the_products_graph(monkeypatch):
+    model, batch = _model().eval(), _batch()
+    H = _hessian(model, batch)
+    g = torch.func.grad(_loss(model, batch))(_flat(model))
+    calls = []
+    gradient = Objective.gradient
+    monkeypatch.setattr(Objective, "gradient", lambda self: calls.append(self) or gradient(self))
+    m = measure_curvature(Objective(model, F.cross_entropy, batch), **EXACT).metrics()
+    assert m["grad_sharpness"] == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-8)
+    assert calls == []  # no forward and backward of its own: Lanczos's products held the gradient
