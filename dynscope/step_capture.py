@@ -185,8 +185,8 @@ class StepCapture:
         # ones (which the step no longer needs: scaled in place), and sum_i g_i is size times .grad
         for calls in self._records.values():
             for r in calls:
-                if r[1] is not None:
-                    r[1].mul_(size)
+                if r[1] is not None:  # (an expanded gradient, e.g. of a sum, cannot be written in place)
+                    r[1] = r[1].mul_(size) if r[1].is_contiguous() else r[1] * size
         flat = torch.empty(sum(g.numel() for g in grads.values()), dtype=next(iter(grads.values())).dtype,
                            device=next(iter(grads.values())).device)  # one allocation: fresh pages cost
         s1 = OrderedDict()
