@@ -13,6 +13,7 @@ from dynscope.noise import gradient_noise_scale, gradient_snr
 from dynscope.step_capture import StepCapture
 from models import Classifier, Recorder, classification_data, loader, mlp, trainer
 from observer import assert_same_weights, trained_weights
+from test_noise import numpy_stats
 
 
 def _captured(model, x, y, *, loss=None, call=None, objective_loss=F.cross_entropy, mode="eval"):
@@ -161,6 +162,10 @@ def test_gradient_noise_measures_from_the_training_step_at_its_parameters():
         expected = every.var(0, ddof=1).sum() / (every.mean(0) ** 2).sum()
         assert logged["dynscope/noise/noise_scale"] == pytest.approx(expected, rel=1e-4)
         assert logged["dynscope/noise/grad_norm"] == pytest.approx(float(np.linalg.norm(every.mean(0))), rel=1e-5)
+        stats = numpy_stats({"net." + n: g for n, g in grads.items()})
+        assert logged["dynscope/noise/gsnr"] == pytest.approx(stats["gsnr"], rel=1e-3)
+        for name, value in stats["per_layer"].items():
+            assert logged[f"dynscope/noise/gsnr/{name}"] == pytest.approx(value, rel=1e-3)
 
 
 class _OwnForward(Classifier):
