@@ -126,9 +126,11 @@ def test_report_figures_load_in_chromium(run_logs, tmp_path):
     path = write_report(run_logs.root, str(tmp_path / "report.html"))
     with Browser(width=1400, height=1000, timeout=60) as browser:
         browser.goto("file://" + path)
-        state = "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])"
+        # (a large page is still being parsed when the first images are complete: wait for the document too)
+        state = ("document.readyState == 'complete' && "
+                 "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
         loaded = browser.wait_for(lambda v: v and all(done and w > 0 for done, w, _, _ in v), state, timeout=20)
-        assert len(loaded) == 17
+        assert loaded and len(loaded) == 17
         assert all(done and w > 300 and h > 200 for done, w, h, _ in loaded), loaded
         headings = browser.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.innerText)")
         assert headings == CATEGORY_TITLES
