@@ -62,6 +62,7 @@ import torch
 SYNC_EVERY = 16  # under DDP the accounts are averaged over ranks (and waiting measurements admitted) this often
 REFRESH_EVERY = 4 * SYNC_EVERY  # the cadences are re-fitted to the budget this often, or after a measurement
 AFTERMATH_STEPS = 3  # training steps after a measurement whose time above the typical step is charged to it
+MAX_COST_JUMP = 4.0  # the most a learnt cost rises in one measurement (see BudgetController.measured)
 
 
 class Budgeted(Protocol):
@@ -426,12 +427,19 @@ class BudgetController:
         the next measurement is expected to cost that times the diagnostic's new ``expected_cost``:
         a diagnostic whose first measurement is known to cost more (a cold start) says so, and its
         later ones are not expected to cost as much.
+
+        What it learns rises at most ``MAX_COST_JUMP`` times per measurement (all ``seconds`` are
+        charged): a full garbage collection that lands in a measurement (0.2 s on the heap torch
+        and Lightning fill, 16x a curvature measurement of the 85k MLP) would otherwise make the
+        diagnostic wait that many times longer for its next turns.
         """
         count = self.measurements.get(name, 0) + 1
         self.measurements[name] = count
         self.measuring_seconds += seconds
 
         def learn(store: Dict[str, float], value: float) -> None:  # the second replaces the first (one-time work)
+            if store.get(name, 0.0) > 0:  # a pause from outside (a full garbage collection) is not its cost
+                value = min(value, MAX_COST_JUMP * store[name])
             store[name] = value if count <= 2 or name not in store else 0.5 * store[name] + 0.5 * value
 
         learn(self.costs, seconds)

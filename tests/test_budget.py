@@ -618,3 +618,20 @@ def test_the_steps_after_a_measurement_are_charged_what_they_take_above_the_typi
     restored = BudgetController(0.05, clock=clock)
     restored.load_state_dict(controller.state_dict())
     assert restored.expected("check", check) == pytest.approx(controller.expected("check", check))
+
+
+def test_a_pause_inside_one_measurement_does_not_make_the_diagnostic_look_many_times_dearer():
+    clock = Clock()
+    check = Check(every=1, cost=1.0, prior=1.0)
+    controller = BudgetController(0.1, clock=clock)
+    controller.start(0, math.inf, {"check": check})
+    clock.now = 2.0
+    controller.plan(3, {"check": check})
+    for seconds in (1.0, 1.0, 1.0):
+        controller.measured("check", seconds, {})
+    controller.measured("check", 1.0 + 20.0, {})  # a 20 s pause (a full garbage collection) inside it
+    assert controller.expected("check", check) == pytest.approx(0.5 * 1.0 + 0.5 * 4.0)  # learnt at most 4x
+    assert controller.measuring_seconds == pytest.approx(24.0)  # charged in full
+    for _ in range(3):  # a cost that really rose 8x is learnt within a few measurements
+        controller.measured("check", 8.0, {})
+    assert controller.expected("check", check) == pytest.approx(7.3125)  # 2.5 -> 5.25 -> 6.625 -> 7.3125
