@@ -106,15 +106,21 @@ def test_the_cost_model_learns_from_the_first_measurement_and_drops_its_one_time
     assert controller.expected("check", check) == pytest.approx(1.5)
 
 
-def test_a_diagnostic_whose_expected_cost_drops_is_charged_the_learnt_rate_times_its_new_expectation():
-    # like curvature once its trace turned out exact: 12 expected steps, then 3; the controller learns seconds
-    # per expected step and scales the new expectation, instead of repeating the first cost
+def _one_second_steps(prior: float):
+    """A controller (budget 0.1) with a check of ``prior`` expected steps, after two training steps of 1 s."""
     clock = Clock()
-    check = Check(every=1, cost=1.0, prior=12.0)
+    check = Check(every=1, cost=1.0, prior=prior)
     controller = BudgetController(0.1, clock=clock)
     controller.start(0, math.inf, {"check": check})
     clock.now = 2.0
-    controller.plan(3, {"check": check})  # 1 s per step
+    controller.plan(3, {"check": check})
+    return clock, check, controller
+
+
+def test_a_diagnostic_whose_expected_cost_drops_is_charged_the_learnt_rate_times_its_new_expectation():
+    # like curvature once its trace turned out exact: 12 expected steps, then 3; the controller learns seconds
+    # per expected step and scales the new expectation, instead of repeating the first cost
+    clock, check, controller = _one_second_steps(prior=12.0)
     controller.measured("check", 6.0, {}, expected_steps=12.0)  # 0.5 s per expected step
     check.prior = 3.0  # the warm measurements it expects from now on
     assert controller.expected("check", check) == pytest.approx(1.5)
@@ -621,12 +627,7 @@ def test_the_steps_after_a_measurement_are_charged_what_they_take_above_the_typi
 
 
 def test_a_pause_inside_one_measurement_does_not_make_the_diagnostic_look_many_times_dearer():
-    clock = Clock()
-    check = Check(every=1, cost=1.0, prior=1.0)
-    controller = BudgetController(0.1, clock=clock)
-    controller.start(0, math.inf, {"check": check})
-    clock.now = 2.0
-    controller.plan(3, {"check": check})
+    _, check, controller = _one_second_steps(prior=1.0)
     for seconds in (1.0, 1.0, 1.0):
         controller.measured("check", seconds, {})
     controller.measured("check", 1.0 + 20.0, {})  # a 20 s pause (a full garbage collection) inside it
