@@ -201,8 +201,7 @@ class GradientNoise(DiagnosticCallback):
             self.capture_reason = capture.reason
         except Exception as error:  # noqa: BLE001 - the measurement falls back to its own backward
             self._captured, self.capture_reason = None, f"{type(error).__name__}: {error}"
-        finally:
-            capture.close()
+        finally:  # (moments() removed the hooks first)
             self.seconds_spent += self.clock() - start
         if self._captured is None and self.capture_reason != NOT_FINITE:
             self._refused = self.capture_reason
@@ -225,15 +224,16 @@ class GradientNoise(DiagnosticCallback):
         return None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._capture is not None:  # armed, but the step ran no backward (training_step returned None)
-            self._capture.close()
-            self._capture = None
+        self._close_capture()  # armed, but the step ran no backward (training_step returned None)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def _end_capture(self) -> None:
+    def _close_capture(self) -> None:
         if self._capture is not None:
             self._capture.close()
             self._capture = None
+
+    def _end_capture(self) -> None:
+        self._close_capture()
         self._captured = None
 
     def on_train_end(self, trainer, pl_module) -> None:

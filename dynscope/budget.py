@@ -338,14 +338,15 @@ class BudgetController:
         ``steps``: what the diagnostic states it costs, if not its ``expected_cost`` now (one it
         stated before a measurement, say)."""
         stated = float(diagnostic.expected_cost(self.batch_size) if steps is None else steps)
-        after = self._aftermath_mean
         if name in self.rates:
-            return self.rates[name] * stated + after
-        if name in self.costs:
-            return self.costs[name] + after
-        if self.step_seconds <= 0:  # the prior in steps means nothing before a step was timed
+            cost = self.rates[name] * stated
+        elif name in self.costs:
+            cost = self.costs[name]
+        elif self.step_seconds <= 0:  # the prior in steps means nothing before a step was timed
             return math.inf
-        return stated * self.step_seconds * self.calibration() + after
+        else:
+            cost = stated * self.step_seconds * self.calibration()
+        return cost + self._aftermath_mean
 
     def next_in_line(self, names: Iterable[str], diagnostics: Mapping[str, Budgeted]) -> Optional[str]:
         """Which of ``names`` the queue of :meth:`plan` puts first: near an event first, then the

@@ -83,13 +83,18 @@ class StepCapture:
         self.objective = objective
         self.memory_cap = memory_cap
         self.reason: Optional[str] = None  # why no moments (None: none yet, or they came)
-        self.plan = _hook_plan(objective) if objective._sample_loss_fn is None else OrderedDict()
-        hooked = {n for attrs in self.plan.values() for n in attrs.values()}
-        missing = [n for n in objective.params if n not in hooked]
+        self.plan: "OrderedDict[nn.Module, Dict[str, str]]" = OrderedDict()
         if objective._sample_loss_fn is not None:
             self.reason = "the objective has no loss_fn(outputs, targets)"
-        elif missing:
-            self.reason = f"no per-sample rule for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        else:
+            self.plan = _hook_plan(objective)
+            hooked = {n for attrs in self.plan.values() for n in attrs.values()}
+            missing = [n for n in objective.params if n not in hooked]
+            if missing:
+                self.reason = f"no per-sample rule for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        # the objective's parameters as the model holds them: the leaves of the step's graph
+        held = dict(objective.model.named_parameters(remove_duplicate=False))
+        self._parameters = OrderedDict((n, held[n]) for n in objective.params)
         self._records: Dict[nn.Module, List[Record]] = {m: [] for m in self.plan}
         self._calls: List[tuple] = []  # the model's own calls: (input, output)
         self._output_grad: Optional[torch.Tensor] = None
@@ -133,7 +138,7 @@ class StepCapture:
             return
         self._loss = float(loss.detach())
         uses = _graph_uses(loss)
-        self._uses = {n: uses.get(id(p), 0) for n, p in self._parameters().items()}
+        self._uses = {n: uses.get(id(p), 0) for n, p in self._parameters.items()}
         if self.objective.mode == "eval" and len(self._calls) == 1 and not self._mode_free():  # (else moments() says why)
             self.reason = "the model's output in train mode is not its output in eval mode (dropout, BatchNorm, ...)"
 
@@ -143,15 +148,10 @@ class StepCapture:
             handle.remove()
         self._handles = []
 
-    def _parameters(self) -> Dict[str, torch.Tensor]:
-        """The objective's parameters as the model holds them (the leaves of the step's graph)."""
-        held = dict(self.objective.model.named_parameters(remove_duplicate=False))
-        return OrderedDict((n, held[n]) for n in self.objective.params)
-
     def _mode_free(self) -> bool:
         """Whether the model's output is the same in train and eval mode, on this step's output (once per model)."""
         model = self.objective.model
-        structure = tuple(type(m) for m in model.modules())
+        structure = tuple(type(m) for m in self.objective._module_list() or model.modules())  # (the objective's walk)
         known = _MODE_FREE.setdefault(model, {})
         if structure not in known:
             if not isinstance(self._calls[0][1], torch.Tensor):
@@ -174,7 +174,7 @@ class StepCapture:
         optimizer's step is fine, gradient clipping is not); once.
         """
         self.close()
-        grads = OrderedDict((n, p.grad) for n, p in self._parameters().items())
+        grads = OrderedDict((n, p.grad) for n, p in self._parameters.items())
         if self.reason is None:
             self.reason = self._check(grads)
         if self.reason is not None:

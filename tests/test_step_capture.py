@@ -9,11 +9,11 @@ from torch import nn
 
 from dynscope import Objective
 from dynscope.callbacks import DynScope, GradientNoise
-from dynscope.noise import gradient_noise_scale, gradient_snr
+from dynscope.noise import gradient_noise_scale
 from dynscope.step_capture import StepCapture
 from models import Classifier, Recorder, classification_data, loader, mlp, trainer
 from observer import assert_same_weights, trained_weights
-from test_noise import numpy_stats
+from test_noise import looped_grads, numpy_stats
 
 
 def _captured(model, x, y, *, loss=None, call=None, objective_loss=F.cross_entropy, mode="eval"):
@@ -26,14 +26,6 @@ def _captured(model, x, y, *, loss=None, call=None, objective_loss=F.cross_entro
         capture.saw_loss(value)
         value.backward()
     return capture, objective
-
-
-def _looped(model, x, y):
-    """``{name: [B, ...]}`` per-sample gradients of the cross-entropy, one autograd call per sample."""
-    names = [n for n, p in model.named_parameters()]
-    rows = [torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters()))
-            for i in range(x.shape[0])]
-    return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
 
 
 class _Tokens(nn.Module):
@@ -65,7 +57,7 @@ def test_captured_moments_equal_a_per_sample_loop(name):
     capture, _ = _captured(model, x, y)
     moments = capture.moments()
     assert capture.reason is None and moments is not None
-    reference = _looped(model, x, y)
+    reference = looped_grads(model, F.cross_entropy, x, y)
     assert set(moments.mean) == set(reference)
     for n, g in reference.items():
         torch.testing.assert_close(moments.mean[n], g.mean(0), rtol=1e-10, atol=1e-13)
@@ -156,7 +148,7 @@ def test_gradient_noise_measures_from_the_training_step_at_its_parameters():
         params, (bx, by) = snapshots.at[step]
         reference = mlp((4, 6, 3))
         reference.load_state_dict(params)
-        grads = _looped(reference, bx, by)
+        grads = looped_grads(reference, F.cross_entropy, bx, by)
         every = np.concatenate([g.reshape(8, -1).double().numpy() for g in grads.values()], axis=1)
         logged = [m for s, m in recorder.rows if s == step and "dynscope/noise/noise_scale" in m][0]
         expected = every.var(0, ddof=1).sum() / (every.mean(0) ** 2).sum()
