@@ -159,7 +159,20 @@ class HessianOperator(Operator):
 
     def gradient(self):
         """The objective's gradient (this process's), as the graph of the products so far holds it;
-        None before a product (then ``objective.gradient()`` computes it: a forward and a backward)."""
+        None before a product (then ``objective.gradient()`` computes it: a forward and a backward).
+
+        Example:
+            >>> import torch
+            >>> from dynscope import Objective
+            >>> obj = Objective(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy,
+            ...                 (torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+            >>> op = HessianOperator(obj)
+            >>> op.gradient() is None
+            True
+            >>> _ = op.matmat(torch.randn(1, op.size))
+            >>> all(torch.allclose(op.gradient()[n], g) for n, g in obj.gradient().items())
+            True
+        """
         return self._kernel.gradient()
 
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
